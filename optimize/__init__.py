@@ -1,0 +1,1 @@
+"""Offline learning of samplers (Lightning + Hydra); builds on the `samplers` runtime."""

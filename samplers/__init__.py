@@ -1,0 +1,21 @@
+"""Runtime for learned diffusion samplers: every sampler is a solver table run by one executor.
+
+    from samplers import SolverTable, sample, make_noise, baselines, schedules, denoisers
+"""
+
+from . import baselines, denoisers, schedules
+from .table import FORMAT_VERSION, SolverTable, TableError, make_noise, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SolverTable",
+    "TableError",
+    "baselines",
+    "denoisers",
+    "make_noise",
+    "sample",
+    "schedules",
+    "__version__",
+]

@@ -1,0 +1,111 @@
+"""Table files: safetensors tensors ``sigmas`` and ``coef`` (float64) plus JSON metadata.
+
+Writes are atomic (temporary file in the same folder, then rename). Loading validates everything
+and reports any failure as one TableError sentence naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .table import FORMAT_VERSION, SolverTable, TableError
+
+FORMAT_NAME = "samplers.table"
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, header: dict[str, str]) -> str:
+    """save_file to a temporary sibling, then os.replace onto ``path`` (never a half-written file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_table(table: SolverTable, path: str) -> str:
+    """Write ``table`` to ``path``; metadata gains format_version, nfe and package_version."""
+    table.validate()
+    meta: dict[str, Any] = {**table.metadata}
+    meta.update(format_version=FORMAT_VERSION, nfe=table.nfe, n_noise=table.n_noise)
+    meta.setdefault("package_version", package_version())
+    try:
+        meta_json = json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TableError(f"table metadata must be JSON-serialisable ({err}).") from None
+    tensors = {
+        "sigmas": table.sigmas.detach().to("cpu", torch.float64).contiguous(),
+        "coef": table.coef.detach().to("cpu", torch.float64).contiguous(),
+    }
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "metadata": meta_json}
+    return atomic_save(tensors, path, header)
+
+
+def read_header(path: str) -> dict[str, str]:
+    """The safetensors string header of ``path`` (TableError if unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TableError(f"{path}: not a readable safetensors file ({_short(err)}).") from None
+
+
+def _short(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+def load_table(path: str, fingerprint: str | None = None) -> SolverTable:
+    """Load and validate a table file; with ``fingerprint`` check it was made for that model."""
+    if not os.path.isfile(path):
+        raise TableError(f"{path}: no such table file.")
+    header = read_header(path)
+    if header.get("format") != FORMAT_NAME:
+        raise TableError(f"{path}: not a solver table (format {header.get('format')!r}, expected {FORMAT_NAME!r}).")
+    version = header.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise TableError(
+            f"{path}: table format version {version} is not supported (this package reads version {FORMAT_VERSION})."
+        )
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise TableError(f"{path}: truncated or corrupt table file ({_short(err)}).") from None
+    try:
+        metadata = json.loads(header.get("metadata", "{}"))
+    except json.JSONDecodeError as err:
+        raise TableError(f"{path}: metadata is not valid JSON ({err.msg}).") from None
+    missing = {"sigmas", "coef"} - set(tensors)
+    if missing:
+        raise TableError(f"{path}: missing tensor(s) {', '.join(sorted(missing))}.")
+    try:
+        table = SolverTable(tensors["sigmas"], tensors["coef"], metadata)
+    except TableError as err:
+        raise TableError(f"{path}: {err}") from None
+    if fingerprint is not None:
+        made_for = metadata.get("model_fingerprint")
+        if made_for is not None and made_for != fingerprint:
+            raise TableError(
+                f"{path}: made for model fingerprint {made_for}, but the model in use has fingerprint {fingerprint}."
+            )
+    return table

@@ -1,0 +1,265 @@
+"""Solver tables and the single executor that runs every sampler (DESIGN.md, "The table").
+
+A table with N denoiser evaluations and K noise vectors is ``sigmas [N]`` and ``coef [N+1, K+2N]``.
+Columns are the basis ``e_0..e_{K-1}, x_0..x_{N-1}, d_0..d_{N-1}``; row i < N is the denoiser input
+``x_i = sum_c coef[i, c] * basis_c`` and row N is the output. Row i may use ``x_j, d_j`` only for j < i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+FORMAT_VERSION = 1
+
+Denoiser = Callable[..., torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]
+
+
+class TableError(ValueError):
+    """A table (or a file holding one) is not valid; the message is one sentence."""
+
+
+def _as_float64(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value if value.requires_grad else value.detach().to("cpu", torch.float64)
+    try:
+        return torch.as_tensor(np.asarray(value, dtype=np.float64))
+    except (TypeError, ValueError) as err:
+        raise TableError(f"table {name} must be numeric ({err}).") from None
+
+
+class SolverTable:
+    """A sampler as data: evaluation ``sigmas [N]``, ``coef [N+1, K+2N]`` and JSON ``metadata``.
+
+    Tensors that require grad are kept as they are (optimisers learn them); everything else is
+    stored as float64 on the CPU. ``check=False`` skips validation (an optimiser's hot loop).
+    """
+
+    def __init__(self, sigmas: Any, coef: Any, metadata: dict | None = None, *, check: bool = True):
+        self.sigmas = _as_float64(sigmas, "sigmas")
+        self.coef = _as_float64(coef, "coef")
+        self.metadata = dict(metadata or {})
+        self._plan: _Plan | None = None
+        if check:
+            self.validate()
+
+    # --- shape -------------------------------------------------------------------------------
+    @property
+    def nfe(self) -> int:
+        """N, the number of denoiser evaluations (exact)."""
+        return int(self.sigmas.shape[0])
+
+    @property
+    def n_noise(self) -> int:
+        """K, the number of standard-normal noise vectors per sample."""
+        return int(self.coef.shape[1]) - 2 * self.nfe
+
+    def e(self, k: int) -> int:
+        """Column of noise vector ``e_k``."""
+        return k
+
+    def x(self, i: int) -> int:
+        """Column of denoiser input ``x_i``."""
+        return self.n_noise + i
+
+    def d(self, i: int) -> int:
+        """Column of denoiser output ``d_i``."""
+        return self.n_noise + self.nfe + i
+
+    def column_names(self) -> list[str]:
+        n, k = self.nfe, self.n_noise
+        return [f"e{j}" for j in range(k)] + [f"x{j}" for j in range(n)] + [f"d{j}" for j in range(n)]
+
+    def support(self) -> np.ndarray:
+        """Boolean ``[N+1, K+2N]`` mask of the nonzero coefficients."""
+        return self.coef.detach().cpu().numpy() != 0
+
+    # --- validation --------------------------------------------------------------------------
+    def validate(self) -> "SolverTable":
+        """Check shapes, finiteness, positive sigmas and causality; raise TableError otherwise."""
+        sigmas = self.sigmas.detach().cpu().numpy()
+        coef = self.coef.detach().cpu().numpy()
+        if sigmas.ndim != 1 or sigmas.shape[0] < 1:
+            raise TableError(f"sigmas must be a 1-D array with at least one entry, got shape {tuple(sigmas.shape)}.")
+        n = sigmas.shape[0]
+        if coef.ndim != 2 or coef.shape[0] != n + 1 or coef.shape[1] < 2 * n + 1:
+            raise TableError(
+                f"coef must have shape [N+1, K+2N] = [{n + 1}, K+{2 * n}] with K >= 1 for N = {n} sigmas, "
+                f"got {tuple(coef.shape)}."
+            )
+        if not np.all(np.isfinite(sigmas)):
+            raise TableError("sigmas contain NaN or infinite values.")
+        if np.any(sigmas <= 0):
+            raise TableError(f"sigmas must be positive, got minimum {sigmas.min():g}.")
+        if not np.all(np.isfinite(coef)):
+            bad = np.argwhere(~np.isfinite(coef))[0]
+            raise TableError(f"coef contains NaN or infinite values (first at row {bad[0]}, column {bad[1]}).")
+        k = coef.shape[1] - 2 * n
+        for i in range(n):
+            late = [j for j in range(i, n) if coef[i, k + j] != 0 or coef[i, k + n + j] != 0]
+            if late:
+                raise TableError(
+                    f"causality violated: row {i} uses x_{late[0]} or d_{late[0]}, but row i may only use "
+                    f"evaluations j < i."
+                )
+        return self
+
+    # --- persistence (see artifact.py) -------------------------------------------------------
+    def save(self, path: str) -> str:
+        """Write atomically as safetensors + JSON metadata; returns the path."""
+        from .artifact import save_table
+
+        return save_table(self, path)
+
+    @classmethod
+    def load(cls, path: str, fingerprint: str | None = None) -> "SolverTable":
+        """Load and validate; with ``fingerprint`` also check the table was made for that model."""
+        from .artifact import load_table
+
+        return load_table(path, fingerprint=fingerprint)
+
+    def __repr__(self) -> str:
+        method = self.metadata.get("method", "?")
+        return f"SolverTable(method={method!r}, nfe={self.nfe}, n_noise={self.n_noise})"
+
+
+# --- execution plan --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """Host-side schedule: the columns each row reads and the buffers to drop after each step."""
+
+    columns: tuple[tuple[int, ...], ...]  # per row: nonzero columns
+    weights: tuple[tuple[float, ...], ...] | None  # per row: Python floats (None when learning)
+    free_after: tuple[tuple[int, ...], ...]  # per step i < N: columns whose last use is step i
+    noise_used: tuple[int, ...]
+
+
+def _make_plan(n: int, k: int, mask: np.ndarray, coef: np.ndarray | None) -> _Plan:
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (n + 1, k + 2 * n):
+        raise TableError(f"support must have shape {(n + 1, k + 2 * n)}, got {tuple(mask.shape)}.")
+    columns = tuple(tuple(int(c) for c in np.flatnonzero(mask[i])) for i in range(n + 1))
+    weights = None if coef is None else tuple(tuple(float(coef[i, c]) for c in columns[i]) for i in range(n + 1))
+    last = np.full(k + 2 * n, -1)
+    for i, cols in enumerate(columns):
+        last[list(cols)] = i
+    for j in range(n):  # x_j and d_j exist from step j on
+        last[k + j] = max(last[k + j], j)
+        last[k + n + j] = max(last[k + n + j], j)
+    free_after = [[] for _ in range(n)]
+    for c in range(k + 2 * n):
+        if 0 <= last[c] < n:
+            free_after[last[c]].append(c)
+    noise_used = tuple(c for c in range(k) if last[c] >= 0)
+    return _Plan(columns, weights, tuple(tuple(f) for f in free_after), noise_used)
+
+
+def _combine(bases: Sequence[torch.Tensor], weights: Sequence[Any], like: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[j] * bases[j]; in place on a fresh buffer when the weights are floats."""
+    if not bases:
+        return torch.zeros_like(like)
+    if isinstance(weights, torch.Tensor):  # differentiable in the coefficients
+        out = bases[0] * weights[0]
+        for b, w in zip(bases[1:], weights[1:]):
+            out = out + b * w
+        return out
+    out = torch.mul(bases[0], weights[0])
+    for b, w in zip(bases[1:], weights[1:]):
+        out.add_(b, alpha=w)
+    return out
+
+
+def _call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+    return denoiser(x, sigma) if cond is None else denoiser(x, sigma, cond)
+
+
+def sample(
+    table: SolverTable,
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    cond: Any = None,
+    callback: Callback | None = None,
+    *,
+    support: np.ndarray | None = None,
+    checkpoint: bool = False,
+) -> torch.Tensor:
+    """Run the table: ``x_i = coef[i] . basis`` then ``d_i = D(x_i, sigma_i)``; return row N.
+
+    ``noise`` is ``[K, B, *shape]`` (see make_noise); the output is ``[B, *shape]`` in its dtype and
+    device. ``support`` fixes which coefficients are read (default: the nonzeros, planned once per
+    table); with coefficients or sigmas that require grad the result is differentiable in them, and
+    ``checkpoint=True`` rematerialises each step so activation memory does not grow with N.
+    """
+    n, k = table.nfe, table.n_noise
+    if noise.ndim < 2 or noise.shape[0] != k:
+        raise ValueError(
+            f"noise must have shape [K, B, ...] with K = {k} for this table, got {tuple(noise.shape)}; "
+            f"use make_noise(table, shape, seeds)."
+        )
+    learning = table.coef.requires_grad or table.sigmas.requires_grad
+    if support is not None:
+        plan = _make_plan(n, k, support, None if learning else table.coef.detach().numpy())
+    elif learning:
+        plan = _make_plan(n, k, table.support(), None)
+    else:
+        if table._plan is None:
+            coef = table.coef.numpy()
+            table._plan = _make_plan(n, k, coef != 0, coef)
+        plan = table._plan
+
+    batch = noise.shape[1]
+    like = noise[0]
+    sigma_rows = table.sigmas.to(noise.device, noise.dtype)[:, None].expand(n, batch)
+    sigma_rows = sigma_rows if learning else sigma_rows.contiguous()
+    coef = table.coef.to(noise.device, noise.dtype) if plan.weights is None else None
+
+    def weights_of(i: int) -> Any:
+        return plan.weights[i] if coef is None else coef[i, list(plan.columns[i])]
+
+    buffers: dict[int, torch.Tensor] = {c: noise[c] for c in plan.noise_used}
+
+    def step(weights: Any, sigma: torch.Tensor, *bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _combine(bases, weights, like)
+        return x, _call(denoiser, x, sigma, cond)
+
+    for i in range(n):
+        bases = [buffers[c] for c in plan.columns[i]]
+        if checkpoint and torch.is_grad_enabled():
+            x, d = _checkpoint(step, weights_of(i), sigma_rows[i], *bases, use_reentrant=False)
+        else:
+            x, d = step(weights_of(i), sigma_rows[i], *bases)
+        buffers[k + i] = x
+        buffers[k + n + i] = d
+        if callback is not None:
+            callback(i, x, d, sigma_rows[i])
+        for c in plan.free_after[i]:
+            del buffers[c]
+    return _combine([buffers[c] for c in plan.columns[n]], weights_of(n), like)
+
+
+def make_noise(
+    table: SolverTable | int,
+    shape: Sequence[int],
+    seeds: Iterable[int],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Standard-normal noise ``[K, B, *shape]``; sample b's K vectors come from its own seed.
+
+    Drawn in float64 on a CPU generator per sample, so a sample never depends on batch size, device
+    or rank (and float32 noise is the rounding of the float64 draw).
+    """
+    k = table if isinstance(table, int) else table.n_noise
+    shape = tuple(int(s) for s in shape)
+    draws = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed))
+        draws.append(torch.randn((k, *shape), generator=gen, dtype=torch.float64))
+    if not draws:
+        raise ValueError("make_noise needs at least one seed.")
+    return torch.stack(draws, dim=1).to(device=device, dtype=dtype)
