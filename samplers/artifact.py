@@ -68,7 +68,7 @@ def read_header(path: str) -> dict[str, str]:
         with safe_open(path, framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise TableError(f"{path}: not a readable safetensors file ({_short(err)}).") from None
+        raise TableError(f"{path}: truncated or corrupt table file ({_short(err)}).") from None
 
 
 def _short(err: BaseException) -> str:
