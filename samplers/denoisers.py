@@ -6,20 +6,31 @@ Other parametrisations are adapters converting at the model boundary.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 
-def fingerprint_tensors(named: dict[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]) -> str:
-    """16-hex SHA-256 over names, shapes, dtypes and bytes of tensors (sorted by name)."""
+def fingerprint_tensors(
+    named: dict[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]], config: dict[str, Any] | None = None
+) -> str:
+    """16-hex SHA-256 over names, shapes, dtypes and bytes of tensors (sorted by name), then the
+    sorted-key JSON of ``config`` when given. Floating tensors are hashed as float64, so a model's
+    fingerprint survives lossless casts (float32 weights run in float64) and device moves."""
     items = sorted(named.items() if isinstance(named, dict) else named, key=lambda kv: kv[0])
     digest = hashlib.sha256()
     for name, t in items:
         t = t.detach().to("cpu").contiguous()
+        t = t.to(torch.float64) if t.is_floating_point() else t
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if config:
+        digest.update(json.dumps(config, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -58,6 +69,7 @@ class GaussianMixture:
         return self._cache[key]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """``E[x0 | x]`` for ``x [B, *shape]`` at ``sigma [B]`` (cond is ignored)."""
         mu, var, log_w = self._params(x.device, x.dtype)
         flat = x.reshape(x.shape[0], 1, -1)  # [B, 1, D]
         s2 = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1) ** 2
@@ -75,6 +87,7 @@ class GaussianMixture:
         return self.means[comp] + self.variances[comp].sqrt() * eps
 
     def fingerprint(self) -> str:
+        """Hash of means, variances and weights."""
         return fingerprint_tensors({"means": self.means, "variances": self.variances, "weights": self.weights})
 
     @classmethod
@@ -92,3 +105,259 @@ class GaussianMixture:
         stds = 0.05 + 0.25 * torch.rand((components, *shape), generator=gen, dtype=torch.float64)
         weights = 0.5 + torch.rand(components, generator=gen, dtype=torch.float64)
         return cls(means, stds**2, weights)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def _sigma_like(sigma: Any, x: torch.Tensor) -> torch.Tensor:
+    """sigma as ``[B]`` in x's dtype and device (a scalar is repeated over the batch)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[B]`` -> ``[B, 1, ..., 1]`` so that it broadcasts against x."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _model_dtype(model: Any, default: torch.dtype) -> torch.dtype:
+    """dtype of the model's first floating parameter (default when it has none)."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return default
+
+
+def _tensor_output(out: Any) -> torch.Tensor:
+    """A model output as a tensor: diffusers returns ``.sample`` objects or ``(sample,)`` tuples."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "sample", out)
+
+
+def _call_model(model: Any, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    return _tensor_output(model(x, t) if cond is None else model(x, t, cond))
+
+
+def _module_fingerprint(model: Any, extra: dict[str, torch.Tensor], config: dict[str, Any]) -> str:
+    named = {f"model.{k}": v for k, v in model.state_dict().items()} if isinstance(model, torch.nn.Module) else {}
+    return fingerprint_tensors({**named, **extra}, config=config)
+
+
+# --- EDM preconditioning ---------------------------------------------------------------------
+class EDMPrecond(torch.nn.Module):
+    """Raw net F as an EDM denoiser (Karras et al. 2022, Table 1), with ``sd = sigma_data``:
+
+    ``D(x, s) = c_skip x + c_out F(c_in x, c_noise)``, ``c_skip = sd^2/(s^2+sd^2)``,
+    ``c_out = s sd/sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)``, ``c_noise = log(s)/4``.
+    """
+
+    def __init__(self, net: torch.nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}.")
+        self.net = net
+        self.sigma_data = float(sigma_data)
+
+    def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
+        """``c_skip x + c_out F(c_in x, c_noise[, cond])``."""
+        sigma = _sigma_like(sigma, x)
+        s, sd = _bcast(sigma, x), self.sigma_data
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (s**2 + sd**2).sqrt()
+        dtype = _model_dtype(self.net, x.dtype)
+        c_noise = (sigma.log() / 4).to(dtype)
+        x_in = (c_in * x).to(dtype)
+        f = _tensor_output(self.net(x_in, c_noise) if cond is None else self.net(x_in, c_noise, cond))
+        return c_skip * x + c_out * f.to(x.dtype)
+
+    def fingerprint(self) -> str:
+        """Hash of the net's state dict and sigma_data."""
+        return _module_fingerprint(self.net, {}, {"adapter": "edm", "sigma_data": self.sigma_data})
+
+
+# --- discrete-time VP (DDPM) models ----------------------------------------------------------
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class VPDenoiser(torch.nn.Module):
+    """Discrete-time VP model ``model(x_vp, t) -> eps | v | x0`` as an EDM denoiser.
+
+    ``x_vp = x / sqrt(1 + s^2)``; the table ``sigma_t = sqrt((1 - abar_t) / abar_t)`` maps s to a
+    fractional t, linear in log-sigma (rounded if ``quantize``). x0: eps ``x - s eps``; v
+    ``alpha x_vp - s alpha v`` with ``alpha = 1/sqrt(1+s^2)``; sample: the output itself.
+    """
+
+    def __init__(self, model: Any, alphas_cumprod: Any, prediction_type: str = "epsilon", quantize: bool = False):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}.")
+        abar = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64)).reshape(-1)
+        if abar.numel() < 2 or not torch.all((abar > 0) & (abar < 1)):
+            raise ValueError("alphas_cumprod must hold at least 2 values, each strictly between 0 and 1.")
+        log_sigmas = (0.5 * ((1 - abar) / abar).log())
+        if not torch.all(log_sigmas[1:] > log_sigmas[:-1]):
+            raise ValueError("alphas_cumprod must be strictly decreasing (sigma_t increasing in t).")
+        self.model = model
+        self.alphas_cumprod = abar
+        self.log_sigmas = log_sigmas  # float64 [T], increasing
+        self.prediction_type = prediction_type
+        self.quantize = bool(quantize)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def sigma_min(self) -> float:
+        """sigma at t = 0 (the smallest noise level the model was trained on)."""
+        return float(self.log_sigmas[0].exp())
+
+    @property
+    def sigma_max(self) -> float:
+        """sigma at t = T-1."""
+        return float(self.log_sigmas[-1].exp())
+
+    def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (str(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = self.log_sigmas.to(device, dtype)
+        return self._cache[key]
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional t with ``log sigma = (1-w) log sigma_i + w log sigma_{i+1}``, ``t = i + w``,
+        clamped to [0, T-1]; rounded to the nearest integer when ``quantize``."""
+        dtype = torch.promote_types(sigma.dtype, torch.float32)
+        table = self._table(sigma.device, dtype)
+        log_s = sigma.to(dtype).log()
+        i = (torch.searchsorted(table, log_s.detach().contiguous()) - 1).clamp(0, table.numel() - 2)
+        lo, hi = table[i], table[i + 1]
+        t = (i.to(dtype) + (log_s - lo) / (hi - lo)).clamp(0, table.numel() - 1)
+        return t.round() if self.quantize else t
+
+    def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
+        """x0 from ``model(x / sqrt(1 + s^2), t(s)[, cond])``; a ``[B, 2C, ...]`` output (learned
+        variance) keeps its first C channels."""
+        sigma = _sigma_like(sigma, x)
+        t = self.sigma_to_t(sigma)
+        if self.quantize:
+            t = t.long()
+        s = _bcast(sigma, x)
+        alpha = 1 / (1 + s**2).sqrt()
+        x_vp = alpha * x
+        out = _call_model(self.model, x_vp.to(_model_dtype(self.model, x.dtype)), t, cond).to(x.dtype)
+        if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]  # learned-variance models: [prediction, variance]
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":
+            return alpha * x_vp - s * alpha * out
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of the model's state dict, alphas_cumprod, prediction_type and quantize."""
+        config = {"adapter": "vp", "prediction_type": self.prediction_type, "quantize": self.quantize}
+        return _module_fingerprint(self.model, {"alphas_cumprod": self.alphas_cumprod}, config)
+
+
+# --- flow matching ---------------------------------------------------------------------------
+class FlowDenoiser(torch.nn.Module):
+    """Flow-matching velocity model as an EDM denoiser: ``x_t = (1-t) x0 + t n``, ``v = n - x0``.
+
+    ``s = t/(1-t)`` so ``t = s/(1+s)``, ``x_t = x/(1+s)``; ``v = model(x_t, t * time_scale)``;
+    ``D = x_t - t v``.
+    """
+
+    def __init__(self, model: Any, time_scale: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.time_scale = float(time_scale)
+
+    def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
+        """``x_t - t model(x_t, t * time_scale[, cond])`` with ``t = s/(1+s)``, ``x_t = x/(1+s)``."""
+        sigma = _sigma_like(sigma, x)
+        t = sigma / (1 + sigma)
+        x_t = x / _bcast(1 + sigma, x)
+        dtype = _model_dtype(self.model, x.dtype)
+        v = _call_model(self.model, x_t.to(dtype), t.to(torch.promote_types(t.dtype, torch.float32)) * self.time_scale, cond)
+        return x_t - _bcast(t, x) * v.to(x.dtype)
+
+    def fingerprint(self) -> str:
+        """Hash of the model's state dict and time_scale."""
+        return _module_fingerprint(self.model, {}, {"adapter": "flow", "time_scale": self.time_scale})
+
+
+# --- classifier-free guidance ----------------------------------------------------------------
+def _expand_uncond(uncond: Any, cond: Any) -> Any:
+    """uncond broadcast to cond's batch (a missing batch dimension is added); dicts key by key."""
+    if isinstance(cond, dict):
+        return {k: _expand_uncond(uncond[k], v) for k, v in cond.items()}
+    u = torch.as_tensor(uncond, device=cond.device, dtype=cond.dtype)
+    if u.ndim == cond.ndim - 1:
+        u = u[None]
+    return u.expand(cond.shape[0], *cond.shape[1:])
+
+
+def _cat(a: Any, b: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+class CFGDenoiser(torch.nn.Module):
+    """Classifier-free guidance ``D = D_u + scale (D_c - D_u)`` in ONE call of the inner denoiser
+    on ``[x, x]``, ``[sigma, sigma]``, ``[cond, uncond]`` (concatenated along the batch)."""
+
+    def __init__(self, denoiser: Any, scale: float, uncond: Any):
+        super().__init__()
+        self.denoiser = denoiser
+        self.scale = scale
+        self.uncond = uncond
+
+    def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
+        """``D_u + scale (D_c - D_u)`` from one inner call on the doubled batch."""
+        if cond is None:
+            raise ValueError("CFGDenoiser needs a cond (the conditional input to guide towards).")
+        sigma = _sigma_like(sigma, x)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat(cond, _expand_uncond(self.uncond, cond)))
+        d_c, d_u = both.chunk(2)
+        return d_u + self.scale * (d_c - d_u)
+
+    def fingerprint(self) -> str:
+        """The inner denoiser's fingerprint (guidance does not change the model)."""
+        return self.denoiser.fingerprint()
+
+
+# --- diffusers loader ------------------------------------------------------------------------
+def load_diffusers(folder: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> VPDenoiser:
+    """A diffusers ``UNet2DModel`` and its scheduler config from a LOCAL folder as a VPDenoiser.
+
+    Layouts: ``folder/unet`` + ``folder/scheduler``, or one folder holding the UNet's
+    ``config.json`` and ``scheduler_config.json``. ``abar_t`` comes from DDPMScheduler; no hub access.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"diffusers model folder {str(root)!r} does not exist.")
+    if (root / "unet" / "config.json").is_file():
+        unet_dir, sched_dir = root / "unet", root / "scheduler"
+    else:
+        unet_dir, sched_dir = root, root
+    if not (unet_dir / "config.json").is_file():
+        raise ValueError(f"no UNet config.json in {str(root)!r} (expected {str(root / 'unet')!r} or a bare UNet2DModel folder).")
+    if not (sched_dir / "scheduler_config.json").is_file():
+        raise ValueError(f"no scheduler_config.json in {str(sched_dir)!r}.")
+    name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise ValueError(f"{str(unet_dir)!r} holds a {name}, but load_diffusers supports only UNet2DModel.")
+    try:
+        from diffusers import DDPMScheduler, UNet2DModel
+    except ImportError:
+        raise ImportError("load_diffusers needs the diffusers package: pip install diffusers.") from None
+    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(str(sched_dir), local_files_only=True))
+    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=dtype)
+    if unet.config.time_embedding_type == "fourier":
+        raise ValueError(f"{str(unet_dir)!r} is a score-SDE (Fourier time) model, not a discrete-time VP model.")
+    unet = unet.to(device).eval().requires_grad_(False)
+    abar = scheduler.alphas_cumprod.double()
+    if abar[-1] == 0:  # zero-terminal-SNR schedules: sigma_T = inf; use diffusers' 2^-24 instead
+        abar[-1] = 2.0**-24
+    quantize = unet.config.time_embedding_type == "learned"  # nn.Embedding needs integer t
+    return VPDenoiser(unet, abar, prediction_type=scheduler.config.prediction_type, quantize=quantize)
