@@ -97,11 +97,19 @@ def _dpmpp_order(i: int, n: int, order: int) -> int:
     return p
 
 
-def dpmpp(sig: np.ndarray, order: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def dpmpp(sig: np.ndarray, order: int = 2, variant: str = "diffusers") -> tuple[np.ndarray, np.ndarray]:
     """DPM-Solver++(2M)/(3M) multistep in data prediction (Lu et al. 2022, Alg. 2), lambda = -log sigma.
 
-    ``x' = (s'/s) x - expm1(-h) D0 + (expm1(-h)/h + 1) D1 - ((expm1(-h) + h)/h^2 - 1/2) D2``.
+    ``x' = (s'/s) x - expm1(-h) D0 + (expm1(-h)/h + 1) D1 - c ((expm1(-h) + h)/h^2 - 1/2) D2``.
+
+    ``D2 = (D1_0 - D1_1)/(r0 + r1)`` estimates ``h^2 x0''/2`` while the exact Taylor term of the step is
+    ``-h^2 phi_3 x0''``, so only ``c = 2`` is consistent to third order. ``variant="diffusers"`` (the
+    default) uses ``c = 1`` like the DPM-Solver reference code, diffusers and k-diffusion, which makes
+    "3M" a second-order method in practice; ``variant="taylor"`` uses ``c = 2`` (third order).
     """
+    if variant not in ("diffusers", "taylor"):
+        raise ValueError(f"dpmpp variant must be 'diffusers' or 'taylor', got {variant!r}.")
+    c2 = 2.0 if variant == "taylor" else 1.0
     n, s = len(sig), _with_zero(sig)
     lam = -np.log(np.maximum(s, 1e-300))
     b = _Builder(n, 1)
@@ -125,7 +133,7 @@ def dpmpp(sig: np.ndarray, order: int = 2) -> tuple[np.ndarray, np.ndarray]:
         d1_1 = (b.d(i - 1) - b.d(i - 2)) / r1
         d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
         d2 = (d1_0 - d1_1) / (r0 + r1)
-        z = (s[i + 1] / s[i]) * b.x(i) - phi1 * m0 + (phi1 / h + 1) * d1 - ((phi1 + h) / h**2 - 0.5) * d2
+        z = (s[i + 1] / s[i]) * b.x(i) - phi1 * m0 + (phi1 / h + 1) * d1 - c2 * ((phi1 + h) / h**2 - 0.5) * d2
     return b.finish(z)
 
 
@@ -133,8 +141,8 @@ def dpmpp_2m(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dpmpp(sig, 2)
 
 
-def dpmpp_3m(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return dpmpp(sig, 3)
+def dpmpp_3m(sig: np.ndarray, variant: str = "diffusers") -> tuple[np.ndarray, np.ndarray]:
+    return dpmpp(sig, 3, variant)
 
 
 _AB = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
@@ -237,7 +245,7 @@ SOLVERS: dict[str, tuple[Compiler, Callable[[int], int], dict[str, Any]]] = {
     "euler": (euler, lambda nfe: nfe, {}),
     "heun": (heun, lambda nfe: (nfe + 1) // 2, {}),
     "dpmpp_2m": (dpmpp_2m, lambda nfe: nfe, {}),
-    "dpmpp_3m": (dpmpp_3m, lambda nfe: nfe, {}),
+    "dpmpp_3m": (dpmpp_3m, lambda nfe: nfe, {"variant": "diffusers"}),
     "ipndm": (ipndm, lambda nfe: nfe, {"max_order": 4}),
     "unipc": (unipc, lambda nfe: nfe, {"order": 2}),
     "ddim": (ddim, lambda nfe: nfe, {"eta": 0.0}),
@@ -266,7 +274,7 @@ def build(
 
     ``schedule`` is 'karras' (uses rho), 'logsnr' or 'time_uniform'; ``sigmas`` gives the step
     sigmas explicitly instead (one per step; a trailing 0 is implied). Options: ddim ``eta``,
-    unipc ``order`` (1-3), ipndm ``max_order`` (1-4).
+    unipc ``order`` (1-3), ipndm ``max_order`` (1-4), dpmpp_3m ``variant`` ('diffusers' or 'taylor').
     """
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; valid: {', '.join(SOLVERS)}.")
