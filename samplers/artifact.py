@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .table import FORMAT_VERSION, SolverTable, TableError
 
@@ -26,20 +26,28 @@ def package_version() -> str:
     return __version__
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str, header: dict[str, str]) -> str:
-    """save_file to a temporary sibling, then os.replace onto ``path`` (never a half-written file)."""
+def atomic_write_bytes(path: str, data: bytes) -> str:
+    """Write ``data`` to a temporary sibling of ``path``, then rename it over ``path`` (umask permissions)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
-        save_file(tensors, tmp, metadata=header)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, header: dict[str, str]) -> str:
+    """safetensors bytes of ``tensors`` with string ``header``, written atomically to ``path``."""
+    return atomic_write_bytes(path, save(tensors, metadata=header))
 
 
 def save_table(table: SolverTable, path: str) -> str:

@@ -51,14 +51,7 @@ GMM = GaussianMixture.random()  # (1, 8, 8), 6 components, stds 0.05..0.3
 SEEDS = range(8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: torch's intra-op thread pool only adds latency (a [4, 5] softmax takes ~10 ms with
-    2 threads on a busy 2-core machine, 2 us with 1), so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # name, options, expected order, asserted interval (inclusive)
@@ -153,6 +146,10 @@ def measured(reference):
         errs = np.asarray(errs)
         slope = -np.polyfit(np.log(STEPS), np.log(errs), 1)[0]
         out[(name, tuple(sorted(options.items())))] = (errs, slope)
+    print(f"\nconvergence on GaussianMixture.random(), karras {SIGMA_MIN}..{SIGMA_MAX}, steps {STEPS} (shown with -s)")
+    for (name, opts), (errs, slope) in out.items():
+        label = name + (str(dict(opts)) if opts else "")
+        print(f"  {label:32s} slope {slope:5.2f}   err@{STEPS[0]} {errs[0]:.2e}  err@{STEPS[-1]} {errs[-1]:.2e}")
     return out, accuracy
 
 
@@ -174,15 +171,6 @@ def test_convergence_order(measured, name, options, order, bounds):
         f"{name}{options}: log-log slope {slope:.2f} over steps {STEPS} (errors {np.array2string(errs, precision=2)}) "
         f"outside [{lo}, {hi}] for expected order {order}"
     )
-
-
-def test_report_slopes(measured, capsys):
-    results, _ = measured
-    with capsys.disabled():
-        print("\nconvergence on GaussianMixture.random(), karras 0.002..80, steps", STEPS)
-        for (name, opts), (errs, slope) in results.items():
-            label = name + (str(dict(opts)) if opts else "")
-            print(f"  {label:32s} slope {slope:5.2f}   err@{STEPS[0]} {errs[0]:.2e}  err@{STEPS[-1]} {errs[-1]:.2e}")
 
 
 def test_taylor_3m_beats_diffusers_3m_at_high_nfe(measured):

@@ -52,7 +52,10 @@ from samplers.denoisers import GaussianMixture
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers 0.42's set_timesteps calls np.array on tensors (numpy 2 copy-keyword DeprecationWarning)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),  # tiny tensors: see conftest.one_thread
+]
 
 TOL = 1e-5  # the acceptance bound
 # What float64 peers actually reach (~1e-13): asserted too, since a slightly wrong sigma can move the
@@ -69,14 +72,6 @@ SCHEDULES = [("karras", {"rho": 7.0}), ("logsnr", {}), ("time_uniform", {})]
 MEASURED: dict[str, float] = {}  # max relative error per case, printed at the end with -s
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: torch's intra-op thread pool only adds latency (a [4, 5] softmax takes ~10 ms with
-    2 threads on a busy 2-core machine, 2 us with 1), so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -346,7 +341,7 @@ def test_dpmpp_3m_taylor_vs_independent_recurrence(schedule, opts, nfe):
     check(f"dpmpp_3m(taylor)/recurrence/{schedule}/N{nfe}", got, dpmpp_3m_taylor_loop(sig, noise[0]))
 
 
-def test_report_measured(capsys):
+def test_report_measured():
     """Summary of the measured errors (run with -s to see it); runs last in this file."""
     if not MEASURED:
         pytest.skip("no peer comparison ran")
@@ -354,8 +349,7 @@ def test_report_measured(capsys):
     for case, err in MEASURED.items():
         key = "/".join(case.split("/")[:2])
         worst[key] = max(worst.get(key, 0.0), err)
-    with capsys.disabled():
-        print("\nmax relative error to the diffusers peer:")
-        for key, err in sorted(worst.items()):
-            print(f"  {key:32s} {err:.2e}")
+    print("\nmax relative error to the diffusers peer (shown with -s):")
+    for key, err in sorted(worst.items()):
+        print(f"  {key:32s} {err:.2e}")
     assert max(worst.values()) < TOL

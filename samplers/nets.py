@@ -1,0 +1,307 @@
+"""Pure-torch networks of the shipped teachers and one-step students (DESIGN.md, "nets.py").
+
+A network file is safetensors weights whose header holds the JSON ``config`` the net is built from,
+so the runtime rebuilds it without pickles or project code outside this module:
+
+    {"arch": "unet", "in_channels": 1, "resolution": 8, "channels": 24, "channel_mult": [1, 2],
+     "num_classes": 0, "precond": "edm", "sigma_data": 0.5}
+    {"arch": "mlp", "in_dim": 2, "hidden": 128, "depth": 3, "precond": "edm", "sigma_data": 0.5}
+
+Raw nets are called as ``net(x_in, c_noise)`` or ``net(x_in, c_noise, cond)`` (EDM's F); the EDM
+preconditioning (c_skip, c_out, c_in, c_noise = log(sigma)/4) lives in ``denoisers.EDMPrecond``.
+``cond`` is integer class labels ``[B]`` or a float ``[B, num_classes]`` (one-hot or zeros for the
+unconditional branch of classifier-free guidance); ``cond=None`` adds no class embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+NET_FORMAT = "samplers.net"
+NET_FORMAT_VERSION = 1
+
+UNET_DEFAULTS: dict[str, Any] = {
+    "in_channels": 1,
+    "out_channels": None,  # None: same as in_channels
+    "resolution": 8,
+    "channels": 24,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "emb_dim": 64,
+    "groups": 8,
+    "num_classes": 0,
+    "max_freq": 100.0,
+}
+MLP_DEFAULTS: dict[str, Any] = {
+    "in_dim": 2,
+    "hidden": 128,
+    "depth": 3,
+    "emb_dim": 32,
+    "num_classes": 0,
+    "max_freq": 100.0,
+}
+
+
+class NetError(ValueError):
+    """A network config or file is not valid; the message is one sentence."""
+
+
+# --- building blocks -----------------------------------------------------------------------------
+class NoiseEmbedding(nn.Module):
+    """Fourier features of c_noise (cos, sin at geometric frequencies 1..max_freq) -> MLP -> ``dim``.
+
+    Optional class conditioning adds a learned embedding of the label (or of a float label vector).
+    """
+
+    def __init__(self, dim: int, max_freq: float = 100.0, num_classes: int = 0):
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), half))
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * half, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.label = nn.Embedding(num_classes, dim) if num_classes > 0 else None
+
+    def forward(self, c_noise: torch.Tensor, batch: int, cond: Any = None) -> torch.Tensor:
+        c = torch.as_tensor(c_noise, device=self.freqs.device).to(self.freqs.dtype).reshape(-1)
+        c = c.expand(batch) if c.numel() == 1 else c
+        angle = c[:, None] * self.freqs[None]
+        emb = self.mlp(torch.cat([angle.cos(), angle.sin()], dim=1))
+        if cond is not None:
+            if self.label is None:
+                raise ValueError("this network is unconditional; call it with cond=None.")
+            cond = torch.as_tensor(cond, device=emb.device)
+            if cond.is_floating_point():
+                emb = emb + cond.to(emb.dtype) @ self.label.weight
+            else:
+                emb = emb + self.label(cond.long().reshape(-1))
+        return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, plus the embedding as a per-channel shift, GroupNorm-SiLU-conv, residual."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(min(groups, cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class UNet(nn.Module):
+    """A small U-Net for [C, R, R] images: ``len(channel_mult)`` levels of ``num_res_blocks`` residual
+    blocks, 2x average-pool down, nearest up, skip connections by concatenation."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        resolution: int = 8,
+        channels: int = 24,
+        channel_mult: Any = (1, 2),
+        num_res_blocks: int = 1,
+        emb_dim: int = 64,
+        groups: int = 8,
+        num_classes: int = 0,
+        max_freq: float = 100.0,
+    ):
+        super().__init__()
+        levels = len(channel_mult)
+        if resolution % (2 ** (levels - 1)) != 0:
+            raise NetError(f"unet resolution {resolution} must be divisible by 2^{levels - 1} for {levels} levels.")
+        out_channels = in_channels if out_channels is None else out_channels
+        self.embed = NoiseEmbedding(emb_dim, max_freq, num_classes)
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        widths = [channels * int(m) for m in channel_mult]
+        self.down = nn.ModuleList()
+        skips, c = [], channels
+        for w in widths:
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(c, w, emb_dim, groups))
+                c = w
+            self.down.append(blocks)
+            skips.append(c)
+        self.mid = ResBlock(c, c, emb_dim, groups)
+        self.up = nn.ModuleList()
+        for w, s in zip(reversed(widths), reversed(skips)):
+            self.up.append(ResBlock(c + s, w, emb_dim, groups))
+            c = w
+        self.norm_out = nn.GroupNorm(min(groups, c), c)
+        self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        emb = self.embed(c_noise, x.shape[0], cond).to(x.dtype)
+        h = self.conv_in(x)
+        skips = []
+        for level, blocks in enumerate(self.down):
+            if level > 0:
+                h = F.avg_pool2d(h, 2)
+            for block in blocks:
+                h = block(h, emb)
+            skips.append(h)
+        h = self.mid(h, emb)
+        for level, block in enumerate(self.up):
+            if level > 0:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class MLP(nn.Module):
+    """Residual MLP for flat data ``[B, in_dim]`` (other shapes are flattened and restored); each block
+    adds the c_noise embedding before its second linear layer."""
+
+    def __init__(
+        self,
+        in_dim: int = 2,
+        hidden: int = 128,
+        depth: int = 3,
+        emb_dim: int = 32,
+        num_classes: int = 0,
+        max_freq: float = 100.0,
+    ):
+        super().__init__()
+        self.embed = NoiseEmbedding(emb_dim, max_freq, num_classes)
+        self.inp = nn.Linear(in_dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.Linear(hidden, hidden), nn.Linear(emb_dim, hidden), nn.Linear(hidden, hidden)]) for _ in range(depth)
+        )
+        self.out = nn.Linear(hidden, in_dim)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        emb = self.embed(c_noise, x.shape[0], cond).to(x.dtype)
+        h = self.inp(x.reshape(x.shape[0], -1))
+        for fc1, proj, fc2 in self.blocks:
+            h = h + fc2(F.silu(fc1(F.silu(h)) + proj(emb)))
+        return self.out(F.silu(h)).reshape(x.shape)
+
+
+ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {"unet": (UNet, UNET_DEFAULTS), "mlp": (MLP, MLP_DEFAULTS)}
+_NON_ARCH_KEYS = {"arch", "precond", "sigma_data", "shape"}
+
+
+# --- config, files ---------------------------------------------------------------------------------
+def full_config(config: dict) -> dict:
+    """``config`` with the architecture's defaults filled in (raises NetError on unknown keys)."""
+    arch = config.get("arch")
+    if arch not in ARCHS:
+        raise NetError(f"unknown network architecture {arch!r}; valid: {', '.join(ARCHS)}.")
+    defaults = ARCHS[arch][1]
+    unknown = set(config) - set(defaults) - _NON_ARCH_KEYS
+    if unknown:
+        raise NetError(f"{arch} network config has unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(defaults)}.")
+    return {"arch": arch, **defaults, **config}
+
+
+def data_shape(config: dict) -> tuple[int, ...]:
+    """Shape of one sample the net takes: ``[C, R, R]`` for a unet, ``[in_dim]`` (or ``shape``) for an mlp."""
+    cfg = full_config(config)
+    if "shape" in cfg:
+        return tuple(int(s) for s in cfg["shape"])
+    if cfg["arch"] == "unet":
+        return (int(cfg["in_channels"]), int(cfg["resolution"]), int(cfg["resolution"]))
+    return (int(cfg["in_dim"]),)
+
+
+def build_net(config: dict) -> nn.Module:
+    """Build a freshly initialised network from its config dict (``arch`` plus the arch's options)."""
+    cfg = full_config(config)
+    cls, defaults = ARCHS[cfg["arch"]]
+    try:
+        return cls(**{k: cfg[k] for k in defaults})
+    except (TypeError, ValueError) as err:
+        if isinstance(err, NetError):
+            raise
+        raise NetError(f"cannot build {cfg['arch']} network from config ({err}).") from None
+
+
+def save_net(net: nn.Module, config: dict, path: str, extra_metadata: dict | None = None) -> str:
+    """Write ``net``'s weights and ``config`` (JSON in the header) atomically to ``path``."""
+    from .artifact import atomic_save, package_version
+
+    cfg = full_config(config)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    header = {
+        "format": NET_FORMAT,
+        "format_version": str(NET_FORMAT_VERSION),
+        "config": json.dumps(cfg, sort_keys=True),
+        "metadata": json.dumps({"package_version": package_version(), **(extra_metadata or {})}, sort_keys=True),
+    }
+    return atomic_save(tensors, path, header)
+
+
+def read_net_header(path: str) -> tuple[dict, dict]:
+    """``(config, metadata)`` from a network file's header, without loading the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise NetError(f"{path}: no such network file.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise NetError(f"{path}: truncated, corrupt or not a safetensors file ({str(err).strip()[:200]}).") from None
+    if header.get("format") != NET_FORMAT:
+        raise NetError(f"{path}: not a network file (format {header.get('format')!r}, expected {NET_FORMAT!r}).")
+    if header.get("format_version") != str(NET_FORMAT_VERSION):
+        raise NetError(f"{path}: network format version {header.get('format_version')} is not supported (expected {NET_FORMAT_VERSION}).")
+    try:
+        return json.loads(header.get("config", "")), json.loads(header.get("metadata", "{}"))
+    except json.JSONDecodeError as err:
+        raise NetError(f"{path}: network config is not valid JSON ({err.msg}).") from None
+
+
+def load_net(path: str) -> tuple[nn.Module, dict]:
+    """Rebuild the network stored at ``path`` and load its weights (strict); returns ``(net, config)``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config, _ = read_net_header(path)
+    try:
+        net = build_net(config)
+    except NetError as err:
+        raise NetError(f"{path}: {err}") from None
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise NetError(f"{path}: truncated or corrupt network file ({str(err).strip()[:200]}).") from None
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = " ".join(first[1:2] or first[:1]).strip().rstrip(".")
+        raise NetError(f"{path}: weights do not match the stored config ({detail}).") from None
+    return net.eval(), full_config(config)
+
+
+def load_denoiser(path: str, device: torch.device | str | None = None) -> nn.Module:
+    """The network at ``path`` wrapped in its preconditioning (``precond: edm``) as a sigma-space denoiser.
+
+    The returned module carries ``config`` and ``shape`` (one sample's shape) attributes.
+    """
+    from .denoisers import EDMPrecond
+
+    net, config = load_net(path)
+    precond = config.get("precond", "edm")
+    if precond != "edm":
+        raise NetError(f"{path}: unknown preconditioning {precond!r}; valid: edm.")
+    denoiser = EDMPrecond(net, sigma_data=float(config.get("sigma_data", 0.5)))
+    denoiser.config = config
+    denoiser.shape = data_shape(config)
+    return denoiser.to(device).eval() if device is not None else denoiser.eval()
