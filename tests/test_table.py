@@ -203,3 +203,28 @@ def test_checkpointed_gradient_equals_plain_gradient():
         grads.append([coef.grad, sigmas.grad, noise.grad, *[p.grad.clone() for p in net.parameters()]])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_no_host_synchronisation_inside_the_loop(gmm, monkeypatch):
+    """Reading tensor values on the host (.item, .tolist, .cpu, .numpy, bool) would stall a GPU each
+    step; the executor must not do it once the plan exists, learned tables included."""
+    table = baselines.build("unipc", 6, order=3)
+    noise = make_noise(table, SHAPE, range(4))
+    coef, sigmas, learned = _learnable(table)
+    support = table.support()
+    sample(table, gmm, noise)  # plan the table once, outside the guarded region
+
+    def forbid(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"host synchronisation via Tensor.{name} inside sample()")
+
+        return fail
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        torch.ones(1).item()  # the guard is live
+    fast = sample(table, gmm, noise)
+    slow = sample(learned, gmm, noise, support=support, checkpoint=True)
+    monkeypatch.undo()
+    torch.testing.assert_close(fast, slow.detach())
