@@ -68,18 +68,19 @@ def save_table(table: SolverTable, path: str) -> str:
     return atomic_save(tensors, path, header)
 
 
-def read_header(path: str) -> dict[str, str]:
-    """The safetensors string header of ``path`` (TableError if unreadable)."""
+def read_header(path: str, kind: str = "table", error: type[Exception] = TableError) -> dict[str, str]:
+    """The safetensors string header of ``path``, without reading the tensors; ``error`` if unreadable."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise TableError(f"{path}: truncated or corrupt table file ({_short(err)}).") from None
+        raise error(f"{path}: truncated or corrupt {kind} file ({short_error(err)}).") from None
 
 
-def _short(err: BaseException) -> str:
+def short_error(err: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-sentence errors."""
     return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
 
 
@@ -98,7 +99,7 @@ def load_table(path: str, fingerprint: str | None = None) -> SolverTable:
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise TableError(f"{path}: truncated or corrupt table file ({_short(err)}).") from None
+        raise TableError(f"{path}: truncated or corrupt table file ({short_error(err)}).") from None
     try:
         metadata = json.loads(header.get("metadata", "{}"))
     except json.JSONDecodeError as err:

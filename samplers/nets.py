@@ -248,15 +248,11 @@ def save_net(net: nn.Module, config: dict, path: str, extra_metadata: dict | Non
 
 def read_net_header(path: str) -> tuple[dict, dict]:
     """``(config, metadata)`` from a network file's header, without loading the weights."""
-    from safetensors import SafetensorError, safe_open
+    from .artifact import read_header
 
     if not os.path.isfile(path):
         raise NetError(f"{path}: no such network file.")
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise NetError(f"{path}: truncated, corrupt or not a safetensors file ({str(err).strip()[:200]}).") from None
+    header = read_header(path, "network", NetError)
     if header.get("format") != NET_FORMAT:
         raise NetError(f"{path}: not a network file (format {header.get('format')!r}, expected {NET_FORMAT!r}).")
     if header.get("format_version") != str(NET_FORMAT_VERSION):
@@ -272,6 +268,8 @@ def load_net(path: str) -> tuple[nn.Module, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .artifact import short_error
+
     config, _ = read_net_header(path)
     try:
         net = build_net(config)
@@ -280,7 +278,7 @@ def load_net(path: str) -> tuple[nn.Module, dict]:
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise NetError(f"{path}: truncated or corrupt network file ({str(err).strip()[:200]}).") from None
+        raise NetError(f"{path}: truncated or corrupt network file ({short_error(err)}).") from None
     try:
         net.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
