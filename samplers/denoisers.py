@@ -258,6 +258,59 @@ class VPDenoiser(torch.nn.Module):
         return _module_fingerprint(self.model, {"alphas_cumprod": self.alphas_cumprod}, config)
 
 
+class ContinuousVPDenoiser(VPDenoiser):
+    """Continuous-time VP-SDE model (Song et al. 2021) as an EDM denoiser, x0 conversions as VPDenoiser.
+
+    ``sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)`` (EDM Table 1), inverted in closed form
+    ``t = (sqrt(beta_min^2 + 2 beta_d log(1 + s^2)) - beta_min) / beta_d``; the model gets
+    ``t * time_scale`` (EDM's VP nets: time_scale = 999).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        beta_min: float = 0.1,
+        beta_d: float = 19.9,
+        time_scale: float = 1.0,
+        prediction_type: str = "epsilon",
+        t_min: float = 1e-5,
+    ):
+        torch.nn.Module.__init__(self)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}.")
+        if beta_d <= 0 or beta_min < 0 or not 0 < t_min < 1:
+            raise ValueError(f"need beta_d > 0, beta_min >= 0 and 0 < t_min < 1, got {beta_d}, {beta_min}, {t_min}.")
+        self.model = model
+        self.beta_min, self.beta_d, self.time_scale, self.t_min = float(beta_min), float(beta_d), float(time_scale), float(t_min)
+        self.prediction_type = prediction_type
+        self.quantize = False
+
+    def _sigma(self, t: float) -> float:
+        return math.sqrt(math.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t))
+
+    @property
+    def sigma_min(self) -> float:
+        """sigma at t = t_min."""
+        return self._sigma(self.t_min)
+
+    @property
+    def sigma_max(self) -> float:
+        """sigma at t = 1."""
+        return self._sigma(1.0)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The model's time for noise level sigma (exact inverse of sigma(t)), times time_scale."""
+        sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
+        t = ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+        return t * self.time_scale
+
+    def fingerprint(self) -> str:
+        """Hash of the model's state dict and the adapter's schedule and prediction type."""
+        config = {"adapter": "vp-continuous", "prediction_type": self.prediction_type, "beta_min": self.beta_min,
+                  "beta_d": self.beta_d, "time_scale": self.time_scale}
+        return _module_fingerprint(self.model, {}, config)
+
+
 # --- flow matching ---------------------------------------------------------------------------
 class FlowDenoiser(torch.nn.Module):
     """Flow-matching velocity model as an EDM denoiser: ``x_t = (1-t) x0 + t n``, ``v = n - x0``.

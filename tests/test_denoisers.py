@@ -12,6 +12,7 @@ import torch
 
 from samplers.denoisers import (
     CFGDenoiser,
+    ContinuousVPDenoiser,
     EDMPrecond,
     FlowDenoiser,
     GaussianMixture,
@@ -277,6 +278,30 @@ def test_vp_fingerprint_depends_on_config():
 
 
 # --- flow matching ---------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_continuous_vp_reproduces_gmm(gmm, prediction_type):
+    """An exact continuous-time model written with EDM's sigma(t) (forward direction only) must give
+    back the GMM's D through the adapter's closed-form inverse t(sigma)."""
+    beta_min, beta_d, scale = 0.1, 19.9, 999.0
+
+    def model(x_vp, t):
+        tt = t.double() / scale
+        sig = torch.sqrt(torch.expm1(0.5 * beta_d * tt**2 + beta_min * tt))
+        s = sig.reshape(-1, 1, 1, 1)
+        x = x_vp * (1 + s**2).sqrt()
+        d = gmm(x, sig)
+        eps, alpha = (x - d) / s, 1 / (1 + s**2).sqrt()
+        return eps if prediction_type == "epsilon" else alpha * eps - s * alpha * d
+
+    den = ContinuousVPDenoiser(model, beta_min, beta_d, time_scale=scale, prediction_type=prediction_type)
+    x, sigma = _data(gmm, [0.003, 0.2, 1.0, 7.0, 80.0])
+    torch.testing.assert_close(den(x, sigma), gmm(x, sigma), rtol=1e-9, atol=1e-9)
+    assert den.sigma_max == pytest.approx(math.sqrt(math.expm1(0.5 * beta_d + beta_min)))
+    assert den.sigma_to_t(torch.tensor([den.sigma_max], dtype=F64)).item() == pytest.approx(scale)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        ContinuousVPDenoiser(model, prediction_type="score")
+
+
 def test_flow_reproduces_gmm(gmm):
     scale = 1000.0
 
