@@ -30,6 +30,8 @@ from .artifact import atomic_write_bytes
 from .images import write_png_grid
 from .table import SolverTable, TableError, make_noise, sample
 
+SHIPPED_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "edm-digits.safetensors")
+
 
 class UserError(Exception):
     """A bad command line or input file; printed as one ``error:`` line, exit status 2."""
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--eta", type=float, default=None, help="ddim stochasticity in [0, 1]")
     src.add_argument("--order", type=int, default=None, help="unipc order (1-3) or ipndm max order (1-4)")
     src.add_argument("--detail", type=float, default=None, help="tada detail knob")
-    gen.add_argument("--model", default="gmm", help="gmm | gmm-ring | edm:PATH | diffusers:DIR (default gmm, 1x8x8)")
+    gen.add_argument("--model", default="gmm", help="gmm | gmm-ring | edm (the shipped digits teacher) | edm:PATH | diffusers:DIR (default gmm, 1x8x8)")
     gen.add_argument("--label", type=int, default=None, help="class label for class-conditional nets")
     gen.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
                      help="number of samples (default 64); under torchrun spell it --num-samples (torchrun rejects --n)")
@@ -81,6 +83,8 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[Any
     is accepted whatever dtype it is later run in.
     """
     kind, _, arg = spec.partition(":")
+    if spec == "edm":  # the shipped digits teacher
+        kind, arg = "edm", str(SHIPPED_TEACHER)
     if spec in ("gmm", "gmm-ring"):
         gmm = denoisers.GaussianMixture.random() if spec == "gmm" else denoisers.GaussianMixture.ring()
         return gmm, tuple(gmm.shape), gmm.fingerprint()
@@ -100,7 +104,7 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[Any
         size = model.model.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return model.to(dtype=dtype), (int(model.model.config.in_channels), *map(int, size)), fingerprint
-    raise UserError(f"unknown model {spec!r}; valid: gmm, gmm-ring, edm:PATH, diffusers:DIR.")
+    raise UserError(f"unknown model {spec!r}; valid: gmm, gmm-ring, edm, edm:PATH, diffusers:DIR.")
 
 
 def check_label(model: Any, label: int | None) -> None:

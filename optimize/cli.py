@@ -1,0 +1,267 @@
+"""`python -m optimize <method> key=value ...`: Hydra entry point shared by every offline method.
+
+The first bare word is the method (rewritten to ``method=<name>`` for Hydra). Every configuration the
+command would run (each point of a ``-m`` sweep) is composed and validated before any work; a bad
+one is reported as one sentence on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+MAX_CHECKED = 512  # sweep points composed and validated up front
+
+# Hydra flags that take a value (the method word is the first bare token that is not one of these values)
+_VALUE_FLAGS = {"--cfg", "-c", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
+                "--package", "-p", "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+MAIN_KEYS = """\
+main keys (defaults in conf/config.yaml and conf/method/<method>.yaml):
+  model=edm|gmm|toy2d|shapes   model to sample (model.checkpoint=PATH swaps the network file)
+  solver=NAME | [a,b]          classic solver(s): euler heun dpmpp_2m dpmpp_3m ipndm unipc ddim
+  nfe=8 | [3,4,5]              denoiser evaluations (a list evaluates each and plots quality vs NFE)
+  schedule=karras rho=7.0 sigma_min=0.002 sigma_max=80.0
+  seed=0 device=cpu logger=csv|wandb
+evaluate:  table=PATH n=2000 tuned=true|false ref_nfe=255 cache_dir=...
+Hydra: -m/--multirun sweeps comma lists (solver=euler,dpmpp_2m nfe=4,8); --cfg job prints the config."""
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one sentence for the user."""
+
+
+def methods() -> list[str]:
+    """The methods with a config in conf/method/."""
+    return sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+
+
+def models() -> list[str]:
+    """The models with a config in conf/model/."""
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def help_text() -> str:
+    return (f"usage: python -m optimize [-m] <method> [key=value ...]\n\nmethods: {', '.join(methods())}\n"
+            f"models:  {', '.join(models())}\n\n{MAIN_KEYS}\n")
+
+
+def resolve_path(path: str) -> Path:
+    """``path`` as given when absolute or present from the working directory, else relative to the repository."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO / p if (REPO / p).exists() else p
+
+
+def as_list(value: Any) -> list[Any]:
+    """A scalar or (Omega) list as a Python list."""
+    if isinstance(value, (ListConfig, list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _tag(value: Any) -> str:
+    """Folder tag of a scalar or list value: 8 or 3-4-5."""
+    return "-".join(str(v) for v in as_list(value))
+
+
+def split_method(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(method word or None, the other arguments) from the command line."""
+    rest = list(argv)
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a in _VALUE_FLAGS:
+            i += 2
+            continue
+        if a == "--info":
+            i += 2 if i + 1 < len(rest) and rest[i + 1] in _INFO_CHOICES else 1
+            continue
+        if a.startswith("-") or "=" in a:
+            i += 1
+            continue
+        return a, rest[:i] + rest[i + 1:]
+    return None, rest
+
+
+def _check_number(cfg: DictConfig, key: str) -> float:
+    try:
+        return float(cfg[key])
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number, got {cfg[key]!r}.") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks shared by every method, then the method module's own ``validate(cfg)`` when it has one."""
+    name = str(cfg.method.name)
+    if name not in methods():
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(methods())}.")
+    if str(cfg.model.name) not in models():
+        raise ConfigError(f"unknown model {cfg.model.name!r}; valid models: {', '.join(models())}.")
+    for nfe in as_list(cfg.nfe):
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe <= 0:
+            raise ConfigError(f"nfe must be a positive integer (or a list of them), got {nfe!r}.")
+    smin, smax = _check_number(cfg, "sigma_min"), _check_number(cfg, "sigma_max")
+    if not 0 < smin < smax:
+        raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={smin} and sigma_max={smax}.")
+    if cfg.model.get("kind") == "net" and cfg.method.get("needs_checkpoint", True):
+        ckpt = resolve_path(str(cfg.model.checkpoint))
+        if not ckpt.is_file():
+            raise ConfigError(f"model {cfg.model.name}: checkpoint file {ckpt} does not exist "
+                              f"(train it with python -m optimize teacher model={cfg.model.name} or scripts/train_teachers.sh, or set model.checkpoint=PATH).")
+    if cfg.logger.name == "wandb":
+        try:
+            importlib.import_module("wandb")
+        except ImportError:
+            raise ConfigError("logger=wandb needs the wandb package (pip install -e .[wandb]).") from None
+    module = _method_module(name)
+    if getattr(module, "run", None) is None:
+        raise ConfigError(f"method {name!r} has no command-line entry yet.")
+    check = getattr(module, "validate", None)
+    if check is not None:
+        check(cfg)
+
+
+def _method_module(name: str) -> Any:
+    try:
+        return importlib.import_module(f"optimize.{name}")
+    except ImportError as err:
+        raise ConfigError(f"method {name!r} cannot be imported ({err}).") from None
+
+
+def run_method(cfg: DictConfig) -> Any:
+    """Validate, then call ``optimize.<method>.run(cfg)``."""
+    validate(cfg)
+    entry: Callable[[DictConfig], Any] = getattr(_method_module(str(cfg.method.name)), "run")
+    return entry(cfg)
+
+
+def _sweep_points(overrides: list[str]) -> list[list[str]]:
+    """Every override list a Hydra basic sweep would run (each comma/range sweep expanded), at most MAX_CHECKED."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices: list[list[str]] = []
+    for o in parsed:
+        if o.get_key_element().startswith("hydra."):
+            continue
+        if o.is_sweep_override():
+            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    return [list(p) for p in itertools.islice(itertools.product(*choices), MAX_CHECKED)]
+
+
+def precheck(overrides: list[str]) -> None:
+    """Compose and validate every configuration the command would run (before Hydra starts any job)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    for o in overrides:  # names of config groups first, for a clearer message than Hydra's
+        key, _, value = o.partition("=")
+        group = key.lstrip("+~")
+        if group in ("method", "model") and value:
+            valid = methods() if group == "method" else models()
+            for v in value.split(","):
+                if v not in valid:
+                    raise ConfigError(f"unknown {group} {v!r}; valid {group}s: {', '.join(valid)}.")
+    _register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            for point in _sweep_points(overrides):
+                cfg = compose(config_name="config", overrides=point)
+                validate(cfg)  # before resolving: a method's own check explains a missing key best
+                OmegaConf.resolve(_without_hydra(cfg))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    """A copy of cfg without keys that only resolve inside a Hydra run (out_dir)."""
+    copy = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(copy, dict)
+    copy.pop("out_dir", None)
+    return OmegaConf.create(copy)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] if text else type(err).__name__
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("tag"):
+        OmegaConf.register_new_resolver("tag", _tag)
+
+
+def _fail(message: str) -> None:
+    msg = message.rstrip()
+    print(f"error: {msg if msg.endswith('.') else msg + '.'}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line, validate every configuration, then hand over to Hydra."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    method, rest = split_method(argv)
+    if method is None and not any(a.startswith("method=") for a in rest) or any(a in ("-h", "--help") for a in rest):
+        print(help_text(), end="")
+        return
+    if method is not None:
+        if method not in methods():
+            _fail(f"unknown method {method!r}; valid methods: {', '.join(methods())}")
+        rest = rest + [f"method={method}"]
+    overrides = [a for a in rest if not a.startswith("-") and "=" in a]
+    flags = [a for a in rest if a not in overrides]
+    if not any(f in ("--cfg", "-c", "--info") for f in flags):
+        try:
+            precheck(overrides)
+        except ConfigError as err:
+            _fail(str(err))
+    _hydra_main(flags + overrides)
+
+
+def _quiet_libraries() -> None:
+    """Drop Lightning's banner lines (accelerator summary, tips) and a known third-party deprecation warning."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def _hydra_main(args: list[str]) -> None:
+    import hydra
+
+    _register_resolvers()
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _task(cfg: DictConfig) -> None:
+        _quiet_libraries()
+        try:
+            run_method(cfg)
+        except ConfigError as err:
+            _fail(str(err))
+
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "optimize", *args]
+    try:
+        _task()
+    finally:
+        sys.argv = saved

@@ -1,0 +1,194 @@
+"""EDM teacher training (Karras et al. 2022, "Elucidating the design space", section 5).
+
+A raw net F (``samplers.nets.build_net``) is wrapped in EDM preconditioning
+``D(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, log(s)/4)`` (``samplers.denoisers.EDMPrecond``) and
+trained with
+
+    ln s ~ N(P_mean, P_std^2),      x = x0 + s n,  n ~ N(0, I),
+    lambda(s) = (s^2 + sd^2) / (s sd)^2,
+    L = E[ lambda(s) * mean_pixels (D(x, s) - x0)^2 ],
+
+which makes the effective target of F unit-variance at every noise level. The exported weights are an
+exponential moving average ``w_ema <- beta w_ema + (1 - beta) w`` updated after every optimiser step.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from samplers.denoisers import EDMPrecond
+from samplers.nets import build_net, save_net
+
+
+class NaNLossError(RuntimeError):
+    """Training produced a non-finite loss; the message names the global step."""
+
+
+def sample_sigma(n: int, p_mean: float = -1.2, p_std: float = 1.2, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """``n`` noise levels with ``ln sigma ~ N(p_mean, p_std^2)``."""
+    return (torch.randn(n, generator=generator, device=device) * p_std + p_mean).exp()
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM loss weight ``lambda(s) = (s^2 + sd^2) / (s sd)^2`` (= 1 / c_out(s)^2)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_loss(denoiser: nn.Module, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``mean_b lambda(s_b) * mean_pixels (D(x0_b + s_b n_b, s_b) - x0_b)^2``."""
+    sd = float(getattr(denoiser, "sigma_data", 0.5))
+    s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+    d = denoiser(x0 + s * noise, sigma)
+    per_sample = (d - x0).pow(2).flatten(1).mean(1)
+    return (edm_weight(sigma, sd) * per_sample).mean()
+
+
+class TeacherModule(L.LightningModule):
+    """EDM-preconditioned net trained with the EDM loss; keeps EMA weights for export.
+
+    ``net_config`` is a ``samplers.nets`` config (e.g. ``{"arch": "unet"}``); the saved file adds
+    ``precond: edm`` and ``sigma_data``. Batches are tensors ``x0`` (or tuples whose first item is x0).
+    Learning rate: linear warm-up over ``warmup_steps`` then constant.
+    """
+
+    def __init__(self, net_config: dict[str, Any], sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
+                 lr: float = 2e-3, warmup_steps: int = 200, ema_decay: float = 0.999, hflip: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net_config = dict(net_config)
+        self.denoiser = EDMPrecond(build_net(self.net_config), sigma_data=sigma_data)
+        self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """One EDM loss evaluation on ``batch``; raises NaNLossError on a non-finite loss."""
+        x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if self.hparams.hflip:
+            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        sigma = sample_sigma(x0.shape[0], self.hparams.p_mean, self.hparams.p_std, device=x0.device)
+        loss = edm_loss(self.denoiser, x0, sigma, torch.randn_like(x0))
+        if not torch.isfinite(loss):
+            raise NaNLossError(f"teacher training stopped: non-finite loss ({loss.item()}) at global step {self.global_step}.")
+        self.log("train_loss", loss, prog_bar=True, on_step=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """EMA update ``w_ema <- beta w_ema + (1 - beta) w`` (beta warmed up as min(decay, (1+t)/(10+t)))."""
+        beta = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        with torch.no_grad():
+            for pe, p in zip(self.ema.parameters(), self.denoiser.parameters()):
+                pe.lerp_(p.detach(), 1 - beta)
+            for be, b in zip(self.ema.buffers(), self.denoiser.buffers()):
+                be.copy_(b)
+
+    def configure_optimizers(self) -> Any:
+        """Adam with a linear learning-rate warm-up."""
+        opt = torch.optim.Adam(self.denoiser.parameters(), lr=self.hparams.lr)
+        warm = max(1, int(self.hparams.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def file_config(self) -> dict[str, Any]:
+        """The net config as written to the safetensors header."""
+        return {**self.net_config, "precond": "edm", "sigma_data": float(self.hparams.sigma_data)}
+
+    def export(self, path: str, extra_metadata: dict | None = None) -> str:
+        """Save the EMA net so ``samplers.nets.load_denoiser(path)`` rebuilds the EMA denoiser."""
+        meta = {"trainer": "optimize.teacher", "global_step": int(self.global_step), **(extra_metadata or {})}
+        return save_net(self.ema.net, self.file_config(), path, extra_metadata=meta)
+
+
+def data_loader(x: torch.Tensor, batch_size: int, seed: int = 0) -> torch.utils.data.DataLoader:
+    """Shuffled (seeded), drop-last loader over the tensor ``x``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=min(batch_size, len(x)), shuffle=True,
+                                       drop_last=True, generator=gen)
+
+
+# --- the command ----------------------------------------------------------------------------------
+def training_data(mcfg: Any) -> torch.Tensor:
+    """The training set of a model config: digits train split, or ``teacher.n_data`` draws (seed 0) of toy2d / shapes."""
+    from . import data
+
+    if mcfg.data == "digits":
+        return data.digits("train")[0]
+    n = int(mcfg.teacher.n_data)
+    if mcfg.data == "toy2d":
+        return data.toy2d(n, seed=0)
+    if mcfg.data == "shapes":
+        return data.shapes(n, seed=0, resolution=int(mcfg.teacher.net.resolution))
+    from .cli import ConfigError
+
+    raise ConfigError(f"model {mcfg.name}: no teacher training for data {mcfg.data!r} (valid: digits, toy2d, shapes).")
+
+
+def _resume_path(resume: Any) -> str | None:
+    """A Lightning checkpoint from ``resume=PATH`` (a .ckpt file or a run folder holding lightning/last.ckpt)."""
+    if resume in (None, False, "", "null"):
+        return None
+    from .cli import resolve_path
+
+    p = resolve_path(str(resume))
+    return str(p / "lightning" / "last.ckpt") if p.is_dir() else str(p)
+
+
+def validate(cfg: Any) -> None:
+    """Teacher checks made before any work (called by the CLI)."""
+    from .cli import ConfigError
+
+    if cfg.model.kind != "net" or "teacher" not in cfg.model:
+        raise ConfigError(f"model {cfg.model.name} has nothing to train (kind {cfg.model.kind}); teachers exist for edm, toy2d, shapes.")
+    for key in ("steps", "batch_size"):
+        if int(cfg[key]) <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {cfg[key]}.")
+    ckpt = _resume_path(cfg.resume)
+    if ckpt is not None and not os.path.isfile(ckpt):
+        raise ConfigError(f"resume checkpoint {ckpt} does not exist.")
+
+
+def run(cfg: Any) -> str:
+    """`python -m optimize teacher model=...`: EDM training with Lightning (CSV logs, checkpoints every
+    ``checkpoint_every`` steps in ``<out_dir>/lightning``, ``resume=PATH`` continues), then the EMA net is
+    exported to ``export`` (default ``<out_dir>/teacher.safetensors``). Returns the exported path."""
+    from omegaconf import OmegaConf
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    tcfg = cfg.model.teacher
+    x = training_data(cfg.model)
+    net_config = OmegaConf.to_container(tcfg.net, resolve=True)
+    module = TeacherModule(net_config, sigma_data=float(cfg.sigma_data), p_mean=float(cfg.p_mean), p_std=float(cfg.p_std),
+                           lr=float(cfg.lr), warmup_steps=int(cfg.warmup_steps), ema_decay=float(cfg.ema),
+                           hflip=bool(tcfg.get("hflip", False)))
+    out_dir = str(cfg.out_dir)
+    loggers: list[Any] = [L.pytorch.loggers.CSVLogger(out_dir, name="logs", version="")]
+    if cfg.logger.name == "wandb":
+        loggers.append(L.pytorch.loggers.WandbLogger(project=str(cfg.logger.project), offline=cfg.logger.mode == "offline",
+                                                     save_dir=out_dir))
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(out_dir, "lightning"), save_last=True, save_top_k=0,
+                                               every_n_train_steps=int(cfg.checkpoint_every))
+    max_time = {"minutes": float(cfg.max_minutes)} if cfg.max_minutes else None
+    trainer = L.Trainer(accelerator="auto", devices="auto", max_steps=int(cfg.steps), max_time=max_time, logger=loggers,
+                        callbacks=[ckpt], log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)), enable_model_summary=False, default_root_dir=out_dir)
+    n_params = sum(p.numel() for p in module.denoiser.parameters())
+    print(f"teacher {cfg.model.name}: {n_params:,} parameters, {len(x)} training samples, {cfg.steps} steps", flush=True)
+    t0 = time.perf_counter()
+    trainer.fit(module, data_loader(x, int(cfg.batch_size), seed=int(cfg.seed)), ckpt_path=_resume_path(cfg.resume))
+    seconds = time.perf_counter() - t0
+    path = str(cfg.export) if cfg.export else os.path.join(out_dir, "teacher.safetensors")
+    if trainer.is_global_zero:
+        from .cli import resolve_path
+
+        path = module.export(str(resolve_path(path)) if cfg.export else path,
+                             {"model": str(cfg.model.name), "steps": int(module.global_step), "batch_size": int(cfg.batch_size),
+                              "seed": int(cfg.seed), "data": str(cfg.model.data), "n_data": len(x),
+                              "train_seconds": round(seconds, 1)})
+        print(f"teacher {cfg.model.name}: {module.global_step} steps in {seconds:.0f} s -> {path}", flush=True)
+    return path

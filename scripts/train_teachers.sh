@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Reproduce every shipped checkpoint on CPU with fixed seeds (about 20 minutes on 2 cores):
+#   bash scripts/train_teachers.sh [edm|toy2d|classifiers ...]     (default: all three)
+# A killed teacher run resumes with: python -m optimize teacher model=edm resume=outputs/teacher/edm
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+for what in "${@:-classifiers edm toy2d}"; do
+  for w in $what; do
+    case "$w" in
+      classifiers) $PY scripts/train_classifiers.py ;;
+      edm)   $PY -m optimize teacher model=edm export=checkpoints/edm-digits.safetensors hydra.run.dir=outputs/teacher/edm ;;
+      toy2d) $PY -m optimize teacher model=toy2d export=checkpoints/edm-toy2d.safetensors hydra.run.dir=outputs/teacher/toy2d ;;
+      shapes) $PY -m optimize teacher model=shapes export=checkpoints/edm-shapes.safetensors hydra.run.dir=outputs/teacher/shapes ;;
+      *) echo "error: unknown target '$w'; valid: classifiers edm toy2d shapes." >&2; exit 2 ;;
+    esac
+  done
+done
