@@ -174,10 +174,11 @@ def test_cli_writes_artifact_that_generate_runs(tmp_path: Path) -> None:
     r = _optimize(["iia", "model=gmm", "nfe=4", "base=euler", "n_fit=32", "n=32", "ref_nfe=21", "kid_subsets=4", "grid=16",
                    f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    path = tmp_path / "run" / "iia-ddim-gmm-nfe4.safetensors"
+    path = tmp_path / "run" / "iia-generic-gmm-nfe4.safetensors"
     table = SolverTable.load(str(path), fingerprint=GMM.fingerprint())
-    assert table.metadata["iia"]["substeps"] == 4 and table.metadata["n_fit"] == 32 and len(table.metadata["iia"]["residuals"]) == 4
-    assert "iia-ddim" in r.stdout and "euler" in r.stdout  # evaluated beside its base
+    meta = table.metadata["iia"]
+    assert meta["substeps"] == 8 and meta["fine_solver"] == "heun" and table.metadata["n_fit"] == 32 and len(meta["residuals"]) == 4
+    assert "iia-generic" in r.stdout and "euler" in r.stdout  # evaluated beside its base
     g = subprocess.run([sys.executable, "-m", "samplers", "generate", "--table", str(path), "--model", "gmm", "--n", "8",
                         "--dtype", "float64", "--no-progress", "--out", str(tmp_path / "gen")], capture_output=True, text=True, timeout=120)
     assert g.returncode == 0, g.stderr
@@ -189,6 +190,7 @@ def test_cli_writes_artifact_that_generate_runs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, needle", [
     (["base=ddim"], "base must be a deterministic classic solver"),
     (["base=euler", "variant=edm"], "IIA variant 'edm' corrects heun tables, not euler"),
+    (["base=tada"], "base must be a deterministic classic solver"),
     (["target=mean"], "unknown IIA target 'mean'"),
     (["base=heun", "nfe=4"], "heun needs an odd NFE"),
     (["n_fit=0"], "n_fit must be a positive integer"),

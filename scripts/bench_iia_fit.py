@@ -1,0 +1,72 @@
+"""Wall time of fitting a 10-NFE IIA table on the shipped digits teacher (CPU by default).
+
+    python scripts/bench_iia_fit.py [--nfe 10] [--n-fit 512] [--threads 2] [--device cpu]
+
+Prints, per configuration, the fit time, the denoiser evaluations it spent (per sample) and the
+time of one 10-NFE sampling pass at the same batch, so the ratio says how many sampling passes a fit costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from optimize import iia  # noqa: E402
+from samplers import baselines, make_noise, sample  # noqa: E402
+from samplers.nets import load_denoiser  # noqa: E402
+
+CONFIGS = {  # label: (base, variant, target, substeps, fine solver)
+    "paper IIA-DPM-Solver++ (step target, 4 sub-steps)": ("dpmpp_2m", "dpmpp", "step", 4, None),
+    "paper IIA-DDIM (step target, 4 sub-steps)": ("euler", "ddim", "step", 4, None),
+    "default (generic, trajectory, Heun x8)": ("euler", "generic", "trajectory", 8, "heun"),
+}
+
+
+class Counter(torch.nn.Module):
+    """Counts the samples that pass through the denoiser."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, *cond: object) -> torch.Tensor:
+        self.calls += x.shape[0]
+        return self.inner(x, sigma, *cond)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nfe", type=int, default=10)
+    ap.add_argument("--n-fit", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    den = Counter(load_denoiser(str(REPO / "checkpoints" / "edm-digits.safetensors"), device=args.device))
+    shape = (1, 8, 8)
+    with torch.no_grad():
+        noise = make_noise(1, shape, range(args.n_fit), device=args.device)
+        t0 = time.perf_counter()
+        sample(baselines.build("euler", args.nfe), den, noise)
+        one_pass = time.perf_counter() - t0
+    print(f"digits teacher, NFE {args.nfe}, n_fit {args.n_fit}, {args.threads} thread(s), {args.device}: "
+          f"one sampling pass {one_pass:.2f} s")
+    print(f"{'configuration':52s} {'fit s':>7s} {'evals/sample':>13s} {'fit / pass':>11s}")
+    for label, (base, variant, target, substeps, fine) in CONFIGS.items():
+        den.calls = 0
+        t0 = time.perf_counter()
+        iia.fit(den, baselines.build(base, args.nfe), shape, n_fit=args.n_fit, substeps=substeps, variant=variant,
+                target=target, fine_solver=fine, device=args.device)
+        seconds = time.perf_counter() - t0
+        print(f"{label:52s} {seconds:7.2f} {den.calls / args.n_fit:13.0f} {seconds / one_pass:11.1f}")
+
+
+if __name__ == "__main__":
+    main()
