@@ -198,3 +198,18 @@ def test_cli_writes_artifact_that_generate_runs(tmp_path: Path) -> None:
 def test_cli_bad_config(args: list[str], needle: str, tmp_path: Path) -> None:
     r = _optimize(["iia", "model=gmm", *args], tmp_path)
     assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_torchrun_two_processes_give_the_one_process_table(tmp_path: Path) -> None:
+    """Lightning DDP under torchrun (gloo on CPU): the all-reduced fit equals the single-process fit."""
+    common = ["iia", "model=gmm", "nfe=4", "n_fit=48", "fit_batch_size=8", "evaluate=false"]
+    one = _optimize([*common, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "optimize", *common, "devices=2",
+                          f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (SolverTable.load(str(tmp_path / d / "iia-generic-gmm-nfe4.safetensors")) for d in ("one", "two"))
+    assert b.metadata["n_fit"] == 48
+    noise = make_noise(a, SHAPE, range(50), dtype=torch.float64)
+    torch.testing.assert_close(sample(b, GMM, noise), sample(a, GMM, noise), rtol=1e-7, atol=1e-7)
