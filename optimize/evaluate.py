@@ -186,9 +186,29 @@ def _schedule(cfg: Any, rho: float | None = None, sigma_min: float | None = None
             "sigma_min": float(cfg.sigma_min if sigma_min is None else sigma_min), "sigma_max": float(cfg.sigma_max)}
 
 
+def _solver_options(cfg: Any) -> dict[str, Any]:
+    """The non-null ``solver_options`` (options of the classic solvers for baselines.build)."""
+    opts = cfg.get("solver_options") or {}
+    return {str(k): v for k, v in opts.items() if v is not None}
+
+
+def _check_solver_options(solver: str, options: dict[str, Any]) -> None:
+    """One sentence naming each set option that ``solver`` does not take."""
+    if solver not in baselines.SOLVERS:
+        return  # baselines.build names the valid solvers
+    bad = sorted(set(options) - set(baselines.SOLVERS[solver][2]))
+    if bad:
+        valid = ", ".join(baselines.SOLVERS[solver][2]) or "none"
+        raise ConfigError(f"solver {solver} does not take {', '.join(f'solver_options.{k}' for k in bad)} "
+                          f"(its options: {valid}); set it to null or use a solver that takes it.")
+
+
 def _tables(cfg: Any) -> list[tuple[str, SolverTable]]:
-    """(label, table) pairs of the run: the artifact of ``table=PATH`` or every solver x nfe."""
+    """(label, table) pairs of the run: the artifact of ``table=PATH`` or every solver x nfe (with ``solver_options``)."""
+    options = _solver_options(cfg)
     if cfg.table:
+        if options:
+            raise ConfigError(f"table=PATH fixes the solver; drop solver_options.{next(iter(options))}.")
         path = resolve_path(str(cfg.table))
         if not path.is_file():
             raise ConfigError(f"table file {path} does not exist.")
@@ -199,9 +219,10 @@ def _tables(cfg: Any) -> list[tuple[str, SolverTable]]:
         return [(str(table.metadata.get("method", path.stem)), table)]
     out = []
     for solver in as_list(cfg.solver):
+        _check_solver_options(str(solver), options)
         for nfe in as_list(cfg.nfe):
             try:
-                out.append((str(solver), baselines.build(str(solver), int(nfe), **_schedule(cfg))))
+                out.append((str(solver), baselines.build(str(solver), int(nfe), **_schedule(cfg), **options)))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
     return out
@@ -237,7 +258,7 @@ def tune(cfg: Any, model: Model, judge: Judge, solver: str, nfe: int) -> tuple[S
     best: tuple[float, SolverTable, dict[str, float]] | None = None
     for rho in m.tune_rho:
         for smin in m.tune_sigma_min:
-            table = baselines.build(solver, nfe, **_schedule(cfg, float(rho), float(smin)))
+            table = baselines.build(solver, nfe, **_schedule(cfg, float(rho), float(smin)), **_solver_options(cfg))
             r = evaluate(model.denoiser, table, judge=judge, shape=model.shape, seeds=seeds, dtype=model.dtype,
                          device=str(cfg.device), batch_size=int(m.batch_size))
             fd = _main_fd(r)
@@ -268,10 +289,12 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     return evaluate_jobs(cfg, model, judge, jobs)
 
 
-def evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, SolverTable, dict[str, Any]]]) -> list[dict[str, Any]]:
+def evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, SolverTable, dict[str, Any]]],
+                  batch_size: int | None = None) -> list[dict[str, Any]]:
     """Score every (label, table, extra columns) on the evaluation seeds (paired), print the table and write
     results.csv/json, sample grids and (several NFE) the quality-vs-NFE plot to ``cfg.out_dir``."""
     m, device = cfg, str(cfg.device)
+    batch = int(batch_size or m.batch_size)
     out_dir = str(cfg.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     seeds = list(range(int(cfg.seed), int(cfg.seed) + int(m.n)))
@@ -282,9 +305,9 @@ def evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, So
         s0 = start_sigma(table)
         if s0 is not None and s0 not in refs:
             refs[s0] = reference_solve(model, s0, float(cfg.model.sigma_min), seeds, cache, str(m.ref_solver), int(m.ref_nfe),
-                                       device, int(m.batch_size))
+                                       device, batch)
         r = evaluate(model.denoiser, table, judge=judge, shape=model.shape, seeds=seeds, reference=refs.get(s0),
-                     dtype=model.dtype, device=device, batch_size=int(m.batch_size))
+                     dtype=model.dtype, device=device, batch_size=batch)
         samples = r.pop("samples")
         row = {"method": label, "model": model.name, **r, **info}
         rows.append(row)

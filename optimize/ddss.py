@@ -1,0 +1,664 @@
+"""DDSS over GGDM: learn an N-step sampler table by backpropagating sample quality through the whole chain
+(Watson et al., "Learning fast samplers for diffusion models by differentiating through sample quality").
+
+The learned object is a solver table (DESIGN.md, "The table"): sigmas ``[N]`` and coef ``[N+1, K+2N]`` over
+the basis ``e_0..e_{K-1}, x_0..x_{N-1}, d_0..d_{N-1}``. Every forward compiles the parameters into a
+``SolverTable`` whose tensors require grad and samples it with ``samplers.sample(..., support=...,
+checkpoint=True)``, the project's single executor (no sampling loop here).
+
+Families (``family=``):
+
+- ``ggdm`` (the paper): row i (the input of evaluation i) mixes the current x0-prediction ``d_{i-1}`` and ALL
+  previous iterates ``x_0..x_{i-1}``; the output row mixes ``d_{N-1}`` and every ``x_j``. About N(N+3)/2
+  coefficients. With ``learn_noise=true`` row i (1 <= i < N) also gets a learned multiple of a fresh noise
+  vector ``e_i`` (K = N); otherwise K = 1. Initialised at DDIM (``euler``).
+- ``full``: every causal entry (``x_j`` and ``d_j`` for j < i, fresh noise as above) - a family that contains
+  every one-evaluation-per-step classic solver, so ``init=`` may be any of INITS (e.g. ``dpmpp_2m``).
+
+Row 0 is ``sigma_max e_0`` (fixed: every table starts from the same pure noise, so evaluation's reference RMSE
+applies) and sigma_0 = sigma_max.
+
+Parametrisation (all float64). With ``C0``/``s0`` the initial table and ``theta0`` its sigma logits::
+
+    sigma(theta) = clamp(s0 * exp(Lspan * (F(theta0) - F(theta))))        (cumulative softmax, see sigmas())
+    coef(theta, u) = (C0 + P * u) + (S(sigma(theta)) - S(s0))
+
+- ``F_i(theta) = sum_{j<i} softmax(theta)_j`` over N buckets (N-1 gaps in log sigma, then a slack bucket down
+  to sigma_min): the learned sigmas stay ordered inside [sigma_min, sigma_max] whatever theta is.
+- ``S(sigma)`` is the Euler/DDIM skeleton of a schedule (row i: ``x_{i-1}`` weight ``s_i/s_{i-1}``,
+  ``d_{i-1}`` weight ``1 - s_i/s_{i-1}``): moving a time step moves the table's first-order structure with it
+  instead of only relabelling the noise level the denoiser is told.
+- ``u`` are free offsets on the family's support, preconditioned by ``P[i, c] = tau_i / std_c`` with the
+  natural scale ``tau = sqrt(sigma^2 + sigma_data^2)`` of an input (sigma_data for the output row and for
+  ``d_j``, 1 for ``e_k``), so a unit of any u moves its row by about one unit of the row's own scale.
+
+Both differences are exactly zero at theta = theta0, u = 0, so step 0 reproduces the initial table bit for bit.
+
+Loss: unbiased MMD^2 with the cubic polynomial kernel (the KID estimator, ``optimize.metrics``) between the
+features of a fresh batch of samples and of the whole training set (the real-real term is a constant computed
+once): the first feature net of the model (``model.features[0]``) for images, raw coordinates for gmm/toy2d.
+
+Optimiser: Adam (betas 0.9, 0.99), learning rate ``lr`` for u and ``sigma_lr`` for theta, linear warm-up over
+``warmup_steps`` then cosine decay to ``min_lr_ratio`` x lr at ``steps``; gradient-norm clipping at
+``grad_clip``. Validation every ``val_every`` steps (and before the first) samples ``n_val`` fixed seeds and
+scores held-out and training-set KID/FD with every feature net; the table with the best ``monitor`` is kept
+and exported.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from samplers import SolverTable, baselines, sample
+from samplers.table import FORMAT_VERSION
+
+from .metrics import _poly_kernel
+from .teacher import NaNLossError
+
+FAMILIES = ("ggdm", "full")
+INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
+MONITORS = ("fd_heldout", "kid_heldout", "fd_train", "kid_train")
+VAL_SEED_OFFSET = 2_000_000  # validation seeds: never the evaluation (0..) or tuning (1e6..) seeds
+SLACK_FLOOR = 1e-3  # initial share of the slack bucket (log sigma span below the last sigma) when it is ~0
+
+
+# --- the learned table ---------------------------------------------------------------------------
+def family_support(family: str, n: int, k: int) -> np.ndarray:
+    """Boolean ``[N+1, K+2N]`` mask of the learned coefficients (row 0 is never learned).
+
+    ggdm: row i in 1..N uses ``d_{i-1}`` and ``x_0..x_{i-1}``; full: every ``x_j``, ``d_j`` with j < i.
+    With K > 1, row i in 1..N-1 also uses its fresh noise ``e_i``.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown ddss family {family!r}; valid: {', '.join(FAMILIES)}.")
+    mask = np.zeros((n + 1, k + 2 * n), dtype=bool)
+    for i in range(1, n + 1):
+        mask[i, k:k + i] = True  # x_0..x_{i-1}
+        if family == "ggdm":
+            mask[i, k + n + i - 1] = True  # d_{i-1}
+        else:
+            mask[i, k + n:k + n + i] = True  # d_0..d_{i-1}
+        if k > 1 and i < n:
+            mask[i, i] = True  # fresh noise e_i
+    return mask
+
+
+def initial_table(init: str, nfe: int, learn_noise: bool, *, sigma_min: float, sigma_max: float,
+                  schedule: str = "karras", rho: float = 7.0) -> SolverTable:
+    """The classic table training starts from, widened to K = N noise columns (all zero but e_0) with learn_noise."""
+    if init not in INITS:
+        raise ValueError(f"ddss init must be one of {', '.join(INITS)}, got {init!r}.")
+    extra = {"rho": rho} if schedule == "karras" else {}
+    table = baselines.build(init, nfe, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, **extra)
+    if not learn_noise or nfe < 2:
+        return table
+    coef = torch.zeros(nfe + 1, nfe + 2 * nfe, dtype=torch.float64)
+    coef[:, 0] = table.coef[:, 0]
+    coef[:, nfe:] = table.coef[:, 1:]
+    return SolverTable(table.sigmas, coef, table.metadata)
+
+
+def _gap_logits(sig: torch.Tensor, sigma_min: float) -> tuple[torch.Tensor, float]:
+    """theta0 and the log span so that ``log s_i = log s_0 - span * F_i(theta0)``: N-1 gaps, then the slack."""
+    logs = sig.log()
+    gaps = logs[:-1] - logs[1:]
+    slack = (logs[-1] - math.log(sigma_min)).clamp(min=0)
+    total = float(gaps.sum() + slack)
+    floor = SLACK_FLOOR * max(total, 1e-12)
+    slack = slack.clamp(min=floor)
+    parts = torch.cat([gaps, slack.reshape(1)])
+    return parts.log(), float(parts.sum())
+
+
+def euler_skeleton(sig: torch.Tensor, n_cols: int, k: int) -> torch.Tensor:
+    """``[N+1, K+2N]``: the sigma-dependent Euler/DDIM entries of rows 1..N-1 (x_{i-1}: s_i/s_{i-1}, d_{i-1}: 1 - that)."""
+    n = sig.shape[0]
+    out = sig.new_zeros(n + 1, n_cols)
+    if n > 1:
+        r = sig[1:] / sig[:-1]
+        rows = torch.arange(1, n)
+        out = out.index_put((rows, k + rows - 1), r)
+        out = out.index_put((rows, k + n + rows - 1), 1 - r)
+    return out
+
+
+class GGDMTable(nn.Module):
+    """Parameters ``u`` (coefficient offsets on the family's support) and ``theta`` (sigma logits) of an N-step table.
+
+    ``table()`` compiles them into a differentiable SolverTable; ``support`` is what ``sample`` plans with.
+    """
+
+    def __init__(self, nfe: int, family: str = "ggdm", init: str = "euler", *, learn_sigmas: bool = True,
+                 learn_noise: bool = False, sigma_min: float = 0.002, sigma_max: float = 80.0, schedule: str = "karras",
+                 rho: float = 7.0, sigma_data: float = 0.5):
+        super().__init__()
+        if family == "ggdm" and init != "euler":
+            raise ValueError(f"family ggdm starts from DDIM (init=euler); init={init} needs family=full.")
+        base = initial_table(init, nfe, learn_noise, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, rho=rho)
+        self.nfe, self.n_noise, self.family, self.init = nfe, base.n_noise, family, init
+        self.base_metadata = dict(base.metadata)
+        n, k = nfe, base.n_noise
+        mask = family_support(family, n, k)
+        self.support = mask | base.support()
+        self.register_buffer("coef0", base.coef.clone())
+        self.register_buffer("sigma0", base.sigmas.clone())
+        self.register_buffer("mask", torch.from_numpy(mask))
+        # preconditioner P[i, c] = tau_i / std_c
+        s = base.sigmas
+        tau_rows = torch.cat([(s**2 + sigma_data**2).sqrt(), torch.tensor([sigma_data], dtype=torch.float64)])
+        std_cols = torch.cat([torch.ones(k, dtype=torch.float64), (s**2 + sigma_data**2).sqrt(),
+                              torch.full((n,), sigma_data, dtype=torch.float64)])
+        self.register_buffer("precond", tau_rows[:, None] / std_cols[None, :])
+        self.u = nn.Parameter(torch.zeros(int(mask.sum()), dtype=torch.float64))
+        self.learn_sigmas = bool(learn_sigmas and n > 1)
+        theta0, span = _gap_logits(s, sigma_min)
+        self.span = span
+        self.sigma_lo, self.sigma_hi = min(sigma_min, float(s.min())), max(sigma_max, float(s.max()))
+        self.register_buffer("theta0", theta0)
+        self.theta = nn.Parameter(theta0.clone()) if self.learn_sigmas else None
+
+    # cumulative softmax ---------------------------------------------------------------------------
+    @staticmethod
+    def _positions(theta: torch.Tensor) -> torch.Tensor:
+        """F_i = sum_{j<i} softmax(theta)_j for i = 0..N-1 (F_0 = 0)."""
+        p = torch.softmax(theta, dim=0)
+        return torch.cat([p.new_zeros(1), torch.cumsum(p[:-1], dim=0)]) if p.shape[0] > 1 else p.new_zeros(1)
+
+    def sigmas(self) -> torch.Tensor:
+        """Learned evaluation sigmas ``[N]``: sigma_0 = sigma_max, then ordered inside [sigma_min, sigma_max]."""
+        if self.theta is None:
+            return self.sigma0
+        shift = self._positions(self.theta0) - self._positions(self.theta)  # exactly 0 at theta = theta0
+        return (self.sigma0 * torch.exp(self.span * shift)).clamp(self.sigma_lo, self.sigma_hi)
+
+    def coef(self, sig: torch.Tensor | None = None) -> torch.Tensor:
+        """Learned coefficients ``[N+1, K+2N]`` (C0 + P u) + (S(sigma) - S(sigma0))."""
+        sig = self.sigmas() if sig is None else sig
+        delta = torch.zeros_like(self.coef0).masked_scatter(self.mask, self.u) * self.precond
+        out = self.coef0 + delta
+        if self.theta is not None:
+            cols = self.coef0.shape[1]
+            out = out + (euler_skeleton(sig, cols, self.n_noise) - euler_skeleton(self.sigma0, cols, self.n_noise))
+        return out
+
+    def table(self, metadata: dict | None = None) -> SolverTable:
+        """The differentiable table (no validation: the hot loop)."""
+        sig = self.sigmas()
+        return SolverTable(sig, self.coef(sig), metadata, check=False)
+
+    def frozen(self, metadata: dict | None = None) -> SolverTable:
+        """A detached, validated float64 copy of the current table."""
+        with torch.no_grad():
+            sig = self.sigmas()
+            return SolverTable(sig.detach().cpu().clone(), self.coef(sig).detach().cpu().clone(), metadata)
+
+
+def mmd_loss(gen: torch.Tensor, real: torch.Tensor, real_term: torch.Tensor | float) -> torch.Tensor:
+    """Unbiased MMD^2 (cubic kernel) of generated vs real features, with the constant real-real term precomputed
+    (``real_term = mean_{i != j} k(r_i, r_j)``); equals ``metrics.mmd2_unbiased(gen, real)``."""
+    a = gen.reshape(gen.shape[0], -1).to(torch.float64)
+    b = real.to(a.device, torch.float64)
+    m = a.shape[0]
+    k_aa = _poly_kernel(a, a)
+    term_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))
+    return term_a + real_term - 2.0 * _poly_kernel(a, b).mean()
+
+
+def real_term(real: torch.Tensor) -> torch.Tensor:
+    """``mean_{i != j} k(r_i, r_j)`` of the real features (the constant part of the loss)."""
+    b = real.to(torch.float64)
+    k = _poly_kernel(b, b)
+    return (k.sum() - k.diagonal().sum()) / (b.shape[0] * (b.shape[0] - 1))
+
+
+def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to ``min_ratio`` at ``steps``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# --- Lightning module ------------------------------------------------------------------------------
+class _Infinite(torch.utils.data.IterableDataset):
+    """Training 'batches' are just step ticks: the noise is drawn inside training_step from (seed, rank, step)."""
+
+    def __iter__(self):
+        while True:
+            yield torch.zeros(1)
+
+
+class DDSSModule(L.LightningModule):
+    """A GGDM / full-table sampler trained with the KID loss through the whole sampling chain.
+
+    Call ``attach(model, judge)`` (an ``optimize.evaluate.Model`` and ``Judge``) before fitting; the denoiser and
+    feature nets are kept outside the state dict (checkpoints hold only the table parameters and the best table).
+    """
+
+    def __init__(self, nfe: int, family: str = "ggdm", init: str = "euler", *, learn_sigmas: bool = True,
+                 learn_noise: bool = False, sigma_min: float = 0.002, sigma_max: float = 80.0, schedule: str = "karras",
+                 rho: float = 7.0, sigma_data: float = 0.5, batch_size: int = 256, lr: float = 2e-3, sigma_lr: float = 1e-2,
+                 warmup_steps: int = 20, min_lr_ratio: float = 0.05, steps: int = 500, remat: bool = True,
+                 val_every: int = 100, n_val: int = 500, monitor: str = "fd_heldout", seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.sampler = GGDMTable(nfe, family, init, learn_sigmas=learn_sigmas, learn_noise=learn_noise, sigma_min=sigma_min,
+                                 sigma_max=sigma_max, schedule=schedule, rho=rho, sigma_data=sigma_data)
+        self.register_buffer("best_coef", self.sampler.coef0.clone())
+        self.register_buffer("best_sigmas", self.sampler.sigma0.clone())
+        self.register_buffer("best_score", torch.tensor(float("inf"), dtype=torch.float64))
+        self.register_buffer("best_step", torch.tensor(-1, dtype=torch.int64))
+        self.history: dict[str, list] = {"loss": [], "val": []}
+        self._ext: dict[str, Any] = {}  # model, judge, real features: not parameters, not in checkpoints
+        self.export_path: str | None = None
+        self.export_metadata: dict[str, Any] = {}
+        self.exported: str | None = None
+
+    # outside objects ------------------------------------------------------------------------------
+    def attach(self, model: Any, judge: Any) -> "DDSSModule":
+        """Use ``model`` (an evaluate.Model) and ``judge`` (an evaluate.Judge) for sampling, loss and validation."""
+        den = model.denoiser
+        if isinstance(den, nn.Module):
+            den.requires_grad_(False).eval()
+        name = next(iter(judge.features))
+        real = judge.real_feats("train", name)
+        self._ext = {"model": model, "judge": judge, "feature": name, "real": real, "real_term": real_term(real)}
+        return self
+
+    @property
+    def model(self) -> Any:
+        if "model" not in self._ext:
+            raise RuntimeError("DDSSModule needs attach(model, judge) before training.")
+        return self._ext["model"]
+
+    # sampling and loss ----------------------------------------------------------------------------
+    def noise(self, batch: int, step: int, rank: int = 0) -> torch.Tensor:
+        """Fresh standard-normal noise ``[K, B, *shape]`` for a training step, reproducible from (seed, rank, step)."""
+        gen = torch.Generator().manual_seed((int(self.hparams.seed) * 1_000_003 + rank) * 1_000_000_007 + step)
+        m = self.model
+        return torch.randn((self.sampler.n_noise, batch, *m.shape), generator=gen, dtype=m.dtype).to(self.device)
+
+    def generate(self, noise: torch.Tensor, remat: bool | None = None) -> torch.Tensor:
+        """Samples of the current (differentiable) table from ``noise``."""
+        remat = bool(self.hparams.remat) if remat is None else remat
+        return sample(self.sampler.table(), self.model.denoiser, noise, support=self.sampler.support, checkpoint=remat)
+
+    def loss_of(self, x: torch.Tensor) -> torch.Tensor:
+        """KID loss (unbiased MMD^2, cubic kernel) of samples ``x`` against the training-set features."""
+        judge = self._ext["judge"]
+        x = x.clamp(-1, 1) if judge.clip else x
+        feats = judge.features[self._ext["feature"]](x)
+        real = self._ext["real"]
+        if real.device != feats.device:  # cached once per device
+            real = self._ext["real"] = real.to(feats.device)
+            self._ext["real_term"] = torch.as_tensor(self._ext["real_term"]).to(feats.device)
+        return mmd_loss(feats, real, self._ext["real_term"])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        noise = self.noise(int(self.hparams.batch_size), int(self.global_step), int(self.global_rank))
+        loss = self.loss_of(self.generate(noise))
+        if not torch.isfinite(loss):
+            raise NaNLossError(f"ddss training stopped: non-finite loss ({loss.item()}) at global step {self.global_step} "
+                               f"(try a smaller lr or sigma_lr).")
+        self.history["loss"].append(float(loss.detach()))
+        self.log("loss", loss.detach().float(), prog_bar=True, on_step=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        """Adam on u (lr) and the sigma logits (sigma_lr); warm-up then cosine decay (lr_factor)."""
+        hp = self.hparams
+        groups = [{"params": [self.sampler.u], "lr": float(hp.lr)}]
+        if self.sampler.theta is not None:
+            groups.append({"params": [self.sampler.theta], "lr": float(hp.sigma_lr)})
+        opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, int(hp.steps), int(hp.warmup_steps), float(hp.min_lr_ratio)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # validation: fixed seeds, best table kept -----------------------------------------------------
+    def val_noise(self) -> torch.Tensor:
+        from samplers import make_noise
+
+        m = self.model
+        first = VAL_SEED_OFFSET + int(self.hparams.seed)
+        return make_noise(self.sampler.n_noise, m.shape, range(first, first + int(self.hparams.n_val)), dtype=m.dtype,
+                          device=self.device)
+
+    def validate_now(self, log: bool = True) -> dict[str, float]:
+        """Score the current table on the validation seeds; keep it when it is the best so far."""
+        judge = self._ext["judge"]
+        with torch.no_grad():
+            table = self.sampler.frozen()
+            noise = self.val_noise()
+            x = torch.cat([sample(table, self.model.denoiser, nz) for nz in noise.split(500, dim=1)]).cpu()
+        if not torch.isfinite(x).all():
+            scores = {"finite": 0.0}
+            score = float("inf")
+        else:
+            scores = judge.score(x)
+            score = scores[f"{self.hparams.monitor}_{self._ext['feature']}"]
+        step = int(self.global_step)
+        self.history["val"].append({"step": step, **{k: v for k, v in scores.items() if not k.startswith("kid_se")}})
+        if score < float(self.best_score):
+            self.best_score.fill_(score)
+            self.best_step.fill_(step)
+            self.best_coef.copy_(table.coef.to(self.best_coef))
+            self.best_sigmas.copy_(table.sigmas.to(self.best_sigmas))
+        feat = self._ext["feature"]
+        if log and "finite" not in scores:
+            self.log_dict({"val_kid": scores[f"kid_heldout_{feat}"], "val_fd": scores[f"fd_heldout_{feat}"]}, prog_bar=True)
+            self.log_dict({k: v for k, v in scores.items() if not k.startswith("kid_se")}, prog_bar=False)
+        return scores
+
+    def on_train_start(self) -> None:
+        """Validate the initial table (the first candidate), or a resumed step on the grid whose checkpoint was
+        written just before its validation."""
+        every, step = int(self.hparams.val_every), int(self.global_step)
+        if every > 0 and step % every == 0 and step not in [v["step"] for v in self.history["val"]]:
+            self.validate_now()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = int(self.hparams.val_every)
+        step = int(self.global_step)
+        if every > 0 and (step % every == 0 or step >= int(self.hparams.steps)):
+            self.validate_now()
+
+    # checkpoints, export --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ddss_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = checkpoint.get("ddss_history", {"loss": [], "val": []})
+
+    def best_table(self) -> SolverTable:
+        """The best validated table (the current one when nothing was validated)."""
+        if int(self.best_step) < 0:
+            return self.sampler.frozen()
+        return SolverTable(self.best_sigmas.detach().cpu().clone(), self.best_coef.detach().cpu().clone())
+
+    def loss_summary(self) -> dict[str, Any]:
+        """First/last/min of the loss curve (means over windows of 10 steps) and a 50-point curve."""
+        loss = np.asarray(self.history["loss"], dtype=np.float64)
+        if loss.size == 0:
+            return {"steps_logged": 0}
+        w = max(1, min(10, loss.size // 4 or 1))
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        idx = np.unique(np.linspace(0, loss.size - 1, min(50, loss.size)).astype(int))
+        return {"steps_logged": int(loss.size), "first": float(loss[:w].mean()), "last": float(loss[-w:].mean()),
+                "min_smoothed": float(smooth.min()), "curve": [[int(i), float(loss[i])] for i in idx]}
+
+    def metadata(self) -> dict[str, Any]:
+        hp = self.hparams
+        best = [v for v in self.history["val"] if v["step"] == int(self.best_step)]
+        return {
+            "format_version": FORMAT_VERSION, "method": "ddss", "family": str(hp.family), "init": str(hp.init),
+            "base_solver": str(hp.init), "nfe": int(hp.nfe), "n_noise": self.sampler.n_noise,
+            "learn_sigmas": bool(hp.learn_sigmas), "learn_noise": bool(hp.learn_noise),
+            "schedule": self.sampler.base_metadata.get("schedule"), "steps": int(self.global_step),
+            "best_step": int(self.best_step), "seed": int(hp.seed), "loss": self.loss_summary(),
+            "world_size": int(self.trainer.world_size) if self._trainer is not None else 1,
+            "heldout_metrics": best[0] if best else None, "validation": self.history["val"],
+            "config": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in hp.items()},
+            **self.export_metadata,
+        }
+
+    def export(self, path: str) -> str:
+        """Write the best table with metadata and its plots (``<stem>-sigmas.png``, ``<stem>-coef.png``)."""
+        table = self.best_table()
+        table.metadata = self.metadata()
+        table.save(path)
+        stem = os.path.splitext(path)[0]
+        plot_sigmas(self.sampler.sigma0.cpu().numpy(), table.sigmas.numpy(), f"{stem}-sigmas.png")
+        plot_coef(SolverTable(self.sampler.sigma0.cpu(), self.sampler.coef0.cpu(), check=False), table, f"{stem}-coef.png")
+        self.exported = path
+        return path
+
+    def on_train_end(self) -> None:
+        validated = [v["step"] for v in self.history["val"]]
+        if int(self.hparams.val_every) > 0 and (not validated or validated[-1] != int(self.global_step)):
+            self.validate_now(log=False)  # stopped early (max_minutes) or off the validation grid: the last table competes too
+        if self.export_path and self.trainer.is_global_zero:
+            self.export(self.export_path)
+
+
+# --- plots ---------------------------------------------------------------------------------------
+def plot_sigmas(initial: np.ndarray, learned: np.ndarray, path: str) -> str:
+    """Learned evaluation sigmas against the initial ones (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    i = np.arange(len(initial))
+    ax.plot(i, initial, "o--", label="initial", alpha=0.7)
+    ax.plot(i, learned, "o-", label="learned")
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluation i")
+    ax.set_ylabel("sigma_i")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_coef(initial: SolverTable, learned: SolverTable, path: str) -> str:
+    """Heat maps of the learned coefficient matrix and of its change from the initial table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c1, c0 = learned.coef.numpy(), initial.coef.numpy()
+    shown = c1.copy()
+    shown[0] = 0.0  # row 0 is sigma_max e_0: it would swamp the colour scale
+    names = learned.column_names()
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.45 * len(names) * 2), 0.4 * len(c1) + 2))
+    from matplotlib.colors import SymLogNorm
+
+    for ax, mat, title in zip(axes, [shown, c1 - c0], ["coefficients (row 0 = sigma_max e0 hidden)", "change from initial table"]):
+        lim = float(np.abs(mat).max()) or 1.0
+        norm = SymLogNorm(linthresh=min(1e-2, lim), vmin=-lim, vmax=lim)  # symmetric log: small entries stay visible
+        im = ax.imshow(mat, cmap="RdBu_r", norm=norm, aspect="auto")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(c1)), [f"x{i}" for i in range(len(c1) - 1)] + ["out"], fontsize=7)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --- the command -------------------------------------------------------------------------------
+def _flag(value: Any) -> bool:
+    return value not in (None, False, "", "null", "false", "False")
+
+
+def _resume_path(cfg: Any, out_dir: str | None) -> str | None:
+    """``resume=PATH`` (a .ckpt or a run folder) as a file; ``resume=true``: the newest lightning/last.ckpt in
+    ``out_dir`` or in its sibling run folders (the earlier runs of the same method, model and nfe)."""
+    from .cli import ConfigError, resolve_path
+
+    resume = cfg.get("resume")
+    if not _flag(resume):
+        return None
+    if resume is True or str(resume).lower() == "true":
+        if out_dir is None:
+            return None
+        candidates = glob.glob(os.path.join(out_dir, "lightning", "last.ckpt")) or \
+            glob.glob(os.path.join(os.path.dirname(os.path.abspath(out_dir)), "*", "lightning", "last.ckpt"))
+        if not candidates:
+            raise ConfigError(f"resume=true found no lightning/last.ckpt in {out_dir} or its sibling run folders; "
+                              f"give resume=PATH.")
+        return max(candidates, key=os.path.getmtime)
+    p = resolve_path(str(resume))
+    return str(p / "lightning" / "last.ckpt") if p.is_dir() else str(p)
+
+
+def _positive(cfg: Any, key: str, kind: type = float) -> None:
+    from .cli import ConfigError
+
+    try:
+        ok = kind(cfg[key]) > 0 and (kind is float or float(cfg[key]) == int(cfg[key]))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{key} must be a positive {'integer' if kind is int else 'number'}, got {cfg[key]!r}.")
+
+
+def validate(cfg: Any) -> None:
+    """DDSS's own checks, made before any work (called by the CLI)."""
+    from .cli import ConfigError, as_list, resolve_path
+
+    nfes = as_list(cfg.nfe)
+    if len(nfes) != 1:
+        raise ConfigError(f"ddss learns one table per run: give a single nfe (sweep with -m ddss nfe=4,5,6), got {list(nfes)}.")
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"unknown ddss family {cfg.family!r}; valid families: {', '.join(FAMILIES)}.")
+    if cfg.init not in INITS:
+        raise ConfigError(f"ddss init must be a one-evaluation-per-step solver ({', '.join(INITS)}), got {cfg.init!r}.")
+    if cfg.family == "ggdm" and cfg.init != "euler":
+        raise ConfigError(f"family ggdm starts from DDIM (init=euler); init={cfg.init} needs family=full.")
+    for key in ("steps", "batch_size", "n_val", "n", "eval_batch_size"):
+        _positive(cfg, key, int)
+    for key in ("lr", "sigma_lr", "sigma_data"):
+        _positive(cfg, key)
+    if int(cfg.batch_size) < 2 or int(cfg.n_val) < 2 or int(cfg.n) < 2:
+        raise ConfigError(f"batch_size, n_val and n must be at least 2 (an unbiased MMD needs 2 samples), got "
+                          f"{cfg.batch_size}, {cfg.n_val} and {cfg.n}.")
+    if not 0 <= float(cfg.min_lr_ratio) <= 1:
+        raise ConfigError(f"min_lr_ratio must lie in [0, 1], got {cfg.min_lr_ratio}.")
+    if float(cfg.grad_clip) < 0 or int(cfg.warmup_steps) < 0 or int(cfg.val_every) < 0:
+        raise ConfigError(f"grad_clip, warmup_steps and val_every must be >= 0, got {cfg.grad_clip}, {cfg.warmup_steps} "
+                          f"and {cfg.val_every}.")
+    if cfg.monitor not in MONITORS:
+        raise ConfigError(f"unknown monitor {cfg.monitor!r}; valid: {', '.join(MONITORS)}.")
+    if cfg.max_minutes is not None and float(cfg.max_minutes) <= 0:
+        raise ConfigError(f"max_minutes must be positive or null, got {cfg.max_minutes}.")
+    for solver in as_list(cfg.compare):
+        try:
+            baselines.build(str(solver), int(nfes[0]), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
+        except ValueError as err:
+            raise ConfigError(f"compare: {err}") from None
+    try:
+        initial_table(str(cfg.init), int(nfes[0]), bool(cfg.learn_noise), sigma_min=float(cfg.sigma_min),
+                      sigma_max=float(cfg.sigma_max), schedule=str(cfg.schedule), rho=float(cfg.rho))
+        baselines.build(str(cfg.ref_solver), int(cfg.ref_nfe), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.model.features != "raw":
+        for path in as_list(cfg.model.features):
+            if not resolve_path(str(path)).is_file():
+                raise ConfigError(f"feature net {resolve_path(str(path))} does not exist (train it with scripts/train_teachers.sh).")
+    resume = cfg.get("resume")
+    if _flag(resume) and not (resume is True or str(resume).lower() == "true"):
+        path = _resume_path(cfg, None)
+        if path is None or not os.path.isfile(path):
+            raise ConfigError(f"resume checkpoint {path} does not exist.")
+
+
+def build_module(cfg: Any) -> DDSSModule:
+    """The module of a composed config (nothing attached yet)."""
+    return DDSSModule(
+        int(cfg.nfe), str(cfg.family), str(cfg.init), learn_sigmas=bool(cfg.learn_sigmas), learn_noise=bool(cfg.learn_noise),
+        sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max), schedule=str(cfg.schedule), rho=float(cfg.rho),
+        sigma_data=float(cfg.sigma_data), batch_size=int(cfg.batch_size), lr=float(cfg.lr), sigma_lr=float(cfg.sigma_lr),
+        warmup_steps=int(cfg.warmup_steps), min_lr_ratio=float(cfg.min_lr_ratio), steps=int(cfg.steps), remat=bool(cfg.remat),
+        val_every=int(cfg.val_every), n_val=int(cfg.n_val), monitor=str(cfg.monitor), seed=int(cfg.seed))
+
+
+def _check_resume_matches(path: str, module: DDSSModule) -> None:
+    """A checkpoint of another table shape (nfe, family, noise) is one sentence, not a state-dict traceback."""
+    from .cli import ConfigError
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint
+        raise ConfigError(f"resume checkpoint {path} cannot be read ({str(err).splitlines()[0][:120]}).") from None
+    hp = ckpt.get("hyper_parameters", {})
+    for key in ("nfe", "family", "init", "learn_noise", "learn_sigmas"):
+        if key in hp and hp[key] != module.hparams[key]:
+            raise ConfigError(f"resume checkpoint {path} was trained with {key}={hp[key]}, but this run has {key}={module.hparams[key]}.")
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """`python -m optimize ddss`: train (Lightning: CSV logs, checkpoints in <out_dir>/lightning, resume), export the
+    best table to ``<out_dir>/ddss-<family>-nfe<N>.safetensors`` with plots, then evaluate it next to the classic
+    solvers of ``compare`` on the same seeds. Returns {"table": path, "rows": evaluation rows}."""
+    from omegaconf import OmegaConf
+
+    from .cli import ConfigError
+    from .evaluate import Judge, evaluate_jobs, load_model
+
+    if cfg.get("num_threads") is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out_dir = str(cfg.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    device = str(cfg.device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per DDP process
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    model = load_model(cfg.model, device)
+    judge = Judge.for_model(cfg.model, model.shape, device, kid_subsets=int(cfg.kid_subsets),
+                            kid_subset_size=int(cfg.kid_subset_size))
+    module = build_module(cfg).attach(model, judge)
+    module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}-nfe{int(cfg.nfe)}.safetensors")
+    module.export_metadata = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint,
+                              "run_config": OmegaConf.to_container(cfg, resolve=True)}
+    ckpt_path = _resume_path(cfg, out_dir)
+    if ckpt_path is not None:
+        if not os.path.isfile(ckpt_path):
+            raise ConfigError(f"resume checkpoint {ckpt_path} does not exist.")
+        _check_resume_matches(ckpt_path, module)
+    loggers: list[Any] = [L.pytorch.loggers.CSVLogger(out_dir, name="logs", version="")]
+    if cfg.logger.name == "wandb":
+        loggers.append(L.pytorch.loggers.WandbLogger(project=str(cfg.logger.project), offline=cfg.logger.mode == "offline",
+                                                     save_dir=out_dir))
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(out_dir, "lightning"), save_last=True, save_top_k=0,
+                                               every_n_train_steps=int(cfg.checkpoint_every))
+    max_time = {"minutes": float(cfg.max_minutes)} if cfg.max_minutes else None
+    accelerator = str(cfg.accelerator) if cfg.accelerator != "auto" else ("cpu" if device == "cpu" else "auto")
+    trainer = L.Trainer(accelerator=accelerator, devices=cfg.devices, strategy=str(cfg.strategy), max_steps=int(cfg.steps),
+                        max_time=max_time, logger=loggers, callbacks=[ckpt], gradient_clip_val=float(cfg.grad_clip) or None,
+                        log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)), enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=out_dir,
+                        enable_progress_bar=bool(cfg.progress_bar))
+    n_params = module.sampler.u.numel() + (0 if module.sampler.theta is None else module.sampler.theta.numel())
+    if trainer.is_global_zero:
+        print(f"ddss {cfg.family} from {cfg.init}, nfe {cfg.nfe}, K={module.sampler.n_noise}: {n_params} parameters, "
+              f"{cfg.steps} steps of batch {cfg.batch_size} on {cfg.model.name}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, torch.utils.data.DataLoader(_Infinite(), batch_size=None), ckpt_path=ckpt_path)
+    except NaNLossError as err:
+        raise ConfigError(str(err)) from None
+    seconds = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return {"table": module.export_path, "rows": []}
+    path = module.exported or module.export(module.export_path)
+    table = SolverTable.load(path, fingerprint=model.fingerprint)
+    best = f"best validation at step {int(module.best_step)}" if int(module.best_step) >= 0 else "no validation: last table"
+    print(f"ddss: {module.global_step} steps in {seconds:.0f} s ({best}) -> {path}", flush=True)
+    labels = [("ddss", table)]
+    for solver in cfg.compare:
+        labels.append((str(solver), baselines.build(str(solver), int(cfg.nfe), sigma_min=float(cfg.sigma_min),
+                                                    sigma_max=float(cfg.sigma_max), schedule=str(cfg.schedule), rho=float(cfg.rho))))
+    rows = (evaluate_jobs(cfg, model, judge, [(label, t, {}) for label, t in labels], batch_size=int(cfg.eval_batch_size))
+            if cfg.get("evaluate_at_end", True) else [])
+    table.metadata["train_seconds"] = round(seconds, 1)
+    if rows:  # the final measurement goes into the artifact too
+        table.metadata["evaluation"] = {k: v for k, v in rows[0].items() if k not in ("method", "model")}
+    table.save(path)
+    return {"table": path, "rows": rows}

@@ -1,0 +1,257 @@
+"""DDSS over GGDM (optimize.ddss): exact DDIM initialisation, the parametrisation's constraints, the loss,
+gradient rematerialisation, resume, a short GMM run with a loadable artifact, DDP and bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from optimize import ddss
+from optimize.cli import ConfigError, main
+from optimize.evaluate import Judge, Model
+from optimize.metrics import mmd2_unbiased
+from samplers import SolverTable, baselines
+from samplers.denoisers import EDMPrecond
+from samplers.nets import build_net
+
+ROOT = Path(__file__).resolve().parents[1]
+GMM_FAST = ["model=gmm", "n_val=64", "n=128", "ref_nfe=15", "kid_subsets=4", "kid_subset_size=64", "grid=0",
+            "compare=[euler]", "progress_bar=false", "checkpoint_every=2"]
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+# --- initialisation and parametrisation --------------------------------------------------------
+@pytest.mark.parametrize("nfe", [1, 2, 4, 10])
+def test_ggdm_init_is_euler_bit_for_bit(nfe: int) -> None:
+    table = ddss.GGDMTable(nfe).table()
+    euler = baselines.build("euler", nfe)
+    assert table.coef.requires_grad and table.sigmas.requires_grad == (nfe > 1)
+    assert torch.equal(table.coef, euler.coef) and torch.equal(table.sigmas, euler.sigmas)
+    assert table.coef.dtype == torch.float64
+
+
+def test_other_inits_and_noise_columns_exact() -> None:
+    for init in ("dpmpp_2m", "unipc", "ipndm"):
+        t, ref = ddss.GGDMTable(6, "full", init).table(), baselines.build(init, 6)
+        assert torch.equal(t.coef, ref.coef) and torch.equal(t.sigmas, ref.sigmas), init
+    noisy = ddss.GGDMTable(5, learn_noise=True)
+    t, euler = noisy.table(), baselines.build("euler", 5)
+    assert t.n_noise == 5 and torch.equal(t.coef[:, 0], euler.coef[:, 0]) and torch.equal(t.coef[:, 5:], euler.coef[:, 1:])
+    assert not t.coef[:, 1:5].any()
+    assert noisy.support[1:5, 1:5].diagonal().all()  # row i learns its fresh noise e_i
+    with pytest.raises(ValueError, match="needs family=full"):
+        ddss.GGDMTable(4, "ggdm", "dpmpp_2m")
+
+
+def test_family_supports_and_parameter_counts() -> None:
+    n = 6
+    ggdm = ddss.family_support("ggdm", n, 1)
+    full = ddss.family_support("full", n, 1)
+    assert int(ggdm.sum()) == n * (n + 3) // 2 and int(full.sum()) == n * (n + 1)
+    assert not ggdm[0].any() and not full[0].any()
+    # causality: row i uses only x_j, d_j with j < i
+    for mask in (ggdm, full):
+        for i in range(n):
+            assert not mask[i, 1 + i:1 + n].any() and not mask[i, 1 + n + i:].any()
+    # ggdm: x0-prediction of the current step only, and every previous iterate
+    assert ggdm[3, 1:4].all() and ggdm[3, 1 + n + 2] and not ggdm[3, 1 + n:1 + n + 2].any()
+
+
+def test_learned_sigmas_stay_ordered_in_range() -> None:
+    g = ddss.GGDMTable(8, sigma_min=0.002, sigma_max=80.0)
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.5, 3.0, 20.0):
+        with torch.no_grad():
+            g.theta.copy_(g.theta0 + scale * torch.randn(g.theta.shape, generator=gen, dtype=torch.float64))
+        s = g.sigmas().detach()
+        assert s[0] == baselines.build("euler", 8).sigmas[0]
+        assert (s[1:] <= s[:-1]).all() and s.min() >= 0.002 - 1e-15 and s.max() <= 80.0 + 1e-12
+        g.frozen().validate()
+
+
+def test_skeleton_moves_with_sigmas() -> None:
+    """With u = 0 the table is Euler/DDIM on whatever sigmas theta gives."""
+    g = ddss.GGDMTable(5)
+    with torch.no_grad():
+        g.theta.add_(torch.tensor([0.3, -0.2, 0.1, 0.4, -0.5], dtype=torch.float64))
+    t = g.frozen()
+    ref = baselines.build("euler", 5, sigmas=t.sigmas.tolist())
+    assert torch.allclose(t.coef, ref.coef, atol=1e-12)
+
+
+def test_loss_is_unbiased_mmd2() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 5, generator=gen), torch.randn(11, 5, generator=gen) + 0.3
+    ours = ddss.mmd_loss(a, b, ddss.real_term(b))
+    assert torch.allclose(ours, mmd2_unbiased(a, b), atol=1e-12)
+
+
+def test_lr_schedule() -> None:
+    f = [ddss.lr_factor(s, 100, 10, 0.1) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert f[100] == pytest.approx(0.1) and all(x >= y for x, y in zip(f[10:], f[11:]))
+
+
+# --- a tiny image model -------------------------------------------------------------------------
+TINY_NET = {"arch": "unet", "channels": 8, "channel_mult": [1, 2], "emb_dim": 16, "groups": 4}
+
+
+def _tiny_module(nfe: int = 4, **kw) -> ddss.DDSSModule:
+    torch.manual_seed(0)
+    den = EDMPrecond(build_net(TINY_NET)).to(torch.float64)
+    model = Model("tiny", den, (1, 8, 8), "tiny-fp", torch.float64)
+    real = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    feat_net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh()).to(torch.float64)
+    judge = Judge(features={"main": feat_net}, real={"train": real, "heldout": real[:20]}, kid_subsets=4, kid_subset_size=16)
+    kw.setdefault("batch_size", 6)
+    kw.setdefault("n_val", 12)
+    return ddss.DDSSModule(nfe, **kw).attach(model, judge)
+
+
+@pytest.mark.parametrize("family", ["ggdm", "full"])
+def test_gradient_with_remat_equals_without(family: str) -> None:
+    module = _tiny_module(4, family=family, learn_noise=True)
+    with torch.no_grad():  # move off the init so every entry matters
+        module.sampler.u.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        module.sampler.theta.add_(0.1)
+    noise = module.noise(6, step=0)
+    grads = []
+    for remat in (True, False):
+        module.zero_grad()
+        module.loss_of(module.generate(noise, remat=remat)).backward()
+        grads.append((module.sampler.u.grad.clone(), module.sampler.theta.grad.clone()))
+    assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+    for g1, g2 in zip(*grads):
+        assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-14)
+
+
+def _trainer(tmp_path: Path, steps: int, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(tmp_path), **kw)
+
+
+def _loader():
+    return torch.utils.data.DataLoader(ddss._Infinite(), batch_size=None)
+
+
+def test_resume_continues_from_saved_step(tmp_path: Path) -> None:
+    ck = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, save_top_k=0, every_n_train_steps=3)
+    first = _tiny_module(3, steps=6, val_every=2)
+    _trainer(tmp_path, 3, callbacks=[ck]).fit(first, _loader())
+    path = tmp_path / "ck" / "last.ckpt"
+    assert path.is_file() and first.global_step == 3
+    # straight through 6 steps vs 3 + resume 3: same parameters (noise depends only on seed, rank and step)
+    straight = _tiny_module(3, steps=6, val_every=2)
+    _trainer(tmp_path / "s", 6).fit(straight, _loader())
+    second = _tiny_module(3, steps=6, val_every=2)
+    seen: list[int] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.global_step)
+
+    _trainer(tmp_path / "r", 6, callbacks=[Spy()]).fit(second, _loader(), ckpt_path=str(path))
+    assert seen[0] == 3 and second.global_step == 6
+    assert len(second.history["loss"]) == 6 and [v["step"] for v in second.history["val"]] == [0, 2, 4, 6]
+    assert torch.allclose(second.sampler.u, straight.sampler.u, atol=1e-10)
+    assert torch.allclose(second.sampler.theta, straight.sampler.theta, atol=1e-10)
+
+
+def test_nan_loss_stops_with_one_sentence(tmp_path: Path) -> None:
+    module = _tiny_module(2, val_every=0)
+    with torch.no_grad():
+        module.sampler.u.fill_(float("nan"))
+    with pytest.raises(ddss.NaNLossError, match=r"non-finite loss .* at global step 0"):
+        _trainer(tmp_path, 2).fit(module, _loader())
+
+
+# --- the command on the GMM ----------------------------------------------------------------------
+def _run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "optimize", *args], cwd=str(cwd), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gmm_run_lowers_loss_and_exports_loadable_table(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _run_cli(["ddss", "nfe=3", "steps=30", "batch_size=64", "val_every=10", "lr=0.01", *GMM_FAST,
+                     f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path = run_dir / "ddss-ggdm-nfe3.safetensors"
+    table = SolverTable.load(str(path))
+    meta = table.metadata
+    assert meta["method"] == "ddss" and meta["family"] == "ggdm" and meta["init"] == "euler" and meta["nfe"] == 3
+    assert meta["steps"] == 30 and meta["seed"] == 0 and meta["model_fingerprint"] and meta["heldout_metrics"]
+    assert meta["loss"]["last"] < meta["loss"]["first"]
+    assert meta["evaluation"]["fd_train_raw"] < 4.0  # euler at nfe 3 on this GMM: about 4.9
+    for suffix in ("-sigmas.png", "-coef.png"):
+        assert (run_dir / f"ddss-ggdm-nfe3{suffix}").stat().st_size > 1000
+    assert (run_dir / "results.csv").is_file() and (run_dir / "logs" / "metrics.csv").is_file()
+    assert (run_dir / "lightning" / "last.ckpt").is_file()
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ddss", "euler"] and rows[0]["fd_train_raw"] < rows[1]["fd_train_raw"]
+    gen = subprocess.run([sys.executable, "-m", "samplers", "generate", "--table", str(path), "--model", "gmm", "--n", "8",
+                          "--out", str(tmp_path / "gen"), "--no-progress"], cwd=str(tmp_path), capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert gen.returncode == 0, gen.stderr
+    assert np.load(tmp_path / "gen" / "samples.npz")["samples"].shape == (8, 1, 8, 8)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp(tmp_path: Path) -> None:
+    run_dir = tmp_path / "ddp"
+    proc = _run_cli(["ddss", "nfe=3", "steps=4", "batch_size=16", "val_every=2", *GMM_FAST, "accelerator=cpu", "devices=2",
+                     "strategy=ddp", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = SolverTable.load(str(run_dir / "ddss-ggdm-nfe3.safetensors"))
+    assert table.metadata["steps"] == 4 and table.metadata["world_size"] == 2 and (run_dir / "results.csv").is_file()
+
+
+# --- bad configurations --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["family=gggdm"], "unknown ddss family 'gggdm'; valid families: ggdm, full"),
+        (["init=heun"], "ddss init must be a one-evaluation-per-step solver"),
+        (["init=dpmpp_2m"], "family ggdm starts from DDIM (init=euler)"),
+        (["nfe=[4,5]"], "give a single nfe"),
+        (["nfe=0"], "nfe must be a positive integer"),
+        (["steps=0"], "steps must be a positive integer"),
+        (["lr=0"], "lr must be a positive number"),
+        (["sigma_lr=-1"], "sigma_lr must be a positive number"),
+        (["batch_size=1"], "batch_size, n_val and n must be at least 2"),
+        (["monitor=loss"], "unknown monitor 'loss'"),
+        (["min_lr_ratio=2"], "min_lr_ratio must lie in [0, 1]"),
+        (["compare=[heun]", "nfe=4"], "compare: heun needs an odd NFE"),
+        (["resume=/nonexistent/last.ckpt"], "resume checkpoint /nonexistent/last.ckpt does not exist"),
+    ],
+)
+def test_bad_config_one_sentence(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["ddss", "model=gmm", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err
+
+
+def test_resume_true_without_checkpoint_is_one_sentence(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"resume": True})
+    with pytest.raises(ConfigError, match="resume=true found no lightning/last.ckpt"):
+        ddss._resume_path(cfg, str(tmp_path / "fresh"))
+    (tmp_path / "old" / "lightning").mkdir(parents=True)
+    (tmp_path / "old" / "lightning" / "last.ckpt").write_bytes(b"x")
+    assert ddss._resume_path(cfg, str(tmp_path / "fresh")) == str(tmp_path / "old" / "lightning" / "last.ckpt")
