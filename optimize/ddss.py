@@ -62,6 +62,7 @@ from samplers import SolverTable, baselines, sample
 from samplers.table import FORMAT_VERSION
 
 from .metrics import _poly_kernel
+from .runs import trainer_parts
 from .teacher import NaNLossError
 
 FAMILIES = ("ggdm", "full")
@@ -622,16 +623,10 @@ def run(cfg: Any) -> dict[str, Any]:
         if not os.path.isfile(ckpt_path):
             raise ConfigError(f"resume checkpoint {ckpt_path} does not exist.")
         _check_resume_matches(ckpt_path, module)
-    loggers: list[Any] = [L.pytorch.loggers.CSVLogger(out_dir, name="logs", version="")]
-    if cfg.logger.name == "wandb":
-        loggers.append(L.pytorch.loggers.WandbLogger(project=str(cfg.logger.project), offline=cfg.logger.mode == "offline",
-                                                     save_dir=out_dir))
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(out_dir, "lightning"), save_last=True, save_top_k=0,
-                                               every_n_train_steps=int(cfg.checkpoint_every))
-    max_time = {"minutes": float(cfg.max_minutes)} if cfg.max_minutes else None
+    parts = trainer_parts(cfg, out_dir)
     accelerator = str(cfg.accelerator) if cfg.accelerator != "auto" else ("cpu" if device == "cpu" else "auto")
     trainer = L.Trainer(accelerator=accelerator, devices=cfg.devices, strategy=str(cfg.strategy), max_steps=int(cfg.steps),
-                        max_time=max_time, logger=loggers, callbacks=[ckpt], gradient_clip_val=float(cfg.grad_clip) or None,
+                        **parts, gradient_clip_val=float(cfg.grad_clip) or None,
                         log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)), enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=out_dir,
                         enable_progress_bar=bool(cfg.progress_bar))

@@ -26,6 +26,8 @@ from torch import nn
 from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net, save_net
 
+from .runs import trainer_parts
+
 
 class NaNLossError(RuntimeError):
     """Training produced a non-finite loss; the message names the global step."""
@@ -168,15 +170,9 @@ def run(cfg: Any) -> str:
                            lr=float(cfg.lr), warmup_steps=int(cfg.warmup_steps), ema_decay=float(cfg.ema),
                            hflip=bool(tcfg.get("hflip", False)))
     out_dir = str(cfg.out_dir)
-    loggers: list[Any] = [L.pytorch.loggers.CSVLogger(out_dir, name="logs", version="")]
-    if cfg.logger.name == "wandb":
-        loggers.append(L.pytorch.loggers.WandbLogger(project=str(cfg.logger.project), offline=cfg.logger.mode == "offline",
-                                                     save_dir=out_dir))
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(out_dir, "lightning"), save_last=True, save_top_k=0,
-                                               every_n_train_steps=int(cfg.checkpoint_every))
-    max_time = {"minutes": float(cfg.max_minutes)} if cfg.max_minutes else None
-    trainer = L.Trainer(accelerator="auto", devices="auto", max_steps=int(cfg.steps), max_time=max_time, logger=loggers,
-                        callbacks=[ckpt], log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)), enable_model_summary=False, default_root_dir=out_dir)
+    parts = trainer_parts(cfg, out_dir)
+    trainer = L.Trainer(accelerator="auto", devices="auto", max_steps=int(cfg.steps), **parts,
+                        log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)), enable_model_summary=False, default_root_dir=out_dir)
     n_params = sum(p.numel() for p in module.denoiser.parameters())
     print(f"teacher {cfg.model.name}: {n_params:,} parameters, {len(x)} training samples, {cfg.steps} steps", flush=True)
     t0 = time.perf_counter()
