@@ -28,11 +28,15 @@ _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searc
 MAIN_KEYS = """\
 main keys (defaults in conf/config.yaml and conf/method/<method>.yaml):
   model=edm|gmm|toy2d|shapes   model to sample (model.checkpoint=PATH swaps the network file)
-  solver=NAME | [a,b]          classic solver(s): euler heun dpmpp_2m dpmpp_3m ipndm unipc ddim
+  solver=NAME | [a,b]          classic solver(s): euler heun dpmpp_2m dpmpp_3m ipndm unipc ddim tada
+  solver_options.detail=2.0    solver options (detail, order, eta, components, max_order, variant)
   nfe=8 | [3,4,5]              denoiser evaluations (a list evaluates each and plots quality vs NFE)
   schedule=karras rho=7.0 sigma_min=0.002 sigma_max=80.0
   seed=0 device=cpu logger=csv|wandb
 evaluate:  table=PATH n=2000 tuned=true|false ref_nfe=255 cache_dir=...
+iia:       base=euler variant=generic target=trajectory substeps=8 fine_solver=heun n_fit=512
+ddss:      family=ggdm|full init=euler steps=600 batch_size=128 lr=0.01 resume=true
+teacher:   steps=... batch_size=... resume=RUN_FOLDER export=PATH
 Hydra: -m/--multirun sweeps comma lists (solver=euler,dpmpp_2m nfe=4,8); --cfg job prints the config."""
 
 

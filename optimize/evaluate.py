@@ -222,7 +222,8 @@ def _tables(cfg: Any) -> list[tuple[str, SolverTable]]:
         _check_solver_options(str(solver), options)
         for nfe in as_list(cfg.nfe):
             try:
-                out.append((str(solver), baselines.build(str(solver), int(nfe), **_schedule(cfg), **options)))
+                label = str(solver) + (f"({','.join(f'{k}={v}' for k, v in options.items())})" if options else "")
+                out.append((label, baselines.build(str(solver), int(nfe), **_schedule(cfg), **options)))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
     return out
@@ -284,7 +285,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
             continue
         jobs.append((label, table, {"rho": float(cfg.rho), "sigma_min": float(cfg.sigma_min)}))
         if m.tuned:
-            tuned, info = tune(cfg, model, judge, label, table.nfe)
+            tuned, info = tune(cfg, model, judge, str(table.metadata["method"]), table.nfe)
             jobs.append((f"{label}+tuned", tuned, info))
     return evaluate_jobs(cfg, model, judge, jobs)
 

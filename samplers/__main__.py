@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--sigma-max", type=float, default=None, help="default 80, clamped to the model's range")
     src.add_argument("--rho", type=float, default=None, help="karras rho (default 7)")
     src.add_argument("--eta", type=float, default=None, help="ddim stochasticity in [0, 1]")
-    src.add_argument("--order", type=int, default=None, help="unipc order (1-3) or ipndm max order (1-4)")
-    src.add_argument("--detail", type=float, default=None, help="tada detail knob")
+    src.add_argument("--order", type=int, default=None, help="unipc order (1-3), ipndm max order (1-4) or tada Adams-Bashforth order (1-3)")
+    src.add_argument("--detail", type=float, default=None, help="tada only: velocity prior variance k > 0 (default 1)")
     gen.add_argument("--model", default="gmm", help="gmm | gmm-ring | edm (the shipped digits teacher) | edm:PATH | diffusers:DIR (default gmm, 1x8x8)")
     gen.add_argument("--label", type=int, default=None, help="class label for class-conditional nets")
     gen.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
@@ -144,6 +144,8 @@ def make_table(args: argparse.Namespace, model: Any, fingerprint: str | None) ->
     if args.eta is not None:
         options["eta"] = args.eta
     if args.detail is not None:
+        if args.solver in baselines.SOLVERS and args.solver != "tada":
+            raise UserError(f"--detail is an option of --solver tada only; --solver {args.solver} does not take it.")
         options["detail"] = args.detail
     if args.order is not None:
         options["max_order" if args.solver == "ipndm" else "order"] = args.order

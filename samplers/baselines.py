@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import schedules
+from .tada import tada
 from .table import FORMAT_VERSION, SolverTable
 
 
@@ -249,6 +250,7 @@ SOLVERS: dict[str, tuple[Compiler, Callable[[int], int], dict[str, Any]]] = {
     "ipndm": (ipndm, lambda nfe: nfe, {"max_order": 4}),
     "unipc": (unipc, lambda nfe: nfe, {"order": 2}),
     "ddim": (ddim, lambda nfe: nfe, {"eta": 0.0}),
+    "tada": (tada, lambda nfe: nfe, {"detail": 1.0, "order": 3, "components": 2}),
 }
 
 
@@ -274,7 +276,9 @@ def build(
 
     ``schedule`` is 'karras' (uses rho), 'logsnr' or 'time_uniform'; ``sigmas`` gives the step
     sigmas explicitly instead (one per step; a trailing 0 is implied). Options: ddim ``eta``,
-    unipc ``order`` (1-3), ipndm ``max_order`` (1-4), dpmpp_3m ``variant`` ('diffusers' or 'taylor').
+    unipc ``order`` (1-3), ipndm ``max_order`` (1-4), dpmpp_3m ``variant`` ('diffusers' or 'taylor'),
+    tada ``detail`` (> 0, velocity prior variance), ``order`` (Adams-Bashforth order, 1-3) and
+    ``components`` (2; 1 turns the augmentation off).
     """
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; valid: {', '.join(SOLVERS)}.")
