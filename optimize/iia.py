@@ -200,7 +200,6 @@ class IIAFitter:
         self.sig = base.sigmas.detach().numpy()
         self.states = state_rows(base)
         self.steps = step_sigmas(base)
-        self.row = 0  # last computed row
         self.batches: dict[Any, dict[str, Any]] = {}
         self.residuals: list[dict[str, float]] = []
         self._dirs: np.ndarray | None = None
