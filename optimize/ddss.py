@@ -356,8 +356,11 @@ class DDSSModule(L.LightningModule):
             self.best_sigmas.copy_(table.sigmas.to(self.best_sigmas))
         feat = self._ext["feature"]
         if log and "finite" not in scores:
-            self.log_dict({"val_kid": scores[f"kid_heldout_{feat}"], "val_fd": scores[f"fd_heldout_{feat}"]}, prog_bar=True)
-            self.log_dict({k: v for k, v in scores.items() if not k.startswith("kid_se")}, prog_bar=False)
+            # on_step only: an epoch-level entry would be the mean of every validation so far
+            self.log_dict({"val_kid": scores[f"kid_heldout_{feat}"], "val_fd": scores[f"fd_heldout_{feat}"]}, prog_bar=True,
+                          on_step=True, on_epoch=False)
+            self.log_dict({k: v for k, v in scores.items() if not k.startswith("kid_se")}, prog_bar=False, on_step=True,
+                          on_epoch=False)
         return scores
 
     def on_train_start(self) -> None:
@@ -365,7 +368,7 @@ class DDSSModule(L.LightningModule):
         written just before its validation."""
         every, step = int(self.hparams.val_every), int(self.global_step)
         if every > 0 and step % every == 0 and step not in [v["step"] for v in self.history["val"]]:
-            self.validate_now()
+            self.validate_now(log=False)  # Lightning logs this hook per epoch only; the history keeps it
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = int(self.hparams.val_every)
