@@ -213,6 +213,16 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("tag", _tag)
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The configuration ``python -m optimize`` would run with these overrides (for scripts; no run folder,
+    so pass ``out_dir=...``)."""
+    from hydra import compose, initialize_config_dir
+
+    _register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
 def _fail(message: str) -> None:
     msg = message.rstrip()
     print(f"error: {msg if msg.endswith('.') else msg + '.'}", file=sys.stderr)

@@ -51,7 +51,7 @@ import glob
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np

@@ -33,16 +33,13 @@ sys.path.insert(0, str(REPO))
 def one(nfe: int, remat: bool, batch: int, family: str) -> dict:
     """Measure one training step in this process."""
     import torch
-    from hydra import compose, initialize_config_dir
 
     from optimize import ddss
-    from optimize.cli import CONF_DIR, _register_resolvers
+    from optimize.cli import compose_config
     from optimize.evaluate import Judge, load_model
 
     torch.set_num_threads(1)
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["method=ddss", "model=edm", f"nfe={nfe}", f"family={family}"])
+    cfg = compose_config(["method=ddss", "model=edm", f"nfe={nfe}", f"family={family}"])
     model = load_model(cfg.model)
     judge = Judge.for_model(cfg.model, model.shape)
     module = ddss.build_module(cfg).attach(model, judge)

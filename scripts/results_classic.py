@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import sys
 from pathlib import Path
@@ -22,9 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from optimize.cli import CONF_DIR, ConfigError, _register_resolvers, resolve_path  # noqa: E402
+from optimize.cli import ConfigError, compose_config, resolve_path  # noqa: E402
 from optimize.evaluate import (Judge, evaluate, format_table, load_model, plot_quality, reference_solve,  # noqa: E402
                                write_results)
 from optimize.metrics import ReferenceCache, frechet_distance, kid  # noqa: E402
@@ -36,9 +34,7 @@ NFES = [3, 4, 5, 6, 8, 10, 15, 20]
 
 def model_rows(model_name: str, n: int, nfes: list[int], device: str, out: Path, ref_nfe: int | None = None) -> list[dict[str, Any]]:
     """Evaluate every solver x NFE it supports on one model; write CSV/JSON/plot under ``out``."""
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["method=evaluate", f"model={model_name}", f"out_dir={out}"])
+    cfg = compose_config(["method=evaluate", f"model={model_name}", f"out_dir={out}"])
     model = load_model(cfg.model, device)
     judge = Judge.for_model(cfg.model, model.shape, device)
     seeds = list(range(n))
@@ -65,9 +61,7 @@ def reference_points(model_name: str, n: int, device: str, converged_nfe: int = 
     """Markdown: the real-vs-real floor (training set vs held-out set) beside the converged teacher (Heun at
     ``converged_nfe``, as many samples as the training set) against the same held-out set, and the teacher's
     training-set figures with ``n`` samples."""
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["method=evaluate", f"model={model_name}", "out_dir=."])
+    cfg = compose_config(["method=evaluate", f"model={model_name}", "out_dir=."])
     model = load_model(cfg.model, device)
     judge = Judge.for_model(cfg.model, model.shape, device)
     train, held = judge.real["train"], judge.real["heldout"]

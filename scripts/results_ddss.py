@@ -27,10 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from optimize import ddss  # noqa: E402
-from optimize.cli import CONF_DIR, _register_resolvers  # noqa: E402
+from optimize.cli import compose_config  # noqa: E402
 from optimize.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, tune, write_results  # noqa: E402
 from optimize.metrics import ReferenceCache  # noqa: E402
 from samplers import SolverTable, baselines  # noqa: E402
@@ -40,9 +39,7 @@ FAMILY_INIT = {"ggdm": "euler", "full": "dpmpp_2m"}
 
 
 def compose_cfg(overrides: list[str]) -> Any:
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def learn(nfe: int, family: str, out: Path, steps: int | None, extra: list[str]) -> tuple[str, float]:

@@ -24,10 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
 from optimize import iia  # noqa: E402
-from optimize.cli import CONF_DIR, _register_resolvers  # noqa: E402
+from optimize.cli import compose_config  # noqa: E402
 from optimize.evaluate import Judge, evaluate, load_model, plot_quality, reference_solve, write_results  # noqa: E402
 from optimize.metrics import ReferenceCache  # noqa: E402
 from samplers import baselines  # noqa: E402
@@ -61,9 +59,7 @@ def main() -> None:
         Path(args.out).write_text(render(read_results(str(out / "results.csv")), args, args.model))
         return
     torch.set_num_threads(args.threads)
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["method=evaluate", f"model={args.model}", "out_dir=."])
+    cfg = compose_config(["method=evaluate", f"model={args.model}", "out_dir=."])
     model = load_model(cfg.model)
     judge = Judge.for_model(cfg.model, model.shape)
     seeds = list(range(args.n))

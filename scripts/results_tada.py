@@ -34,9 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from optimize.cli import CONF_DIR, _register_resolvers, as_list, resolve_path  # noqa: E402
+from optimize.cli import as_list, compose_config, resolve_path  # noqa: E402
 from optimize.evaluate import TUNE_SEED_OFFSET, Judge, draw, evaluate, load_model, reference_solve, write_results  # noqa: E402
 from optimize.metrics import ReferenceCache, _sqrt_psd, _stats, frechet_distance, kid, reference_rmse  # noqa: E402
 from samplers import baselines  # noqa: E402
@@ -273,11 +272,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    _register_resolvers()
     out_dir = Path(args.out).parent / "results" / "tada"
     out_dir.mkdir(parents=True, exist_ok=True)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["method=evaluate", "model=edm", f"out_dir={out_dir}"])
+    cfg = compose_config(["method=evaluate", "model=edm", f"out_dir={out_dir}"])
     model = load_model(cfg.model)
     judge = Judge.for_model(cfg.model, model.shape)
     seeds = list(range(args.n))
