@@ -44,6 +44,11 @@ class ConfigError(ValueError):
     """A bad configuration; the message is one sentence for the user."""
 
 
+class SkipPoint(ConfigError):
+    """A configuration that cannot run as asked (e.g. an NFE its solver cannot meet exactly): an error on its
+    own, skipped with a note inside a ``-m`` sweep (``-m iia nfe=4,5 base=heun,euler`` runs the other points)."""
+
+
 def methods() -> list[str]:
     """The methods with a config in conf/method/."""
     return sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
@@ -166,8 +171,9 @@ def _sweep_points(overrides: list[str]) -> list[list[str]]:
     return [list(p) for p in itertools.islice(itertools.product(*choices), MAX_CHECKED)]
 
 
-def precheck(overrides: list[str]) -> None:
-    """Compose and validate every configuration the command would run (before Hydra starts any job)."""
+def precheck(overrides: list[str], multirun: bool = False) -> None:
+    """Compose and validate every configuration the command would run (before Hydra starts any job); in a
+    multirun, points that raise SkipPoint are announced and left out (an error if that leaves none)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -185,10 +191,21 @@ def precheck(overrides: list[str]) -> None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            for point in _sweep_points(overrides):
+            points = _sweep_points(overrides)
+            skipped = 0
+            for point in points:
                 cfg = compose(config_name="config", overrides=point)
-                validate(cfg)  # before resolving: a method's own check explains a missing key best
+                try:
+                    validate(cfg)  # before resolving: a method's own check explains a missing key best
+                except SkipPoint as err:
+                    if not multirun:
+                        raise
+                    skipped += 1
+                    print(f"note: skipping {' '.join(o for o in point if not o.startswith('method='))}: {err}", file=sys.stderr)
+                    continue
                 OmegaConf.resolve(_without_hydra(cfg))
+            if skipped == len(points):
+                raise ConfigError("no point of the sweep can run (see the notes above)")
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
     finally:
@@ -244,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags = [a for a in rest if a not in overrides]
     if not any(f in ("--cfg", "-c", "--info") for f in flags):
         try:
-            precheck(overrides)
+            precheck(overrides, multirun=any(f in ("-m", "--multirun") for f in flags))
         except ConfigError as err:
             _fail(str(err))
     _hydra_main(flags + overrides)
@@ -270,6 +287,13 @@ def _hydra_main(args: list[str]) -> None:
         _quiet_libraries()
         try:
             run_method(cfg)
+        except SkipPoint as err:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                _fail(str(err))
+            print(f"note: skipped: {err}", file=sys.stderr)
         except ConfigError as err:
             _fail(str(err))
 

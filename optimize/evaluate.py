@@ -26,7 +26,7 @@ from samplers.artifact import atomic_write_bytes
 from samplers.images import write_png_grid
 
 from . import data as datasets
-from .cli import ConfigError, as_list, resolve_path
+from .cli import ConfigError, SkipPoint, as_list, resolve_path
 from .metrics import ReferenceCache, frechet_distance, kid, reference_rmse, sliced_wasserstein
 
 REAL_N = 2000  # draws of the reference distribution for synthetic data (gmm, toy2d, shapes)
@@ -221,6 +221,10 @@ def _tables(cfg: Any) -> list[tuple[str, SolverTable]]:
     for solver in as_list(cfg.solver):
         _check_solver_options(str(solver), options)
         for nfe in as_list(cfg.nfe):
+            try:
+                baselines.check_nfe(str(solver), nfe)
+            except ValueError as err:
+                raise SkipPoint(str(err)) from None
             try:
                 label = str(solver) + (f"({','.join(f'{k}={v}' for k, v in options.items())})" if options else "")
                 out.append((label, baselines.build(str(solver), int(nfe), **_schedule(cfg), **options)))

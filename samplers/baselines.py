@@ -254,7 +254,8 @@ SOLVERS: dict[str, tuple[Compiler, Callable[[int], int], dict[str, Any]]] = {
 }
 
 
-def _check_nfe(name: str, nfe: Any) -> int:
+def check_nfe(name: str, nfe: Any) -> int:
+    """``nfe`` as an int when solver ``name`` can meet it exactly; ValueError naming the valid values otherwise."""
     if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}.")
     if name == "heun" and nfe % 2 == 0:
@@ -283,7 +284,7 @@ def build(
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; valid: {', '.join(SOLVERS)}.")
     compiler, steps_for, defaults = SOLVERS[name]
-    nfe = _check_nfe(name, nfe)
+    nfe = check_nfe(name, nfe)
     unknown = set(options) - set(defaults)
     if unknown:
         valid = ", ".join(defaults) if defaults else "none"

@@ -63,3 +63,17 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.strip() == "error: need 0 < sigma_min < sigma_max, got sigma_min=80.0 and sigma_max=80.0."
     assert not list(tmp_path.iterdir())  # failed before any work: no output folder
+
+
+def test_multirun_skips_points_a_solver_cannot_meet(tmp_path: Path) -> None:
+    """-m with an NFE heun cannot meet: that point is announced and skipped, the others run; all-skipped is an error."""
+    tiny = ["model=gmm", "n=16", "ref_nfe=21", "kid_subsets=4", "grid=4", f"cache_dir={tmp_path / 'cache'}"]
+    r = subprocess.run([sys.executable, "-m", "optimize", "-m", "evaluate", *tiny, "solver=heun,euler", "nfe=4",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: skipping" in r.stderr and "solver=heun nfe=4: heun needs an odd NFE" in r.stderr
+    found = sorted((tmp_path / "sweep").rglob("results.csv"))
+    assert len(found) == 1 and "euler" in found[0].read_text()
+    bad = subprocess.run([sys.executable, "-m", "optimize", "-m", "evaluate", *tiny, "solver=heun", "nfe=4,6"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("error: no point of the sweep can run (see the notes above).")
