@@ -47,7 +47,6 @@ and exported.
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import time
@@ -62,7 +61,7 @@ from samplers import SolverTable, baselines, sample
 from samplers.table import FORMAT_VERSION
 
 from .metrics import _poly_kernel
-from .runs import trainer_parts
+from .runs import resume_path, trainer_parts
 from .teacher import NaNLossError
 
 FAMILIES = ("ggdm", "full")
@@ -486,31 +485,6 @@ def plot_coef(initial: SolverTable, learned: SolverTable, path: str) -> str:
 
 
 # --- the command -------------------------------------------------------------------------------
-def _flag(value: Any) -> bool:
-    return value not in (None, False, "", "null", "false", "False")
-
-
-def _resume_path(cfg: Any, out_dir: str | None) -> str | None:
-    """``resume=PATH`` (a .ckpt or a run folder) as a file; ``resume=true``: the newest lightning/last.ckpt in
-    ``out_dir`` or in its sibling run folders (the earlier runs of the same method, model and nfe)."""
-    from .cli import ConfigError, resolve_path
-
-    resume = cfg.get("resume")
-    if not _flag(resume):
-        return None
-    if resume is True or str(resume).lower() == "true":
-        if out_dir is None:
-            return None
-        candidates = glob.glob(os.path.join(out_dir, "lightning", "last.ckpt")) or \
-            glob.glob(os.path.join(os.path.dirname(os.path.abspath(out_dir)), "*", "lightning", "last.ckpt"))
-        if not candidates:
-            raise ConfigError(f"resume=true found no lightning/last.ckpt in {out_dir} or its sibling run folders; "
-                              f"give resume=PATH.")
-        return max(candidates, key=os.path.getmtime)
-    p = resolve_path(str(resume))
-    return str(p / "lightning" / "last.ckpt") if p.is_dir() else str(p)
-
-
 def _positive(cfg: Any, key: str, kind: type = float) -> None:
     from .cli import ConfigError
 
@@ -566,11 +540,9 @@ def validate(cfg: Any) -> None:
         for path in as_list(cfg.model.features):
             if not resolve_path(str(path)).is_file():
                 raise ConfigError(f"feature net {resolve_path(str(path))} does not exist (train it with scripts/train_teachers.sh).")
-    resume = cfg.get("resume")
-    if _flag(resume) and not (resume is True or str(resume).lower() == "true"):
-        path = _resume_path(cfg, None)
-        if path is None or not os.path.isfile(path):
-            raise ConfigError(f"resume checkpoint {path} does not exist.")
+    path = resume_path(cfg.get("resume"))  # resume=true is looked up once the run folder exists
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"resume checkpoint {path} does not exist.")
 
 
 def build_module(cfg: Any) -> DDSSModule:
@@ -621,7 +593,7 @@ def run(cfg: Any) -> dict[str, Any]:
     module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}-nfe{int(cfg.nfe)}.safetensors")
     module.export_metadata = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint,
                               "run_config": OmegaConf.to_container(cfg, resolve=True)}
-    ckpt_path = _resume_path(cfg, out_dir)
+    ckpt_path = resume_path(cfg.get("resume"), out_dir)
     if ckpt_path is not None:
         if not os.path.isfile(ckpt_path):
             raise ConfigError(f"resume checkpoint {ckpt_path} does not exist.")

@@ -26,7 +26,7 @@ from torch import nn
 from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net, save_net
 
-from .runs import trainer_parts
+from .runs import resume_path, trainer_parts
 
 
 class NaNLossError(RuntimeError):
@@ -132,16 +132,6 @@ def training_data(mcfg: Any) -> torch.Tensor:
     raise ConfigError(f"model {mcfg.name}: no teacher training for data {mcfg.data!r} (valid: digits, toy2d, shapes).")
 
 
-def _resume_path(resume: Any) -> str | None:
-    """A Lightning checkpoint from ``resume=PATH`` (a .ckpt file or a run folder holding lightning/last.ckpt)."""
-    if resume in (None, False, "", "null"):
-        return None
-    from .cli import resolve_path
-
-    p = resolve_path(str(resume))
-    return str(p / "lightning" / "last.ckpt") if p.is_dir() else str(p)
-
-
 def validate(cfg: Any) -> None:
     """Teacher checks made before any work (called by the CLI)."""
     from .cli import ConfigError
@@ -151,7 +141,7 @@ def validate(cfg: Any) -> None:
     for key in ("steps", "batch_size"):
         if int(cfg[key]) <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {cfg[key]}.")
-    ckpt = _resume_path(cfg.resume)
+    ckpt = resume_path(cfg.resume)
     if ckpt is not None and not os.path.isfile(ckpt):
         raise ConfigError(f"resume checkpoint {ckpt} does not exist.")
 
@@ -176,7 +166,7 @@ def run(cfg: Any) -> str:
     n_params = sum(p.numel() for p in module.denoiser.parameters())
     print(f"teacher {cfg.model.name}: {n_params:,} parameters, {len(x)} training samples, {cfg.steps} steps", flush=True)
     t0 = time.perf_counter()
-    trainer.fit(module, data_loader(x, int(cfg.batch_size), seed=int(cfg.seed)), ckpt_path=_resume_path(cfg.resume))
+    trainer.fit(module, data_loader(x, int(cfg.batch_size), seed=int(cfg.seed)), ckpt_path=resume_path(cfg.resume, out_dir))
     seconds = time.perf_counter() - t0
     path = str(cfg.export) if cfg.export else os.path.join(out_dir, "teacher.safetensors")
     if trainer.is_global_zero:

@@ -247,11 +247,10 @@ def test_bad_config_one_sentence(args: list[str], needle: str, capsys: pytest.Ca
 
 
 def test_resume_true_without_checkpoint_is_one_sentence(tmp_path: Path) -> None:
-    from omegaconf import OmegaConf
+    from optimize.runs import resume_path
 
-    cfg = OmegaConf.create({"resume": True})
     with pytest.raises(ConfigError, match="resume=true found no lightning/last.ckpt"):
-        ddss._resume_path(cfg, str(tmp_path / "fresh"))
+        resume_path(True, str(tmp_path / "fresh"))
     (tmp_path / "old" / "lightning").mkdir(parents=True)
     (tmp_path / "old" / "lightning" / "last.ckpt").write_bytes(b"x")
-    assert ddss._resume_path(cfg, str(tmp_path / "fresh")) == str(tmp_path / "old" / "lightning" / "last.ckpt")
+    assert resume_path(True, str(tmp_path / "fresh")) == str(tmp_path / "old" / "lightning" / "last.ckpt")
