@@ -203,8 +203,9 @@ def _check_solver_options(solver: str, options: dict[str, Any]) -> None:
                           f"(its options: {valid}); set it to null or use a solver that takes it.")
 
 
-def _tables(cfg: Any) -> list[tuple[str, SolverTable]]:
-    """(label, table) pairs of the run: the artifact of ``table=PATH`` or every solver x nfe (with ``solver_options``)."""
+def _tables(cfg: Any, fingerprint: str | None = None) -> list[tuple[str, SolverTable]]:
+    """(label, table) pairs of the run: the artifact of ``table=PATH`` (checked against the model ``fingerprint``
+    when given) or every solver x nfe (with ``solver_options``)."""
     options = _solver_options(cfg)
     if cfg.table:
         if options:
@@ -213,7 +214,7 @@ def _tables(cfg: Any) -> list[tuple[str, SolverTable]]:
         if not path.is_file():
             raise ConfigError(f"table file {path} does not exist.")
         try:
-            table = SolverTable.load(str(path))
+            table = SolverTable.load(str(path), fingerprint=fingerprint)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         return [(str(table.metadata.get("method", path.stem)), table)]
@@ -279,12 +280,8 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     model = load_model(cfg.model, device)
     judge = Judge.for_model(cfg.model, model.shape, device, kid_subsets=int(m.kid_subsets), kid_subset_size=int(m.kid_subset_size))
     jobs: list[tuple[str, SolverTable, dict[str, Any]]] = []
-    for label, table in _tables(cfg):
+    for label, table in _tables(cfg, model.fingerprint):
         if m.table:
-            try:
-                table = SolverTable.load(str(resolve_path(str(m.table))), fingerprint=model.fingerprint)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
             jobs.append((label, table, {}))
             continue
         jobs.append((label, table, {"rho": float(cfg.rho), "sigma_min": float(cfg.sigma_min)}))
