@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 import os
 import sys
 from pathlib import Path
@@ -105,9 +106,153 @@ def split_method(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def _check_number(cfg: DictConfig, key: str) -> float:
     try:
-        return float(cfg[key])
+        value = float(cfg[key])
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be a number, got {cfg[key]!r}.") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {cfg[key]!r}.")
+    return value
+
+
+# --- typed keys: checked for every composed point of every method ---------------------------------
+# key -> (kind, low, high, nullable). kind: "int" (a true integer, not bool), "num" (finite int or float).
+# Bounds are inclusive; None leaves that side open. A key a method does not have is skipped, so one table
+# covers every method's keys.
+TYPED_KEYS: dict[str, tuple[str, float | None, float | None, bool]] = {
+    "n": ("int", 1, 10**8, False), "seed": ("int", 0, None, False), "fit_seed": ("int", 0, None, False),
+    "steps": ("int", 1, 10**8, False), "batch_size": ("int", 1, 10**6, False), "eval_batch_size": ("int", 1, 10**6, False),
+    "fit_batch_size": ("int", 1, 10**6, False), "data_batch_size": ("int", 1, 10**6, False), "n_fit": ("int", 1, 10**8, False),
+    "n_val": ("int", 1, 10**8, False), "tune_n": ("int", 1, 10**8, False), "n_data": ("int", 1, 10**9, False),
+    "ref_nfe": ("int", 1, 100_000, False), "substeps": ("int", 1, 10_000, False), "data_steps": ("int", 1, 100_000, False),
+    "checkpoint_every": ("int", 1, None, False), "warmup_steps": ("int", 0, None, False), "val_every": ("int", 0, None, False),
+    "grid": ("int", 0, 100_000, False), "n_boot": ("int", 0, 10**6, False), "num_threads": ("int", 1, 4096, True),
+    "M": ("int", 1, 4096, False), "modes": ("int", 1, 4096, False),
+    "ridge": ("num", 0, None, False), "lr": ("num", 0, None, False), "sigma_lr": ("num", 0, None, False),
+    "sigma_data": ("num", 0, None, False), "rho": ("num", 0, None, False), "ema": ("num", 0, 1, False),
+    "min_lr_ratio": ("num", 0, 1, False), "grad_clip": ("num", 0, None, False), "p_mean": ("num", None, None, False),
+    "p_std": ("num", 0, None, False), "max_minutes": ("num", 0, None, True),
+}
+_STRICTLY_POSITIVE = {"lr", "sigma_lr", "sigma_data", "rho", "p_std", "max_minutes"}
+DTYPES = ("float32", "float64")
+# keys naming folders the run writes into (a file there, or above them, fails late otherwise)
+DIR_KEYS = ("cache_dir", "ref_cache_dir", "data_cache_dir")
+FILE_KEYS = ("export",)
+
+
+def _typed(key: str, value: Any, kind: str, low: float | None, high: float | None, nullable: bool) -> None:
+    """One typed value; ConfigError naming the key, the value and what is expected."""
+    if value is None and nullable:
+        return
+    what = {"int": "an integer", "num": "a number"}[kind]
+    ok_type = not isinstance(value, bool) and (isinstance(value, int) if kind == "int" else isinstance(value, (int, float)))
+    if not ok_type or (kind == "num" and not math.isfinite(float(value))):
+        raise ConfigError(f"{key} must be {'a finite number' if kind == 'num' else what}{' or null' if nullable else ''}, "
+                          f"got {value!r}.")
+    if key in _STRICTLY_POSITIVE and value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f">= {low}" if high is None else (f"<= {high}" if low is None else f"in {low}..{high}")
+        raise ConfigError(f"{key} must be {what} {span}, got {value!r}.")
+
+
+def check_typed(cfg: DictConfig) -> None:
+    """Every TYPED_KEYS key the config has, plus nfe, device, devices, model.dtype and the paths a run writes."""
+    for key, (kind, low, high, nullable) in TYPED_KEYS.items():
+        if key in cfg:
+            _typed(key, cfg[key], kind, low, high, nullable)
+    if "seed" in cfg:
+        from .seeds import RANGE
+
+        if cfg.seed >= RANGE:
+            raise ConfigError(f"seed must be below {RANGE} (each use has a 1e6-wide seed range, optimize/seeds.py), got {cfg.seed}.")
+        for key in ("n", "n_val", "tune_n"):
+            if key in cfg and cfg.seed + cfg[key] > RANGE:
+                raise ConfigError(f"seed + {key} must be at most {RANGE} (a 1e6-wide seed range, optimize/seeds.py), "
+                                  f"got seed={cfg.seed} and {key}={cfg[key]}.")
+    nfes = as_list(cfg.nfe)
+    if not nfes:
+        raise ConfigError("nfe must be a positive integer (or a non-empty list of them), got [].")
+    for nfe in nfes:
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or not 0 < nfe <= 100_000:
+            raise ConfigError(f"nfe must be a positive integer (at most 100000, or a list of them), got {nfe!r}.")
+    if "device" in cfg:
+        check_device(cfg.device)
+    if "devices" in cfg:
+        devices = cfg.devices
+        if not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)):
+            raise ConfigError(f"devices must be a positive integer or auto, got {devices!r}.")
+    if "model" in cfg and "dtype" in cfg.model and str(cfg.model.dtype) not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}.")
+    for key in DIR_KEYS:
+        if cfg.get(key) is not None:
+            check_writable_dir(str(cfg[key]), key)
+    for key in FILE_KEYS:
+        if cfg.get(key) is not None:
+            path = resolve_out(str(cfg[key]))
+            if path.is_dir():
+                raise ConfigError(f"{key}={cfg[key]} is a folder; give a file path.")
+            check_writable_dir(str(cfg[key]), key, is_file=True)
+
+
+def resolve_out(path: str) -> Path:
+    """An output path as the run will use it (relative to the working directory)."""
+    return Path(os.path.expanduser(path))
+
+
+def check_writable_dir(path: str, key: str, is_file: bool = False) -> None:
+    """A folder a run will create or write into (``is_file``: a file it will write): not a file, not below a
+    file, and writable where it will be created."""
+    p = resolve_out(path)
+    for q in ([*p.parents] if is_file else [p, *p.parents]):
+        if q.exists():
+            if not q.is_dir():
+                where = "is a file" if q == p else f"is below the file {q}"
+                raise ConfigError(f"{key}={path} {where}; give another path.")
+            if not os.access(q, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key}={path}: {q} is not writable (permission denied).")
+            return
+
+
+def check_device(device: Any) -> None:
+    """``cpu``, or ``cuda`` / ``cuda:N`` on a machine that has that CUDA device."""
+    name = str(device)
+    if name == "cpu":
+        return
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {name!r}.")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was asked for, but no CUDA device is available (use device=cpu).")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+
+
+def check_network_file(path: Path, key: str) -> None:
+    """``path`` must be a readable samplers network file (not a table, not a pickle)."""
+    from samplers import nets
+
+    try:
+        nets.read_net_header(str(path))
+    except nets.NetError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def check_resume_file(cfg: DictConfig) -> None:
+    """An explicit ``resume=PATH`` is read now (weights only: a pickle that needs code is refused, never run)."""
+    from .runs import CheckpointUnreadable, _flag, _is_true, _explicit_path, readable_checkpoint
+
+    resume = cfg.get("resume")
+    if not _flag(resume) or _is_true(resume):
+        return
+    path = _explicit_path(resume)
+    if not os.path.isfile(path):
+        raise ConfigError(f"resume checkpoint {path} does not exist.")
+    try:
+        readable_checkpoint(path)
+    except CheckpointUnreadable as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -117,9 +262,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(methods())}.")
     if str(cfg.model.name) not in models():
         raise ConfigError(f"unknown model {cfg.model.name!r}; valid models: {', '.join(models())}.")
-    for nfe in as_list(cfg.nfe):
-        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe <= 0:
-            raise ConfigError(f"nfe must be a positive integer (or a list of them), got {nfe!r}.")
+    check_typed(cfg)
     smin, smax = _check_number(cfg, "sigma_min"), _check_number(cfg, "sigma_max")
     if not 0 < smin < smax:
         raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={smin} and sigma_max={smax}.")
@@ -128,6 +271,8 @@ def validate(cfg: DictConfig) -> None:
         if not ckpt.is_file():
             raise ConfigError(f"model {cfg.model.name}: checkpoint file {ckpt} does not exist "
                               f"(train it with python -m optimize teacher model={cfg.model.name} or scripts/train_teachers.sh, or set model.checkpoint=PATH).")
+        check_network_file(ckpt, "model.checkpoint")
+    check_resume_file(cfg)
     if cfg.logger.name == "wandb":
         try:
             importlib.import_module("wandb")
@@ -171,9 +316,20 @@ def _sweep_points(overrides: list[str]) -> list[list[str]]:
     return [list(p) for p in itertools.islice(itertools.product(*choices), MAX_CHECKED)]
 
 
-def precheck(overrides: list[str], multirun: bool = False) -> None:
+def check_hydra_dirs(overrides: list[str], multirun: bool) -> None:
+    """The run (or sweep) folder Hydra will create must not be, or lie below, a file."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == key]
+    path = given[-1] if given else "outputs"  # the default folders live below outputs/
+    if "${" in path:  # an interpolation: check its fixed leading part
+        path = path.split("${")[0].rstrip("/") or "."
+    check_writable_dir(path, key if given else "outputs folder")
+
+
+def precheck(overrides: list[str], multirun: bool = False, values: bool = True) -> None:
     """Compose and validate every configuration the command would run (before Hydra starts any job); in a
-    multirun, points that raise SkipPoint are announced and left out (an error if that leaves none)."""
+    multirun, points that raise SkipPoint are announced and left out (an error if that leaves none).
+    ``values=False`` (``--cfg``) only checks that every point composes."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -193,8 +349,12 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             points = _sweep_points(overrides)
             skipped = 0
+            if values:
+                check_hydra_dirs(overrides, multirun)
             for point in points:
                 cfg = compose(config_name="config", overrides=point)
+                if not values:
+                    continue
                 try:
                     validate(cfg)  # before resolving: a method's own check explains a missing key best
                 except SkipPoint as err:
@@ -204,7 +364,7 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
                     print(f"note: skipping {' '.join(o for o in point if not o.startswith('method='))}: {err}", file=sys.stderr)
                     continue
                 OmegaConf.resolve(_without_hydra(cfg))
-            if skipped == len(points):
+            if values and skipped == len(points):
                 raise ConfigError("no point of the sweep can run (see the notes above)")
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
@@ -259,9 +419,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         rest = rest + [f"method={method}"]
     overrides = [a for a in rest if not a.startswith("-") and "=" in a]
     flags = [a for a in rest if a not in overrides]
-    if not any(f in ("--cfg", "-c", "--info") for f in flags):
+    if not any(f == "--info" for f in flags):
         try:
-            precheck(overrides, multirun=any(f in ("-m", "--multirun") for f in flags))
+            precheck(overrides, multirun=any(f in ("-m", "--multirun") for f in flags),
+                     values=not any(f in ("--cfg", "-c") for f in flags))
         except ConfigError as err:
             _fail(str(err))
     _hydra_main(flags + overrides)

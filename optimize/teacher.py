@@ -26,7 +26,7 @@ from torch import nn
 from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net, save_net
 
-from .runs import resume_path, trainer_parts
+from .runs import pick_resume, readable_checkpoint, resume_path, trainer_parts
 
 
 class NaNLossError(RuntimeError):
@@ -59,24 +59,53 @@ class TeacherModule(L.LightningModule):
     ``net_config`` is a ``samplers.nets`` config (e.g. ``{"arch": "unet"}``); the saved file adds
     ``precond: edm`` and ``sigma_data``. Batches are tensors ``x0`` (or tuples whose first item is x0).
     Learning rate: linear warm-up over ``warmup_steps`` then constant.
+
+    Everything random in a step (its noise levels, noise, flips and, after ``attach_data``, which training
+    samples it sees) is drawn from a generator seeded by ``(seed, rank, global_step)``, so a run resumed from a
+    checkpoint continues exactly as the uninterrupted run would (same batches, same loss curve).
     """
 
     def __init__(self, net_config: dict[str, Any], sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
-                 lr: float = 2e-3, warmup_steps: int = 200, ema_decay: float = 0.999, hflip: bool = False):
+                 lr: float = 2e-3, warmup_steps: int = 200, ema_decay: float = 0.999, hflip: bool = False, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.net_config = dict(net_config)
         self.denoiser = EDMPrecond(build_net(self.net_config), sigma_data=sigma_data)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
+        self.data: torch.Tensor | None = None  # set by attach_data: batches then follow the step, not the loader
+        self.batch_size = 0
+        self.run_settings: dict[str, Any] = {}  # saved in checkpoints, checked by resume= (optimize.runs)
+
+    def attach_data(self, x: torch.Tensor, batch_size: int) -> "TeacherModule":
+        """Train on ``x``: step t uses batch ``t mod E`` of epoch ``t // E``'s seeded permutation (E = len(x) // batch_size)."""
+        self.data, self.batch_size = x, min(int(batch_size), len(x))
+        return self
+
+    def step_generator(self) -> torch.Generator:
+        """The CPU generator of this step's randomness, seeded by (seed, rank, global_step)."""
+        seed = (int(self.hparams.get("seed", 0)) * 1_000_003 + int(self.global_rank)) * 1_000_000_007 + int(self.global_step)
+        return torch.Generator().manual_seed(seed % 2**63)
+
+    def step_batch(self) -> torch.Tensor:
+        """This step's training batch from the attached data (a pure function of seed and global step)."""
+        assert self.data is not None
+        per_epoch = max(1, len(self.data) // self.batch_size)
+        epoch, j = divmod(int(self.global_step), per_epoch)
+        gen = torch.Generator().manual_seed((int(self.hparams.get("seed", 0)) * 1_000_003 + epoch) % 2**63)
+        idx = torch.randperm(len(self.data), generator=gen)[j * self.batch_size:(j + 1) * self.batch_size]
+        return self.data[idx].to(self.device)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """One EDM loss evaluation on ``batch``; raises NaNLossError on a non-finite loss."""
-        x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
+        """One EDM loss evaluation on this step's batch (the attached data's, else the loader's); raises NaNLossError
+        on a non-finite loss."""
+        x0 = self.step_batch() if self.data is not None else (batch[0] if isinstance(batch, (tuple, list)) else batch)
+        gen = self.step_generator()
         if self.hparams.hflip:
-            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            flip = (torch.rand(x0.shape[0], generator=gen) < 0.5).to(x0.device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        sigma = sample_sigma(x0.shape[0], self.hparams.p_mean, self.hparams.p_std, device=x0.device)
-        loss = edm_loss(self.denoiser, x0, sigma, torch.randn_like(x0))
+        sigma = sample_sigma(x0.shape[0], self.hparams.p_mean, self.hparams.p_std, generator=gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+        loss = edm_loss(self.denoiser, x0, sigma, noise)
         if not torch.isfinite(loss):
             raise NaNLossError(f"teacher training stopped: non-finite loss ({loss.item()}) at global step {self.global_step}.")
         self.log("train_loss", loss, prog_bar=True, on_step=True)
@@ -90,6 +119,9 @@ class TeacherModule(L.LightningModule):
                 pe.lerp_(p.detach(), 1 - beta)
             for be, b in zip(self.ema.buffers(), self.denoiser.buffers()):
                 be.copy_(b)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_settings"] = dict(self.run_settings)
 
     def configure_optimizers(self) -> Any:
         """Adam with a linear learning-rate warm-up."""
@@ -113,6 +145,14 @@ def data_loader(x: torch.Tensor, batch_size: int, seed: int = 0) -> torch.utils.
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=min(batch_size, len(x)), shuffle=True,
                                        drop_last=True, generator=gen)
+
+
+class _Ticks(torch.utils.data.IterableDataset):
+    """An endless loader of placeholders: the teacher draws each step's batch itself (TeacherModule.step_batch)."""
+
+    def __iter__(self):
+        while True:
+            yield torch.zeros(1)
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -144,6 +184,23 @@ def validate(cfg: Any) -> None:
     ckpt = resume_path(cfg.resume)
     if ckpt is not None and not os.path.isfile(ckpt):
         raise ConfigError(f"resume checkpoint {ckpt} does not exist.")
+    if ckpt is not None:  # read safely (weights only) before any work: a refused or broken file is one sentence
+        from .runs import CheckpointUnreadable
+
+        try:
+            readable_checkpoint(ckpt)
+        except CheckpointUnreadable as err:
+            raise ConfigError(str(err)) from None
+
+
+# Settings that do not change what a resumed run computes (steps only says where a constant-lr run stops).
+RESUME_IGNORE = ("steps",)
+
+
+def run_settings(cfg: Any, n_data: int) -> dict[str, Any]:
+    """What a teacher checkpoint records besides its hyper-parameters, so resume= only continues the same run."""
+    return {"model": str(cfg.model.name), "data": str(cfg.model.data), "n_data": int(n_data), "batch_size": int(cfg.batch_size),
+            "steps": int(cfg.steps)}
 
 
 def run(cfg: Any) -> str:
@@ -158,15 +215,18 @@ def run(cfg: Any) -> str:
     net_config = OmegaConf.to_container(tcfg.net, resolve=True)
     module = TeacherModule(net_config, sigma_data=float(cfg.sigma_data), p_mean=float(cfg.p_mean), p_std=float(cfg.p_std),
                            lr=float(cfg.lr), warmup_steps=int(cfg.warmup_steps), ema_decay=float(cfg.ema),
-                           hflip=bool(tcfg.get("hflip", False)))
+                           hflip=bool(tcfg.get("hflip", False)), seed=int(cfg.seed)).attach_data(x, int(cfg.batch_size))
+    module.run_settings = run_settings(cfg, len(x))
     out_dir = str(cfg.out_dir)
+    ckpt_path = pick_resume(cfg.resume, out_dir, {**dict(module.hparams), **module.run_settings}, ignore=RESUME_IGNORE)
     parts = trainer_parts(cfg, out_dir)
     trainer = L.Trainer(accelerator="auto", devices="auto", max_steps=int(cfg.steps), **parts,
                         log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)), enable_model_summary=False, default_root_dir=out_dir)
     n_params = sum(p.numel() for p in module.denoiser.parameters())
     print(f"teacher {cfg.model.name}: {n_params:,} parameters, {len(x)} training samples, {cfg.steps} steps", flush=True)
     t0 = time.perf_counter()
-    trainer.fit(module, data_loader(x, int(cfg.batch_size), seed=int(cfg.seed)), ckpt_path=resume_path(cfg.resume, out_dir))
+    ticks = torch.utils.data.DataLoader(_Ticks(), batch_size=None)  # batches come from module.step_batch()
+    trainer.fit(module, ticks, ckpt_path=ckpt_path, weights_only=True)
     seconds = time.perf_counter() - t0
     path = str(cfg.export) if cfg.export else os.path.join(out_dir, "teacher.safetensors")
     if trainer.is_global_zero:
