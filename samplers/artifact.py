@@ -72,11 +72,37 @@ def read_header(path: str, kind: str = "table", error: type[Exception] = TableEr
     """The safetensors string header of ``path``, without reading the tensors; ``error`` if unreadable."""
     from safetensors import safe_open
 
+    check_readable(path, kind, error)
     try:
         with safe_open(path, framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise error(f"{path}: truncated or corrupt {kind} file ({short_error(err)}).") from None
+
+
+def check_readable(path: str, kind: str = "table", error: type[Exception] = TableError) -> None:
+    """``error`` naming the file when it is missing, a folder, or not readable (permission), so that a file we may
+    not read is never reported as corrupt."""
+    if os.path.isdir(path):
+        raise error(f"{path}: is a folder, not a {kind} file.")
+    if not os.path.isfile(path):
+        raise error(f"{path}: no such {kind} file.")
+    if not os.access(path, os.R_OK):
+        raise error(f"{path}: {kind} file is not readable (permission denied).")
+
+
+TABLE_TENSORS = ("sigmas", "coef")
+
+
+def check_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """sigmas and coef present and stored as float64 (what save_table writes)."""
+    missing = set(TABLE_TENSORS) - set(tensors)
+    if missing:
+        raise TableError(f"{path}: missing tensor(s) {', '.join(sorted(missing))}.")
+    for name in TABLE_TENSORS:
+        dtype = tensors[name].dtype
+        if dtype != torch.float64:
+            raise TableError(f"{path}: tensor {name} is {str(dtype).replace('torch.', '')}; a table stores float64.")
 
 
 def short_error(err: BaseException) -> str:
@@ -86,8 +112,7 @@ def short_error(err: BaseException) -> str:
 
 def load_table(path: str, fingerprint: str | None = None) -> SolverTable:
     """Load and validate a table file; with ``fingerprint`` check it was made for that model."""
-    if not os.path.isfile(path):
-        raise TableError(f"{path}: no such table file.")
+    check_readable(path)
     header = read_header(path)
     if header.get("format") != FORMAT_NAME:
         raise TableError(f"{path}: not a solver table (format {header.get('format')!r}, expected {FORMAT_NAME!r}).")
@@ -102,15 +127,19 @@ def load_table(path: str, fingerprint: str | None = None) -> SolverTable:
         raise TableError(f"{path}: truncated or corrupt table file ({short_error(err)}).") from None
     try:
         metadata = json.loads(header.get("metadata", "{}"))
-    except json.JSONDecodeError as err:
-        raise TableError(f"{path}: metadata is not valid JSON ({err.msg}).") from None
-    missing = {"sigmas", "coef"} - set(tensors)
-    if missing:
-        raise TableError(f"{path}: missing tensor(s) {', '.join(sorted(missing))}.")
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise TableError(f"{path}: metadata is not valid JSON ({getattr(err, 'msg', 'too deeply nested')}).") from None
+    if not isinstance(metadata, dict):
+        raise TableError(f"{path}: metadata must be a JSON object, got {type(metadata).__name__}.")
+    check_tensors(path, tensors)
     try:
         table = SolverTable(tensors["sigmas"], tensors["coef"], metadata)
     except TableError as err:
         raise TableError(f"{path}: {err}") from None
+    for key, actual in (("nfe", table.nfe), ("n_noise", table.n_noise)):
+        stated = metadata.get(key)
+        if stated is not None and (isinstance(stated, bool) or stated != actual):
+            raise TableError(f"{path}: metadata says {key} {stated!r}, but the tensors have {key} {actual}.")
     if fingerprint is not None:
         made_for = metadata.get("model_fingerprint")
         if made_for is not None and made_for != fingerprint:

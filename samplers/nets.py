@@ -197,16 +197,70 @@ _NON_ARCH_KEYS = {"arch", "precond", "sigma_data", "shape"}
 
 
 # --- config, files ---------------------------------------------------------------------------------
+# Bounds of the integer options of any architecture that has them, and of the parameter count: a file asking for
+# more is refused with one sentence before anything is allocated (a bad header cannot ask for terabytes).
+INT_LIMITS: dict[str, tuple[int, int]] = {
+    "in_channels": (1, 64), "out_channels": (1, 64), "resolution": (1, 1024), "channels": (1, 4096),
+    "num_res_blocks": (1, 64), "emb_dim": (2, 8192), "groups": (1, 1024), "num_classes": (0, 100_000),
+    "in_dim": (1, 1_000_000), "hidden": (1, 65_536), "depth": (0, 1000), "modes": (1, 1024),
+}
+MAX_PARAMETERS = 2_000_000_000
+
+
+def _check_values(cfg: dict) -> None:
+    """Types and ranges of a filled-in config (INT_LIMITS, channel_mult, max_freq, sigma_data, shape) and its size."""
+    arch = cfg["arch"]
+    for key, (low, high) in INT_LIMITS.items():
+        if key not in cfg or (key == "out_channels" and cfg[key] is None):
+            continue
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise NetError(f"{arch} network config {key} must be an integer in {low}..{high}, got {value!r}.")
+    mult = cfg.get("channel_mult", [1])
+    if not isinstance(mult, (list, tuple)) or not 1 <= len(mult) <= 10 or \
+            any(isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 64 for m in mult):
+        raise NetError(f"{arch} network config channel_mult must be a list of 1 to 10 integers in 1..64, got {mult!r}.")
+    for key in ("max_freq", "sigma_data"):
+        value = cfg.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise NetError(f"{arch} network config {key} must be a positive finite number, got {value!r}.")
+    shape = cfg.get("shape", [1])
+    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4 or \
+            any(isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= 65_536 for d in shape):
+        raise NetError(f"{arch} network config shape must be a list of 1 to 4 positive integers, got {shape!r}.")
+    size = estimated_parameters(cfg)
+    if size > MAX_PARAMETERS:
+        raise NetError(f"{arch} network config asks for about {size:.3g} parameters (limit {MAX_PARAMETERS:.0g}).")
+
+
+def estimated_parameters(cfg: dict) -> float:
+    """An upper estimate of a config's parameter count (to refuse absurd sizes before allocating them)."""
+    emb = float(cfg.get("emb_dim", 64))
+    if "hidden" in cfg:  # mlp
+        h, d = float(cfg["hidden"]), float(cfg.get("depth", 1))
+        return d * (2 * h * h + emb * h) + 2 * float(cfg.get("in_dim", 1)) * h + 4 * emb * emb
+    width = float(cfg.get("channels", 1)) * max(cfg.get("channel_mult", [1]))
+    blocks = len(cfg.get("channel_mult", [1])) * (float(cfg.get("num_res_blocks", 1)) + 1) + 1
+    return blocks * (9 * 2 * width * width + 9 * width * width + emb * width) * 2 + 4 * emb * emb \
+        + emb * float(cfg.get("num_classes", 0))
+
+
 def full_config(config: dict) -> dict:
-    """``config`` with the architecture's defaults filled in (raises NetError on unknown keys)."""
+    """``config`` with the architecture's defaults filled in; NetError on unknown keys, wrong types or absurd sizes."""
+    if not isinstance(config, dict):
+        raise NetError(f"network config must be a JSON object, got {type(config).__name__}.")
     arch = config.get("arch")
+    if not isinstance(arch, str):
+        raise NetError(f"unknown network architecture {arch!r}; valid: {', '.join(ARCHS)}.")
     if arch not in ARCHS:
         raise NetError(f"unknown network architecture {arch!r}; valid: {', '.join(ARCHS)}.")
     defaults = ARCHS[arch][1]
     unknown = set(config) - set(defaults) - _NON_ARCH_KEYS
     if unknown:
         raise NetError(f"{arch} network config has unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(defaults)}.")
-    return {"arch": arch, **defaults, **config}
+    cfg = {"arch": arch, **defaults, **config}
+    _check_values(cfg)
+    return cfg
 
 
 def data_shape(config: dict) -> tuple[int, ...]:
@@ -258,9 +312,13 @@ def read_net_header(path: str) -> tuple[dict, dict]:
     if header.get("format_version") != str(NET_FORMAT_VERSION):
         raise NetError(f"{path}: network format version {header.get('format_version')} is not supported (expected {NET_FORMAT_VERSION}).")
     try:
-        return json.loads(header.get("config", "")), json.loads(header.get("metadata", "{}"))
-    except json.JSONDecodeError as err:
-        raise NetError(f"{path}: network config is not valid JSON ({err.msg}).") from None
+        config, metadata = json.loads(header.get("config", "")), json.loads(header.get("metadata", "{}"))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise NetError(f"{path}: network config is not valid JSON ({getattr(err, 'msg', 'too deeply nested')}).") from None
+    for name, value in (("config", config), ("metadata", metadata)):
+        if not isinstance(value, dict):
+            raise NetError(f"{path}: network {name} must be a JSON object, got {type(value).__name__}.")
+    return config, metadata
 
 
 def load_net(path: str) -> tuple[nn.Module, dict]:
