@@ -192,7 +192,115 @@ class MLP(nn.Module):
         return self.out(F.silu(h)).reshape(x.shape)
 
 
+# --- DSNO student (Zheng et al. 2023, "Fast sampling of diffusion models via operator learning") ----
+DSNO_UNET_DEFAULTS: dict[str, Any] = {
+    **UNET_DEFAULTS,
+    "sigmas": [80.0],   # the M output times (noise levels); slice m gets the teacher's embedding of c_noise(sigma_m)
+    "modes": 2,         # lowest temporal Fourier modes kept (<= M//2 + 1)
+    "temporal": True,   # False: the same student without temporal convolutions (plain one-step distillation)
+}
+
+
+class SpectralConv1d(nn.Module):
+    """Temporal Fourier layer over the M axis of ``h [B, M, C, H, W]`` (DSNO's temporal convolution):
+
+        out = irfft_M( W_k * rfft_M(h)_k  for k < modes ),   W in C^{C x C x modes}
+
+    the lowest ``modes`` frequencies of every pixel's channel vector are mixed by complex matrices, the
+    rest are dropped. Weights are stored real ``[C, C, modes, 2]``; the FFT runs in float32 at least.
+    """
+
+    def __init__(self, channels: int, modes: int, init_scale: float | None = None):
+        super().__init__()
+        self.modes = int(modes)
+        scale = 1.0 / (channels * channels) if init_scale is None else float(init_scale)
+        self.weight = nn.Parameter(scale * torch.rand(channels, channels, self.modes, 2))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        m = h.shape[1]
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        h_ft = torch.fft.rfft(h.to(dtype), dim=1)[:, : self.modes]                       # [B, modes, C, H, W]
+        w = torch.view_as_complex(self.weight.to(dtype).contiguous())                    # [C_in, C_out, modes]
+        out_ft = torch.einsum("bkihw,iok->bkohw", h_ft, w)
+        return torch.fft.irfft(out_ft, n=m, dim=1).to(h.dtype)                           # zero-pads to M//2+1 modes
+
+
+class TemporalBlock(nn.Module):
+    """``h + LeakyReLU(SpectralConv1d(h))`` on ``[B*M, C, H, W]`` viewed as ``[B, M, C, H, W]``: identity at zero weights."""
+
+    def __init__(self, channels: int, modes: int, num_times: int):
+        super().__init__()
+        self.num_times = int(num_times)
+        self.conv = SpectralConv1d(channels, modes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        bm, *rest = h.shape
+        t = h.reshape(bm // self.num_times, self.num_times, *rest)
+        return (t + F.leaky_relu(self.conv(t))).reshape(h.shape)
+
+
+class DSNOUNet(UNet):
+    """The teacher U-Net (same parameter names, so its weights load as they are) run on all M output times at
+    once, with a temporal block after every non-resampling residual block and after the middle block.
+
+    The input convolution runs once on the noise and is repeated over the M times; residual blocks run on
+    ``[B*M, C, H, W]`` (row ``b*M + m`` is time m) with the embedding of ``c_noise(sigma_m) = log(sigma_m)/4``;
+    the output head gives ``F_m`` per time. ``trajectory(x)`` returns ``[B, M, C, H, W]``; ``forward(x, c_noise)``
+    returns the last time (the sample), so ``EDMPrecond`` serves it as a denoiser: the preconditioning uses the
+    noise level of the input (sigma_max in the 1-NFE table) and the ``c_noise`` argument is not used, since the
+    output times are fixed by ``sigmas``. With zero temporal weights, time m is the teacher's net at
+    ``(x_in, c_noise(sigma_m))``.
+    """
+
+    def __init__(self, sigmas: Any = (80.0,), modes: int = 2, temporal: bool = True, **unet: Any):
+        super().__init__(**unet)
+        sig = torch.as_tensor([float(s) for s in sigmas], dtype=torch.float64)
+        if sig.numel() < 1 or not bool(torch.all(sig > 0)):
+            raise NetError(f"dsno_unet needs at least one positive output sigma, got {list(sigmas)}.")
+        m = int(sig.numel())
+        if not 1 <= int(modes) <= m // 2 + 1:
+            raise NetError(f"dsno_unet modes must lie in 1..M//2+1 = 1..{m // 2 + 1} for M = {m} times, got {modes}.")
+        self.num_times = m
+        self.register_buffer("c_noise_times", (sig.log() / 4).to(torch.float32), persistent=False)
+        widths = [b.conv2.out_channels for blocks in self.down for b in blocks] + [self.mid.conv2.out_channels] + \
+            [b.conv2.out_channels for b in self.up]
+        self.temporal = nn.ModuleList(TemporalBlock(w, modes, m) for w in widths) if temporal else None
+
+    def _temporal(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        return h if self.temporal is None else self.temporal[i](h)
+
+    def trajectory(self, x: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """``F_m`` for every output time: ``[B, M, C_out, H, W]`` from the preconditioned input ``x [B, C, H, W]``."""
+        b, m = x.shape[0], self.num_times
+        if cond is not None:
+            cond = torch.as_tensor(cond, device=x.device).repeat_interleave(m, dim=0)
+        emb = self.embed(self.c_noise_times.repeat(b), b * m, cond).to(x.dtype)   # row b*M + m: time m
+        h = self.conv_in(x).repeat_interleave(m, dim=0)                            # once, then M copies
+        skips, i = [], 0
+        for level, blocks in enumerate(self.down):
+            if level > 0:
+                h = F.avg_pool2d(h, 2)
+            for block in blocks:
+                h = self._temporal(block(h, emb), i)
+                i += 1
+            skips.append(h)
+        h = self._temporal(self.mid(h, emb), i)
+        i += 1
+        for level, block in enumerate(self.up):
+            if level > 0:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = self._temporal(block(torch.cat([h, skips.pop()], dim=1), emb), i)
+            i += 1
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out.reshape(b, m, *out.shape[1:])
+
+    def forward(self, x: torch.Tensor, c_noise: Any = None, cond: Any = None) -> torch.Tensor:
+        """The last output time ``F_M`` (the sample); ``c_noise`` is ignored (the times are fixed)."""
+        return self.trajectory(x, cond)[:, -1]
+
+
 ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {"unet": (UNet, UNET_DEFAULTS), "mlp": (MLP, MLP_DEFAULTS)}
+ARCHS["dsno_unet"] = (DSNOUNet, DSNO_UNET_DEFAULTS)  # one-step student: a network file like any teacher
 _NON_ARCH_KEYS = {"arch", "precond", "sigma_data", "shape"}
 
 
