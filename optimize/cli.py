@@ -235,7 +235,8 @@ def check_network_file(path: Path, key: str) -> None:
     from samplers import nets
 
     try:
-        nets.read_net_header(str(path))
+        config, _ = nets.read_net_header(str(path))
+        nets.full_config(config)  # types, ranges and size, before anything is allocated
     except nets.NetError as err:
         raise ConfigError(f"{key}: {err}") from None
 

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 from typing import Any, Iterable
 
 import lightning as L
@@ -90,7 +91,9 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not os.access(path, os.R_OK):
         raise CheckpointUnreadable(f"resume checkpoint {path} is not readable (permission denied).")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols; the outcome is reported below
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise CheckpointUnreadable(f"resume checkpoint {path} is not readable (permission denied).") from None
     except pickle.UnpicklingError as err:

@@ -203,19 +203,24 @@ def run_settings(cfg: Any, n_data: int) -> dict[str, Any]:
             "steps": int(cfg.steps)}
 
 
+def build_module(cfg: Any) -> TeacherModule:
+    """The module of a composed teacher config (no data attached yet)."""
+    from omegaconf import OmegaConf
+
+    tcfg = cfg.model.teacher
+    net_config = OmegaConf.to_container(tcfg.net, resolve=True)
+    return TeacherModule(net_config, sigma_data=float(cfg.sigma_data), p_mean=float(cfg.p_mean), p_std=float(cfg.p_std),
+                         lr=float(cfg.lr), warmup_steps=int(cfg.warmup_steps), ema_decay=float(cfg.ema),
+                         hflip=bool(tcfg.get("hflip", False)), seed=int(cfg.seed))
+
+
 def run(cfg: Any) -> str:
     """`python -m optimize teacher model=...`: EDM training with Lightning (CSV logs, checkpoints every
     ``checkpoint_every`` steps in ``<out_dir>/lightning``, ``resume=PATH`` continues), then the EMA net is
     exported to ``export`` (default ``<out_dir>/teacher.safetensors``). Returns the exported path."""
-    from omegaconf import OmegaConf
-
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    tcfg = cfg.model.teacher
     x = training_data(cfg.model)
-    net_config = OmegaConf.to_container(tcfg.net, resolve=True)
-    module = TeacherModule(net_config, sigma_data=float(cfg.sigma_data), p_mean=float(cfg.p_mean), p_std=float(cfg.p_std),
-                           lr=float(cfg.lr), warmup_steps=int(cfg.warmup_steps), ema_decay=float(cfg.ema),
-                           hflip=bool(tcfg.get("hflip", False)), seed=int(cfg.seed)).attach_data(x, int(cfg.batch_size))
+    module = build_module(cfg).attach_data(x, int(cfg.batch_size))
     module.run_settings = run_settings(cfg, len(x))
     out_dir = str(cfg.out_dir)
     ckpt_path = pick_resume(cfg.resume, out_dir, {**dict(module.hparams), **module.run_settings}, ignore=RESUME_IGNORE)

@@ -7,17 +7,28 @@
 
 Seeds are ``seed .. seed+n-1`` and batch j is always ``seeds[j*bs:(j+1)*bs]``; under torchrun the batches
 are dealt round-robin over ranks and gathered on rank 0, so the output does not depend on the world
-size. Every user error is one ``error: ...`` line on stderr and exit status 2. (torchrun's own parser
-rejects ``--n`` as an ambiguous abbreviation of its options, hence the ``--num-samples`` spelling.)
+size. Every user error is one ``error: ...`` line on stderr and exit status 2, found before any sampling
+where it can be. (torchrun's own parser rejects ``--n`` as an ambiguous abbreviation of its options, hence
+the ``--num-samples`` spelling.)
+
+Faults: each finished batch is written at once as an atomic shard in ``.<out>.partial/`` beside ``--out``;
+rerunning the same command with ``--resume`` samples only the missing batches, and the final output is
+byte-identical to an uninterrupted run. The output folder (samples.npz + grid.png) appears as one unit
+(temporary folder + rename); a folder that already holds results is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import math
 import os
+import shutil
 import sys
+import tempfile
+import zipfile
 from typing import Any, NoReturn, Sequence
 
 import numpy as np
@@ -67,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=256, help="samples per batch (default 256)")
     gen.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i (default 0)")
     gen.add_argument("--out", metavar="DIR", required=True, help="output folder: samples.npz (+ grid.png for images)")
+    gen.add_argument("--overwrite", action="store_true", help="replace the results already in --out (and any interrupted run's shards)")
+    gen.add_argument("--resume", action="store_true", help="finish an interrupted run of the same command from its shards")
     gen.add_argument("--device", default=None, help="default cuda if available, else cpu")
     gen.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -165,45 +178,302 @@ def _world() -> tuple[int, int, int]:
 
 
 def _device(name: str | None, world: int, local_rank: int) -> torch.device:
+    """cpu, or a CUDA device that exists (under torchrun: this process's local rank)."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name} cannot run samples; use cpu, cuda or cuda:N.")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for, but no CUDA device is available.")
         if world > 1:
             device = torch.device("cuda", local_rank)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s).")
         torch.cuda.set_device(device)
     return device
 
 
-# --- outputs -----------------------------------------------------------------------------------
-def write_outputs(out: str, samples: np.ndarray, seeds: np.ndarray, metadata: dict) -> list[str]:
-    """``out/samples.npz`` (samples, seeds, metadata JSON) and ``out/grid.png`` for [C, H, W] images."""
-    os.makedirs(out, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, samples=samples, seeds=seeds, metadata=np.array(json.dumps(metadata, sort_keys=True)))
-    written = [os.path.join(out, "samples.npz")]
-    atomic_write_bytes(written[0], buf.getvalue())
-    if samples.ndim == 4 and samples.shape[1] in (1, 3):
-        written.append(write_png_grid(samples[:256], os.path.join(out, "grid.png")))
-    return written
+# --- limits --------------------------------------------------------------------------------------
+MAX_NFE = 10_000  # the table holds (N+1) x (K+2N) float64 coefficients and is planned in O(N^2) on the host
+MAX_SIGMA = 1e4  # largest sigma for a model that does not state its range (beyond it float32 sampling overflows)
+MAX_SEED = 2**63  # seeds are int64
 
 
-# --- commands ----------------------------------------------------------------------------------
-def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
-    """Validate everything, then sample this rank's batches; rank 0 gathers and writes in seed order."""
-    rank, world, local_rank = _world()
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new allocations: CUDA's free memory, or the host's MemAvailable (a large number if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Counts, seeds and float options that no sampler can use, before anything is loaded."""
     if args.n < 1 or args.batch_size < 1:
         raise UserError(f"--n and --batch-size must be positive, got --n {args.n}, --batch-size {args.batch_size}.")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}.")
+    if args.seed + args.n > MAX_SEED:
+        raise UserError(f"seeds --seed .. --seed + --n - 1 must fit in 64 bits (below 2^63), got --seed {args.seed} and --n {args.n}.")
+    for key in ("sigma_min", "sigma_max", "rho", "eta", "detail"):
+        value = getattr(args, key)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{key.replace('_', '-')} must be a finite number, got {value}.")
+    if args.nfe is not None and args.nfe > MAX_NFE:
+        raise UserError(f"--nfe {args.nfe} is too large: at most {MAX_NFE} (the table alone would take "
+                        f"{_gib(8.0 * (args.nfe + 1) * (2 * args.nfe + 1))}).")
+
+
+def check_sigmas(args: argparse.Namespace, model: Any) -> None:
+    """--sigma-min/--sigma-max inside the model's stated noise range (or below MAX_SIGMA when it states none)."""
+    hi = getattr(model, "sigma_max", None)
+    limit = float(hi) if isinstance(hi, (int, float)) and math.isfinite(hi) else MAX_SIGMA
+    for key in ("sigma_min", "sigma_max"):
+        value = getattr(args, key)
+        if value is not None and value > limit:
+            raise UserError(f"--{key.replace('_', '-')} {value:g} is above the largest noise level this model supports ({limit:g}).")
+
+
+def check_range(table: SolverTable, dtype: torch.dtype) -> None:
+    """Coefficients and sigmas must be representable in the sampling dtype."""
+    big = max(float(table.coef.abs().max()), float(table.sigmas.max()))
+    if big > torch.finfo(dtype).max:
+        raise UserError(f"the table has a value of {big:.3g}, beyond {str(dtype).replace('torch.', '')}'s range "
+                        f"({torch.finfo(dtype).max:.3g}); it cannot be sampled in --dtype {str(dtype).replace('torch.', '')}.")
+
+
+def check_memory(n: int, batch: int, shape: Sequence[int], table: SolverTable, dtype: torch.dtype,
+                 device: torch.device, out_parent: str, rank: int) -> None:
+    """One batch (noise, live buffers, the model's activations) must fit the device, and on rank 0 all samples
+    (held in memory, then written twice: shards and samples.npz) must fit the host and the disk."""
+    per_sample = math.prod(int(d) for d in shape)
+    item = torch.finfo(dtype).bits // 8
+    batch_bytes = batch * per_sample * item * (table.n_noise + 32)  # buffers plus a generous allowance for activations
+    free = available_memory(device)
+    if batch_bytes > free:
+        raise UserError(f"--batch-size {batch} needs about {_gib(batch_bytes)} on {device}, which has {_gib(free)} free; "
+                        f"use a smaller --batch-size.")
+    if rank != 0:
+        return
+    total = n * per_sample * 4  # float32 samples
+    host = available_memory(torch.device("cpu"))
+    if 2 * total > host:
+        raise UserError(f"--n {n} samples take {_gib(total)} (twice that while writing); this machine has {_gib(host)} "
+                        f"free; generate fewer at a time (--seed picks up where a run stopped).")
+    disk = shutil.disk_usage(out_parent).free
+    if 2 * total > disk:
+        raise UserError(f"--n {n} samples need {_gib(2 * total)} of disk for shards and output, but {out_parent} has "
+                        f"{_gib(disk)} free.")
+
+
+# --- outputs -----------------------------------------------------------------------------------
+RESULT_FILES = ("samples.npz", "grid.png")
+
+
+def partial_dir(out: str) -> str:
+    """Where an unfinished run keeps its shards: ``.<name>.partial`` beside ``out``."""
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+
+
+def check_out(args: argparse.Namespace) -> str:
+    """``--out`` must be a folder we can create or fill: not empty, not a file, not below a file, writable, and
+    holding no results unless --overwrite; shards of an interrupted run need --resume or --overwrite.
+    Returns the existing parent folder (for the disk-space check)."""
+    out = args.out
+    if not out or not out.strip():
+        raise UserError("--out must name a folder, got an empty string.")
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {out} is a file; give a folder (it will hold samples.npz and grid.png).")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent != path and not os.path.isdir(parent):
+        raise UserError(f"--out {out} is below the file {parent}; give a folder path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not writable (permission denied).")
+    if os.path.isdir(path):
+        found = [f for f in os.listdir(path)]
+        results = [f for f in found if f in RESULT_FILES]
+        others = [f for f in found if f not in RESULT_FILES]
+        if others:
+            raise UserError(f"--out {out} holds other files ({', '.join(sorted(others)[:3])}); give a new or empty folder.")
+        if results and not args.overwrite:
+            raise UserError(f"--out {out} already holds results ({', '.join(sorted(results))}); add --overwrite to replace them.")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out} is not writable (permission denied).")
+    if os.path.isdir(partial_dir(path)) and not (args.resume or args.overwrite):
+        raise UserError(f"an interrupted run left its batches in {partial_dir(path)}; add --resume to finish it or "
+                        f"--overwrite to start over.")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other (--overwrite starts over).")
+    return parent
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz archive whose bytes depend only on the arrays (fixed zip timestamps), so reruns are byte-identical."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_outputs(out: str, samples: np.ndarray, seeds: np.ndarray, metadata: dict, overwrite: bool = False) -> list[str]:
+    """``out/samples.npz`` (samples, seeds, metadata JSON) and ``out/grid.png`` for [C, H, W] images, written into a
+    temporary sibling folder that is then renamed to ``out`` (an existing results folder is replaced only with
+    ``overwrite``), so a reader never sees a mix of two runs."""
+    final = os.path.abspath(out)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        data = npz_bytes({"samples": samples, "seeds": seeds, "metadata": np.array(json.dumps(metadata, sort_keys=True))})
+        atomic_write_bytes(os.path.join(tmp, "samples.npz"), data)
+        if samples.ndim == 4 and samples.shape[1] in (1, 3):
+            write_png_grid(samples[:256], os.path.join(tmp, "grid.png"))
+        os.chmod(tmp, 0o777 & ~_umask())
+        _replace_dir(tmp, final, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [os.path.join(out, f) for f in RESULT_FILES if os.path.exists(os.path.join(final, f))]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_dir(tmp: str, final: str, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``final``; an empty ``final`` is replaced, one with results only when ``overwrite``."""
+    if os.path.isdir(final) and not os.listdir(final):
+        os.rmdir(final)
+    if not os.path.exists(final):
+        try:
+            os.rename(tmp, final)
+            return
+        except OSError:
+            pass  # another run created it meanwhile
+    if not overwrite or not os.path.isdir(final):
+        raise UserError(f"--out {final} was filled by another run while this one sampled; nothing was written "
+                        f"(add --overwrite to replace it).")
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+    os.rename(final, os.path.join(old, "out"))
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- shards of an unfinished run -----------------------------------------------------------------
+def run_identity(args: argparse.Namespace, table: SolverTable, fingerprint: str | None, shape: Sequence[int],
+                 device: torch.device) -> dict[str, Any]:
+    """Everything that decides the samples of a batch: a resumed run must match it exactly."""
+    digest = hashlib.sha256(table.sigmas.numpy().tobytes() + table.coef.numpy().tobytes()).hexdigest()[:16]
+    return {"table_sha256": digest, "model": args.model, "model_fingerprint": fingerprint, "n": args.n, "seed": args.seed,
+            "batch_size": args.batch_size, "dtype": args.dtype, "label": args.label, "shape": list(shape),
+            "device_type": device.type}
+
+
+def open_partial(path: str, identity: dict[str, Any], resume: bool, overwrite: bool, rank: int) -> dict[int, str]:
+    """The shards an interrupted run of the same command left (``{batch index: file}``, only with ``resume``);
+    a run with other settings is an error naming the first differing key. ``overwrite`` clears them (rank 0)."""
+    if not os.path.isdir(path):
+        return {}
+    if overwrite:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        return {}
+    if not resume:
+        return {}
+    try:
+        with open(os.path.join(path, "run.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"{path} has no readable run.json; add --overwrite to start over.") from None
+    for key, value in identity.items():
+        if not isinstance(saved, dict) or saved.get(key) != value:
+            there = saved.get(key) if isinstance(saved, dict) else None
+            raise UserError(f"--resume: the interrupted run in {path} had {key}={there!r}, this command has {key}={value!r}; "
+                            f"rerun the same command, or add --overwrite to start over.")
+    shards = {}
+    for name in os.listdir(path):
+        if name.startswith("batch-") and name.endswith(".npy") and name[6:-4].isdigit():
+            shards[int(name[6:-4])] = os.path.join(path, name)
+    return shards
+
+
+def write_shard(path: str, identity: dict[str, Any], j: int, x: np.ndarray) -> None:
+    """Batch ``j`` as ``batch-<j>.npy`` (atomic), with ``run.json`` written first."""
+    meta = os.path.join(path, "run.json")
+    if not os.path.exists(meta):
+        os.makedirs(path, exist_ok=True)
+        atomic_write_bytes(meta, json.dumps(identity, sort_keys=True).encode())
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    atomic_write_bytes(os.path.join(path, f"batch-{j:08d}.npy"), buf.getvalue())
+
+
+def read_shard(file: str, expected: tuple[int, ...]) -> np.ndarray | None:
+    """A shard's samples, or None when it is unreadable or not the expected float32 shape (it is sampled again)."""
+    try:
+        x = np.load(file, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return x if x.shape == expected and x.dtype == np.float32 and np.all(np.isfinite(x)) else None
+
+
+# --- non-finite samples --------------------------------------------------------------------------
+def first_bad_step(table: SolverTable, model: Any, noise: torch.Tensor, cond: Any) -> str:
+    """Where sampling first leaves the finite numbers (re-run with a callback, only after a batch failed)."""
+    found: list[str] = []
+
+    def spy(i: int, x: torch.Tensor, d: torch.Tensor, sigma: torch.Tensor) -> None:
+        if found:
+            return
+        if not torch.isfinite(x).all():
+            found.append(f"the input of evaluation {i} (sigma {float(sigma[0]):.4g})")
+        elif not torch.isfinite(d).all():
+            found.append(f"the model output at evaluation {i} (sigma {float(sigma[0]):.4g})")
+
+    sample(table, model, noise, cond=cond, callback=spy)
+    return found[0] if found else f"the output row (after all {table.nfe} evaluations)"
+
+
+# --- commands ----------------------------------------------------------------------------------
+def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
+    """Validate everything, then sample this rank's missing batches (each written as a shard); rank 0 gathers,
+    writes the output folder in seed order and removes the shards."""
+    rank, world, local_rank = _world()
+    check_numbers(args)
+    out_parent = check_out(args)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     device = _device(args.device, world, local_rank)
     model, shape, fingerprint = load_model(args.model, device, dtype)
     check_label(model, args.label)
+    check_sigmas(args, model)
     table = make_table(args, model, fingerprint)
+    check_range(table, dtype)
+    check_memory(args.n, min(args.batch_size, args.n), shape, table, dtype, device, out_parent, rank)
+    identity = run_identity(args, table, fingerprint, shape, device)
+    partial = partial_dir(args.out)
+    shards = open_partial(partial, identity, args.resume, args.overwrite, rank)
     cond_label = args.label
 
     if world > 1:
@@ -214,18 +484,39 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
         batches = [seeds[j : j + bs] for j in range(0, len(seeds), bs)]
         mine = list(range(rank, len(batches), world))
         results: list[tuple[int, np.ndarray]] = []
-        bar = tqdm(mine, desc=f"{table.metadata.get('method', 'table')} nfe={table.nfe}", unit="batch",
+        failure: str | None = None
+        todo = []
+        for j in mine:
+            done = read_shard(shards[j], (len(batches[j]), *shape)) if j in shards else None
+            if done is None:
+                todo.append(j)
+            else:
+                results.append((j, done))
+        bar = tqdm(todo, desc=f"{table.metadata.get('method', 'table')} nfe={table.nfe}", unit="batch",
                    disable=rank != 0 or args.no_progress, file=sys.stderr)
         with torch.inference_mode():
             for j in bar:
                 noise = make_noise(table, shape, batches[j], dtype=dtype, device=device)
                 cond = None if cond_label is None else torch.full((len(batches[j]),), cond_label, device=device)
                 x = sample(table, model, noise, cond=cond)
-                results.append((j, x.to("cpu", torch.float32).numpy()))
+                if not bool(torch.isfinite(x).all()):  # one check per batch, after the loop
+                    where = first_bad_step(table, model, noise, cond)
+                    failure = (f"samples became NaN or infinite at {where} for seeds {batches[j][0]}..{batches[j][-1]}; "
+                               f"the table, its sigma range or the network is unusable here (nothing of this batch was written).")
+                    break
+                result = x.to("cpu", torch.float32).numpy()
+                write_shard(partial, identity, j, result)
+                results.append((j, result))
         if world > 1:
             gathered: list[Any] | None = [None] * world if rank == 0 else None
-            dist.gather_object(results, gathered, dst=0)
-            results = [r for part in (gathered or []) for r in part]
+            dist.gather_object((results, failure), gathered, dst=0)
+            parts = gathered or []
+            failure = next((f for _, f in parts if f), None) if rank == 0 else failure
+            results = [r for part, _ in parts for r in part]
+        if failure is not None:
+            if rank == 0:
+                raise UserError(failure)
+            return 2
         if rank == 0:
             results.sort(key=lambda r: r[0])
             samples = np.concatenate([r[1] for r in results], axis=0)
@@ -240,15 +531,25 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
                 "dtype": args.dtype,
                 "label": cond_label,
                 "world_size": world,
-                "command": " ".join(["python -m samplers", *command]),
+                "command": " ".join(["python -m samplers", *_command_of(command)]),
                 "package_version": __version__,
             }
-            for path in write_outputs(args.out, samples, np.asarray(seeds, dtype=np.int64), metadata):
+            for path in write_outputs(args.out, samples, np.asarray(seeds, dtype=np.int64), metadata, args.overwrite):
                 print(path)
+            shutil.rmtree(partial, ignore_errors=True)
     finally:
         if world > 1:
             dist.destroy_process_group()
     return 0
+
+
+_RUN_FLAGS = ("--resume", "--overwrite", "--no-progress")  # how a run was carried out, not what it computed
+
+
+def _command_of(argv: Sequence[str]) -> list[str]:
+    """The command line recorded in the output, without flags that do not change it (so a resumed run's output is
+    byte-identical to an uninterrupted one)."""
+    return [a for a in argv if a not in _RUN_FLAGS]
 
 
 def info(path: str) -> int:
