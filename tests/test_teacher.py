@@ -164,3 +164,128 @@ def test_teacher_command_trains_exports_and_resumes(tmp_path):
     assert read_net_header(str(tmp_path / "b.safetensors"))[1]["steps"] == 6  # continued 4 -> 6, not 0 -> 6
     bad = run("resume=/nonexistent/run")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: resume checkpoint /nonexistent/run does not exist."
+
+
+# --- resume: same batches and noise after a restart, safe loading, other runs refused ------------------------------
+class _LossLog(L.Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+        self.losses[trainer.global_step - 1] = float(outputs["loss"])
+
+
+def _ticks():
+    from optimize.teacher import _Ticks
+
+    return torch.utils.data.DataLoader(_Ticks(), batch_size=None)
+
+
+def test_resumed_loss_curve_equals_uninterrupted(tmp_path):
+    """Batches, noise levels and noise follow (seed, step): 3 steps + resume 3 gives the losses of 6 straight steps."""
+    x = _data(40)  # 40 // 16 = 2 batches per epoch: the restart falls mid-epoch
+    straight_log = _LossLog()
+    torch.manual_seed(0)
+    straight = TeacherModule(TINY, seed=3).attach_data(x, 16)
+    _trainer(tmp_path / "s", 6, enable_checkpointing=False, callbacks=[straight_log]).fit(straight, _ticks())
+    ck = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, every_n_train_steps=3)
+    torch.manual_seed(0)  # same initial weights
+    first = TeacherModule(TINY, seed=3).attach_data(x, 16)
+    _trainer(tmp_path / "a", 3, callbacks=[ck]).fit(first, _ticks())
+    torch.manual_seed(123)  # the global RNG after a restart is anything: nothing may depend on it
+    resumed_log = _LossLog()
+    resumed = TeacherModule(TINY, seed=3).attach_data(x, 16)  # other initial weights: the checkpoint restores them
+    _trainer(tmp_path / "b", 6, enable_checkpointing=False, callbacks=[resumed_log]).fit(
+        resumed, _ticks(), ckpt_path=str(tmp_path / "ck" / "last.ckpt"), weights_only=True)
+    assert sorted(resumed_log.losses) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert math.isclose(resumed_log.losses[step], straight_log.losses[step], rel_tol=1e-6), step
+    assert first.step_batch().shape == (16, 1, 8, 8)
+
+
+def _toy_cfg(*overrides: str):
+    from optimize.cli import compose_config
+
+    return compose_config(["method=teacher", "model=toy2d", "model.teacher.n_data=64", "out_dir=unused", *overrides])
+
+
+def _fake_ckpt(path, cfg, **changes) -> str:
+    from optimize import teacher
+
+    hp = dict(teacher.build_module(cfg).hparams)
+    settings = {**teacher.run_settings(cfg, 64), **changes}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"state_dict": {}, "global_step": 2, "hyper_parameters": hp, "run_settings": settings}, str(path))
+    return str(path)
+
+
+def test_resume_refuses_another_run_naming_the_first_difference(tmp_path):
+    from optimize.cli import ConfigError
+    from optimize.runs import pick_resume
+    from optimize import teacher
+
+    cfg = _toy_cfg()
+    module = teacher.build_module(cfg)
+    current = {**dict(module.hparams), **teacher.run_settings(cfg, 64)}
+    same = _fake_ckpt(tmp_path / "same" / "lightning" / "last.ckpt", cfg)
+    other = _fake_ckpt(tmp_path / "other.ckpt", cfg, batch_size=7)
+    with pytest.raises(ConfigError, match=r"belongs to another run: it was trained with batch_size=7, but this run has batch_size=512"):
+        pick_resume(str(other), str(tmp_path / "new"), current, ignore=teacher.RESUME_IGNORE)
+    assert pick_resume(str(tmp_path / "same"), str(tmp_path / "new"), current, ignore=teacher.RESUME_IGNORE) == same
+    # steps only says where a constant-lr run stops: extending it is a continuation
+    longer = {**current, "steps": current["steps"] + 100}
+    assert pick_resume(same, str(tmp_path / "new"), longer, ignore=teacher.RESUME_IGNORE) == same
+    # resume=true skips a newer sibling with other settings and continues the one that matches
+    newer = _fake_ckpt(tmp_path / "newer" / "lightning" / "last.ckpt", cfg, batch_size=7)
+    os.utime(newer, (2e9, 2e9))
+    assert pick_resume(True, str(tmp_path / "new"), current, ignore=teacher.RESUME_IGNORE) == same
+    os.remove(same)
+    with pytest.raises(ConfigError, match=r"resume=true found no earlier run with the same settings .*batch_size=7"):
+        pick_resume(True, str(tmp_path / "new"), current, ignore=teacher.RESUME_IGNORE)
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_planted_pickle_is_refused_and_never_runs(tmp_path, capsys, monkeypatch):
+    """A checkpoint whose unpickling would run code is refused with one sentence; the payload never runs."""
+    import pickle
+
+    from optimize.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    marker = str(tmp_path / "PAYLOAD_RAN")
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, str(evil))
+    (tmp_path / "raw.ckpt").write_bytes(pickle.dumps(_Payload(marker)))
+    for path in (evil, tmp_path / "raw.ckpt"):
+        for method in ("teacher model=toy2d", "ddss model=gmm"):
+            with pytest.raises(SystemExit) as exc:
+                main([*method.split(), f"resume={path}"])
+            err = capsys.readouterr().err
+            assert exc.value.code == 2 and not os.path.exists(marker), err
+            assert err.strip().splitlines() == [f"error: resume checkpoint {path} holds Python objects beyond tensors "
+                                                f"and plain data (a pickle that could run code); it was refused, not loaded."]
+    assert sorted(os.listdir(tmp_path)) == ["evil.ckpt", "raw.ckpt"]  # nothing written, nothing ran
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    from optimize.runs import readable_checkpoint
+
+    folder = tmp_path / "run" / "lightning"
+    folder.mkdir(parents=True)
+    for step in (2, 4):
+        torch.save({"state_dict": {}, "global_step": step}, str(folder / f"step-{step:06d}.ckpt"))
+    torch.save({"state_dict": {}, "global_step": 6}, str(folder / "last.ckpt"))
+    data = (folder / "last.ckpt").read_bytes()
+    (folder / "last.ckpt").write_bytes(data[: len(data) // 3])  # killed while writing
+    (folder / "step-000004.ckpt").write_bytes(b"")  # and the newest step file is empty too
+    path, ckpt = readable_checkpoint(str(folder / "last.ckpt"))
+    assert path == str(folder / "step-000002.ckpt") and ckpt["global_step"] == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: resume checkpoint {folder / 'last.ckpt'} is truncated or corrupt") and "Falling back to" in err
