@@ -1,0 +1,211 @@
+"""DSNO (optimize.dsno, samplers.nets.DSNOUNet): the student starts as the teacher, the temporal layer's algebra,
+the [B*M] layout, data from the executor's callback, a short run that overfits, export served by the unchanged
+runtime, resume, NaN stop and bad configs."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from optimize import dsno
+from optimize.cli import main
+from samplers import SolverTable, make_noise, sample
+from samplers.denoisers import EDMPrecond
+from samplers.nets import DSNOUNet, SpectralConv1d, TemporalBlock, build_net, load_denoiser, load_net
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "checkpoints" / "edm-digits.safetensors"
+SIGMAS = dsno.output_sigmas(4, 0.002, 80.0)
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def teacher() -> tuple[torch.nn.Module, dict]:
+    return load_net(str(TEACHER))
+
+
+def _student(teacher, sigmas=SIGMAS, modes=2, temporal=True, zero=False) -> DSNOUNet:
+    net, cfg = teacher
+    student = dsno.make_student(net, dsno.student_config(cfg, sigmas, modes, temporal, (1, 8, 8))).eval()
+    if zero:
+        with torch.no_grad():
+            for p in student.temporal.parameters():
+                p.zero_()
+    return student
+
+
+# --- the student starts as the teacher ------------------------------------------------------------
+def test_zero_temporal_slice_m_is_the_teacher_denoiser(teacher) -> None:
+    student = _student(teacher, zero=True)
+    den = EDMPrecond(teacher[0])
+    x = 3.0 * torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for m, s in enumerate(SIGMAS):  # an input at noise level sigma_m: slice m is exactly D_teacher(x, sigma_m)
+            got = dsno.trajectory(student, x, s)[:, m]
+            torch.testing.assert_close(got, den(x, s), atol=1e-5, rtol=1e-5)
+        # served: EDMPrecond(student) at sigma_max is the last slice of the trajectory at sigma_max
+        torch.testing.assert_close(EDMPrecond(student)(x, 80.0), dsno.trajectory(student, x, 80.0)[:, -1])
+    # init is near-identity, not zero: the temporal weights are small but trainable
+    w = [p.abs().max().item() for p in _student(teacher).temporal.parameters()]
+    assert all(0 < v < 1e-2 for v in w)
+
+
+def test_spectral_layer_identity_and_formula() -> None:
+    h = torch.randn(3, 4, 6, 2, 2, dtype=torch.float64)
+    block = TemporalBlock(6, modes=2, num_times=4).double()
+    with torch.no_grad():
+        block.conv.weight.zero_()
+    flat = h.reshape(12, 6, 2, 2)
+    assert torch.equal(block(flat), flat)  # identity at zero weights, bit for bit
+    # the layer is irfft(W_k rfft(h)_k, k < modes): check against an explicit DFT
+    conv = SpectralConv1d(6, modes=2).double()
+    with torch.no_grad():
+        conv.weight.normal_()
+    w = conv.weight[..., 0] + 1j * conv.weight[..., 1]  # [C_in, C_out, modes]
+    hn = h.numpy()
+    t = np.arange(4)
+    coeffs = [np.einsum("bmchw,m->bchw", hn, np.exp(-2j * np.pi * k * t / 4)) for k in range(2)]
+    mixed = [np.einsum("bihw,io->bohw", c, w[:, :, k].detach().numpy()) for k, c in enumerate(coeffs)]
+    # irfft with only modes 0, 1 of M = 4 (Hermitian: mode 1 counted twice, the imaginary part of mode 0 dropped)
+    want = np.stack([(mixed[0].real + 2 * (mixed[1] * np.exp(2j * np.pi * tt / 4)).real) / 4 for tt in t], axis=1)
+    np.testing.assert_allclose(conv(h).detach().numpy(), want, atol=1e-10)
+
+
+def test_batch_times_layout_keeps_each_time_with_its_embedding(teacher) -> None:
+    student = _student(teacher)
+    with torch.no_grad():
+        for p in student.temporal.parameters():
+            p.normal_(std=0.05)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) / 80
+    with torch.no_grad():
+        full = student.trajectory(x)
+        assert full.shape == (3, 4, 1, 8, 8)
+        for b in range(3):  # no mixing across samples: each sample alone gives the same slices
+            torch.testing.assert_close(student.trajectory(x[b:b + 1])[0], full[b], atol=1e-5, rtol=1e-5)
+    # without temporal mixing, slice m is the teacher's net with the embedding of sigma_m only
+    plain = _student(teacher, temporal=False)
+    net = teacher[0]
+    with torch.no_grad():
+        out = plain.trajectory(x)
+        for m, s in enumerate(SIGMAS):
+            torch.testing.assert_close(out[:, m], net(x, torch.full((3,), math.log(s) / 4)), atol=1e-5, rtol=1e-5)
+        reversed_net = _student(teacher, sigmas=SIGMAS[::-1], temporal=False)
+        torch.testing.assert_close(reversed_net.trajectory(x).flip(1), out, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in net.parameters())
+
+
+def test_times_weights_and_stored_data_come_from_the_executor(teacher) -> None:
+    assert SIGMAS[-1] == 0.002 and all(a > b for a, b in zip(SIGMAS, SIGMAS[1:]))
+    assert [round(s, 3) for s in SIGMAS] == [1.219, 0.414, 0.098, 0.002]  # tan(pi t/2) at t = (1 - m/4)^2
+    torch.testing.assert_close(dsno.loss_weights(SIGMAS), torch.tensor([1.0, 1 / SIGMAS[1], 1 / SIGMAS[2], 500.0]))
+    table, stored = dsno.data_table("dpmpp_2m", 6, 0.002, 80.0)
+    for m in (1, 2, 4):
+        got = [stored[i] for i in dsno.store_index(m)]
+        np.testing.assert_allclose(got, dsno.output_sigmas(m, 0.002, 80.0), rtol=1e-2)
+    den = EDMPrecond(teacher[0])
+    data = dsno.generate(den, table, stored, [7, 8, 9], (1, 8, 8), batch_size=2, progress=False)
+    e = make_noise(table, (1, 8, 8), [7, 8, 9])
+    torch.testing.assert_close(data["noise"], e[0])
+    with torch.no_grad():
+        torch.testing.assert_close(data["x0"][:, -1], sample(table, den, e))  # the last stored point is the sample
+        i = int(np.argmin(np.abs(table.sigmas.numpy() - stored[0])))
+        seen = {}
+        sample(table, den, e, callback=lambda j, x, d, s: seen.setdefault(j, d))
+        torch.testing.assert_close(data["x0"][:, 0], seen[i])
+    with pytest.raises(ValueError, match="must divide"):
+        dsno.store_index(3)
+
+
+# --- training --------------------------------------------------------------------------------------
+def test_short_run_overfits_a_handful_of_trajectories(teacher) -> None:
+    STEPS = 80
+    torch.manual_seed(0)
+    net, cfg = teacher
+    sigmas = dsno.output_sigmas(2, 0.002, 80.0)
+    module = dsno.DSNOModule(dsno.student_config(cfg, sigmas, 1, True, (1, 8, 8)), lr=3e-3, warmup_steps=5, steps=STEPS,
+                             ema_decay=0.9).init_from(net)
+    gen = torch.Generator().manual_seed(3)
+    data = {"noise": torch.randn(4, 1, 8, 8, generator=gen), "x0": torch.rand(4, 2, 1, 8, 8, generator=gen) * 2 - 1}
+    loader = dsno.data_loader(data, [0, 1], batch_size=4)
+    with torch.no_grad():
+        before = module.losses(data["noise"], data["x0"])[0].item()
+    trainer = L.Trainer(max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, loader)
+    with torch.no_grad():
+        after = module.losses(data["noise"], data["x0"])[0].item()
+        ema = (module(data["noise"], ema=True) - data["x0"]).abs().flatten(2).mean(-1).mean(0)
+    assert after < 0.2 * before, (before, after)
+    assert (module.weights * ema).mean() < 0.3 * before  # the exported (EMA) weights fit too
+    assert len(module.history) == STEPS
+
+
+def test_nan_loss_stops_with_a_sentence(teacher) -> None:
+    module = dsno.DSNOModule(dsno.student_config(teacher[1], SIGMAS, 2, True, (1, 8, 8)))
+    bad = torch.full((2, 4, 1, 8, 8), float("nan"))
+    with pytest.raises(dsno.NaNLossError, match="non-finite loss"):
+        module.training_step((torch.randn(2, 1, 8, 8), bad), 0)
+
+
+# --- command: export round trip, resume, bad configs ------------------------------------------------
+FAST = ["model=edm", "n_data=16", "data_steps=4", "data_batch_size=16", "batch_size=8", "M=2", "modes=1",
+        "evaluate_at_end=false", "progress_bar=false", "checkpoint_every=1", "warmup_steps=1"]
+
+
+def test_export_round_trip_served_by_samplers_generate(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = [*FAST, f"data_cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]
+    main(["dsno", *common, "steps=2"])
+    student_path, table_path = run / "dsno-edm.safetensors", run / "dsno-edm-1nfe.safetensors"
+    assert (run / "dsno-edm-loss.png").is_file() and (run / "logs" / "metrics.csv").is_file()
+    assert len(list((tmp_path / "cache").glob("dsno-*.safetensors"))) == 1
+    # resume continues from the checkpoint to the new step count (data from the cache)
+    main(["dsno", *common, "steps=3", f"resume={run}"])
+    from samplers.nets import read_net_header
+
+    config, meta = read_net_header(str(student_path))
+    assert meta["global_step"] == 3 and config["arch"] == "dsno_unet" and len(config["sigmas"]) == 2
+    den = load_denoiser(str(student_path))
+    table = SolverTable.load(str(table_path), fingerprint=den.fingerprint())
+    assert table.nfe == 1 and table.metadata["method"] == "dsno" and table.metadata["M"] == 2
+    with torch.no_grad():
+        x = sample(table, den, make_noise(table, (1, 8, 8), range(4)))
+        direct = dsno.trajectory(den.net, 80.0 * make_noise(1, (1, 8, 8), range(4))[0], 80.0)[:, -1]
+    torch.testing.assert_close(x, direct, atol=1e-5, rtol=1e-5)
+    out = tmp_path / "gen"
+    proc = subprocess.run([sys.executable, "-m", "samplers", "generate", "--table", str(table_path), "--model",
+                           f"edm:{student_path}", "--n", "4", "--out", str(out), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    samples = np.load(out / "samples.npz")
+    arr = samples["samples"]
+    np.testing.assert_allclose(arr.reshape(4, 1, 8, 8), x.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["M=0"], r"M (\(output times\) must be at least 1|must be an integer in 1\.\.)"),
+    (["modes=4"], r"modes must lie in 1\.\.M//2\+1 = 1\.\.3"),
+    (["M=1", "modes=2"], r"modes must lie in 1\.\.M//2\+1 = 1\.\.1"),
+    (["M=3", "modes=1"], "M must divide the 8 stored data times"),
+    (["model.checkpoint=/nonexistent/teacher.safetensors"], "does not exist"),
+    (["model=gmm"], "dsno distils a network teacher"),
+    (["loss=huber"], "loss must be one of l1, l2"),
+])
+def test_bad_config_is_one_error_line(args: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["dsno", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and re.search(message, err[0]), err
