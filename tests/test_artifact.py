@@ -105,3 +105,67 @@ def test_saved_tensors_are_float64_and_learned_tables_detach(tmp_path):
     back = SolverTable.load(path)
     assert back.coef.dtype == torch.float64 and not back.coef.requires_grad
     np.testing.assert_array_equal(back.coef.numpy(), base.coef.numpy())
+
+
+@pytest.mark.parametrize("meta, kind", [("[1, 2]", "list"), ("3", "int"), ('"text"', "str"), ("null", "NoneType")])
+def test_metadata_must_be_a_json_object(tmp_path, meta, kind):
+    t = baselines.build("euler", nfe=3)
+    path = str(tmp_path / "m.safetensors")
+    save_file({"sigmas": t.sigmas, "coef": t.coef}, path, metadata={"format": FORMAT_NAME, "format_version": "1", "metadata": meta})
+    with pytest.raises(TableError, match=rf"m\.safetensors: metadata must be a JSON object, got {kind}\."):
+        SolverTable.load(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64, torch.float16, torch.int64, torch.float32])
+def test_tensors_must_be_float64(tmp_path, dtype):
+    t = baselines.build("euler", nfe=3)
+    path = str(tmp_path / "d.safetensors")
+    save_file({"sigmas": t.sigmas.to(dtype), "coef": t.coef.to(dtype)}, path,
+              metadata={"format": FORMAT_NAME, "format_version": "1", "metadata": "{}"})
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(TableError, match=rf"tensor sigmas is {name}; a table stores float64\."):
+        SolverTable.load(path)
+
+
+def test_metadata_nfe_must_match_the_tensors(tmp_path):
+    t = baselines.build("euler", nfe=3)
+    path = _write_raw(tmp_path / "n.safetensors", t.sigmas, t.coef, meta={"nfe": 5})
+    with pytest.raises(TableError, match=r"metadata says nfe 5, but the tensors have nfe 3\."):
+        SolverTable.load(path)
+    ok = _write_raw(tmp_path / "ok.safetensors", t.sigmas, t.coef, meta={"nfe": 3, "n_noise": 1})
+    assert SolverTable.load(ok).nfe == 3
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_is_reported_as_unreadable(tmp_path):
+    path = baselines.build("euler", nfe=3).save(str(tmp_path / "u.safetensors"))
+    os.chmod(path, 0)
+    try:
+        with pytest.raises(TableError, match=r"u\.safetensors: table file is not readable \(permission denied\)\."):
+            SolverTable.load(path)
+    finally:
+        os.chmod(path, 0o600)
+
+
+def test_folder_is_not_a_table(tmp_path):
+    with pytest.raises(TableError, match=r"is a folder, not a table file\."):
+        SolverTable.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"arch": "unet", "channels": -8}, r"unet network config channels must be an integer in 1\.\.4096, got -8\."),
+    ({"arch": "unet", "channels": 4096, "channel_mult": [64, 64]}, r"asks for about .* parameters \(limit 2e\+09\)"),
+    ({"arch": "mlp", "hidden": 10**9}, r"mlp network config hidden must be an integer"),
+    ({"arch": "unet", "channel_mult": "abc"}, r"channel_mult must be a list"),
+    ({"arch": "unet", "max_freq": float("inf")}, r"max_freq must be a positive finite number"),
+    ([1, 2], r"network config must be a JSON object, got list"),
+])
+def test_network_configs_are_checked_before_allocating(tmp_path, config, message):
+    from samplers import nets
+
+    path = str(tmp_path / "n.safetensors")
+    save_file({"w": torch.zeros(1)}, path, metadata={"format": nets.NET_FORMAT, "format_version": "1",
+                                                     "config": json.dumps(config), "metadata": "{}"})
+    with pytest.raises(nets.NetError, match=message):
+        nets.load_net(path)
+    assert nets.full_config({"arch": "unet"})["channels"] == 24  # the shipped sizes pass
