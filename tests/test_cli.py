@@ -261,3 +261,101 @@ def test_fingerprint_mismatch(tmp_path, capsys) -> None:
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"made for model fingerprint {ring.fingerprint()}, but the model in use has fingerprint" in err
     assert generate(tmp_path, "ok", capsys, "--table", path, "--model", "gmm-ring", "--n", "2")["samples"].shape == (2, 2)
+
+
+# --- hostile inputs and faults (issue 11) ------------------------------------------------------
+MORE_ERRORS = [
+    (["--solver", "euler", "--nfe", "3", "--device", "meta"], r"--device meta cannot run samples"),
+    (["--solver", "euler", "--nfe", "3", "--rho", "inf"], r"--rho must be a finite number, got inf\."),
+    (["--solver", "euler", "--nfe", "3", "--sigma-max", "1e30"], r"--sigma-max 1e\+30 is above the largest noise level"),
+    (["--solver", "euler", "--nfe", "3", "--seed", str(2**63 - 2), "--n", "5"], r"must fit in 64 bits"),
+    (["--solver", "euler", "--nfe", "100000000"], r"--nfe 100000000 is too large: at most 10000"),
+    (["--solver", "euler", "--nfe", "3", "--n", str(10**13)], r"--n 10000000000000 samples take"),
+]
+
+
+@pytest.mark.parametrize("argv, message", MORE_ERRORS, ids=[str(i) for i in range(len(MORE_ERRORS))])
+def test_more_user_errors_before_any_work(tmp_path, capsys, argv: list[str], message: str) -> None:
+    code, out, err = run_main(["generate", *argv, "--out", str(tmp_path / "o"), *QUIET], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(message, err), err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_out_folder_checks_and_overwrite(tmp_path, capsys) -> None:
+    args = ["generate", "--solver", "euler", "--nfe", "3", "--n", "4", *QUIET]
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "is below the file")):
+        code, _, err = run_main([*args, "--out", str(out)], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    first = generate(tmp_path, "o", capsys, "--solver", "euler", "--nfe", "3", "--n", "4")
+    code, _, err = run_main([*args, "--seed", "9", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "already holds results (grid.png, samples.npz); add --overwrite" in err
+    with np.load(tmp_path / "o" / "samples.npz") as z:  # untouched
+        assert np.array_equal(z["samples"], first["samples"])
+    second = generate(tmp_path, "o", capsys, "--solver", "euler", "--nfe", "3", "--n", "4", "--seed", "9", "--overwrite")
+    assert second["seeds"].tolist() == [9, 10, 11, 12]
+    assert sorted(os.listdir(tmp_path)) == ["file", "o"]  # no temporary folder or shards left behind
+    assert sorted(os.listdir(tmp_path / "o")) == ["grid.png", "samples.npz"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    code, _, err = run_main([*args, "--overwrite", "--out", str(tmp_path / "mine")], capsys)
+    assert code == 2 and "holds other files (notes.txt)" in err and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_non_finite_samples_name_the_first_bad_step(tmp_path, capsys) -> None:
+    table = baselines.build("euler", nfe=4)
+    coef = table.coef.clone()
+    coef[2, 1] = coef[2, 2] = 1e308  # finite coefficients whose sum overflows at evaluation 2
+    path = SolverTable(table.sigmas, coef).save(str(tmp_path / "bad.safetensors"))
+    code, out, err = run_main(["generate", "--table", path, "--dtype", "float64", "--out", str(tmp_path / "o"), *QUIET], capsys)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == ["error: samples became NaN or infinite at the input of evaluation 2 (sigma 0.47) "
+                                        "for seeds 0..63; the table, its sigma range or the network is unusable here "
+                                        "(nothing of this batch was written)."]
+    assert sorted(os.listdir(tmp_path)) == ["bad.safetensors"]
+
+
+def test_killed_run_resumes_to_byte_identical_output(tmp_path, capsys) -> None:
+    """SIGKILL a run after a few batches; --resume samples only the rest and the files equal an uninterrupted run's."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "samplers", "generate", "--solver", "dpmpp_2m", "--nfe", "50", "--n", "600",
+           "--batch-size", "20", "--seed", "11", "--out", str(out), "--no-progress"]
+    partial = tmp_path / ".o.partial"
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(partial.glob("batch-*.npy"))) < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(partial.glob("batch-*.npy")))
+    assert 3 <= done < 30 and not out.exists(), done
+    code, _, err = run_main(cmd[3:], capsys)  # without --resume: refused, shards kept
+    assert code == 2 and "add --resume to finish it" in err and len(list(partial.glob("batch-*.npy"))) == done
+    resumed = subprocess.run([*cmd, "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not partial.exists()
+    got = {name: (out / name).read_bytes() for name in ("samples.npz", "grid.png")}
+    straight = subprocess.run([*cmd, "--overwrite"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    for name, data in got.items():
+        assert (out / name).read_bytes() == data, name
+    with np.load(out / "samples.npz") as z:
+        assert z["samples"].shape == (600, 1, 8, 8) and z["seeds"].tolist() == list(range(11, 611))
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path, capsys) -> None:
+    from samplers.__main__ import partial_dir, run_identity, write_shard
+
+    args = ["generate", "--solver", "euler", "--nfe", "3", "--n", "8", "--batch-size", "4", "--out", str(tmp_path / "o"), *QUIET]
+    ns = __import__("argparse").Namespace(model="gmm", n=8, seed=0, batch_size=4, dtype="float32", label=None)
+    ident = run_identity(ns, baselines.build("euler", 3), GaussianMixture.random().fingerprint(), (1, 8, 8), torch.device("cpu"))
+    write_shard(partial_dir(str(tmp_path / "o")), ident, 0, np.full((4, 1, 8, 8), 7.0, np.float32))  # a planted first batch
+    code, _, err = run_main([*args, "--resume", "--seed", "1"], capsys)
+    assert code == 2 and "had seed=0, this command has seed=1" in err
+    z = generate(tmp_path, "o", capsys, "--solver", "euler", "--nfe", "3", "--n", "8", "--batch-size", "4", "--resume")
+    assert np.all(z["samples"][:4] == 7.0) and not np.any(z["samples"][4:] == 7.0)  # batch 0 came from its shard
