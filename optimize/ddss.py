@@ -40,9 +40,11 @@ once): the first feature net of the model (``model.features[0]``) for images, ra
 
 Optimiser: Adam (betas 0.9, 0.99), learning rate ``lr`` for u and ``sigma_lr`` for theta, linear warm-up over
 ``warmup_steps`` then cosine decay to ``min_lr_ratio`` x lr at ``steps``; gradient-norm clipping at
-``grad_clip``. Validation every ``val_every`` steps (and before the first) samples ``n_val`` fixed seeds and
-scores held-out and training-set KID/FD with every feature net; the table with the best ``monitor`` is kept
-and exported.
+``grad_clip``. Validation every ``val_every`` steps (and before the first) samples ``n_val`` fixed seeds of the
+selection range (``optimize.seeds.VAL_SEED_OFFSET``, disjoint from the evaluation seeds) and scores KID/FD against
+the TRAINING set with the first feature net only; the table with the best ``monitor`` is kept and exported. The
+held-out set and the second feature net are never seen by training or selection, so the reported held-out FD and
+FD-b are independent of every choice the learner made (training-set FD is not: the loss is KID against it).
 """
 
 from __future__ import annotations
@@ -62,12 +64,12 @@ from samplers.table import FORMAT_VERSION
 
 from .metrics import _poly_kernel
 from .runs import resume_path, trainer_parts
+from .seeds import VAL_SEED_OFFSET
 from .teacher import NaNLossError
 
 FAMILIES = ("ggdm", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
-MONITORS = ("fd_heldout", "kid_heldout", "fd_train", "kid_train")
-VAL_SEED_OFFSET = 2_000_000  # validation seeds: never the evaluation (0..) or tuning (1e6..) seeds
+MONITORS = ("fd_train", "kid_train")  # selection sees only the training set: held-out data and FD-b stay independent
 SLACK_FLOOR = 1e-3  # initial share of the slack bucket (log sigma span below the last sigma) when it is ~0
 
 
@@ -248,7 +250,7 @@ class DDSSModule(L.LightningModule):
                  learn_noise: bool = False, sigma_min: float = 0.002, sigma_max: float = 80.0, schedule: str = "karras",
                  rho: float = 7.0, sigma_data: float = 0.5, batch_size: int = 256, lr: float = 2e-3, sigma_lr: float = 1e-2,
                  warmup_steps: int = 20, min_lr_ratio: float = 0.05, steps: int = 500, remat: bool = True,
-                 val_every: int = 100, n_val: int = 500, monitor: str = "fd_heldout", seed: int = 0):
+                 val_every: int = 100, n_val: int = 500, monitor: str = "fd_train", seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.sampler = GGDMTable(nfe, family, init, learn_sigmas=learn_sigmas, learn_noise=learn_noise, sigma_min=sigma_min,
@@ -271,7 +273,9 @@ class DDSSModule(L.LightningModule):
             den.requires_grad_(False).eval()
         name = next(iter(judge.features))
         real = judge.real_feats("train", name)
-        self._ext = {"model": model, "judge": judge, "feature": name, "real": real, "real_term": real_term(real)}
+        # training and selection see the training set and the first feature net only (no held-out data, no FD-b)
+        val_judge = judge.restricted(splits=["train"], features=[name], n_boot=0)
+        self._ext = {"model": model, "judge": val_judge, "feature": name, "real": real, "real_term": real_term(real)}
         return self
 
     @property
@@ -334,7 +338,8 @@ class DDSSModule(L.LightningModule):
                           device=self.device)
 
     def validate_now(self, log: bool = True) -> dict[str, float]:
-        """Score the current table on the validation seeds; keep it when it is the best so far."""
+        """Score the current table on the validation seeds (VAL_SEED_OFFSET.., never evaluated) against the training
+        set with the first feature net; keep it when its ``monitor`` is the best so far."""
         judge = self._ext["judge"]
         with torch.no_grad():
             table = self.sampler.frozen()
@@ -347,7 +352,8 @@ class DDSSModule(L.LightningModule):
             scores = judge.score(x)
             score = scores[f"{self.hparams.monitor}_{self._ext['feature']}"]
         step = int(self.global_step)
-        self.history["val"].append({"step": step, **{k: v for k, v in scores.items() if not k.startswith("kid_se")}})
+        scores = {k: v for k, v in scores.items() if not k.startswith(("kid_se", "_"))}
+        self.history["val"].append({"step": step, **scores})
         if score < float(self.best_score):
             self.best_score.fill_(score)
             self.best_step.fill_(step)
@@ -356,10 +362,9 @@ class DDSSModule(L.LightningModule):
         feat = self._ext["feature"]
         if log and "finite" not in scores:
             # on_step only: an epoch-level entry would be the mean of every validation so far
-            self.log_dict({"val_kid": scores[f"kid_heldout_{feat}"], "val_fd": scores[f"fd_heldout_{feat}"]}, prog_bar=True,
+            self.log_dict({"val_kid": scores[f"kid_train_{feat}"], "val_fd": scores[f"fd_train_{feat}"]}, prog_bar=True,
                           on_step=True, on_epoch=False)
-            self.log_dict({k: v for k, v in scores.items() if not k.startswith("kid_se")}, prog_bar=False, on_step=True,
-                          on_epoch=False)
+            self.log_dict(scores, prog_bar=False, on_step=True, on_epoch=False)
         return scores
 
     def on_train_start(self) -> None:
@@ -409,7 +414,7 @@ class DDSSModule(L.LightningModule):
             "schedule": self.sampler.base_metadata.get("schedule"), "steps": int(self.global_step),
             "best_step": int(self.best_step), "seed": int(hp.seed), "loss": self.loss_summary(),
             "world_size": int(self.trainer.world_size) if self._trainer is not None else 1,
-            "heldout_metrics": best[0] if best else None, "validation": self.history["val"],
+            "selection_metrics": best[0] if best else None, "validation": self.history["val"],
             "config": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in hp.items()},
             **self.export_metadata,
         }
@@ -587,8 +592,7 @@ def run(cfg: Any) -> dict[str, Any]:
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per DDP process
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     model = load_model(cfg.model, device)
-    judge = Judge.for_model(cfg.model, model.shape, device, kid_subsets=int(cfg.kid_subsets),
-                            kid_subset_size=int(cfg.kid_subset_size))
+    judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
     module = build_module(cfg).attach(model, judge)
     module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}-nfe{int(cfg.nfe)}.safetensors")
     module.export_metadata = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint,
@@ -629,6 +633,6 @@ def run(cfg: Any) -> dict[str, Any]:
             if cfg.get("evaluate_at_end", True) else [])
     table.metadata["train_seconds"] = round(seconds, 1)
     if rows:  # the final measurement goes into the artifact too
-        table.metadata["evaluation"] = {k: v for k, v in rows[0].items() if k not in ("method", "model")}
+        table.metadata["evaluation"] = {k: v for k, v in rows[0].items() if k not in ("method", "model") and not k.startswith("_")}
     table.save(path)
     return {"table": path, "rows": rows}

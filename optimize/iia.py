@@ -474,7 +474,6 @@ def run(cfg: Any) -> list[str]:
         paths.append(path)
         jobs += [(base_name, base, {}), (f"iia-{variant}", table, {})]
     if cfg.evaluate and jobs:
-        judge = Judge.for_model(cfg.model, model.shape, device, kid_subsets=int(cfg.kid_subsets),
-                                kid_subset_size=int(cfg.kid_subset_size))
+        judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
         evaluate_jobs(cfg, model, judge, jobs)
     return paths

@@ -7,10 +7,13 @@ metrics detach, run on the CPU and return Python floats.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +23,13 @@ from samplers.artifact import atomic_save
 __all__ = [
     "mmd2_unbiased",
     "kid",
+    "kid_estimate",
+    "KIDEstimate",
+    "paired_kid_difference",
+    "fd_estimate",
+    "FDEstimate",
+    "FDReference",
+    "paired_fd_difference",
     "frechet_from_stats",
     "frechet_distance",
     "sliced_wasserstein",
@@ -63,34 +73,83 @@ def mmd2_unbiased(feat_a: Any, feat_b: Any) -> torch.Tensor:
     return _mmd2_from_kernels(_poly_kernel(a, a), _poly_kernel(b, b), _poly_kernel(a, b))
 
 
-FULL_GRAM_LIMIT = 6000  # kid precomputes the full kernel matrices (3 x N^2 float64) up to this many rows
+BLOCK = 2048  # rows per kernel block: memory stays O(BLOCK * N) however large the sets
 
 
-def kid(feat_a: Any, feat_b: Any, n_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance: mean of mmd2_unbiased over ``n_subsets`` random subsets (without replacement,
-    size ``min(subset_size, N_a, N_b)``) and its standard error ``std(ddof=1) / sqrt(n_subsets)``."""
-    a, b = _feats(feat_a).detach().cpu(), _feats(feat_b).detach().cpu()
-    _check_pair(a, b, "KID")
-    if n_subsets < 2:
-        raise ValueError(f"KID needs n_subsets >= 2 for a standard error, got {n_subsets}.")
-    size = min(subset_size, a.shape[0], b.shape[0])
-    rng = np.random.default_rng(seed)
-    picks = [(rng.choice(a.shape[0], size, replace=False), rng.choice(b.shape[0], size, replace=False)) for _ in range(n_subsets)]
-    if max(a.shape[0], b.shape[0]) <= FULL_GRAM_LIMIT:
-        # subset sums as quadratic forms w^T K w of 0/1 indicator rows w (no gathers): same numbers, faster
-        wa = torch.zeros((n_subsets, a.shape[0]), dtype=torch.float64)
-        wb = torch.zeros((n_subsets, b.shape[0]), dtype=torch.float64)
-        for s, (ia, ib) in enumerate(picks):
-            wa[s, torch.from_numpy(ia)] = 1.0
-            wb[s, torch.from_numpy(ib)] = 1.0
-        k_aa, k_bb, k_ab = _poly_kernel(a, a), _poly_kernel(b, b), _poly_kernel(a, b)
-        off = size * (size - 1)
-        term_a = (((wa @ k_aa) * wa).sum(1) - wa @ k_aa.diagonal()) / off
-        term_b = (((wb @ k_bb) * wb).sum(1) - wb @ k_bb.diagonal()) / off
-        vals = (term_a + term_b - 2.0 * ((wa @ k_ab) * wb).sum(1) / size**2).numpy()
-    else:
-        vals = np.array([float(mmd2_unbiased(a[torch.from_numpy(ia)], b[torch.from_numpy(ib)])) for ia, ib in picks])
-    return float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(n_subsets))
+def _kernel_row_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row sums of ``k(a, b)`` (length N_a), column sums (length N_b) and, for ``a is b``, the diagonal (else empty);
+    computed in blocks of BLOCK rows."""
+    rows, cols, diag = [], torch.zeros(b.shape[0], dtype=torch.float64), []
+    for s in range(0, a.shape[0], BLOCK):
+        k = _poly_kernel(a[s:s + BLOCK], b)
+        rows.append(k.sum(1))
+        cols += k.sum(0)
+        if a is b:
+            diag.append(k.diagonal(s))
+    return torch.cat(rows), cols, torch.cat(diag) if diag else torch.empty(0, dtype=torch.float64)
+
+
+@dataclass
+class KIDEstimate:
+    """Unbiased MMD^2 of a generated set A (m rows) against a reference set R (n rows), with its jackknife.
+
+    ``loo_a[i]`` is the estimate without generated row i, ``loo_r[j]`` without reference row j. Two estimates on
+    the same seeds and the same reference have aligned rows, so their difference has a paired jackknife too.
+    """
+
+    value: float
+    loo_a: np.ndarray
+    loo_r: np.ndarray
+
+    @property
+    def se(self) -> float:
+        """Two-sample jackknife standard error: ``sqrt(v_A + v_R)``, ``v = (n-1)/n sum (loo - mean loo)^2`` per side.
+        It counts the sampling of both sets and, by the Efron-Stein inequality, errs on the large side."""
+        return _jackknife_se(self.loo_a, self.loo_r)
+
+
+def _jackknife_se(loo_a: np.ndarray, loo_r: np.ndarray) -> float:
+    var = 0.0
+    for loo in (loo_a, loo_r):
+        n = loo.shape[0]
+        var += (n - 1) / n * float(((loo - loo.mean()) ** 2).sum())
+    return math.sqrt(var)
+
+
+def kid_estimate(feat_a: Any, feat_r: Any) -> KIDEstimate:
+    """KID of generated features A against reference features R: the unbiased MMD^2 with the cubic kernel on the
+    whole sets (the mean of KID's subset estimates, without their subset noise) and every leave-one-out value.
+
+    With ``S_aa = sum_{i!=j} k(a_i,a_j)``, ``r_i = sum_{j!=i} k(a_i,a_j)`` and ``c_i = sum_j k(a_i,r_j)``, deleting a_i
+    gives ``(S_aa - 2 r_i)/((m-1)(m-2)) + S_rr/(n(n-1)) - 2 (S_ar - c_i)/((m-1) n)``; likewise for r_j."""
+    a, r = _feats(feat_a).detach().cpu(), _feats(feat_r).detach().cpu()
+    _check_pair(a, r, "KID")
+    m, n = a.shape[0], r.shape[0]
+    if m < 3 or n < 3:
+        raise ValueError(f"KID's jackknife needs at least 3 rows on each side, got {m} and {n}.")
+    row_aa, _, diag_a = _kernel_row_sums(a, a)
+    row_rr, _, diag_r = _kernel_row_sums(r, r)
+    row_ar, col_ar, _ = _kernel_row_sums(a, r)
+    off_a, off_r = row_aa - diag_a, row_rr - diag_r  # sum over j != i
+    s_aa, s_rr, s_ar = off_a.sum(), off_r.sum(), row_ar.sum()
+    value = s_aa / (m * (m - 1)) + s_rr / (n * (n - 1)) - 2 * s_ar / (m * n)
+    loo_a = (s_aa - 2 * off_a) / ((m - 1) * (m - 2)) + s_rr / (n * (n - 1)) - 2 * (s_ar - row_ar) / ((m - 1) * n)
+    loo_r = s_aa / (m * (m - 1)) + (s_rr - 2 * off_r) / ((n - 1) * (n - 2)) - 2 * (s_ar - col_ar) / (m * (n - 1))
+    return KIDEstimate(float(value), loo_a.numpy(), loo_r.numpy())
+
+
+def kid(feat_a: Any, feat_b: Any) -> tuple[float, float]:
+    """Kernel Inception Distance and its standard error: ``(kid_estimate(a, b).value, kid_estimate(a, b).se)``."""
+    est = kid_estimate(feat_a, feat_b)
+    return est.value, est.se
+
+
+def paired_kid_difference(x: KIDEstimate, y: KIDEstimate) -> tuple[float, float]:
+    """``KID(A) - KID(B)`` for two generated sets on the same seeds against the same reference, and its paired
+    jackknife standard error (deleting seed i deletes a_i and b_i together)."""
+    if x.loo_a.shape != y.loo_a.shape or x.loo_r.shape != y.loo_r.shape:
+        raise ValueError("a paired KID difference needs both estimates on the same seeds and the same reference.")
+    return x.value - y.value, _jackknife_se(x.loo_a - y.loo_a, x.loo_r - y.loo_r)
 
 
 def _sqrt_psd(c: torch.Tensor) -> torch.Tensor:
@@ -124,6 +183,108 @@ def frechet_distance(feat_a: Any, feat_b: Any) -> float:
     a, b = _feats(feat_a).detach().cpu(), _feats(feat_b).detach().cpu()
     _check_pair(a, b, "FD")
     return frechet_from_stats(*_stats(a), *_stats(b))
+
+
+N_BOOT = 200  # bootstrap replicates of FD intervals
+
+
+@dataclass
+class FDEstimate:
+    """Frechet distance on the whole sets and on ``n_boot`` bootstrap replicates (both sets resampled)."""
+
+    value: float
+    boot: np.ndarray
+
+    @property
+    def se(self) -> float:
+        """Bootstrap standard error (std of the replicates); NaN without replicates."""
+        return float(self.boot.std(ddof=1)) if self.boot.size > 1 else float("nan")
+
+
+def boot_counts(n: int, n_boot: int, seed: int) -> torch.Tensor:
+    """``[n_boot, n]`` float64 multiplicities of n rows drawn with replacement, from a seeded generator: the same
+    (n, n_boot, seed) always gives the same resamples, which is what pairs two sets on the same seeds."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=gen)
+    return torch.zeros((n_boot, n), dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+
+
+def _boot_stats(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means ``[B, d]`` and unbiased covariances ``[B, d, d]`` of the resamples ``counts`` of the rows of x."""
+    n = x.shape[0]
+    xc = x - x.mean(0)  # centred first: the covariance below is then free of cancellation
+    mu = counts @ xc / n
+    second = torch.matmul(xc.T[None] * counts[:, None, :], xc)
+    cov = (second - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
+    return mu + x.mean(0), cov
+
+
+@dataclass
+class FDReference:
+    """A reference set's statistics for fd_estimate: full-set mean/covariance/sqrt and those of its resamples."""
+
+    mu: torch.Tensor
+    cov: torch.Tensor
+    sqrt: torch.Tensor
+    boot_mu: torch.Tensor
+    boot_cov: torch.Tensor
+    boot_sqrt: torch.Tensor
+
+    @classmethod
+    def of(cls, feat_r: Any, n_boot: int = N_BOOT, seed: int = 0) -> "FDReference":
+        r = _feats(feat_r).detach().cpu()
+        mu, cov = _stats(r)
+        boot_mu, boot_cov = _boot_stats(r, boot_counts(r.shape[0], n_boot, seed + 1))
+        with _one_thread():
+            w, v = torch.linalg.eigh((boot_cov + boot_cov.transpose(1, 2)) / 2)
+        boot_sqrt = (v * w.clamp(min=0).sqrt()[:, None, :]) @ v.transpose(1, 2)
+        return cls(mu, cov, _sqrt_psd(cov), boot_mu, boot_cov, boot_sqrt)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small batched eigen-decompositions on one thread: on a busy machine torch's threaded batched eigh is
+    100x slower than a single thread, and d x d matrices with d ~ 128 gain nothing from threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fd_batch(mu_a: torch.Tensor, cov_a: torch.Tensor, mu_r: torch.Tensor, cov_r: torch.Tensor, sqrt_r: torch.Tensor) -> torch.Tensor:
+    """Batched ``|mu_a-mu_r|^2 + Tr(C_a + C_r - 2 (C_r^{1/2} C_a C_r^{1/2})^{1/2})``, clipped at 0."""
+    m = sqrt_r @ cov_a @ sqrt_r
+    with _one_thread():
+        tr_sqrt = torch.linalg.eigvalsh((m + m.transpose(-1, -2)) / 2).clamp(min=0).sqrt().sum(-1)
+    fd = ((mu_a - mu_r) ** 2).sum(-1) + cov_a.diagonal(0, -2, -1).sum(-1) + cov_r.diagonal(0, -2, -1).sum(-1) - 2 * tr_sqrt
+    return fd.clamp(min=0)
+
+
+def fd_estimate(feat_a: Any, reference: "FDReference | Any", n_boot: int = N_BOOT, seed: int = 0) -> FDEstimate:
+    """Frechet distance of generated features A to a reference, with ``n_boot`` bootstrap replicates that resample
+    both sets (generated rows with ``boot_counts(m, n_boot, seed)``, reference rows with seed + 1). ``reference``
+    is an FDReference (precomputed once per reference set) or the reference features."""
+    ref = reference if isinstance(reference, FDReference) else FDReference.of(reference, n_boot, seed)
+    a = _feats(feat_a).detach().cpu()
+    if a.shape[0] < 2 or a.shape[1] != ref.mu.shape[0]:
+        raise ValueError(f"FD needs [>=2, {ref.mu.shape[0]}] generated features, got {tuple(a.shape)}.")
+    mu, cov = _stats(a)
+    value = float(_fd_batch(mu, cov, ref.mu, ref.cov, ref.sqrt))
+    if ref.boot_mu.shape[0] == 0:
+        return FDEstimate(value, np.zeros(0))
+    boot_mu, boot_cov = _boot_stats(a, boot_counts(a.shape[0], ref.boot_mu.shape[0], seed))
+    boot = _fd_batch(boot_mu, boot_cov, ref.boot_mu, ref.boot_cov, ref.boot_sqrt)
+    return FDEstimate(value, boot.numpy())
+
+
+def paired_fd_difference(x: FDEstimate, y: FDEstimate) -> tuple[float, float]:
+    """``FD(A) - FD(B)`` for two sets on the same seeds and reference (same resamples), and the standard error of
+    the replicate-wise differences."""
+    if x.boot.shape != y.boot.shape or x.boot.size < 2:
+        raise ValueError("a paired FD difference needs two estimates with the same bootstrap replicates.")
+    return x.value - y.value, float((x.boot - y.boot).std(ddof=1))
 
 
 def sliced_wasserstein(

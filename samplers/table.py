@@ -45,6 +45,7 @@ class SolverTable:
         self.coef = _as_float64(coef, "coef")
         self.metadata = dict(metadata or {})
         self._plan: _Plan | None = None
+        self._plan_key: tuple[int, ...] | None = None
         if check:
             self.validate()
 
@@ -108,6 +109,22 @@ class SolverTable:
                     f"evaluations j < i."
                 )
         return self
+
+    def _state_key(self) -> tuple[int, ...]:
+        """Identity and in-place version counters of coef and sigmas: changes whenever either is edited or replaced."""
+        return (id(self.coef), self.coef._version, id(self.sigmas), self.sigmas._version)
+
+    def _cached_plan(self) -> "_Plan":
+        """The execution plan of the current coefficients, built once and rebuilt (after re-validation) whenever
+        ``coef`` or ``sigmas`` were edited in place or replaced since: an edit never runs a stale plan."""
+        key = self._state_key()
+        if self._plan is None or self._plan_key != key:
+            if self._plan is not None:
+                self.validate()  # edited after the last run: check shapes, finiteness and causality again
+            coef = self.coef.detach().cpu().numpy()
+            self._plan = _make_plan(self.nfe, self.n_noise, coef != 0, coef)
+            self._plan_key = key
+        return self._plan
 
     # --- persistence (see artifact.py) -------------------------------------------------------
     def save(self, path: str) -> str:
@@ -207,10 +224,7 @@ def sample(
     elif learning:
         plan = _make_plan(n, k, table.support(), None)
     else:
-        if table._plan is None:
-            coef = table.coef.numpy()
-            table._plan = _make_plan(n, k, coef != 0, coef)
-        plan = table._plan
+        plan = table._cached_plan()
 
     batch = noise.shape[1]
     like = noise[0]

@@ -23,9 +23,9 @@ sys.path.insert(0, str(REPO))
 
 
 from optimize.cli import ConfigError, compose_config, resolve_path  # noqa: E402
-from optimize.evaluate import (Judge, evaluate, format_table, load_model, plot_quality, reference_solve,  # noqa: E402
-                               write_results)
-from optimize.metrics import ReferenceCache, frechet_distance, kid  # noqa: E402
+from optimize.evaluate import Judge, evaluate, format_table, load_model, plot_quality, reference_solve, write_results  # noqa: E402
+from optimize.metrics import ReferenceCache, fd_estimate, kid  # noqa: E402
+from optimize.report import NOTE, best, diff_cell, pivot, pm, table  # noqa: E402
 from samplers import baselines  # noqa: E402
 
 SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc"]
@@ -69,26 +69,31 @@ def reference_points(model_name: str, n: int, device: str, converged_nfe: int = 
     x = evaluate(model.denoiser, table, judge=judge, shape=model.shape, seeds=range(max(n, len(train))), dtype=model.dtype,
                  device=device)["samples"]
     x = x.clamp(-1, 1) if judge.clip else x
-    lines = ["| compared | features | FD | KID ± se |", "|---|---|---:|---:|"]
+    lines = ["| compared | features | FD ± se | KID ± se |", "|---|---|---:|---:|"]
     for name in judge.features:
         f_held = judge.feats(name, held)
         pairs = [(f"real train ({len(train)}) vs held-out ({len(held)}): the floor", judge.feats(name, train), f_held),
                  (f"teacher Heun NFE {converged_nfe} ({len(train)}) vs held-out ({len(held)})", judge.feats(name, x[: len(train)]), f_held),
                  (f"teacher Heun NFE {converged_nfe} ({n}) vs train ({len(train)})", judge.feats(name, x[:n]), judge.feats(name, train))]
         for label, a, b in pairs:
-            k, se = kid(a, b, n_subsets=100, subset_size=1000)
-            lines.append(f"| {label} | {name} | {frechet_distance(a, b):.3g} | {k:.4f} ± {se:.4f} |")
+            k, se = kid(a, b)
+            fd = fd_estimate(a, b)
+            lines.append(f"| {label} | {name} | {fd.value:.3g} ± {fd.se:.2g} | {k:.4g} ± {se:.2g} |")
     return "\n".join(lines) + "\n"
 
 
-def pivot(rows: list[dict[str, Any]], key: str, nfes: list[int], digits: int = 3) -> str:
-    """Markdown table: one row per solver, one column per NFE."""
-    head = "| solver | " + " | ".join(f"NFE {k}" for k in nfes) + " |\n|---|" + "---:|" * len(nfes) + "\n"
-    lines = []
-    for solver in dict.fromkeys(r["method"] for r in rows):
-        cells = {int(r["nfe"]): r[key] for r in rows if r["method"] == solver}
-        lines.append(f"| {solver} | " + " | ".join("-" if cells.get(k) is None else f"{cells[k]:.{digits}g}" for k in nfes) + " |")
-    return head + "\n".join(lines) + "\n"
+def best_per_nfe(rows: list[dict[str, Any]], key: str, nfes: list[int]) -> str:
+    """Markdown: at each NFE the best solver by ``key`` and every other solver's paired difference to it."""
+    body = []
+    for nfe in nfes:
+        top = best(rows, key, lambda r: r["nfe"] == nfe)
+        if top is None:
+            continue
+        others = sorted((r for r in rows if r["nfe"] == nfe and r is not top), key=lambda r: r[key])
+        tied = [r["method"] for r in others if diff_cell(r, top, key).endswith("≈")]
+        body.append([str(nfe), top["method"], pm(top, key), ", ".join(tied) or "none",
+                     "; ".join(f"{r['method']} {diff_cell(r, top, key)}" for r in others[:2])])
+    return table(["NFE", "best", key, "within noise of it", "next two (paired difference to the best)"], body, 6)
 
 
 def main() -> None:
@@ -112,7 +117,9 @@ def main() -> None:
             sys.exit(f"error: {err}")
         print(format_table(rows))
         feat = "main" if "fd_train_main" in rows[0] else "raw"
-        parts = [f"## model={name}\n", "Reference points (the best a sampler of this model can do, and the noise floor of the metrics):\n\n",
+        key = f"fd_train_{feat}"
+        parts = [f"## model={name}\n", f"Best classic solver at each NFE by {key}, and which others are within noise of it:\n\n",
+                 best_per_nfe(rows, key, args.nfe), "\n", "Reference points (the best a sampler of this model can do, and the noise floor of the metrics):\n\n",
                  reference_points(name, args.n, args.device), f"\nFD against the training set ({feat} features):\n", pivot(rows, f"fd_train_{feat}", args.nfe),
                  f"\nKID against the training set ({feat} features):\n", pivot(rows, f"kid_train_{feat}", args.nfe, 2),
                  f"\nRMSE to the reference solve (Heun, NFE {args.ref_nfe or 255}, same noise):\n", pivot(rows, "ref_rmse", args.nfe)]
@@ -128,7 +135,7 @@ def main() -> None:
             "seeds 0..n-1 for every solver (paired); karras schedule, rho 7, sigma 0.002..80; '-' = NFE the solver cannot "
             "meet exactly (heun: odd only). Learned and other samplers on the same seeds: "
             "[IIA](results-iia.md) ([GMM](results-iia-gmm.md)), [DDSS](results-ddss.md), [TADA](results-tada.md) "
-            "(with its plot `results/tada/quality-vs-nfe.png`).\n\n")
+            "(with its plot `results/tada/quality-vs-nfe.png`).\n\n" + NOTE + "\n\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(head + "\n".join(sections))
     print(f"wrote {args.out}")

@@ -23,7 +23,7 @@ from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net
 
 ROOT = Path(__file__).resolve().parents[1]
-GMM_FAST = ["model=gmm", "n_val=64", "n=128", "ref_nfe=15", "kid_subsets=4", "kid_subset_size=64", "grid=0",
+GMM_FAST = ["model=gmm", "n_val=64", "n=128", "ref_nfe=15", "n_boot=20", "grid=0",
             "compare=[euler]", "progress_bar=false", "checkpoint_every=2"]
 
 
@@ -114,7 +114,7 @@ def _tiny_module(nfe: int = 4, **kw) -> ddss.DDSSModule:
     model = Model("tiny", den, (1, 8, 8), "tiny-fp", torch.float64)
     real = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
     feat_net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh()).to(torch.float64)
-    judge = Judge(features={"main": feat_net}, real={"train": real, "heldout": real[:20]}, kid_subsets=4, kid_subset_size=16)
+    judge = Judge(features={"main": feat_net}, real={"train": real, "heldout": real[:20]}, n_boot=20)
     kw.setdefault("batch_size", 6)
     kw.setdefault("n_val", 12)
     return ddss.DDSSModule(nfe, **kw).attach(model, judge)
@@ -193,8 +193,10 @@ def test_gmm_run_lowers_loss_and_exports_loadable_table(tmp_path: Path) -> None:
     table = SolverTable.load(str(path))
     meta = table.metadata
     assert meta["method"] == "ddss" and meta["family"] == "ggdm" and meta["init"] == "euler" and meta["nfe"] == 3
-    assert meta["steps"] == 30 and meta["seed"] == 0 and meta["model_fingerprint"] and meta["heldout_metrics"]
+    assert meta["steps"] == 30 and meta["seed"] == 0 and meta["model_fingerprint"] and meta["selection_metrics"]
     assert meta["loss"]["last"] < meta["loss"]["first"]
+    # selection saw only the training set: nothing held-out was computed during training
+    assert meta["validation"] and all("heldout" not in k for v in meta["validation"] for k in v)
     assert meta["evaluation"]["fd_train_raw"] < 4.0  # euler at nfe 3 on this GMM: about 4.9
     for suffix in ("-sigmas.png", "-coef.png"):
         assert (run_dir / f"ddss-ggdm-nfe3{suffix}").stat().st_size > 1000

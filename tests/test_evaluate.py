@@ -14,7 +14,7 @@ from optimize.evaluate import Judge, evaluate, feature_maps, read_results, start
 from samplers import baselines
 from samplers.denoisers import GaussianMixture
 
-TINY = ["model=gmm", "n=24", "ref_nfe=21", "kid_subsets=4", "grid=16"]
+TINY = ["model=gmm", "n=24", "ref_nfe=21", "n_boot=20", "grid=16"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -26,7 +26,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_evaluate_api_2d_ring() -> None:
     gmm = GaussianMixture.ring(8, radius=2.0, std=0.1)
     real = {"train": gmm.sample(200, torch.Generator().manual_seed(0))}
-    judge = Judge(features=feature_maps("raw"), real=real, kid_subsets=4)
+    judge = Judge(features=feature_maps("raw"), real=real, n_boot=20)
     table = baselines.build("dpmpp_2m", 10, sigma_max=20.0)
     assert start_sigma(table) == 20.0
     ref = evaluate(gmm, baselines.build("heun", 41, sigma_max=20.0), judge=judge, shape=(2,), seeds=range(64), dtype=torch.float64)
@@ -104,10 +104,44 @@ def test_tuned_baseline_picks_the_best_schedule_on_separate_seeds(tmp_path: Path
 
     gmm = GaussianMixture.random((1, 8, 8), components=6, seed=0)
     real = {"train": __import__("optimize.data", fromlist=["get"]).get("gmm")(2000, seed=0)}
-    judge = Judge(features=feature_maps("raw"), real=real, kid_subsets=4)
+    judge = Judge(features=feature_maps("raw"), real=real, n_boot=20)
     seeds = range(TUNE_SEED_OFFSET, TUNE_SEED_OFFSET + 24)
     fds = {(rho, smin): evaluate(gmm, baselines.build("euler", 4, rho=rho, sigma_min=smin), judge=judge, shape=(1, 8, 8),
                                  seeds=seeds, dtype=torch.float64)["fd_train_raw"]
            for rho in (2.0, 7.0) for smin in (0.002, 0.05)}
     assert (tuned["rho"], tuned["sigma_min"]) == min(fds, key=fds.get)
     assert tuned["tune_fd"] == min(fds.values())
+
+
+def test_results_csv_round_trips_labels_with_commas_and_quotes(tmp_path: Path) -> None:
+    from optimize.results import write_results
+
+    rows = [{"method": "tada(detail=0.5,order=2)", "nfe": 6, "fd_train_main": 10.123456789012345, "ref_rmse": None},
+            {"method": 'odd "quoted", label', "nfe": 8, "fd_train_main": 3.5, "ref_rmse": 0.25, "extra": "a\nb"}]
+    write_results(rows, str(tmp_path))
+    back = read_results(str(tmp_path / "results.csv"))
+    assert [r["method"] for r in back] == [r["method"] for r in rows]
+    assert back[0]["fd_train_main"] == rows[0]["fd_train_main"] and back[0]["ref_rmse"] is None
+    assert back[1]["extra"] == "a\nb" and back[0]["extra"] is None and back[1]["nfe"] == 8
+
+
+def test_paired_rows_and_restricted_judge() -> None:
+    from optimize.results import format_table, paired, public, verdict
+
+    gmm = GaussianMixture.ring(8, radius=2.0, std=0.1)
+    real = {"train": gmm.sample(300, torch.Generator().manual_seed(0)), "heldout": gmm.sample(300, torch.Generator().manual_seed(1))}
+    judge = Judge(features=feature_maps("raw"), real=real, n_boot=50)
+    rows = []
+    for name, nfe in [("heun", 41), ("euler", 3)]:
+        r = evaluate(gmm, baselines.build(name, nfe, sigma_max=20.0), judge=judge, shape=(2,), seeds=range(300), dtype=torch.float64)
+        rows.append({"method": name, **r})
+    diff, se = paired(rows[0], rows[1], "fd_train_raw")
+    assert diff == rows[0]["fd_train_raw"] - rows[1]["fd_train_raw"] and se > 0
+    assert verdict(diff, se) == "better"  # the converged heun solve is far closer to the data than euler at NFE 3
+    assert "fd_se_train_raw" in rows[0] and "_estimates" not in public(rows[0])
+    assert "heun - euler" not in format_table(rows)  # different NFE: no paired line
+    same_nfe = [{**r, "nfe": 1} for r in rows]
+    assert "heun - euler (NFE 1)" in format_table(same_nfe) and "heun better" in format_table(same_nfe)
+    only_train = judge.restricted(splits=["train"], n_boot=0)
+    s = only_train.score(rows[0]["samples"])
+    assert "fd_train_raw" in s and "fd_heldout_raw" not in s and "fd_se_train_raw" not in s

@@ -171,7 +171,7 @@ def _optimize(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_writes_artifact_that_generate_runs(tmp_path: Path) -> None:
-    r = _optimize(["iia", "model=gmm", "nfe=4", "base=euler", "n_fit=32", "n=32", "ref_nfe=21", "kid_subsets=4", "grid=16",
+    r = _optimize(["iia", "model=gmm", "nfe=4", "base=euler", "n_fit=32", "n=32", "ref_nfe=21", "n_boot=20", "grid=16",
                    f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     path = tmp_path / "run" / "iia-generic-gmm-nfe4.safetensors"

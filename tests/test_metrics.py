@@ -43,31 +43,70 @@ def test_mmd2_matches_double_loop():
     assert float(mmd2_unbiased(torch.tensor(a, dtype=torch.float32), b)) == pytest.approx(_mmd2_loop(a, b), rel=1e-5)
 
 
-@pytest.mark.parametrize("gram_limit", [6000, 0], ids=["full-gram", "per-subset"])
-def test_kid_subsets_match_double_loop(gram_limit, monkeypatch):
-    monkeypatch.setattr(metrics, "FULL_GRAM_LIMIT", gram_limit)
+def test_kid_is_full_set_mmd_and_jackknife_matches_brute_force(monkeypatch):
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(12, 4)), rng.normal(size=(10, 4)) + 1.0
-    mean, se = kid(a, b, n_subsets=5, subset_size=10, seed=0)
-    assert se > 0
-    # the same subsets (same generator calls) through the loop estimator
-    vals = []
-    gen = np.random.default_rng(0)
-    for _ in range(5):
-        ia, ib = gen.choice(12, 10, replace=False), gen.choice(10, 10, replace=False)
-        vals.append(_mmd2_loop(a[ia], b[ib]))
-    assert mean == pytest.approx(np.mean(vals), rel=1e-10)
-    assert se == pytest.approx(np.std(vals, ddof=1) / math.sqrt(5), rel=1e-8)
+    monkeypatch.setattr(metrics, "BLOCK", 5)  # blocked kernel sums agree with one block
+    est = metrics.kid_estimate(a, b)
+    assert est.value == pytest.approx(_mmd2_loop(a, b), rel=1e-12)
+    # leave-one-out values and the two-sample jackknife by brute force
+    loo_a = np.array([_mmd2_loop(np.delete(a, i, 0), b) for i in range(12)])
+    loo_b = np.array([_mmd2_loop(a, np.delete(b, j, 0)) for j in range(10)])
+    np.testing.assert_allclose(est.loo_a, loo_a, rtol=1e-10)
+    np.testing.assert_allclose(est.loo_r, loo_b, rtol=1e-10)
+    var = 11 / 12 * np.sum((loo_a - loo_a.mean()) ** 2) + 9 / 10 * np.sum((loo_b - loo_b.mean()) ** 2)
+    assert est.se == pytest.approx(math.sqrt(var), rel=1e-10)
+    assert kid(a, b) == (est.value, est.se)
+
+
+def test_kid_se_covers_zero_for_one_distribution():
+    """Two samples of one Gaussian feature distribution (300 and 2,000 rows): the standard error includes both
+    sets' sampling, so |KID| / se < 2 in at least 85% of 40 draws (the old subset spread failed this)."""
+    rng = np.random.default_rng(7)
+    hits = 0
+    for _ in range(40):
+        real, gen = rng.normal(size=(300, 16)), rng.normal(size=(2000, 16))
+        value, se = kid(gen, real)
+        hits += abs(value) / se < 2
+    assert hits >= 34
+
+
+def test_kid_se_tracks_the_spread_over_redraws():
+    """The jackknife se is close to (and not below) the true spread of KID over independent redraws of both sets."""
+    rng = np.random.default_rng(8)
+    values, ses = [], []
+    for _ in range(40):
+        value, se = kid(rng.normal(size=(400, 8)) + 0.15, rng.normal(size=(200, 8)))
+        values.append(value)
+        ses.append(se)
+    assert 0.8 * np.std(values, ddof=1) < np.mean(ses) < 2.0 * np.std(values, ddof=1)
 
 
 def test_kid_same_distribution_near_zero_shifted_positive():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(600, 8)), rng.normal(size=(600, 8))
-    mean, se = kid(a, b, n_subsets=20, subset_size=200, seed=0)
+    mean, se = kid(a, b)
     assert se > 0 and abs(mean) < 4 * se + 1e-3
-    shifted_mean, shifted_se = kid(a, b + 0.5, n_subsets=20, subset_size=200, seed=0)
+    shifted_mean, shifted_se = kid(a, b + 0.5)
     assert shifted_mean > 10 * shifted_se and shifted_mean > 0.05
-    assert kid(a, b, n_subsets=20, subset_size=200, seed=0) == (mean, se)  # seeded
+
+
+def test_paired_kid_difference_jackknife_and_sign():
+    rng = np.random.default_rng(9)
+    real, noise = rng.normal(size=(150, 6)), rng.normal(size=(200, 6))
+    good, bad = metrics.kid_estimate(noise, real), metrics.kid_estimate(noise * 1.3 + 0.2, real)
+    diff, se = metrics.paired_kid_difference(good, bad)
+    assert diff == pytest.approx(good.value - bad.value) and diff < -3 * se
+    # the paired jackknife is the jackknife of the difference of the leave-one-out values
+    loo_a, loo_r = good.loo_a - bad.loo_a, good.loo_r - bad.loo_r
+    var = 199 / 200 * np.sum((loo_a - loo_a.mean()) ** 2) + 149 / 150 * np.sum((loo_r - loo_r.mean()) ** 2)
+    assert se == pytest.approx(math.sqrt(var), rel=1e-10)
+    # same seeds: the paired se is far below the unpaired one for two nearly equal samplers
+    near = metrics.kid_estimate(noise * 1.01, real)
+    _, paired_se = metrics.paired_kid_difference(good, near)
+    assert paired_se < 0.2 * math.hypot(good.se, near.se)
+    with pytest.raises(ValueError, match="same seeds"):
+        metrics.paired_kid_difference(good, metrics.kid_estimate(noise[:100], real))
 
 
 def test_mmd2_gradient_matches_finite_differences():
@@ -129,6 +168,35 @@ def test_frechet_distance_from_samples_approaches_truth():
     assert frechet_distance(a, b) == pytest.approx(truth, abs=0.03)
     assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)
     assert abs(frechet_distance(a, a)) < 1e-8
+
+
+def test_fd_bootstrap_matches_explicit_resamples():
+    rng = np.random.default_rng(10)
+    a, r = rng.normal(size=(50, 3)), rng.normal(size=(40, 3)) * 1.2
+    est = metrics.fd_estimate(a, r, n_boot=6, seed=3)
+    assert est.value == pytest.approx(frechet_distance(a, r), rel=1e-10)
+    ca, cr = metrics.boot_counts(50, 6, 3).numpy(), metrics.boot_counts(40, 6, 4).numpy()
+    assert (ca.sum(1) == 50).all() and (cr.sum(1) == 40).all()
+    for b in range(6):  # replicate b = FD of the rows repeated as often as drawn
+        ra, rr = np.repeat(a, ca[b].astype(int), 0), np.repeat(r, cr[b].astype(int), 0)
+        assert est.boot[b] == pytest.approx(frechet_distance(ra, rr), rel=1e-8, abs=1e-10)
+    assert est.se == pytest.approx(np.std(est.boot, ddof=1))
+
+
+def test_fd_se_tracks_spread_and_paired_difference():
+    rng = np.random.default_rng(11)
+    values, ses = [], []
+    for _ in range(25):
+        est = metrics.fd_estimate(rng.normal(size=(300, 4)) * 1.2, rng.normal(size=(300, 4)), n_boot=100)
+        values.append(est.value)
+        ses.append(est.se)
+    assert 0.6 * np.std(values, ddof=1) < np.mean(ses) < 1.7 * np.std(values, ddof=1)
+    real, noise = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+    ref = metrics.FDReference.of(real, n_boot=100)
+    x, y = metrics.fd_estimate(noise * 1.3, ref), metrics.fd_estimate(noise * 1.32, ref)
+    diff, se = metrics.paired_fd_difference(x, y)
+    assert diff == pytest.approx(x.value - y.value) and diff < 0
+    assert se < 0.3 * math.hypot(x.se, y.se)  # pairing removes the shared sampling noise
 
 
 # --- sliced Wasserstein ----------------------------------------------------------------------

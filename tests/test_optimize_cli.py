@@ -67,7 +67,7 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path: Path) -> None:
 
 def test_multirun_skips_points_a_solver_cannot_meet(tmp_path: Path) -> None:
     """-m with an NFE heun cannot meet: that point is announced and skipped, the others run; all-skipped is an error."""
-    tiny = ["model=gmm", "n=16", "ref_nfe=21", "kid_subsets=4", "grid=4", f"cache_dir={tmp_path / 'cache'}"]
+    tiny = ["model=gmm", "n=16", "ref_nfe=21", "n_boot=20", "grid=4", f"cache_dir={tmp_path / 'cache'}"]
     r = subprocess.run([sys.executable, "-m", "optimize", "-m", "evaluate", *tiny, "solver=heun,euler", "nfe=4",
                         f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

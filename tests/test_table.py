@@ -228,3 +228,24 @@ def test_no_host_synchronisation_inside_the_loop(gmm, monkeypatch):
     slow = sample(learned, gmm, noise, support=support, checkpoint=True)
     monkeypatch.undo()
     torch.testing.assert_close(fast, slow.detach())
+
+
+def test_in_place_edit_is_never_stale_and_is_revalidated():
+    """The cached plan is keyed on coef/sigmas versions: an edit after a run changes the next run's output,
+    and an edit that breaks causality is an error instead of a silent stale plan."""
+    from samplers.denoisers import GaussianMixture
+
+    gmm = GaussianMixture.random(shape=(3,), seed=0)
+    table = baselines.build("euler", 4)
+    noise = make_noise(table, (3,), range(5), dtype=torch.float64)
+    first = sample(table, gmm, noise)
+    table.coef[4] = 0.0
+    table.coef[4, table.x(3)] = 1.0  # output = the last denoiser input instead of its output
+    edited = sample(table, gmm, noise)
+    assert not torch.equal(first, edited)
+    assert torch.equal(edited, sample(SolverTable(table.sigmas.clone(), table.coef.clone()), gmm, noise))
+    table.sigmas = table.sigmas * 1.0  # replaced tensor: also replanned
+    assert torch.equal(edited, sample(table, gmm, noise))
+    table.coef[1, table.x(2)] = 0.5  # row 1 may not read x_2
+    with pytest.raises(TableError, match="causality"):
+        sample(table, gmm, noise)
