@@ -77,3 +77,79 @@ def test_multirun_skips_points_a_solver_cannot_meet(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "optimize", "-m", "evaluate", *tiny, "solver=heun", "nfe=4,6"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("error: no point of the sweep can run (see the notes above).")
+
+
+# --- typed values, devices and paths for every sweep point (issue 11) ------------------------------
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["evaluate", "model=gmm", "n=abc"], "n must be an integer, got 'abc'."),
+        (["evaluate", "model=gmm", "seed=abc"], "seed must be an integer, got 'abc'."),
+        (["evaluate", "model=gmm", "seed=-1"], "seed must be an integer >= 0, got -1."),
+        (["iia", "model=gmm", "substeps=abc"], "substeps must be an integer, got 'abc'."),
+        (["iia", "model=gmm", "ridge=abc"], "ridge must be a finite number, got 'abc'."),
+        (["ddss", "model=gmm", "steps=abc"], "steps must be an integer, got 'abc'."),
+        (["evaluate", "model=gmm", "device=nope"], "device must be cpu, cuda or cuda:N, got 'nope'."),
+        (["evaluate", "model=edm", "model.dtype=float16"], "model.dtype must be one of float32, float64, got 'float16'."),
+        (["iia", "model=gmm", "devices=0"], "devices must be a positive integer or auto, got 0."),
+        (["evaluate", "model=gmm", "nfe=[]"], "nfe must be a positive integer (or a non-empty list of them), got []."),
+        (["evaluate", "model=gmm", "grid=-1"], "grid must be an integer in 0..100000, got -1."),
+        (["-m", "evaluate", "model=gmm", "n=16,abc"], "n must be an integer, got 'abc'."),
+        (["--cfg", "job", "evaluate", "model=nope"], "unknown model 'nope'"),
+    ],
+)
+def test_typed_values_fail_before_work(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert needle in _fail(argv, capsys)
+
+
+def test_device_cuda_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        assert "this machine has" in _fail(["evaluate", "model=gmm", "device=cuda:99"], capsys)
+    else:
+        assert "no CUDA device is available" in _fail(["evaluate", "model=gmm", "device=cuda"], capsys)
+
+
+def test_paths_that_are_files_and_tables_as_networks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from samplers import baselines
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    table = baselines.build("euler", 4).save(str(tmp_path / "t.safetensors"))
+    assert f"cache_dir={afile} is a file" in _fail(["evaluate", "model=gmm", f"cache_dir={afile}"], capsys)
+    assert f"hydra.run.dir={afile}/run is below the file {afile}" in _fail(["evaluate", "model=gmm", f"hydra.run.dir={afile}/run"], capsys)
+    assert f"export={afile}/t.safetensors is below the file" in _fail(["teacher", "model=toy2d", f"export={afile}/t.safetensors"], capsys)
+    err = _fail(["evaluate", "model=edm", f"model.checkpoint={table}"], capsys)
+    assert "not a network file (format 'samplers.table'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "t.safetensors"]
+
+
+def test_ddss_resume_continues_the_loss_curve_and_refuses_other_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A DDSS run resumed from its step-2 checkpoint logs the same losses as the uninterrupted run; a truncated last.ckpt
+    falls back with a note; resume=true with another seed is one error naming it."""
+    from samplers import SolverTable
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["ddss", "model=gmm", "nfe=3", "steps=4", "batch_size=8", "checkpoint_every=2", "val_every=0",
+            "evaluate_at_end=false", "progress_bar=false", "n_val=4"]
+    main([*tiny, f"hydra.run.dir={tmp_path / 'runs' / 'a'}"])
+    straight = SolverTable.load(str(tmp_path / "runs" / "a" / "ddss-ggdm-nfe3.safetensors"))
+    ckpts = tmp_path / "runs" / "a" / "lightning"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-000002.ckpt", "step-000004.ckpt"]
+    main([*tiny, f"resume={ckpts / 'step-000002.ckpt'}", f"hydra.run.dir={tmp_path / 'runs' / 'b'}"])
+    resumed = SolverTable.load(str(tmp_path / "runs" / "b" / "ddss-ggdm-nfe3.safetensors"))
+    assert resumed.metadata["loss"]["curve"] == straight.metadata["loss"]["curve"]  # steps 0-1 from the checkpoint, 2-3 rerun
+    assert len(straight.metadata["loss"]["curve"]) == 4
+    assert resumed.coef.tolist() == straight.coef.tolist()
+    capsys.readouterr()
+    data = (ckpts / "last.ckpt").read_bytes()
+    (ckpts / "last.ckpt").write_bytes(data[: len(data) // 2])
+    main([*tiny, f"resume={tmp_path / 'runs' / 'a'}", f"hydra.run.dir={tmp_path / 'runs' / 'c'}"])
+    assert f"note: resume checkpoint {ckpts / 'last.ckpt'} is truncated or corrupt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*tiny, "seed=5", "resume=true", f"hydra.run.dir={tmp_path / 'runs' / 'd'}"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("note:")]  # a's last.ckpt is still cut
+    assert exc.value.code == 2 and len(err) == 1 and "resume=true found no earlier run with the same settings" in err[0]
+    assert "it was trained with seed=0, but this run has seed=5" in err[0]
