@@ -26,7 +26,7 @@ from torch import nn
 from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net, save_net
 
-from .runs import pick_resume, readable_checkpoint, resume_path, trainer_parts
+from .runs import pick_resume, resume_path, trainer_parts
 
 
 class NaNLossError(RuntimeError):
@@ -184,13 +184,6 @@ def validate(cfg: Any) -> None:
     ckpt = resume_path(cfg.resume)
     if ckpt is not None and not os.path.isfile(ckpt):
         raise ConfigError(f"resume checkpoint {ckpt} does not exist.")
-    if ckpt is not None:  # read safely (weights only) before any work: a refused or broken file is one sentence
-        from .runs import CheckpointUnreadable
-
-        try:
-            readable_checkpoint(ckpt)
-        except CheckpointUnreadable as err:
-            raise ConfigError(str(err)) from None
 
 
 # Settings that do not change what a resumed run computes (steps only says where a constant-lr run stops).

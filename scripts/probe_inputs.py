@@ -296,6 +296,7 @@ def probes(f: dict[str, str]) -> list[Probe]:
     o("ddss-resume-evil", ["ddss", "model=gmm", f"resume={f['evil_ckpt']}"], "refused")
     o("ddss-resume-evil-raw", ["ddss", "model=gmm", f"resume={f['evil_raw_ckpt']}"], "refused")
     o("teacher-resume-evil", ["teacher", "model=toy2d", f"resume={f['evil_ckpt']}"], "refused")
+    o("dsno-resume-evil", ["dsno", "model=edm", f"resume={f['evil_ckpt']}"], "refused")
     o("ddss-resume-truncated", ["ddss", "model=gmm", f"resume={f['truncated_ckpt']}"], "truncated")
     o("ddss-resume-table", ["ddss", "model=gmm", f"resume={f['table']}"], "resume checkpoint")
     o("ddss-resume-other-seed", ["ddss", "model=gmm", "nfe=4", "seed=7", "evaluate_at_end=false",
