@@ -4,7 +4,8 @@ Every state row ``r`` of a base table (a row that lands on a new step sigma, and
 replaced by ``base_r + sum_k w_k dir_k``: fixed directions in the table's column space (differences of
 basis vectors the step already uses) times weights fitted by least squares so that the coarse step
 lands where a fine solve lands. Fitting walks the trajectory the IIA sampler itself produces, row by
-row, and solves, in float64,
+row (every trajectory is run by ``samplers.sample``: each row resumes a batch's run with a ``continuation``
+table, so a sample costs the N coarse evaluations plus its fine solves), and solves, in float64,
 
     (A + lambda tr(A)/m I) w = c,    A = sum_s M_s^T M_s,   c = sum_s M_s^T (y_s - base_r . V_s)
 
@@ -66,6 +67,24 @@ def truncate(table: SolverTable, row: int) -> SolverTable:
     coef = table.coef.detach().numpy()
     cols = list(range(k)) + [k + j for j in range(row)] + [k + n + j for j in range(row)]
     return SolverTable(table.sigmas.detach().numpy()[:row], coef[: row + 1][:, cols], dict(table.metadata))
+
+
+def continuation(table: SolverTable, start: int, stop: int) -> tuple[SolverTable, list[int]]:
+    """Rows ``start..stop`` of ``table`` as a table of their own, to resume a run whose evaluations ``< start`` are known.
+
+    Its evaluations are ``start..stop-1`` and its output is row ``stop``; its noise columns are the known vectors
+    (``e``, ``x_j``, ``d_j`` with ``j < start``) those rows read, whose columns in ``table`` are returned beside it:
+    ``sample(cont, D, stack(those vectors))`` continues the run exactly (``start = 0``: ``truncate(table, stop)``).
+    """
+    n, k = table.nfe, table.n_noise
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"a continuation needs 0 <= start < stop <= N = {n}, got start={start}, stop={stop}.")
+    coef = table.coef.detach().numpy()[start: stop + 1]
+    known = list(range(k)) + [k + j for j in range(start)] + [k + n + j for j in range(start)]
+    noise = [c for c in known if np.any(coef[:, c] != 0)] or [0]
+    new = [k + j for j in range(start, stop)] + [k + n + j for j in range(start, stop)]
+    meta = {"method": "continuation", "rows": [start, stop]}
+    return SolverTable(table.sigmas.detach().numpy()[start:stop], coef[:, noise + new], meta), noise
 
 
 def _build_base(name: str, sigmas: Sequence[float], config: dict[str, Any]) -> SolverTable:
@@ -203,6 +222,7 @@ class IIAFitter:
         self.batches: dict[Any, dict[str, Any]] = {}
         self.residuals: list[dict[str, float]] = []
         self._dirs: np.ndarray | None = None
+        self._cont: dict[tuple[int, int], tuple[SolverTable, list[int]]] = {}
         self.equations = NormalEquations(0)
 
     # rows and directions
@@ -216,31 +236,27 @@ class IIAFitter:
         self._dirs = directions(self.base, row, prev, self.variant)
         self.equations = NormalEquations(len(self._dirs))
         self._prev, self._row = prev, row
+        self._cont = {}  # the row's continuation tables
 
-    # per batch
-    def _values(self, b: dict[str, Any], upto: int) -> None:
-        """Extend a batch's basis vectors through evaluation ``upto - 1`` with the rows fitted so far."""
-        while len(b["d"]) < upto:
-            i = len(b["d"])
-            x = self._combine(self.coef[i], b)
-            b["x"].append(x)
-            sigma = torch.full((x.shape[0],), float(self.sig[i]), dtype=x.dtype, device=x.device)
-            with torch.no_grad():
-                b["d"].append(self.denoiser(x, sigma) if self.cond is None else self.denoiser(x, sigma, self.cond))
+    # per batch: every trajectory is run by samplers.sample
+    def _advance(self, b: dict[str, Any]) -> torch.Tensor:
+        """Run the table fitted so far through evaluation ``row - 1`` (resumed after the batch's known evaluations),
+        keeping each ``x_i``, ``d_i`` from the callback; returns the base row's value at ``row``."""
+        row, k, n = self._row, 1, self.base.nfe
+        start = min(b["done"], row - 1)  # a repeated call for the same row re-runs the last evaluation
+        key = (start, row)
+        if key not in self._cont:
+            self._cont[key] = continuation(SolverTable(self.sig, self.coef, check=False), start, row)
+        cont, cols = self._cont[key]
+        v = b["v"]
 
-    def _combine(self, row_coef: np.ndarray, b: dict[str, Any]) -> torch.Tensor:
-        k, n = 1, self.base.nfe
-        out = row_coef[0] * b["e"]
-        for j in range(len(b["d"])):
-            if row_coef[k + j]:
-                out = out + row_coef[k + j] * b["x"][j]
-            if row_coef[k + n + j]:
-                out = out + row_coef[k + n + j] * b["d"][j]
-        return out
+        def keep(i: int, x: torch.Tensor, d: torch.Tensor, sigma: torch.Tensor) -> None:
+            v[k + start + i], v[k + n + start + i] = x, d
 
-    def _column(self, c: int, b: dict[str, Any]) -> torch.Tensor:
-        k, n = 1, self.base.nfe
-        return b["e"] if c < k else b["x"][c - k] if c < k + n else b["d"][c - k - n]
+        with torch.no_grad():
+            base = sample(cont, self.denoiser, torch.stack([v[c] for c in cols]), self.cond, callback=keep)
+        b["done"] = row
+        return base
 
     def _target(self, b: dict[str, Any]) -> torch.Tensor:
         """Where a fine solve lands at row ``self._row``'s sigma (0 for the output row)."""
@@ -250,7 +266,7 @@ class IIAFitter:
         s0 = float(self.sig[prev])
         s1 = float(self.sig[row]) if row < self.base.nfe else 0.0
         grid = np.linspace(s0, s1, self.substeps + 1)
-        x0 = b["x"][prev]
+        x0 = b["v"][1 + prev]
         if s1 > 0:
             sub = _build_base(self.fine_solver, grid, self.fine_config)
             sub = truncate(sub, state_rows(sub)[self.substeps])
@@ -279,20 +295,19 @@ class IIAFitter:
     def accumulate(self, batch_id: Any, e: torch.Tensor) -> None:
         """Add one batch (its initial noise ``e [B, *shape]``, the same tensor on every call) to the current row's sums."""
         if batch_id not in self.batches:
-            self.batches[batch_id] = {"e": e, "x": [], "d": []}
+            self.batches[batch_id] = {"v": {0: e}, "done": 0}  # v: column -> vector (e, x_i, d_i) of the IIA trajectory
             if self.target == "trajectory":
                 self.batches[batch_id]["fine"] = self._fine_states(e)
         b = self.batches[batch_id]
-        self._values(b, self._row)
+        base = self._advance(b)
         y = self._target(b)
-        base = self._combine(self.coef[self._row], b)
         assert self._dirs is not None
         cols = sorted(set(np.flatnonzero(np.any(self._dirs != 0, axis=0))))
         r = (y - base).to(torch.float64).flatten(1)
         if not cols:
             self.equations.add(r.new_zeros((*r.shape, 0)), r)
             return
-        basis = torch.stack([self._column(c, b).to(torch.float64).flatten(1) for c in cols], -1)  # [B, pixels, P]
+        basis = torch.stack([b["v"][c].to(torch.float64).flatten(1) for c in cols], -1)  # [B, pixels, P]
         self.equations.add(basis @ torch.as_tensor(self._dirs[:, cols].T, dtype=torch.float64), r)  # M [B, pixels, m]
 
     def solve(self) -> dict[str, float]:
