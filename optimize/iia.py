@@ -16,7 +16,8 @@ sigmas and NFE: zero extra evaluations at sampling time.
 Variants (``variant=``):
 
 - ``edm`` (base ``heun``, the paper's IIA-EDM, r = 1): ``[x_p - d_p]``, ``[d_p - d(predictor)]`` of the
-  current and the previous step (4 weights per step, 2 on the first);
+  current and the previous step (4 weights per step); as in the paper the first step stays plain Heun (no
+  history: not fitted) and the last, Euler into sigma 0 (no predictor), gets 3;
 - ``ddim`` (base ``euler``, IIA-DDIM): ``d_p - d_{p-1}`` and ``eps_p - eps_{p-1}`` with
   ``eps = (x - d) / sigma`` (2 weights);
 - ``dpmpp`` (base ``dpmpp_2m``, IIA-DPM-Solver++): ``x_p`` and ``d_p`` (2 weights);
@@ -113,9 +114,7 @@ def directions(table: SolverTable, row: int, prev: int, variant: str) -> np.ndar
     pp = before[-1] if before else None  # the state the previous step started from
     dirs: list[np.ndarray] = []
     if variant == "edm":  # [x_p - d_p], [d_p - d(predictor of p)], for the current and the previous step
-        for p, nxt in ((prev, row), (pp, prev)):
-            if p is None:
-                continue
+        for p, nxt in ((prev, row), (pp, prev)) if pp is not None else ():  # the first step stays plain Heun
             dirs.append(vec((X(p), 1.0), (Dc(p), -1.0)))
             if p + 1 < nxt:  # a predictor evaluation between p and the next state
                 dirs.append(vec((Dc(p), 1.0), (Dc(p + 1), -1.0)))

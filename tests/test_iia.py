@@ -170,6 +170,21 @@ def test_fit_walks_the_fitted_tables_own_trajectory(variant: str, base: str, nfe
     assert calls[0] == len(e) * (nfe + fine)
 
 
+@pytest.mark.parametrize("target", ["step", "trajectory"])
+def test_iia_edm_keeps_plain_heun_on_the_first_step(target: str) -> None:
+    """The paper's IIA-EDM: the first step (rows 0..2 of Heun: start, predictor, landing) is the base's exactly,
+    every later step is fitted (4 weights, 3 on the last, Euler step)."""
+    heun = baselines.build("heun", 7)
+    fitted = iia.fit(GMM, heun, SHAPE, n_fit=16, substeps=2, variant="edm", target=target, dtype=torch.float64)
+    assert torch.equal(fitted.coef[:3], heun.coef[:3]) and torch.equal(fitted.sigmas, heun.sigmas)
+    assert len(iia.directions(heun, 2, 0, "edm")) == 0
+    assert [len(iia.directions(heun, r, p, "edm")) for p, r in ((2, 4), (4, 6), (6, 7))] == [4, 4, 3]
+    for r in (4, 6, 7):
+        assert not torch.equal(fitted.coef[r], heun.coef[r])
+    first = fitted.metadata["iia"]["residuals"][0]
+    assert first["row"] == 2 and first["rms_fit"] == first["rms_base"] > 0
+
+
 def test_exact_on_a_single_gaussian() -> None:
     """For one isotropic Gaussian every step of the probability-flow ODE is a linear map that generic IIA can
     express, so the 5-NFE IIA table reproduces its 320-step fine target on unseen noise to rounding."""
