@@ -40,6 +40,8 @@ import torch
 
 from samplers import SolverTable, baselines, make_noise, sample
 
+from .seeds import FIT_SEED_OFFSET, seed_range
+
 VARIANTS = {"edm": "heun", "ddim": "euler", "dpmpp": "dpmpp_2m", "generic": None, "full": None, "free": None}
 TARGETS = ("step", "trajectory")
 
@@ -442,6 +444,10 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key} must be a positive integer, got {cfg[key]}.")
     if float(cfg.ridge) < 0:
         raise ConfigError(f"ridge must be >= 0, got {cfg.ridge}.")
+    try:
+        seed_range(FIT_SEED_OFFSET, int(cfg.fit_seed), int(cfg.n_fit))
+    except ValueError as err:
+        raise ConfigError(f"fit seeds: {err}") from None
     if cfg.fine_solver is not None and str(cfg.fine_solver) not in baselines.SOLVERS:
         raise ConfigError(f"unknown fine_solver {cfg.fine_solver!r}; valid: {', '.join(baselines.SOLVERS)}.")
     for nfe in as_list(cfg.nfe):
@@ -461,7 +467,7 @@ def run(cfg: Any) -> list[str]:
     device = str(cfg.device)
     model = load_model(cfg.model, device)
     base_name, variant = str(cfg.base), resolve_variant(str(cfg.variant), str(cfg.base))
-    seeds = list(range(int(cfg.fit_seed), int(cfg.fit_seed) + int(cfg.n_fit)))
+    seeds = seed_range(FIT_SEED_OFFSET, int(cfg.fit_seed), int(cfg.n_fit))  # the fitting range, never evaluation seeds
     accelerator = "cpu" if device == "cpu" else "gpu"
     paths, jobs = [], []
     for nfe in as_list(cfg.nfe):

@@ -272,6 +272,7 @@ def test_cli_writes_artifact_that_generate_runs(tmp_path: Path) -> None:
     table = SolverTable.load(str(path), fingerprint=GMM.fingerprint())
     meta = table.metadata["iia"]
     assert meta["substeps"] == 8 and meta["fine_solver"] == "heun" and table.metadata["n_fit"] == 32 and len(meta["residuals"]) == 4
+    assert table.metadata["seed"] == 2_000_000  # the fitting seed range (optimize.seeds.FIT_SEED_OFFSET)
     assert "iia-generic" in r.stdout and "euler" in r.stdout  # evaluated beside its base
     g = subprocess.run([sys.executable, "-m", "samplers", "generate", "--table", str(path), "--model", "gmm", "--n", "8",
                         "--dtype", "float64", "--no-progress", "--out", str(tmp_path / "gen")], capture_output=True, text=True, timeout=120)
@@ -287,7 +288,8 @@ def test_cli_writes_artifact_that_generate_runs(tmp_path: Path) -> None:
     (["base=tada"], "base must be a deterministic classic solver"),
     (["target=mean"], "unknown IIA target 'mean'"),
     (["base=heun", "nfe=4"], "heun needs an odd NFE"),
-    (["n_fit=0"], "n_fit must be a positive integer"),
+    (["n_fit=0"], "n_fit must be"),
+    (["fit_seed=999990", "n_fit=20"], "fit seeds: seed=999990 with n=20 leaves its seed range"),
 ])
 def test_cli_bad_config(args: list[str], needle: str, tmp_path: Path) -> None:
     r = _optimize(["iia", "model=gmm", *args], tmp_path)
