@@ -150,10 +150,19 @@ def _typed(key: str, value: Any, kind: str, low: float | None, high: float | Non
         raise ConfigError(f"{key} must be {'a finite number' if kind == 'num' else what}{' or null' if nullable else ''}, "
                           f"got {value!r}.")
     if key in _STRICTLY_POSITIVE and value <= 0:
-        raise ConfigError(f"{key} must be positive, got {value!r}.")
+        raise ConfigError(f"{key} must be a positive number, got {value!r}.")
     if (low is not None and value < low) or (high is not None and value > high):
-        span = f">= {low}" if high is None else (f"<= {high}" if low is None else f"in {low}..{high}")
-        raise ConfigError(f"{key} must be {what} {span}, got {value!r}.")
+        raise ConfigError(f"{key} must {_span(kind, low, high)}, got {value!r}.")
+
+
+def _span(kind: str, low: float | None, high: float | None) -> str:
+    """The allowed range in the words the method checks use: "be a positive integer", "lie in [0, 1]", ..."""
+    if kind == "num" and low is not None and high is not None:
+        return f"lie in [{low}, {high}]"
+    what = {"int": "integer", "num": "number"}[kind]
+    head = {1: f"be a positive {what}", 0: f"be a non-negative {what}"}.get(low, f"be a {what} >= {low}") \
+        if low is not None else f"be a {what}"
+    return head + (f" (at most {high})" if high is not None else "")
 
 
 def check_typed(cfg: DictConfig) -> None:

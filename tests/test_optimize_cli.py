@@ -85,7 +85,7 @@ def test_multirun_skips_points_a_solver_cannot_meet(tmp_path: Path) -> None:
     [
         (["evaluate", "model=gmm", "n=abc"], "n must be an integer, got 'abc'."),
         (["evaluate", "model=gmm", "seed=abc"], "seed must be an integer, got 'abc'."),
-        (["evaluate", "model=gmm", "seed=-1"], "seed must be an integer >= 0, got -1."),
+        (["evaluate", "model=gmm", "seed=-1"], "seed must be a non-negative integer, got -1."),
         (["iia", "model=gmm", "substeps=abc"], "substeps must be an integer, got 'abc'."),
         (["iia", "model=gmm", "ridge=abc"], "ridge must be a finite number, got 'abc'."),
         (["ddss", "model=gmm", "steps=abc"], "steps must be an integer, got 'abc'."),
@@ -93,7 +93,7 @@ def test_multirun_skips_points_a_solver_cannot_meet(tmp_path: Path) -> None:
         (["evaluate", "model=edm", "model.dtype=float16"], "model.dtype must be one of float32, float64, got 'float16'."),
         (["iia", "model=gmm", "devices=0"], "devices must be a positive integer or auto, got 0."),
         (["evaluate", "model=gmm", "nfe=[]"], "nfe must be a positive integer (or a non-empty list of them), got []."),
-        (["evaluate", "model=gmm", "grid=-1"], "grid must be an integer in 0..100000, got -1."),
+        (["evaluate", "model=gmm", "grid=-1"], "grid must be a non-negative integer (at most 100000), got -1."),
         (["-m", "evaluate", "model=gmm", "n=16,abc"], "n must be an integer, got 'abc'."),
         (["--cfg", "job", "evaluate", "model=nope"], "unknown model 'nope'"),
     ],
