@@ -45,7 +45,7 @@ class SolverTable:
         self.coef = _as_float64(coef, "coef")
         self.metadata = dict(metadata or {})
         self._plan: _Plan | None = None
-        self._plan_key: tuple[int, ...] | None = None
+        self._plan_key: tuple[Any, ...] | None = None
         if check:
             self.validate()
 
@@ -110,15 +110,29 @@ class SolverTable:
                 )
         return self
 
-    def _state_key(self) -> tuple[int, ...]:
-        """Identity and in-place version counters of coef and sigmas: changes whenever either is edited or replaced."""
-        return (id(self.coef), self.coef._version, id(self.sigmas), self.sigmas._version)
+    def _state_key(self) -> tuple[Any, ...]:
+        """Identity and in-place version counters of coef and sigmas: changes whenever either is edited or replaced.
+        Inference-mode tensors have no version counter: their key holds a copy of the values instead."""
+        key: list[Any] = []
+        for t in (self.coef, self.sigmas):
+            try:
+                key += [id(t), t._version]
+            except RuntimeError:  # an inference tensor
+                key += [id(t), t.detach().clone()]
+        return tuple(key)
+
+    def _plan_is_current(self, key: tuple[Any, ...]) -> bool:
+        old = self._plan_key
+        if old is None or len(old) != len(key):
+            return False
+        return all(torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else
+                   (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b) for a, b in zip(old, key))
 
     def _cached_plan(self) -> "_Plan":
         """The execution plan of the current coefficients, built once and rebuilt (after re-validation) whenever
         ``coef`` or ``sigmas`` were edited in place or replaced since: an edit never runs a stale plan."""
         key = self._state_key()
-        if self._plan is None or self._plan_key != key:
+        if self._plan is None or not self._plan_is_current(key):
             if self._plan is not None:
                 self.validate()  # edited after the last run: check shapes, finiteness and causality again
             coef = self.coef.detach().cpu().numpy()

@@ -249,3 +249,18 @@ def test_in_place_edit_is_never_stale_and_is_revalidated():
     table.coef[1, table.x(2)] = 0.5  # row 1 may not read x_2
     with pytest.raises(TableError, match="causality"):
         sample(table, gmm, noise)
+
+
+def test_inference_mode_table_edits_are_not_stale():
+    """Tables built under torch.inference_mode have no version counter; edits are still seen (value comparison)."""
+    from samplers.denoisers import GaussianMixture
+
+    gmm = GaussianMixture.random(shape=(3,), seed=0)
+    with torch.inference_mode():
+        base = baselines.build("euler", 4)
+        table = SolverTable(torch.as_tensor(base.sigmas), torch.as_tensor(base.coef))
+        noise = make_noise(table, (3,), range(4), dtype=torch.float64)
+        first = sample(table, gmm, noise)
+        table.coef[4] = 0.0
+        table.coef[4, table.x(3)] = 1.0
+        assert not torch.equal(first, sample(table, gmm, noise))
