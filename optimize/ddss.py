@@ -12,6 +12,18 @@ Families (``family=``):
   previous iterates ``x_0..x_{i-1}``; the output row mixes ``d_{N-1}`` and every ``x_j``. About N(N+3)/2
   coefficients. With ``learn_noise=true`` row i (1 <= i < N) also gets a learned multiple of a fresh noise
   vector ``e_i`` (K = N); otherwise K = 1. Initialised at DDIM (``euler``).
+- ``ggdm_mc``: ggdm restricted to marginal-consistent tables (the paper's Theorem 1, in sigma space). In the forward
+  process ``x_0 = x0 + sigma_0 e_0`` (the prior drops the x0 term) and, with every ``d = x0``, by induction every
+  iterate is ``x_i = x0 + B_i . e``; ``q(x_i | x0) = N(x0, sigma_i^2 I)`` holds iff row i's x0 weight is 1,
+  ``b_i = 1 - sum_j a_ij`` (a_ij: weight of x_j, b_i: of d_{i-1}), and ``|B_i| = sigma_i`` with
+  ``B_i = sum_j a_ij B_j + c_i u_i`` (c_i: weight of the fresh e_i; sigma_N = 0 for the output). K = 1: B_j = sigma_j,
+  so ``sum_j a_ij sigma_j = sigma_i``, linear: ``a_i0`` (divided by sigma_0 = sigma_max, the best-conditioned choice)
+  and ``b_i`` are solved, ``a_i1..a_i,i-1`` free (N(N-1)/2 numbers). K = N (``learn_noise``): the constraint is
+  ``|sum_j a_ij B_j|^2 + c_i^2 = sigma_i^2`` (the covariance recursion); row i's free ``(a_i, c_i)`` is rescaled
+  onto it (always exact, no clamp; its scale is a gauge), b_i solved, and the output row is ``d_{N-1}`` (once any
+  fresh noise is injected no other output row has zero noise). The learned sigmas enter the constraints, so every
+  table the optimiser sees is consistent to rounding; DDIM/euler is the initial member (the solve's ~1e-17
+  residual at the initial table is a constant, ``mc_fix``, so step 0 is euler bit for bit).
 - ``full``: every causal entry (``x_j`` and ``d_j`` for j < i, fresh noise as above) - a family that contains
   every one-evaluation-per-step classic solver, so ``init=`` may be any of INITS (e.g. ``dpmpp_2m``).
 
@@ -67,7 +79,7 @@ from .runs import resume_path, trainer_parts
 from .seeds import VAL_SEED_OFFSET
 from .teacher import NaNLossError
 
-FAMILIES = ("ggdm", "full")
+FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
 MONITORS = ("fd_train", "kid_train")  # selection sees only the training set: held-out data and FD-b stay independent
 SLACK_FLOOR = 1e-3  # initial share of the slack bucket (log sigma span below the last sigma) when it is ~0
@@ -78,19 +90,43 @@ def family_support(family: str, n: int, k: int) -> np.ndarray:
     """Boolean ``[N+1, K+2N]`` mask of the learned coefficients (row 0 is never learned).
 
     ggdm: row i in 1..N uses ``d_{i-1}`` and ``x_0..x_{i-1}``; full: every ``x_j``, ``d_j`` with j < i.
-    With K > 1, row i in 1..N-1 also uses its fresh noise ``e_i``.
+    With K > 1, row i in 1..N-1 also uses its fresh noise ``e_i``. ggdm_mc has ggdm's support (with K > 1 its output
+    row is ``d_{N-1}`` alone); only part of it is free (``family_free``), the rest is solved from the constraints.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown ddss family {family!r}; valid: {', '.join(FAMILIES)}.")
     mask = np.zeros((n + 1, k + 2 * n), dtype=bool)
+    if family == "ggdm_mc" and k > 1:
+        mask[1:n] = family_support("ggdm", n, k)[1:n]
+        mask[n, k + 2 * n - 1] = True  # output = d_{N-1}: the only consistent output row once fresh noise is injected
+        return mask
     for i in range(1, n + 1):
         mask[i, k:k + i] = True  # x_0..x_{i-1}
-        if family == "ggdm":
+        if family in ("ggdm", "ggdm_mc"):
             mask[i, k + n + i - 1] = True  # d_{i-1}
         else:
             mask[i, k + n:k + n + i] = True  # d_0..d_{i-1}
         if k > 1 and i < n:
             mask[i, i] = True  # fresh noise e_i
+    return mask
+
+
+def family_free(family: str, n: int, k: int) -> np.ndarray:
+    """Boolean ``[N+1, K+2N]`` mask of the free parameters ``u``: the family's support, except for ggdm_mc.
+
+    ggdm_mc, K = 1: row i in 2..N frees ``x_1..x_{i-1}``; its ``x_0`` and ``d_{i-1}`` are solved (N(N-1)/2 free).
+    ggdm_mc, K = N: row i in 1..N-1 frees ``x_0..x_{i-1}`` and ``e_i`` (then rescaled); ``d_{i-1}`` is solved, the
+    output row is fixed.
+    """
+    mask = family_support(family, n, k)
+    if family != "ggdm_mc":
+        return mask
+    mask = mask.copy()
+    mask[:, k + n:] = False  # d_{i-1}: the x0 coefficient, solved
+    if k == 1:
+        mask[:, k] = False  # x_0: the noise-scale coefficient, solved
+    else:
+        mask[n] = False
     return mask
 
 
@@ -143,14 +179,14 @@ class GGDMTable(nn.Module):
                  learn_noise: bool = False, sigma_min: float = 0.002, sigma_max: float = 80.0, schedule: str = "karras",
                  rho: float = 7.0, sigma_data: float = 0.5):
         super().__init__()
-        if family == "ggdm" and init != "euler":
-            raise ValueError(f"family ggdm starts from DDIM (init=euler); init={init} needs family=full.")
+        if family in ("ggdm", "ggdm_mc") and init != "euler":
+            raise ValueError(f"family {family} starts from DDIM (init=euler); init={init} needs family=full.")
         base = initial_table(init, nfe, learn_noise, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, rho=rho)
         self.nfe, self.n_noise, self.family, self.init = nfe, base.n_noise, family, init
         self.base_metadata = dict(base.metadata)
         n, k = nfe, base.n_noise
-        mask = family_support(family, n, k)
-        self.support = mask | base.support()
+        mask = family_free(family, n, k)
+        self.support = family_support(family, n, k) | base.support()
         self.register_buffer("coef0", base.coef.clone())
         self.register_buffer("sigma0", base.sigmas.clone())
         self.register_buffer("mask", torch.from_numpy(mask))
@@ -167,6 +203,9 @@ class GGDMTable(nn.Module):
         self.sigma_lo, self.sigma_hi = min(sigma_min, float(s.min())), max(sigma_max, float(s.max()))
         self.register_buffer("theta0", theta0)
         self.theta = nn.Parameter(theta0.clone()) if self.learn_sigmas else None
+        # ggdm_mc: the rounding residual of the constraint solve at the initial table (~1e-17), so that step 0 is the
+        # initial table bit for bit (coef() before the solve is exactly coef0 at theta0, u = 0)
+        self.register_buffer("mc_fix", base.coef - self._consistent(base.coef, s) if family == "ggdm_mc" else None)
 
     # cumulative softmax ---------------------------------------------------------------------------
     @staticmethod
@@ -190,7 +229,38 @@ class GGDMTable(nn.Module):
         if self.theta is not None:
             cols = self.coef0.shape[1]
             out = out + (euler_skeleton(sig, cols, self.n_noise) - euler_skeleton(self.sigma0, cols, self.n_noise))
+        if self.family == "ggdm_mc":
+            out = self._consistent(out, sig) + self.mc_fix
         return out
+
+    def _consistent(self, a: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+        """ggdm_mc: the marginal-consistent table whose free entries are those of ``a`` (module docstring).
+
+        K = 1: row i (1..N, sigma_N = 0) gets ``x_0`` weight ``(sigma_i - sum_{j>=1} a_ij sigma_j) / sigma_0`` and
+        ``d_{i-1}`` weight ``1 - sum_j a_ij``. K = N: row i (1..N-1) rescales its ``(a_i, c_i)`` so that the noise
+        loading ``B_i = sum_j a_ij B_j + c_i u_i`` has norm sigma_i, then ``d_{i-1}`` weight ``1 - sum_j a_ij``;
+        the output row is ``d_{N-1}``.
+        """
+        n, k = self.nfe, self.n_noise
+        if k == 1:
+            xs = a[1:, k + 1:k + n]  # x_1..x_{N-1} of rows 1..N (free, strictly causal)
+            target = torch.cat([sig[1:], sig.new_zeros(1)])
+            a0 = (target - xs @ sig[1:]) / sig[0]
+            b = 1 - a0 - xs.sum(dim=1)
+            rows = torch.cat([a[1:, :k], a0[:, None], xs, torch.diag_embed(b)], dim=1)
+            return torch.cat([a[:1], rows])
+        loads = [torch.cat([sig[:1], sig.new_zeros(k - 1)])]  # B_0: x_0 = sigma_0 e_0
+        rows = [a[0]]
+        for i in range(1, n):
+            x, c = a[i, k:k + i], a[i, i]
+            w = x @ torch.stack(loads)  # noise loading of sum_j a_ij x_j (its e_i entry is 0)
+            scale = sig[i] / ((w * w).sum() + c * c).clamp_min(1e-300).sqrt()
+            x, c = scale * x, scale * c
+            loads.append(scale * w + c * torch.eye(k, dtype=a.dtype, device=a.device)[i])
+            z = a.new_zeros
+            rows.append(torch.cat([z(i), c[None], z(k - i - 1), x, z(n - i), z(i - 1), (1 - x.sum())[None], z(n - i)]))
+        rows.append(torch.cat([a.new_zeros(k + 2 * n - 1), a.new_ones(1)]))
+        return torch.stack(rows)
 
     def table(self, metadata: dict | None = None) -> SolverTable:
         """The differentiable table (no validation: the hot loop)."""
@@ -383,6 +453,7 @@ class DDSSModule(L.LightningModule):
     # checkpoints, export --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ddss_history"] = self.history
+        checkpoint["run_settings"] = dict(getattr(self, "run_settings", {}))  # what resume= checks besides hparams
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = checkpoint.get("ddss_history", {"loss": [], "val": []})
@@ -512,8 +583,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"unknown ddss family {cfg.family!r}; valid families: {', '.join(FAMILIES)}.")
     if cfg.init not in INITS:
         raise ConfigError(f"ddss init must be a one-evaluation-per-step solver ({', '.join(INITS)}), got {cfg.init!r}.")
-    if cfg.family == "ggdm" and cfg.init != "euler":
-        raise ConfigError(f"family ggdm starts from DDIM (init=euler); init={cfg.init} needs family=full.")
+    if cfg.family in ("ggdm", "ggdm_mc") and cfg.init != "euler":
+        raise ConfigError(f"family {cfg.family} starts from DDIM (init=euler); init={cfg.init} needs family=full.")
     for key in ("steps", "batch_size", "n_val", "n", "eval_batch_size"):
         _positive(cfg, key, int)
     for key in ("lr", "sigma_lr", "sigma_data"):
@@ -560,18 +631,14 @@ def build_module(cfg: Any) -> DDSSModule:
         val_every=int(cfg.val_every), n_val=int(cfg.n_val), monitor=str(cfg.monitor), seed=int(cfg.seed))
 
 
-def _check_resume_matches(path: str, module: DDSSModule) -> None:
-    """A checkpoint of another table shape (nfe, family, noise) is one sentence, not a state-dict traceback."""
-    from .cli import ConfigError
+def _check_resume_matches(resume: Any, out_dir: str, module: DDSSModule) -> str | None:
+    """The checkpoint ``resume=`` continues, or None: read with ``weights_only=True`` (a pickle that needs code is
+    refused, never run) and only when its recorded settings (every hyper-parameter but ``remat``, the model and its
+    fingerprint) equal this run's; otherwise one ConfigError naming the first differing key (``optimize.runs``)."""
+    from .runs import pick_resume
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint
-        raise ConfigError(f"resume checkpoint {path} cannot be read ({str(err).splitlines()[0][:120]}).") from None
-    hp = ckpt.get("hyper_parameters", {})
-    for key in ("nfe", "family", "init", "learn_noise", "learn_sigmas"):
-        if key in hp and hp[key] != module.hparams[key]:
-            raise ConfigError(f"resume checkpoint {path} was trained with {key}={hp[key]}, but this run has {key}={module.hparams[key]}.")
+    current = {**dict(module.hparams), **getattr(module, "run_settings", {})}
+    return pick_resume(resume, out_dir, current, ignore=("remat",))
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -597,11 +664,8 @@ def run(cfg: Any) -> dict[str, Any]:
     module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}-nfe{int(cfg.nfe)}.safetensors")
     module.export_metadata = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint,
                               "run_config": OmegaConf.to_container(cfg, resolve=True)}
-    ckpt_path = resume_path(cfg.get("resume"), out_dir)
-    if ckpt_path is not None:
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"resume checkpoint {ckpt_path} does not exist.")
-        _check_resume_matches(ckpt_path, module)
+    module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint}
+    ckpt_path = _check_resume_matches(cfg.get("resume"), out_dir, module)
     parts = trainer_parts(cfg, out_dir)
     accelerator = str(cfg.accelerator) if cfg.accelerator != "auto" else ("cpu" if device == "cpu" else "auto")
     trainer = L.Trainer(accelerator=accelerator, devices=cfg.devices, strategy=str(cfg.strategy), max_steps=int(cfg.steps),
@@ -615,7 +679,8 @@ def run(cfg: Any) -> dict[str, Any]:
               f"{cfg.steps} steps of batch {cfg.batch_size} on {cfg.model.name}", flush=True)
     t0 = time.perf_counter()
     try:
-        trainer.fit(module, torch.utils.data.DataLoader(_Infinite(), batch_size=None), ckpt_path=ckpt_path)
+        trainer.fit(module, torch.utils.data.DataLoader(_Infinite(), batch_size=None), ckpt_path=ckpt_path,
+                    weights_only=True)
     except NaNLossError as err:
         raise ConfigError(str(err)) from None
     seconds = time.perf_counter() - t0

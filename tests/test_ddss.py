@@ -225,7 +225,7 @@ def test_two_process_cpu_ddp(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["family=gggdm"], "unknown ddss family 'gggdm'; valid families: ggdm, full"),
+        (["family=gggdm"], "unknown ddss family 'gggdm'; valid families: ggdm, ggdm_mc, full"),
         (["init=heun"], "ddss init must be a one-evaluation-per-step solver"),
         (["init=dpmpp_2m"], "family ggdm starts from DDIM (init=euler)"),
         (["nfe=[4,5]"], "give a single nfe"),
@@ -256,3 +256,154 @@ def test_resume_true_without_checkpoint_is_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "old" / "lightning").mkdir(parents=True)
     (tmp_path / "old" / "lightning" / "last.ckpt").write_bytes(b"x")
     assert resume_path(True, str(tmp_path / "fresh")) == str(tmp_path / "old" / "lightning" / "last.ckpt")
+
+
+# --- family ggdm_mc: the marginal-consistent GGDM (Theorem 1 of the paper in sigma space) ---------------------
+def _iterate_marginals(table: SolverTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 weight m_i and noise loading B_i [N+1, K] of every row of the forward GGDM process (x_0 = x0 + sigma_0 e_0,
+    which the sampler's prior sigma_0 e_0 approximates) when every denoiser output is x0 exactly (x_i = m_i x0 +
+    B_i . e), by the table's own recursion: independent of ddss's parametrisation."""
+    coef = table.coef.detach()
+    n, k = table.nfe, table.n_noise
+    m, loads = [], []
+    for i in range(n + 1):
+        row = coef[i]
+        xs = row[k:k + n][:i]
+        m.append(sum((xs[j] * m[j] for j in range(i)), torch.tensor(float(i == 0), dtype=torch.float64)) + row[k + n:].sum())
+        loads.append(row[:k] + sum((xs[j] * loads[j] for j in range(i)), torch.zeros(k, dtype=torch.float64)))
+    return torch.stack(m), torch.stack(loads)
+
+
+def _perturbed(nfe: int, learn_noise: bool, seed: int, family: str = "ggdm_mc", scale: float = 0.3) -> ddss.GGDMTable:
+    g = ddss.GGDMTable(nfe, family, learn_noise=learn_noise)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        g.u.normal_(0, scale, generator=gen)
+        g.theta.add_(torch.randn(g.theta.shape, generator=gen, dtype=torch.float64))
+    return g
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 4, 10])
+@pytest.mark.parametrize("learn_noise", [False, True])
+def test_ggdm_mc_init_is_euler_bit_for_bit(nfe: int, learn_noise: bool) -> None:
+    g = ddss.GGDMTable(nfe, "ggdm_mc", learn_noise=learn_noise)
+    table = g.table()
+    euler = ddss.initial_table("euler", nfe, learn_noise, sigma_min=0.002, sigma_max=80.0)
+    assert torch.equal(table.coef, euler.coef) and torch.equal(table.sigmas, euler.sigmas)
+    assert table.coef.requires_grad and table.coef.dtype == torch.float64
+    k = table.n_noise
+    free, support = ddss.family_free("ggdm_mc", nfe, k), ddss.family_support("ggdm_mc", nfe, k)
+    assert int(free.sum()) == g.u.numel() and not (free & ~support).any()
+    if k == 1:  # x_0 and d_{i-1} of every row are solved
+        assert g.u.numel() == nfe * (nfe - 1) // 2 and not free[:, 1].any() and not free[:, 1 + nfe:].any()
+    with pytest.raises(ValueError, match="family ggdm_mc starts from DDIM"):
+        ddss.GGDMTable(4, "ggdm_mc", "dpmpp_2m")
+
+
+@pytest.mark.parametrize("learn_noise", [False, True])
+def test_ggdm_mc_every_table_is_marginal_consistent(learn_noise: bool) -> None:
+    """After random moves of every parameter (and the sigmas), each row keeps x0 weight 1 and noise scale sigma_i
+    (0 for the output); the free family does not."""
+    for seed in range(5):
+        t = _perturbed(6, learn_noise, seed).frozen()
+        m, loads = _iterate_marginals(t)
+        target = torch.cat([t.sigmas, torch.zeros(1, dtype=torch.float64)])
+        assert torch.allclose(m, torch.ones_like(m), rtol=0, atol=1e-12)
+        assert torch.allclose(loads.norm(dim=1), target, rtol=0, atol=1e-12)
+        if not learn_noise:  # deterministic: the noise loading itself is +sigma_i (x_i = x0 + sigma_i e_0)
+            assert torch.allclose(loads[:, 0], target, rtol=0, atol=1e-12)
+        else:
+            assert t.coef[1:6, 1:6].diagonal().abs().min() > 0  # fresh noise really injected
+    m, loads = _iterate_marginals(_perturbed(6, False, 0, family="ggdm").frozen())
+    assert (m - 1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("learn_noise", [False, True])
+def test_ggdm_mc_is_differentiable_in_every_parameter(learn_noise: bool) -> None:
+    g = _perturbed(5, learn_noise, 1)
+    t = g.table()
+    (t.coef ** 2).sum().backward()
+    assert torch.isfinite(g.u.grad).all() and g.u.grad.abs().min() > 0 and g.theta.grad.abs().sum() > 0
+    g0 = ddss.GGDMTable(5, "ggdm_mc", learn_noise=learn_noise)  # at the init (c_i = 0 with learned noise) too
+    (g0.table().coef.sum() + g0.table().coef[1:, 1:5].abs().sum()).backward()
+    assert torch.isfinite(g0.u.grad).all() and torch.isfinite(g0.theta.grad).all()
+
+
+@pytest.mark.parametrize("learn_noise", [False, True])
+def test_ggdm_mc_sampler_keeps_forward_marginals_on_point_mass(learn_noise: bool) -> None:
+    """The executor with the exact denoiser of a one-point data set (x0_hat = x0), started from the forward marginal
+    x_0 = x0 + sigma_0 e (e_0 = e + x0 / sigma_0): every iterate is affine in the noise, so probing with one-hot
+    noise vectors reads its loadings; they have norm sigma_i and x0 weight 1, as q(x_i | x0) = N(x0, sigma_i^2 I)
+    demands. A Monte-Carlo mean/variance check confirms it on Gaussian noise."""
+    from samplers import sample
+    from samplers.denoisers import GaussianMixture
+
+    x_star = torch.tensor([[0.7, -0.3]], dtype=torch.float64)
+    den = GaussianMixture(x_star, 0.0)
+    t = _perturbed(5, learn_noise, 2).frozen()
+    k, n = t.n_noise, t.nfe
+    target = torch.cat([t.sigmas, torch.zeros(1, dtype=torch.float64)])
+    seen: list[torch.Tensor] = []
+
+    def grab(i, x, d, sigma):
+        seen.append(x.clone())
+
+    noise = torch.zeros(k, k + 1, 2, dtype=torch.float64)  # sample 0: all noise 0; sample b >= 1: e_{b-1} = (1, 1)
+    for b in range(k):
+        noise[b, b + 1] = 1.0
+    shift = x_star / t.sigmas[0]  # x_0 = sigma_0 e_0 = x0 + sigma_0 e
+    noise[0] += shift
+    out = sample(t, den, noise, callback=grab)
+    iterates = torch.stack([*seen, out])  # [N+1, K+1, 2]
+    assert torch.allclose(iterates[:, 0], x_star.expand(n + 1, 2), atol=1e-12)  # zero noise -> x0 at every step
+    loads = iterates[:, 1:, 0] - iterates[:, :1, 0]  # [N+1, K]
+    assert torch.allclose(loads.norm(dim=1), target, rtol=1e-12, atol=1e-12)
+    # Monte Carlo: 20000 samples, mean x0 and variance sigma_i^2 per iterate (4 standard errors)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(k, 20000, 2, generator=gen, dtype=torch.float64)
+    z[0] += shift
+    seen.clear()
+    out = sample(t, den, z, callback=grab)
+    for i, x in enumerate([*seen, out]):
+        var = target[i] ** 2
+        assert ((x.mean(0) - x_star[0]).abs() <= 4 * (var / 20000) ** 0.5 + 1e-12).all()
+        assert ((x.var(0) - var).abs() <= 4 * var * (2 / 20000) ** 0.5 + 1e-12).all()
+
+
+def test_ggdm_mc_training_lowers_loss(tmp_path: Path) -> None:
+    """10 Lightning steps on the tiny model lower the KID loss on fixed noise and the table stays consistent."""
+    module = _tiny_module(3, family="ggdm_mc", batch_size=16, lr=0.2, sigma_lr=0.2, warmup_steps=0, steps=10, val_every=0)
+    fixed = module.noise(64, step=10_000)
+    with torch.no_grad():
+        before = float(module.loss_of(module.generate(fixed)))
+    _trainer(tmp_path, 10).fit(module, _loader())
+    with torch.no_grad():
+        after = float(module.loss_of(module.generate(fixed)))
+    t = module.sampler.frozen()
+    assert after < 0.95 * before and not torch.equal(t.coef, module.sampler.coef0)
+    m, loads = _iterate_marginals(t)
+    assert torch.allclose(m, torch.ones_like(m), atol=1e-12)
+    assert torch.allclose(loads[:, 0], torch.cat([t.sigmas, torch.zeros(1, dtype=torch.float64)]), atol=1e-12)
+
+
+def test_ggdm_mc_bad_config_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["ddss", "model=gmm", "family=ggdm_mc", "init=dpmpp_2m"])
+    assert exc.value.code == 2 and "family ggdm_mc starts from DDIM (init=euler)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("learn_noise", [False, True])
+def test_ggdm_mc_gradient_with_remat_equals_without(learn_noise: bool) -> None:
+    module = _tiny_module(4, family="ggdm_mc", learn_noise=learn_noise)
+    with torch.no_grad():
+        module.sampler.u.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        module.sampler.theta.add_(0.1)
+    noise = module.noise(6, step=0)
+    grads = []
+    for remat in (True, False):
+        module.zero_grad()
+        module.loss_of(module.generate(noise, remat=remat)).backward()
+        grads.append((module.sampler.u.grad.clone(), module.sampler.theta.grad.clone()))
+    assert grads[0][0].abs().min() > 0 and grads[0][1].abs().sum() > 0
+    for g1, g2 in zip(*grads):
+        assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-14)
