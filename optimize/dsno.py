@@ -231,6 +231,7 @@ class DSNOModule(L.LightningModule):
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
         self.register_buffer("weights", loss_weights(config["sigmas"]), persistent=False)
         self.history: list[list[float]] = []  # [step, loss, loss_1 .. loss_M]
+        self.seconds_before = 0.0  # training time of resumed runs (from the checkpoint)
 
     def init_from(self, teacher_net: nn.Module) -> "DSNOModule":
         """Copy the teacher's weights into the student and its EMA."""
@@ -280,11 +281,20 @@ class DSNOModule(L.LightningModule):
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Training wall time of this run plus that of the runs it resumed."""
+        return self.seconds_before + (time.perf_counter() - getattr(self, "_fit_start", time.perf_counter()))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dsno_history"] = self.history
+        checkpoint["dsno_seconds"] = self.train_seconds()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = checkpoint.get("dsno_history", [])
+        self.seconds_before = float(checkpoint.get("dsno_seconds", 0.0))
 
     def export(self, path: str, extra_metadata: dict | None = None) -> str:
         """Save the EMA student as a network file (``samplers.nets.load_denoiser`` serves it)."""
@@ -434,7 +444,7 @@ def run(cfg: Any) -> dict[str, Any]:
         trainer.fit(module, data_loader(data, index, int(cfg.batch_size), int(cfg.seed)), ckpt_path=ckpt_path)
     except NaNLossError as err:
         raise ConfigError(str(err)) from None
-    train_seconds = time.perf_counter() - t1
+    train_seconds = module.train_seconds() if module.global_step else time.perf_counter() - t1
     tag = f"dsno-{cfg.model.name}"
     student_path = str(resolve_path(str(cfg.export))) if cfg.export else os.path.join(out_dir, f"{tag}.safetensors")
     table_path = (os.path.splitext(student_path)[0] + "-1nfe.safetensors")
