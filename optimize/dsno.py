@@ -52,7 +52,7 @@ from samplers import SolverTable, baselines, make_noise, sample, schedules
 from samplers.nets import DSNOUNet, build_net, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .runs import resume_path, trainer_parts
+from .runs import pick_resume, resume_path, trainer_parts
 from .seeds import DATA_SEED_OFFSET, seed_range
 from .teacher import NaNLossError
 
@@ -290,6 +290,7 @@ class DSNOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dsno_history"] = self.history
+        checkpoint["run_settings"] = dict(getattr(self, "run_settings", {}))  # what resume= checks besides hparams
         checkpoint["dsno_seconds"] = self.train_seconds()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -429,9 +430,10 @@ def run(cfg: Any) -> dict[str, Any]:
           f"in {data_path} ({data_seconds:.0f} s)", flush=True)
     module = build_module(cfg, teacher_config, model.shape).init_from(teacher_net)
     index = store_index(int(cfg.M))
-    ckpt_path = resume_path(cfg.get("resume"), out_dir)
-    if ckpt_path is not None and not os.path.isfile(ckpt_path):
-        raise ConfigError(f"resume checkpoint {ckpt_path} does not exist.")
+    # resume= is read with weights_only (never unpickles code) and continues only a run with the same settings;
+    # steps may differ (extending a run: the cosine decay follows the new total from the resumed step on)
+    module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint}
+    ckpt_path = pick_resume(cfg.get("resume"), out_dir, {**dict(module.hparams), **module.run_settings}, ignore=("steps",))
     trainer = L.Trainer(accelerator=str(cfg.accelerator), devices=1, max_steps=int(cfg.steps), **trainer_parts(cfg, out_dir),
                         gradient_clip_val=float(cfg.grad_clip) or None, log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)),
                         enable_model_summary=False, default_root_dir=out_dir, enable_progress_bar=bool(cfg.progress_bar))
@@ -441,7 +443,7 @@ def run(cfg: Any) -> dict[str, Any]:
           f"temporal={bool(cfg.temporal)} ({n_temporal:,} temporal parameters), {cfg.steps} steps of batch {cfg.batch_size}", flush=True)
     t1 = time.perf_counter()
     try:
-        trainer.fit(module, data_loader(data, index, int(cfg.batch_size), int(cfg.seed)), ckpt_path=ckpt_path)
+        trainer.fit(module, data_loader(data, index, int(cfg.batch_size), int(cfg.seed)), ckpt_path=ckpt_path, weights_only=True)
     except NaNLossError as err:
         raise ConfigError(str(err)) from None
     train_seconds = module.train_seconds() if module.global_step else time.perf_counter() - t1
