@@ -4,7 +4,8 @@
     python scripts/results_classic.py --models gmm --n 500
 
 Same seeds for every solver (paired), the configs of conf/ (karras schedule, rho 7, sigma 0.002..80),
-one cached reference solve per model. Also writes docs/results/<model>.csv/.json and a quality-vs-NFE plot.
+one cached reference solve per model. Also writes docs/results/<model>/results.csv/.json, the reference points
+(real-vs-real floor, converged teacher) as docs/results/<model>/reference.csv and a quality-vs-NFE plot.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def reference_points(model_name: str, n: int, device: str, converged_nfe: int = 
                  device=device)["samples"]
     x = x.clamp(-1, 1) if judge.clip else x
     lines = ["| compared | features | FD ± se | KID ± se |", "|---|---|---:|---:|"]
+    rows = []
     for name in judge.features:
         f_held = judge.feats(name, held)
         pairs = [(f"real train ({len(train)}) vs held-out ({len(held)}): the floor", judge.feats(name, train), f_held),
@@ -79,7 +81,25 @@ def reference_points(model_name: str, n: int, device: str, converged_nfe: int = 
             k, se = kid(a, b)
             fd = fd_estimate(a, b)
             lines.append(f"| {label} | {name} | {fd.value:.3g} ± {fd.se:.2g} | {k:.4g} ± {se:.2g} |")
+            rows.append({"compared": label, "features": name, "fd": fd.value, "fd_se": fd.se, "kid": k, "kid_se": se})
+    out = REPO / "docs" / "results" / model_name
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "reference.csv")
     return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rows as CSV (csv module, atomic)."""
+    import csv
+    import io
+
+    from samplers.artifact import atomic_write_bytes
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(str(path), buf.getvalue().encode())
 
 
 def best_per_nfe(rows: list[dict[str, Any]], key: str, nfes: list[int]) -> str:
@@ -104,7 +124,12 @@ def main() -> None:
     ap.add_argument("--ref-nfe", type=int, default=None, help="NFE of the Heun reference solve (default: conf, 255)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(REPO / "docs" / "results.md"))
+    ap.add_argument("--reference-only", action="store_true", help="only the reference points -> docs/results/<model>/reference.csv")
     args = ap.parse_args()
+    if args.reference_only:
+        for name in args.models:
+            print(reference_points(name, args.n, args.device))
+        return
     sections = []
     for name in args.models:
         if name == "edm" and not resolve_path("checkpoints/edm-digits.safetensors").is_file():
@@ -134,7 +159,7 @@ def main() -> None:
             f"--n {args.n}{f' --ref-nfe {args.ref_nfe}' if args.ref_nfe else ''}` on {datetime.date.today()} ({platform.machine()}, torch {torch.__version__}). {args.n} samples, "
             "seeds 0..n-1 for every solver (paired); karras schedule, rho 7, sigma 0.002..80; '-' = NFE the solver cannot "
             "meet exactly (heun: odd only). Learned and other samplers on the same seeds: "
-            "[IIA](results-iia.md) ([GMM](results-iia-gmm.md)), [DDSS](results-ddss.md), [TADA](results-tada.md) "
+            "[IIA](results-iia.md) ([GMM](results-iia-gmm.md)), [DDSS](results-ddss.md), [TADA](results-tada.md), [DSNO](results-dsno.md) "
             "(with its plot `results/tada/quality-vs-nfe.png`).\n\n" + NOTE + "\n\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(head + "\n".join(sections))
