@@ -36,7 +36,7 @@ main keys (defaults in conf/config.yaml and conf/method/<method>.yaml):
   seed=0 device=cpu logger=csv|wandb
 evaluate:  table=PATH n=2000 tuned=true|false ref_nfe=255 cache_dir=...
 iia:       base=euler variant=generic target=trajectory substeps=8 fine_solver=heun n_fit=512
-ddss:      family=ggdm|full init=euler steps=600 batch_size=128 lr=0.01 resume=true
+ddss:      family=ggdm|ggdm_mc|full init=euler steps=600 batch_size=128 lr=0.01 resume=true
 dsno:      M=4 modes=2 temporal=true loss=l1 n_data=8192 data_steps=40 steps=1000 resume=true export=PATH
 teacher:   steps=... batch_size=... resume=RUN_FOLDER export=PATH
 Hydra: -m/--multirun sweeps comma lists (solver=euler,dpmpp_2m nfe=4,8); --cfg job prints the config."""
