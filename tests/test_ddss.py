@@ -120,9 +120,9 @@ def _tiny_module(nfe: int = 4, **kw) -> ddss.DDSSModule:
     return ddss.DDSSModule(nfe, **kw).attach(model, judge)
 
 
-@pytest.mark.parametrize("family", ["ggdm", "full"])
-def test_gradient_with_remat_equals_without(family: str) -> None:
-    module = _tiny_module(4, family=family, learn_noise=True)
+@pytest.mark.parametrize("family, learn_noise", [("ggdm", True), ("full", True), ("ggdm_mc", False), ("ggdm_mc", True)])
+def test_gradient_with_remat_equals_without(family: str, learn_noise: bool) -> None:
+    module = _tiny_module(4, family=family, learn_noise=learn_noise)
     with torch.no_grad():  # move off the init so every entry matters
         module.sampler.u.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
         module.sampler.theta.add_(0.1)
@@ -132,7 +132,8 @@ def test_gradient_with_remat_equals_without(family: str) -> None:
         module.zero_grad()
         module.loss_of(module.generate(noise, remat=remat)).backward()
         grads.append((module.sampler.u.grad.clone(), module.sampler.theta.grad.clone()))
-    assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+    # every free parameter of the marginal-consistent family moves the loss (the solved ones are not parameters)
+    assert (grads[0][0].abs().min() if family == "ggdm_mc" else grads[0][0].abs().sum()) > 0 and grads[0][1].abs().sum() > 0
     for g1, g2 in zip(*grads):
         assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-14)
 
@@ -390,20 +391,3 @@ def test_ggdm_mc_bad_config_one_sentence(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exc:
         main(["ddss", "model=gmm", "family=ggdm_mc", "init=dpmpp_2m"])
     assert exc.value.code == 2 and "family ggdm_mc starts from DDIM (init=euler)" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("learn_noise", [False, True])
-def test_ggdm_mc_gradient_with_remat_equals_without(learn_noise: bool) -> None:
-    module = _tiny_module(4, family="ggdm_mc", learn_noise=learn_noise)
-    with torch.no_grad():
-        module.sampler.u.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
-        module.sampler.theta.add_(0.1)
-    noise = module.noise(6, step=0)
-    grads = []
-    for remat in (True, False):
-        module.zero_grad()
-        module.loss_of(module.generate(noise, remat=remat)).backward()
-        grads.append((module.sampler.u.grad.clone(), module.sampler.theta.grad.clone()))
-    assert grads[0][0].abs().min() > 0 and grads[0][1].abs().sum() > 0
-    for g1, g2 in zip(*grads):
-        assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-14)
