@@ -200,6 +200,8 @@ def evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, So
     refs: dict[float, torch.Tensor] = {}
     for label, table, info in jobs:
         s0 = start_sigma(table)
+        if table.metadata.get("teacher_fingerprint") not in (None, model.fingerprint):
+            s0 = None  # a student distilled from another model: a long solve with the student as denoiser means nothing
         if s0 is not None and s0 not in refs:
             refs[s0] = reference_solve(model, s0, float(cfg.model.sigma_min), seeds, cache, str(m.ref_solver), int(m.ref_nfe),
                                        device, batch)

@@ -145,3 +145,15 @@ def test_paired_rows_and_restricted_judge() -> None:
     only_train = judge.restricted(splits=["train"], n_boot=0)
     s = only_train.score(rows[0]["samples"])
     assert "fd_train_raw" in s and "fd_heldout_raw" not in s and "fd_se_train_raw" not in s
+
+
+def test_student_table_gets_no_reference_rmse(tmp_path: Path) -> None:
+    """A table distilled from another model (metadata teacher_fingerprint) is scored without a reference solve:
+    a long solve with a one-step student as the denoiser would mean nothing."""
+    base = baselines.build("euler", 1)
+    table = tmp_path / "student.safetensors"
+    type(base)(base.sigmas, base.coef, {**base.metadata, "teacher_fingerprint": "0123456789abcdef"}).save(str(table))
+    _run(["evaluate", *TINY, f"table={table}", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
+    row = read_results(str(tmp_path / "a" / "results.csv"))[0]
+    assert row["ref_rmse"] is None and math.isfinite(row["fd_train_raw"])
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
