@@ -67,6 +67,47 @@ def one(nfe: int, remat: bool, batch: int, family: str) -> dict:
             "peak_rss_kib": rss1, "rss_growth_kib": rss1 - rss0, "seconds": seconds}
 
 
+
+def write_results(name: str, rows: list[dict], started: float, **extra: object) -> None:
+    """Write rows to docs/results/bench/<name>.csv and the command line and machine to <name>.json beside it."""
+    import csv
+    import json
+    import os
+    import platform
+    import shlex
+    import sys
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import torch
+
+    out = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    meta = {
+        "command": "python " + shlex.join(["scripts/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        **extra,
+    }
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out / (name + '.csv')} and {name}.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
@@ -77,6 +118,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(int(args.one[0]), args.one[1] == "1", args.batch, args.family)))
         return
+    started = time.perf_counter()
     rows = []
     for nfe in args.nfe:
         for remat in (True, False):
@@ -91,6 +133,12 @@ def main() -> None:
     for r in rows:
         print(f"{r['nfe']:>3}  {str(r['remat']):>5}  {r['saved_bytes'] / 2**20:>10.2f}  {r['peak_rss_kib'] / 1024:>12.1f}  "
               f"{r['rss_growth_kib'] / 1024:>14.1f}  {r['seconds']:>7.2f}")
+    write_results("ddss_memory", [
+        {"family": args.family, "batch": args.batch, "nfe": r["nfe"], "remat": r["remat"],
+         "saved_mib": f"{r['saved_bytes'] / 2**20:.3f}", "saved_bytes": r["saved_bytes"],
+         "saved_tensor_bytes": r["saved_tensor_bytes"], "peak_rss_mib": f"{r['peak_rss_kib'] / 1024:.1f}",
+         "rss_growth_mib": f"{r['rss_growth_kib'] / 1024:.1f}", "step_s": f"{r['seconds']:.3f}"} for r in rows],
+        started, teacher="digits (model=edm), CPU, 1 thread per measurement subprocess")
     by = {(r["nfe"], r["remat"]): r for r in rows}
     lo, hi = min(args.nfe), max(args.nfe)
     for remat in (True, False):

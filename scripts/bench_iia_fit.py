@@ -42,6 +42,47 @@ class Counter(torch.nn.Module):
         return self.inner(x, sigma, *cond)
 
 
+
+def write_results(name: str, rows: list[dict], started: float, **extra: object) -> None:
+    """Write rows to docs/results/bench/<name>.csv and the command line and machine to <name>.json beside it."""
+    import csv
+    import json
+    import os
+    import platform
+    import shlex
+    import sys
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import torch
+
+    out = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    meta = {
+        "command": "python " + shlex.join(["scripts/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        **extra,
+    }
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out / (name + '.csv')} and {name}.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nfe", type=int, default=10)
@@ -49,6 +90,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     den = Counter(load_denoiser(str(REPO / "checkpoints" / "edm-digits.safetensors"), device=args.device))
     shape = (1, 8, 8)
@@ -61,6 +103,7 @@ def main() -> None:
     print(f"digits teacher, NFE {args.nfe}, n_fit {args.n_fit}, {args.threads} thread(s), {args.device}: "
           f"one sampling pass {one_pass:.2f} s")
     print(f"{'configuration':52s} {'fit s':>7s} {'cpu s':>7s} {'evals/sample':>13s} {'fit / pass':>11s}")
+    rows = []
     for label, (base, variant, target, substeps, fine) in CONFIGS.items():
         den.calls = 0
         t0, c0 = time.perf_counter(), time.process_time()
@@ -68,6 +111,12 @@ def main() -> None:
                 target=target, fine_solver=fine, device=args.device)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         print(f"{label:52s} {seconds:7.2f} {cpu:7.2f} {den.calls / args.n_fit:13.0f} {seconds / one_pass:11.1f}")
+        rows.append({"configuration": label, "base": base, "variant": variant, "target": target, "substeps": substeps,
+                     "fine_solver": fine or "", "nfe": args.nfe, "n_fit": args.n_fit, "threads": args.threads,
+                     "device": args.device, "fit_wall_s": f"{seconds:.3f}", "fit_cpu_s": f"{cpu:.3f}",
+                     "evals_per_sample": f"{den.calls / args.n_fit:.1f}", "one_pass_wall_s": f"{one_pass:.3f}",
+                     "fit_over_pass": f"{seconds / one_pass:.2f}"})
+    write_results("iia_fit", rows, started, teacher="checkpoints/edm-digits.safetensors")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,47 @@ def diffusers_loop(kind: str, net: Callable, sigmas: torch.Tensor, x0: torch.Ten
     return fn
 
 
+
+def write_results(name: str, rows: list[dict], started: float, **extra: object) -> None:
+    """Write rows to docs/results/bench/<name>.csv and the command line and machine to <name>.json beside it."""
+    import csv
+    import json
+    import os
+    import platform
+    import shlex
+    import sys
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import torch
+
+    out = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    meta = {
+        "command": "python " + shlex.join(["scripts/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        **extra,
+    }
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out / (name + '.csv')} and {name}.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,6 +131,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=("cpu", "wall"), default=None,
                         help="process CPU time or wall time (default: cpu on a CPU device, wall on CUDA)")
     args = parser.parse_args()
+    started = time.perf_counter()
     device = torch.device(args.device)
     clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
     if args.threads:
@@ -164,6 +206,15 @@ def main() -> None:
         """Median over runs of a/b: the two ran back to back, so slow drifts of the machine cancel."""
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
+    csv_rows: list[dict] = []
+
+    def row(table: str, model: str, nfe: int, solver: str, **vals: float) -> None:
+        fields = ("bare_ms", "sample_ms", "ratio", "min_ratio", "derived_ratio", "ours_ms", "diffusers_ms",
+                  "ours_us_per_step", "diffusers_us_per_step")
+        csv_rows.append({"table": table, "model": model, "nfe": nfe, "solver": solver, "batch": args.batch,
+                         "repeats": args.repeats, "clock": clock,
+                         **{f: ("" if vals.get(f) is None else f"{vals[f]:.6g}") for f in fields}})
+
     loop = {solver: med[("free", free_nfe, solver, "ours")] / free_nfe for solver in ("euler", "dpmpp_2m")}
     print("\n(a) executor overhead: sample / N bare denoiser calls (medians of %d runs). 'ratio' is the median"
           " of per-run ratios, 'min ratio' the ratio of the fastest runs, 'derived' is 1 + (loop cost per step"
@@ -179,6 +230,8 @@ def main() -> None:
                 derived = 1 + loop[solver] * nfe / bare
                 print(f"{name:6} {nfe:4d} {solver:9} {1e3 * bare:9.2f} {1e3 * med[key]:10.2f} {r:7.3f} {r_min:9.3f}"
                       f" {derived:9.5f}")
+                row("a_overhead", name, nfe, solver, bare_ms=1e3 * bare, sample_ms=1e3 * med[key], ratio=r,
+                    min_ratio=r_min, derived_ratio=derived)
     if not args.no_diffusers:
         print("\n(b) our table executor vs the diffusers scheduler loop, same sigmas and net")
         print(f"{'model':6} {'nfe':>4} {'solver':9} {'ours ms':>9} {'diffusers ms':>13} {'ratio':>7}")
@@ -188,14 +241,20 @@ def main() -> None:
                     ours, theirs = med[(name, nfe, solver, "ours")], med[(name, nfe, solver, "diffusers")]
                     r = ratio((name, nfe, solver, "ours"), (name, nfe, solver, "diffusers"))
                     print(f"{name:6} {nfe:4d} {solver:9} {1e3 * ours:9.2f} {1e3 * theirs:13.2f} {r:7.3f}")
+                    row("b_vs_diffusers", name, nfe, solver, ours_ms=1e3 * ours, diffusers_ms=1e3 * theirs, ratio=r)
     print(f"\n(c) loop cost per step with a free denoiser (batch {args.batch}, 1x8x8, nfe {free_nfe})")
     for solver in ("euler", "dpmpp_2m"):
         ours = 1e6 * med[("free", free_nfe, solver, "ours")] / free_nfe
         line = f"{solver:9} ours {ours:8.1f} us/step"
+        theirs = None
         if not args.no_diffusers:
             theirs = 1e6 * med[("free", free_nfe, solver, "diffusers")] / free_nfe
             line += f"   diffusers {theirs:8.1f} us/step"
         print(line)
+        row("c_loop_cost", "free", free_nfe, solver, ours_us_per_step=ours, diffusers_us_per_step=theirs)
+    params = {name: sum(p.numel() for p in net.parameters()) for name, (net, _) in models.items()}
+    write_results("runtime", csv_rows, started, device=str(device), clock=clock, parameters=params,
+                  runs_ms={"/".join(map(str, k)): [round(1e3 * t, 3) for t in v] for k, v in times.items()})
 
 
 if __name__ == "__main__":
