@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_io import write_results  # noqa: E402
+
 
 def one(nfe: int, remat: bool, batch: int, family: str) -> dict:
     """Measure one training step in this process."""
@@ -65,47 +67,6 @@ def one(nfe: int, remat: bool, batch: int, family: str) -> dict:
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"nfe": nfe, "remat": remat, "saved_bytes": sum(storages.values()), "saved_tensor_bytes": total[0],
             "peak_rss_kib": rss1, "rss_growth_kib": rss1 - rss0, "seconds": seconds}
-
-
-
-def write_results(name: str, rows: list[dict], started: float, **extra: object) -> None:
-    """Write rows to docs/results/bench/<name>.csv and the command line and machine to <name>.json beside it."""
-    import csv
-    import json
-    import os
-    import platform
-    import shlex
-    import sys
-    from datetime import datetime, timezone
-    from pathlib import Path
-
-    import torch
-
-    out = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    meta = {
-        "command": "python " + shlex.join(["scripts/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        **extra,
-    }
-    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {out / (name + '.csv')} and {name}.json")
 
 
 def main() -> None:
