@@ -34,13 +34,14 @@ def pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
     return fmt(v, digits)
 
 
+def diff_text(d: float, se: float) -> str:
+    """A (lower-is-better) paired difference with its standard error and verdict, e.g. ``-3.1 ± 0.6 **better**``."""
+    return f"{d:+.3g} ± {se:.2g} " + {"better": "**better**", "worse": "worse", "within noise": "≈"}[verdict(d, se)]
+
+
 def diff_cell(row: dict[str, Any], base: dict[str, Any], key: str) -> str:
-    """Paired ``row - base`` on ``key`` with its standard error and verdict (lower is better), e.g. ``-3.1 ± 0.6 better``."""
-    if row is base:
-        return "(baseline)"
-    d, se = paired(row, base, key)
-    word = verdict(d, se)
-    return f"{d:+.3g} ± {se:.2g} " + {"better": "**better**", "worse": "worse", "within noise": "≈"}[word]
+    """Paired ``row - base`` on ``key`` as diff_text, or ``(baseline)`` for the base row itself."""
+    return "(baseline)" if row is base else diff_text(*paired(row, base, key))
 
 
 def best(rows: Iterable[dict[str, Any]], key: str, where: Callable[[dict[str, Any]], bool] = lambda r: True) -> dict[str, Any] | None:

@@ -31,8 +31,8 @@ from optimize import iia  # noqa: E402
 from optimize.cli import compose_config  # noqa: E402
 from optimize.evaluate import Judge, evaluate, load_model, plot_quality, reference_solve, write_results  # noqa: E402
 from optimize.metrics import ReferenceCache  # noqa: E402
-from optimize.report import NOTE, best, fmt, pm, table  # noqa: E402
-from optimize.results import add_paired_columns, verdict  # noqa: E402
+from optimize.report import NOTE, best, diff_text, fmt, pm, table  # noqa: E402
+from optimize.results import add_paired_columns  # noqa: E402
 from optimize.seeds import FIT_SEED_OFFSET  # noqa: E402
 from samplers import baselines  # noqa: E402
 
@@ -130,7 +130,7 @@ def _d(r: dict[str, Any], key: str, tag: str) -> str:
     d, se = r.get(f"d{key}_{tag}"), r.get(f"d{key}_{tag}_se")
     if d is None or se is None:
         return "(baseline)" if tag == "best" and r.get("best_classic") == r["method"] else "-"
-    return f"{d:+.3g} ± {se:.2g} " + {"better": "**better**", "worse": "worse", "within noise": "≈"}[verdict(d, se)]
+    return diff_text(d, se)
 
 
 def render(rows: list[dict[str, Any]], args: argparse.Namespace, model: str) -> str:
