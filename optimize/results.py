@@ -104,10 +104,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 # --- files ----------------------------------------------------------------------------------------
-def write_results(rows: list[dict[str, Any]], out_dir: str, cfg: Any | None = None) -> None:
-    """results.csv (one row per method and NFE, written with the csv module) and results.json (rows and the
-    resolved config), atomically."""
-    rows = [public(r) for r in rows]
+def write_csv(rows: list[dict[str, Any]], path: str) -> None:
+    """Rows as CSV with the csv module (columns in order of first appearance, None as empty, floats exact),
+    written atomically."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -116,7 +115,14 @@ def write_results(rows: list[dict[str, Any]], out_dir: str, cfg: Any | None = No
     writer.writeheader()
     for r in rows:
         writer.writerow({k: "" if r.get(k) is None else repr(r[k]) if isinstance(r.get(k), float) else r[k] for k in keys})
-    atomic_write_bytes(os.path.join(out_dir, "results.csv"), buf.getvalue().encode())
+    atomic_write_bytes(str(path), buf.getvalue().encode())
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: str, cfg: Any | None = None) -> None:
+    """results.csv (one row per method and NFE, written with the csv module) and results.json (rows and the
+    resolved config), atomically."""
+    rows = [public(r) for r in rows]
+    write_csv(rows, os.path.join(out_dir, "results.csv"))
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None

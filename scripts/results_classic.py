@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from optimize.cli import ConfigError, compose_config, resolve_path  # noqa: E402
 from optimize.evaluate import Judge, evaluate, format_table, load_model, plot_quality, reference_solve, write_results  # noqa: E402
 from optimize.metrics import ReferenceCache, fd_estimate, kid  # noqa: E402
+from optimize.results import write_csv  # noqa: E402
 from optimize.report import NOTE, best, diff_cell, pivot, pm, table  # noqa: E402
 from samplers import baselines  # noqa: E402
 
@@ -86,20 +87,6 @@ def reference_points(model_name: str, n: int, device: str, converged_nfe: int = 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "reference.csv")
     return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Rows as CSV (csv module, atomic)."""
-    import csv
-    import io
-
-    from samplers.artifact import atomic_write_bytes
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(str(path), buf.getvalue().encode())
 
 
 def best_per_nfe(rows: list[dict[str, Any]], key: str, nfes: list[int]) -> str:
