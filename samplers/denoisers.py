@@ -405,7 +405,7 @@ def load_diffusers(folder: str | os.PathLike, device: torch.device | str | None 
     except ImportError:
         raise ImportError("load_diffusers needs the diffusers package: pip install diffusers.") from None
     scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(str(sched_dir), local_files_only=True))
-    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=dtype)
+    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=dtype, use_safetensors=True)
     if unet.config.time_embedding_type == "fourier":
         raise ValueError(f"{str(unet_dir)!r} is a score-SDE (Fourier time) model, not a discrete-time VP model.")
     unet = unet.to(device).eval().requires_grad_(False)

@@ -1,0 +1,299 @@
+"""``TableScheduler``: run any solver table inside a diffusers pipeline.
+
+    from samplers.diffusers_scheduler import TableScheduler
+    pipe.scheduler = TableScheduler.from_table("ddss-ggdm-nfe5.safetensors", pipe.scheduler.config)
+    images = pipe(num_inference_steps=pipe.scheduler.nfe).images
+
+The pipeline's own loop (``set_timesteps``, ``scale_model_input``, ``step``) then makes exactly the table's N
+network calls. The scheduler works in the pipeline's VP sample space: the sample it hands back after step i is
+the next network input ``x_{i+1} / sqrt(1 + sigma_{i+1}^2)`` (the table's ``x`` are in EDM sigma-space), so
+``scale_model_input`` is the identity, and ``init_noise_sigma = coef[0, e_0] / sqrt(1 + sigma_0^2)``: the
+pipeline's initial latents divided by ``init_noise_sigma`` are the table's noise ``e_0``. Pipelines that do not
+multiply by ``init_noise_sigma`` (``DDPMPipeline``) pass the raw draw, and the scheduler reads it the same way,
+so from the same noise the pipeline gives the sample of ``samplers.sample(table, load_diffusers(folder),
+e_0[None])`` up to float32 rounding (the conversions repeat ``samplers.denoisers.VPDenoiser`` operation by
+operation, and the rows are combined by the executor's own ``_combine``).
+
+Stochastic tables (K > 1) draw each further noise vector ``e_k`` when a row first needs it, from the
+``generator`` the pipeline passes to ``step`` (or from ``set_noise([K, B, ...])`` for exact reproduction).
+Timesteps are fractional (``VPDenoiser.sigma_to_t``; rounded for nets with a learned time embedding,
+``quantize=True``). The table and the noise schedule live in the scheduler config, so ``save_pretrained`` /
+``from_pretrained`` round-trip. This module imports diffusers; ``import samplers`` never does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .denoisers import PREDICTION_TYPES, VPDenoiser
+from .table import SolverTable, _combine
+
+# keys of a diffusers (DDPM-family) scheduler config that define the training noise schedule
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr")
+
+
+@dataclass
+class TableSchedulerOutput(BaseOutput):
+    """``prev_sample``: the next network input (VP space), or the final sample after the last step;
+    ``pred_original_sample``: the x0 prediction ``d_i`` of this step."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+def alphas_cumprod_of(config: Any) -> torch.Tensor:
+    """float64 ``abar_t`` of a DDPM-family scheduler config, as ``samplers.denoisers.load_diffusers`` makes it
+    (a zero-terminal-SNR schedule gets diffusers' ``2^-24`` instead of 0)."""
+    keys = {k: config[k] for k in SCHEDULE_KEYS if k in config and k != "prediction_type"}
+    abar = DDPMScheduler(**keys).alphas_cumprod.double()
+    if abar[-1] == 0:
+        abar[-1] = 2.0**-24
+    return abar
+
+
+class TableScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler that runs a ``samplers`` solver table (see the module docstring)."""
+
+    config_name = "scheduler_config.json"
+    _compatibles: list[str] = []
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
+        quantize: bool = False,
+        table_sigmas: Sequence[float] | None = None,
+        table_coef: Sequence[Sequence[float]] | None = None,
+        table_metadata: dict | None = None,
+    ):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"TableScheduler: prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"got {prediction_type!r}.")
+        if table_sigmas is None or table_coef is None:
+            raise ValueError("TableScheduler needs a table: use TableScheduler.from_table(path, pipe.scheduler.config).")
+        self.table = SolverTable(np.asarray(table_sigmas, dtype=np.float64), np.asarray(table_coef, dtype=np.float64),
+                                 dict(table_metadata or {}))
+        row0 = self.table.coef[0].numpy()
+        if row0[0] == 0:
+            raise ValueError("TableScheduler: the table's first input must use the noise e_0 (row 0, column 0 is zero).")
+        abar = alphas_cumprod_of(self.config)
+        self._vp = VPDenoiser(None, abar, prediction_type=prediction_type, quantize=quantize)
+        s0 = float(self.table.sigmas[0])
+        # the pipeline's initial latents / init_noise_sigma = e_0; its first network input is c00 e_0 / sqrt(1 + s0^2)
+        self.init_noise_sigma = float(row0[0]) / math.sqrt(1.0 + s0 * s0)
+        self._plan = self.table._cached_plan()
+        self._first_needs_more = bool(np.any(row0[1:] != 0))
+        last = np.full(self.table.coef.shape[1], -1)
+        for r, cols in enumerate(self._plan.columns):
+            last[list(cols)] = r
+        self._last_use = last.tolist()  # the last row that reads each column
+        self.num_inference_steps = self.table.nfe
+        self._sigmas32 = self.table.sigmas.to(torch.float32)
+        self.timesteps = self._timesteps(torch.device("cpu"))
+        self._noise: torch.Tensor | None = None
+        self._begin_index: int | None = None
+        self._reset()
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_table(cls, table: str | os.PathLike | SolverTable, config: Any = None, *, quantize: bool | None = None,
+                   fingerprint: str | None = None, **overrides: Any) -> "TableScheduler":
+        """A scheduler running ``table`` (a SolverTable or a table file, checked against ``fingerprint`` when
+        given) with the noise schedule and prediction type of ``config`` (the pipeline's scheduler config, any
+        DDPM-family scheduler). ``quantize``: integer timesteps (nets with a learned time embedding)."""
+        if not isinstance(table, SolverTable):
+            table = SolverTable.load(str(table), fingerprint=fingerprint)
+        keys = {k: config[k] for k in SCHEDULE_KEYS if config is not None and k in config}
+        if isinstance(keys.get("trained_betas"), (torch.Tensor, np.ndarray)):
+            keys["trained_betas"] = [float(b) for b in keys["trained_betas"]]
+        if quantize is not None:
+            keys["quantize"] = bool(quantize)
+        keys.update(overrides)
+        meta = {k: v for k, v in table.metadata.items() if _jsonable(v)}
+        return cls(**keys, table_sigmas=[float(s) for s in table.sigmas], table_coef=table.coef.tolist(), table_metadata=meta)
+
+    @property
+    def nfe(self) -> int:
+        """N: network calls per sample (the number of timesteps, whatever the pipeline asks for)."""
+        return self.table.nfe
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)
+
+    def _timesteps(self, device: torch.device) -> torch.Tensor:
+        t = self._vp.sigma_to_t(self._sigmas32.to(device))  # as VPDenoiser computes them, in float32
+        return t.long() if self._vp.quantize else t
+
+    # --- diffusers scheduler interface ----------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      **kwargs: Any) -> None:
+        """Timesteps of the table's N evaluations (a different ``num_inference_steps`` is overridden with a
+        warning: a table has exactly N evaluations); clears the state of the previous run."""
+        for key in ("timesteps", "sigmas"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"TableScheduler: custom {key} cannot be used; the table fixes its {self.nfe} evaluations.")
+        if num_inference_steps is not None and int(num_inference_steps) != self.nfe:
+            warnings.warn(f"TableScheduler runs its table's {self.nfe} evaluations; num_inference_steps="
+                          f"{num_inference_steps} is ignored.", stacklevel=2)
+        self.num_inference_steps = self.nfe
+        self.timesteps = self._timesteps(torch.device(device) if device is not None else torch.device("cpu"))
+        self._reset()
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Only 0 (a table always starts at its first row)."""
+        if begin_index != 0:
+            raise ValueError("TableScheduler runs whole tables: begin_index must be 0.")
+        self._begin_index = 0
+
+    def set_noise(self, noise: torch.Tensor | None) -> None:
+        """The table's noise ``[K, B, ...]`` for the next run (``noise[0]`` is ignored: e_0 comes from the
+        pipeline's latents); None: further vectors are drawn from the generator given to ``step``."""
+        if noise is not None and noise.shape[0] != self.table.n_noise:
+            raise ValueError(f"noise must have shape [K, B, ...] with K = {self.table.n_noise}, got {tuple(noise.shape)}.")
+        self._noise = noise
+
+    @property
+    def step_index(self) -> int:
+        return self._step
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def _reset(self) -> None:
+        self._step = 0
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._scaled = False
+        self._last_out: torch.Tensor | None = None
+
+    def _e(self, k: int, like: torch.Tensor, generator: Any) -> torch.Tensor:
+        if k not in self._buffers:
+            if self._noise is not None:
+                self._buffers[k] = self._noise[k].to(like.device, like.dtype)
+            else:
+                self._buffers[k] = randn_tensor(tuple(like.shape), generator=generator, device=like.device, dtype=like.dtype)
+        return self._buffers[k]
+
+    def _row(self, i: int, like: torch.Tensor, generator: Any) -> torch.Tensor:
+        k = self.table.n_noise
+        bases = [self._e(c, like, generator) if c < k else self._buffers[c] for c in self._plan.columns[i]]
+        return _combine(bases, self._plan.weights[i], like)
+
+    def _alpha(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        s = self._sigmas32[i].to(like.device, like.dtype)
+        return 1 / (1 + s**2).sqrt()
+
+    def _start(self, sample: torch.Tensor, generator: Any) -> torch.Tensor:
+        """e_0 from the pipeline's latents and the table's x_0 (EDM space)."""
+        x = sample.to(torch.promote_types(sample.dtype, torch.float32))
+        self._buffers = {0: x / self.init_noise_sigma}
+        x0 = self._row(0, x, generator)
+        self._buffers[self.table.x(0)] = x0
+        return x0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        """The network input: the sample itself, except at the first step of a table whose first input mixes
+        several noise vectors (then ``x_0 / sqrt(1 + sigma_0^2)`` with e_1.. drawn now)."""
+        if self._step == 0 and self._first_needs_more:
+            x0 = self._start(sample, None)
+            self._scaled = True
+            return (self._alpha(0, x0) * x0).to(sample.dtype)
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, generator: Any = None,
+             return_dict: bool = True, **kwargs: Any) -> TableSchedulerOutput | tuple:
+        """One evaluation of the table: ``d_i`` from the network output (eps / v / x0 as VPDenoiser converts
+        it), then the next row (the next network input, VP space) or, after the last evaluation, the sample."""
+        n, k, i = self.table.nfe, self.table.n_noise, self._step
+        if i >= n:
+            raise ValueError(f"TableScheduler: step called {i + 1} times, but the table has {n} evaluations "
+                             f"(call set_timesteps before each run).")
+        dtype = torch.promote_types(sample.dtype, torch.float32)
+        if i == 0:
+            if self._scaled:
+                x = self._buffers[self.table.x(0)]
+                x_in = self._alpha(0, x) * x
+            else:
+                x = self._start(sample, generator)
+                x_in = sample.to(dtype)
+                if self._first_needs_more:  # the pipeline skipped scale_model_input: the net saw only e_0's part
+                    err = float((x_in / self._alpha(0, x) - x).abs().max()) / max(float(x.abs().max()), 1e-30)
+                    if err > 1e-5:
+                        raise ValueError("TableScheduler: this table's first input mixes several noise vectors, which "
+                                         "needs a pipeline that calls scheduler.scale_model_input (DDPMPipeline does not).")
+        elif sample is self._last_out:
+            x = self._buffers[self.table.x(i)]
+            x_in = sample.to(dtype)
+        else:  # the pipeline changed the latents between steps (e.g. inpainting): take them as they are
+            x_in = sample.to(dtype)
+            x = x_in / self._alpha(i, x_in)
+            self._buffers[self.table.x(i)] = x
+        out = model_output.to(dtype)
+        if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]  # learned-variance models: [prediction, variance]
+        s = self._sigmas32[i].to(x.device, dtype)
+        pred = self.config.prediction_type
+        if pred == "epsilon":
+            d = x - s * out
+        elif pred == "v_prediction":
+            alpha = 1 / (1 + s**2).sqrt()
+            d = alpha * x_in - s * alpha * out
+        else:
+            d = out
+        self._buffers[k + n + i] = d
+        if i + 1 < n:
+            x_next = self._row(i + 1, x, generator)
+            self._buffers[self.table.x(i + 1)] = x_next
+            prev = (self._alpha(i + 1, x_next) * x_next).to(sample.dtype)
+        else:
+            prev = self._row(n, x, generator).to(sample.dtype)
+        keep = self.table.x(i + 1) if i + 1 < n else -1
+        for c in [c for c in self._buffers if self._last_use[c] <= i + 1 and c != keep]:
+            del self._buffers[c]  # no later row reads it
+        self._step = i + 1
+        self._last_out = prev
+        if i + 1 == n:
+            self._buffers, self._last_out = {}, None
+        if not return_dict:
+            return (prev,)
+        return TableSchedulerOutput(prev_sample=prev, pred_original_sample=d.to(sample.dtype))
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """VP forward process at (possibly fractional) timesteps: ``sqrt(abar) x0 + sqrt(1 - abar) noise``."""
+        log_s = self._vp.log_sigmas.to(original_samples.device)
+        t = torch.as_tensor(timesteps, device=original_samples.device, dtype=torch.float64).reshape(-1)
+        lo = t.floor().long().clamp(0, log_s.numel() - 1)
+        hi = (lo + 1).clamp(max=log_s.numel() - 1)
+        s = (log_s[lo] + (t - lo) * (log_s[hi] - log_s[lo])).exp()
+        s = s.to(original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))
+        return (original_samples + s * noise) / (1 + s**2).sqrt()
+
+
+def _jsonable(v: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
