@@ -75,9 +75,10 @@ def evaluate(denoiser: Any, table: SolverTable, *, judge: Judge, shape: Sequence
 
 
 # --- the command -------------------------------------------------------------------------------
-def _schedule(cfg: Any, rho: float | None = None, sigma_min: float | None = None) -> dict[str, Any]:
+def _schedule(cfg: Any, rho: float | None = None, sigma_min: float | None = None, end: str | None = None) -> dict[str, Any]:
     return {"schedule": str(cfg.schedule), "rho": float(cfg.rho if rho is None else rho),
-            "sigma_min": float(cfg.sigma_min if sigma_min is None else sigma_min), "sigma_max": float(cfg.sigma_max)}
+            "sigma_min": float(cfg.sigma_min if sigma_min is None else sigma_min), "sigma_max": float(cfg.sigma_max),
+            "end": str(cfg.get("end", "zero") if end is None else end)}
 
 
 def _solver_options(cfg: Any) -> dict[str, Any]:
@@ -140,6 +141,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"reference solve: {err}") from None
     if m.tuned and any(not 0 < float(s) < float(cfg.sigma_max) for s in m.tune_sigma_min):
         raise ConfigError(f"every tune_sigma_min must lie in (0, sigma_max={cfg.sigma_max}), got {list(m.tune_sigma_min)}.")
+    if m.tuned and any(str(e) not in baselines.ENDS for e in tune_ends(m)):
+        raise ConfigError(f"every tune_end must be one of {', '.join(baselines.ENDS)}, got {list(tune_ends(m))}.")
     if cfg.model.features != "raw":
         for path in as_list(cfg.model.features):
             if not resolve_path(str(path)).is_file():
@@ -151,20 +154,28 @@ def _main_fd(result: dict[str, Any]) -> float:
     return float(result[keys[0]])
 
 
-def tune(cfg: Any, model: Model, judge: Judge, solver: str, nfe: int) -> tuple[SolverTable, dict[str, float]]:
-    """Grid over rho x sigma_min on the tuning seeds; the table with the lowest training-set FD (main features)."""
+def tune_ends(cfg: Any) -> list[str]:
+    """The end conventions the tuned classic tries (tada has only 'zero')."""
+    return [str(e) for e in as_list(cfg.get("tune_end", ["zero"]))]
+
+
+def tune(cfg: Any, model: Model, judge: Judge, solver: str, nfe: int) -> tuple[SolverTable, dict[str, Any]]:
+    """Grid over rho x sigma_min x end convention on the tuning seeds; the table with the lowest training-set FD
+    (main features)."""
     m = cfg
     seeds = seed_range(TUNE_SEED_OFFSET, int(cfg.seed), int(m.tune_n))
     judge = judge.restricted(splits=["train"], features=[next(iter(judge.features))], n_boot=0)  # held-out stays unseen
-    best: tuple[float, SolverTable, dict[str, float]] | None = None
-    for rho in m.tune_rho:
-        for smin in m.tune_sigma_min:
-            table = baselines.build(solver, nfe, **_schedule(cfg, float(rho), float(smin)), **_solver_options(cfg))
-            r = evaluate(model.denoiser, table, judge=judge, shape=model.shape, seeds=seeds, dtype=model.dtype,
-                         device=str(cfg.device), batch_size=int(m.batch_size))
-            fd = _main_fd(r)
-            if best is None or fd < best[0]:
-                best = (fd, table, {"rho": float(rho), "sigma_min": float(smin), "tune_fd": fd})
+    best: tuple[float, SolverTable, dict[str, Any]] | None = None
+    ends = [e for e in tune_ends(cfg) if e == "zero" or solver != "tada"]
+    for end in ends:
+        for rho in m.tune_rho:
+            for smin in m.tune_sigma_min:
+                table = baselines.build(solver, nfe, **_schedule(cfg, float(rho), float(smin), end), **_solver_options(cfg))
+                r = evaluate(model.denoiser, table, judge=judge, shape=model.shape, seeds=seeds, dtype=model.dtype,
+                             device=str(cfg.device), batch_size=int(m.batch_size))
+                fd = _main_fd(r)
+                if best is None or fd < best[0]:
+                    best = (fd, table, {"rho": float(rho), "sigma_min": float(smin), "end": end, "tune_fd": fd})
     assert best is not None
     return best[1], best[2]
 
@@ -179,7 +190,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
         if m.table:
             jobs.append((label, table, {}))
             continue
-        jobs.append((label, table, {"rho": float(cfg.rho), "sigma_min": float(cfg.sigma_min)}))
+        jobs.append((label, table, {"rho": float(cfg.rho), "sigma_min": float(cfg.sigma_min), "end": str(cfg.get("end", "zero"))}))
         if m.tuned:
             tuned, info = tune(cfg, model, judge, str(table.metadata["method"]), table.nfe)
             jobs.append((f"{label}+tuned", tuned, info))

@@ -51,14 +51,15 @@ class _Builder:
         return np.asarray(self.sigmas), self.coef
 
 
-def _with_zero(sig: np.ndarray) -> np.ndarray:
-    return np.append(sig, 0.0)
+def _with_final(sig: np.ndarray, final: float) -> np.ndarray:
+    """The step sigmas followed by where the last step lands: 0, or sigma_min (``end="sigma_min"``)."""
+    return np.append(sig, float(final))
 
 
 # --- one-evaluation-per-step solvers: len(sig) = N ----------------------------------------------
-def euler(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def euler(sig: np.ndarray, final: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Euler on the probability-flow ODE = deterministic DDIM: ``x' = x + (s'-s)(x - D)/s``."""
-    n, s = len(sig), _with_zero(sig)
+    n, s = len(sig), _with_final(sig, final)
     b = _Builder(n, 1)
     z = s[0] * b.e(0)
     for i in range(n):
@@ -68,7 +69,7 @@ def euler(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b.finish(z)
 
 
-def ddim(sig: np.ndarray, eta: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def ddim(sig: np.ndarray, eta: float = 0.0, final: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """DDIM with stochasticity eta (Song et al. 2021, eq. 12) in sigma-space, K = N+1 noise vectors.
 
     ``x' = D + s_down (x - D)/s + s_up e``, ``s_up = eta s' sqrt(s^2 - s'^2)/s``, ``s_down = sqrt(s'^2 - s_up^2)``;
@@ -76,7 +77,7 @@ def ddim(sig: np.ndarray, eta: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"ddim needs 0 <= eta <= 1, got eta={eta}.")
-    n, s = len(sig), _with_zero(sig)
+    n, s = len(sig), _with_final(sig, final)
     b = _Builder(n, n + 1)
     z = s[0] * b.e(0)
     for i in range(n):
@@ -98,7 +99,7 @@ def _dpmpp_order(i: int, n: int, order: int) -> int:
     return p
 
 
-def dpmpp(sig: np.ndarray, order: int = 2, variant: str = "diffusers") -> tuple[np.ndarray, np.ndarray]:
+def dpmpp(sig: np.ndarray, order: int = 2, variant: str = "diffusers", final: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """DPM-Solver++(2M)/(3M) multistep in data prediction (Lu et al. 2022, Alg. 2), lambda = -log sigma.
 
     ``x' = (s'/s) x - expm1(-h) D0 + (expm1(-h)/h + 1) D1 - c ((expm1(-h) + h)/h^2 - 1/2) D2``.
@@ -111,7 +112,7 @@ def dpmpp(sig: np.ndarray, order: int = 2, variant: str = "diffusers") -> tuple[
     if variant not in ("diffusers", "taylor"):
         raise ValueError(f"dpmpp variant must be 'diffusers' or 'taylor', got {variant!r}.")
     c2 = 2.0 if variant == "taylor" else 1.0
-    n, s = len(sig), _with_zero(sig)
+    n, s = len(sig), _with_final(sig, final)
     lam = -np.log(np.maximum(s, 1e-300))
     b = _Builder(n, 1)
     z = s[0] * b.e(0)
@@ -138,23 +139,23 @@ def dpmpp(sig: np.ndarray, order: int = 2, variant: str = "diffusers") -> tuple[
     return b.finish(z)
 
 
-def dpmpp_2m(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return dpmpp(sig, 2)
+def dpmpp_2m(sig: np.ndarray, final: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    return dpmpp(sig, 2, final=final)
 
 
-def dpmpp_3m(sig: np.ndarray, variant: str = "diffusers") -> tuple[np.ndarray, np.ndarray]:
-    return dpmpp(sig, 3, variant)
+def dpmpp_3m(sig: np.ndarray, variant: str = "diffusers", final: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    return dpmpp(sig, 3, variant, final=final)
 
 
 _AB = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
-def ipndm(sig: np.ndarray, max_order: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def ipndm(sig: np.ndarray, max_order: int = 4, final: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Improved PNDM (Zhang & Chen 2023): Euler steps on eps = (x - D)/s with fixed Adams-Bashforth
     weights over the last min(i+1, max_order) eps, ``x' = x + (s' - s) sum_j a_j eps_{i-j}``."""
     if max_order not in _AB:
         raise ValueError(f"ipndm max_order must be one of 1, 2, 3, 4, got {max_order}.")
-    n, s = len(sig), _with_zero(sig)
+    n, s = len(sig), _with_final(sig, final)
     b = _Builder(n, 1)
     z = s[0] * b.e(0)
     eps: list[np.ndarray] = []
@@ -183,13 +184,13 @@ def _unipc_coefficients(rks: Sequence[float], h: float, p: int) -> tuple[np.ndar
     return r, h_phi_1, b_h, np.asarray(bvec)
 
 
-def unipc(sig: np.ndarray, order: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def unipc(sig: np.ndarray, order: int = 2, final: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """UniPC-p with B(h) = expm1(-h) ('bh2') in data prediction: UniP predictor plus the UniC corrector,
     which reuses the next evaluation (no extra NFE). Orders follow diffusers: warm-up min(p, i+1) and
     min(p, N - i) near the end (lower_order_final)."""
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order}.")
-    n, s = len(sig), _with_zero(sig)
+    n, s = len(sig), _with_final(sig, final)
     lam = -np.log(np.maximum(s, 1e-300))
     b = _Builder(n, 1)
     z_next = s[0] * b.e(0)  # predicted state at s_i: the denoiser input x_i
@@ -221,16 +222,16 @@ def unipc(sig: np.ndarray, order: int = 2) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --- Heun: two evaluations per step except the last, N = 2S - 1 ------------------------------------
-def heun(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """EDM's deterministic 2nd-order Heun (Karras et al. 2022, Alg. 1); Euler on the step to sigma 0."""
-    steps, s = len(sig), _with_zero(sig)
+def heun(sig: np.ndarray, final: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """EDM's deterministic 2nd-order Heun (Karras et al. 2022, Alg. 1); Euler on the last step (to sigma 0)."""
+    steps, s = len(sig), _with_final(sig, final)
     b = _Builder(2 * steps - 1, 1)
     z = s[0] * b.e(0)
     for j in range(steps):
         m = b.evaluate(z, s[j])
         slope = (b.x(m) - b.d(m)) / s[j]
         z_euler = b.x(m) + (s[j + 1] - s[j]) * slope
-        if s[j + 1] == 0:
+        if j == steps - 1:  # the last step: Euler (to 0, or to sigma_min with end="sigma_min")
             z = z_euler
             continue
         c = b.evaluate(z_euler, s[j + 1])
@@ -263,6 +264,9 @@ def check_nfe(name: str, nfe: Any) -> int:
     return int(nfe)
 
 
+ENDS = ("zero", "sigma_min")
+
+
 def build(
     name: str,
     nfe: int,
@@ -271,18 +275,28 @@ def build(
     schedule: str = "karras",
     rho: float = 7.0,
     sigmas: Sequence[float] | None = None,
+    end: str = "zero",
     **options: Any,
 ) -> SolverTable:
     """Compile a training-free solver to a table with exactly ``nfe`` denoiser evaluations.
 
     ``schedule`` is 'karras' (uses rho), 'logsnr' or 'time_uniform'; ``sigmas`` gives the step
-    sigmas explicitly instead (one per step; a trailing 0 is implied). Options: ddim ``eta``,
-    unipc ``order`` (1-3), ipndm ``max_order`` (1-4), dpmpp_3m ``variant`` ('diffusers' or 'taylor'),
-    tada ``detail`` (> 0, velocity prior variance), ``order`` (Adams-Bashforth order, 1-3) and
-    ``components`` (2; 1 turns the augmentation off).
+    sigmas explicitly instead. ``end`` is where the last step lands: 'zero' (the schedule's last point,
+    sigma_min, is evaluated and the last step goes to sigma 0: EDM's convention) or 'sigma_min' (the
+    schedule gets one more point, sigma_min, which is never evaluated: the last step lands there and the
+    sample is that state, as in DPM-Solver's code and LD3, so no evaluation is spent where the denoiser
+    barely changes the sample). Explicit ``sigmas``: one per step (a trailing 0 is implied) with 'zero',
+    one per step plus the final sigma with 'sigma_min'. Options: ddim ``eta``, unipc ``order`` (1-3),
+    ipndm ``max_order`` (1-4), dpmpp_3m ``variant`` ('diffusers' or 'taylor'), tada ``detail`` (> 0,
+    velocity prior variance), ``order`` (Adams-Bashforth order, 1-3) and ``components`` (2; 1 turns the
+    augmentation off).
     """
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; valid: {', '.join(SOLVERS)}.")
+    if end not in ENDS:
+        raise ValueError(f"end must be one of {', '.join(ENDS)}, got {end!r}.")
+    if end != "zero" and name == "tada":
+        raise ValueError("tada's output is its last data prediction: it takes only end='zero'.")
     compiler, steps_for, defaults = SOLVERS[name]
     nfe = check_nfe(name, nfe)
     unknown = set(options) - set(defaults)
@@ -291,16 +305,20 @@ def build(
         raise ValueError(f"{name} does not take option(s) {', '.join(sorted(unknown))}; its options: {valid}.")
     config = {**defaults, **options}
     steps = steps_for(nfe)
+    points = steps + (end == "sigma_min")
     if sigmas is not None:
-        step_sigmas = schedules.explicit(sigmas)
-        if len(step_sigmas) != steps:
-            raise ValueError(f"{name} with nfe={nfe} takes {steps} step sigmas, got {len(step_sigmas)}.")
-        sched: dict[str, Any] = {"name": "explicit", "sigmas": step_sigmas.tolist()}
+        grid = schedules.explicit(sigmas)
+        if len(grid) != points:
+            what = "step sigmas" if end == "zero" else "sigmas with end=sigma_min (one per step, then the final sigma)"
+            raise ValueError(f"{name} with nfe={nfe} takes {points} {what}, got {len(grid)}.")
+        sched: dict[str, Any] = {"name": "explicit", "sigmas": grid.tolist()}
     else:
         extra = {"rho": rho} if schedule == "karras" else {}
-        step_sigmas = schedules.make(schedule, steps, sigma_min, sigma_max, **extra)
+        grid = schedules.make(schedule, points, sigma_min, sigma_max, **extra)
         sched = {"name": schedule, "sigma_min": sigma_min, "sigma_max": sigma_max, **extra}
-    table_sigmas, coef = compiler(step_sigmas, **config)
+    final = 0.0 if end == "zero" else float(grid[-1])
+    step_sigmas = grid[:steps]
+    table_sigmas, coef = compiler(step_sigmas, **config) if end == "zero" else compiler(step_sigmas, final=final, **config)
     metadata = {
         "format_version": FORMAT_VERSION,
         "method": name,
@@ -309,4 +327,7 @@ def build(
         "schedule": sched,
         "config": config,
     }
+    if end != "zero":
+        metadata["end"] = end
+    metadata["step_sigmas"] = [*step_sigmas.tolist(), final]  # where the solver's states sit, then where it lands
     return SolverTable(table_sigmas, coef, metadata)

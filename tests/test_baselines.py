@@ -111,3 +111,78 @@ def test_sample_with_ddim_eta_on_zero_data_keeps_marginals():
     noise = make_noise(table, (1,), range(20000), dtype=torch.float64)
     sample(table, lambda x, s, c=None: torch.zeros_like(x), noise, callback=lambda i, x, d, s: seen.append(x.std().item()))
     np.testing.assert_allclose(seen, table.sigmas.numpy(), rtol=0.03)
+
+
+# --- end convention: the last step lands on sigma_min, which is never evaluated -------------------
+def _gmm():
+    from samplers.denoisers import GaussianMixture
+
+    return GaussianMixture.random()
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("nfe", [1, 3, 5])
+def test_end_sigma_min_spends_no_evaluation_at_sigma_min(name, nfe):
+    table = baselines.build(name, nfe, end="sigma_min")
+    assert table.nfe == nfe and table.metadata["end"] == "sigma_min"
+    assert table.metadata["step_sigmas"][-1] == pytest.approx(0.002)
+    assert table.sigmas.min() > 0.002 * 10  # karras(N+1)'s last evaluated point is far above sigma_min
+    table.validate()
+
+
+def test_end_sigma_min_euler_and_dpmpp_2m_match_hand_written_loops():
+    """Independent float64 loops over the N+1 grid (DDIM; DPM-Solver++(2M), Lu et al. 2022 Alg. 2, first order on the
+    first and last step), ending at the state at sigma_min."""
+    gmm = _gmm()
+    grid = schedules.karras(6, 0.002, 80.0, 7.0)  # 5 evaluations, lands on 0.002
+    e = torch.randn(3, *gmm.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    D = lambda x, s: gmm(x, torch.as_tensor(s, dtype=x.dtype).expand(x.shape[0]))  # noqa: E731
+
+    x = grid[0] * e
+    for i in range(5):
+        x = grid[i + 1] / grid[i] * x + (1 - grid[i + 1] / grid[i]) * D(x, grid[i])
+    table = baselines.build("euler", 5, sigmas=grid, end="sigma_min")
+    out = baselines_sample(table, D, e)
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-10)
+
+    lam = -np.log(grid)
+    x, prev = grid[0] * e, None
+    for i in range(5):
+        d = D(x, grid[i])
+        h = lam[i + 1] - lam[i]
+        if prev is None or i == 4:
+            x = grid[i + 1] / grid[i] * x - np.expm1(-h) * d
+        else:
+            r = (lam[i] - lam[i - 1]) / h
+            x = grid[i + 1] / grid[i] * x - np.expm1(-h) * d - 0.5 * np.expm1(-h) * (d - prev) / r
+        prev = d
+    table = baselines.build("dpmpp_2m", 5, sigmas=grid, end="sigma_min")
+    torch.testing.assert_close(baselines_sample(table, D, e), x, rtol=0, atol=1e-10)
+
+
+def baselines_sample(table, denoiser, e):
+    from samplers import sample
+
+    return sample(table, denoiser, e[None])
+
+
+def test_end_sigma_min_is_the_better_use_of_few_evaluations_on_the_gmm():
+    """Exact GMM denoiser: at NFE 4 the sigma_min convention is closer to the converged solve than EDM's (it does not
+    spend one of four evaluations at sigma_min, where D(x) ~ x)."""
+    gmm = _gmm()
+    e = torch.randn(256, *gmm.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    D = lambda x, s: gmm(x, torch.as_tensor(s, dtype=x.dtype).expand(x.shape[0]))  # noqa: E731
+    ref = baselines_sample(baselines.build("heun", 255), D, e)
+    for name in ("dpmpp_2m", "unipc", "ipndm"):
+        err = {end: (baselines_sample(baselines.build(name, 4, end=end), D, e) - ref).pow(2).mean().sqrt().item()
+               for end in baselines.ENDS}
+        assert err["sigma_min"] < 0.8 * err["zero"], (name, err)
+
+
+def test_end_errors():
+    with pytest.raises(ValueError, match="end must be one of zero, sigma_min, got 'one'"):
+        baselines.build("euler", 4, end="one")
+    with pytest.raises(ValueError, match="tada.* takes only end='zero'"):
+        baselines.build("tada", 4, end="sigma_min")
+    with pytest.raises(ValueError, match=r"euler with nfe=3 takes 4 sigmas with end=sigma_min .* got 3"):
+        baselines.build("euler", 3, sigmas=[10.0, 1.0, 0.1], end="sigma_min")

@@ -93,23 +93,23 @@ def test_tada_with_solver_options_sweep(tmp_path: Path) -> None:
 
 
 def test_tuned_baseline_picks_the_best_schedule_on_separate_seeds(tmp_path: Path) -> None:
-    """tuned=true adds a '+tuned' row whose rho/sigma_min is the grid point with the lowest tuning-seed FD."""
+    """tuned=true adds a '+tuned' row whose rho/sigma_min/end is the grid point with the lowest tuning-seed FD."""
     _run(["evaluate", *TINY, "solver=euler", "nfe=4", "tuned=true", "tune_rho=[2.0,7.0]", "tune_sigma_min=[0.002,0.05]",
           "tune_n=24", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["euler", "euler+tuned"]
     tuned = rows[1]
-    assert tuned["rho"] in (2.0, 7.0) and tuned["sigma_min"] in (0.002, 0.05)
+    assert tuned["rho"] in (2.0, 7.0) and tuned["sigma_min"] in (0.002, 0.05) and tuned["end"] in ("zero", "sigma_min")
     from optimize.evaluate import TUNE_SEED_OFFSET
 
     gmm = GaussianMixture.random((1, 8, 8), components=6, seed=0)
     real = {"train": __import__("optimize.data", fromlist=["get"]).get("gmm")(2000, seed=0)}
     judge = Judge(features=feature_maps("raw"), real=real, n_boot=20)
     seeds = range(TUNE_SEED_OFFSET, TUNE_SEED_OFFSET + 24)
-    fds = {(rho, smin): evaluate(gmm, baselines.build("euler", 4, rho=rho, sigma_min=smin), judge=judge, shape=(1, 8, 8),
-                                 seeds=seeds, dtype=torch.float64)["fd_train_raw"]
-           for rho in (2.0, 7.0) for smin in (0.002, 0.05)}
-    assert (tuned["rho"], tuned["sigma_min"]) == min(fds, key=fds.get)
+    fds = {(rho, smin, end): evaluate(gmm, baselines.build("euler", 4, rho=rho, sigma_min=smin, end=end), judge=judge,
+                                      shape=(1, 8, 8), seeds=seeds, dtype=torch.float64)["fd_train_raw"]
+           for rho in (2.0, 7.0) for smin in (0.002, 0.05) for end in ("zero", "sigma_min")}
+    assert (tuned["rho"], tuned["sigma_min"], tuned["end"]) == min(fds, key=fds.get)
     assert tuned["tune_fd"] == min(fds.values())
 
 
