@@ -273,6 +273,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(methods())}.")
     if str(cfg.model.name) not in models():
         raise ConfigError(f"unknown model {cfg.model.name!r}; valid models: {', '.join(models())}.")
+    if cfg.model.get("kind") in ("diffusers", "callable") or str(cfg.model.get("data")).startswith("folder:"):
+        from .models import check_model_spec  # a user's model, data or feature nets (fills sigma range from the model)
+
+        check_model_spec(cfg)
     check_typed(cfg)
     smin, smax = _check_number(cfg, "sigma_min"), _check_number(cfg, "sigma_max")
     if not 0 < smin < smax:
@@ -428,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if method not in methods():
             _fail(f"unknown method {method!r}; valid methods: {', '.join(methods())}")
         rest = rest + [f"method={method}"]
+    rest = [f"model.{a}" if a.startswith(("data=", "features=")) else a for a in rest]  # data=folder:PATH -> model.data
     overrides = [a for a in rest if not a.startswith("-") and "=" in a]
     flags = [a for a in rest if a not in overrides]
     if not any(f == "--info" for f in flags):

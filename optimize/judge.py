@@ -94,7 +94,17 @@ class Judge:
     @classmethod
     def for_model(cls, mcfg: Any, shape: Sequence[int], device: str = "cpu", **kw: Any) -> "Judge":
         """Real train/held-out sets and feature maps of a model config (classifier checkpoints or raw)."""
-        if mcfg.data == "digits":
+        if mcfg.get("data") is None:  # a user's model without reference data: only what needs none (ref-RMSE, time)
+            import sys
+
+            print(f"note: model {mcfg.name} has no reference data (data=null): no FD/KID; set data=folder:PATH "
+                  f"features=[...] to get them.", file=sys.stderr)
+            real = {}
+        elif str(mcfg.data).startswith("folder:"):
+            from .folder_data import load_folder
+
+            real = load_folder(str(mcfg.data)[len("folder:"):], shape)
+        elif mcfg.data == "digits":
             real = {"train": datasets.digits("train")[0], "heldout": datasets.digits("heldout")[0]}
         elif mcfg.data == "gmm":
             gen = lambda s: datasets.get("gmm")(REAL_N, seed=s, shape=tuple(shape), components=int(mcfg.components),  # noqa: E731
@@ -110,14 +120,64 @@ class Judge:
         return cls(features=feature_maps(mcfg.features, device), real=real, clip=bool(mcfg.get("clip", False)), **kw)
 
 
+def _is_target(entry: Any) -> bool:
+    """A feature-net entry naming a Python callable (``package.module:function`` / ``file.py:function``)."""
+    return ":" in str(entry) and not resolve_path(str(entry)).exists()
+
+
+def _feature_target(entry: Any, device: str) -> Features:
+    """``function()`` of a callable entry: a feature map ``f(x [B, *shape]) -> [B, D]`` (a torch module is put on the
+    device in eval mode)."""
+    from .models import import_target
+
+    try:
+        fn = import_target(str(entry), "features")()
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"features: {entry} raised {type(err).__name__}: {' '.join(str(err).split())[:200]}.") from None
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.to(device).eval().requires_grad_(False)
+    if not callable(fn):
+        raise ConfigError(f"features: {entry} must return a callable feature map f(x) -> [B, D], got {type(fn).__name__}.")
+    return lambda x, fn=fn: fn(x.to(device, torch.float32))
+
+
+def check_features(spec: Any) -> None:
+    """Every feature-net entry exists: a classifier file (optimize.classifier safetensors) or an importable callable."""
+    from safetensors import safe_open
+
+    from .classifier import CLASSIFIER_FORMAT
+
+    for entry in as_list(spec):
+        if _is_target(entry):
+            _feature_target(entry, "cpu")
+            continue
+        p = resolve_path(str(entry))
+        if not p.is_file():
+            raise ConfigError(f"feature net {p} does not exist (a .safetensors feature-net file or package.module:function).")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except Exception:
+            fmt = None
+        if fmt != CLASSIFIER_FORMAT:
+            raise ConfigError(f"feature net {p} is not an optimize.classifier safetensors file (format {fmt!r}); "
+                              f"wrap other nets as package.module:function.")
+
+
 def feature_maps(spec: Any, device: str = "cpu") -> dict[str, Features]:
-    """``raw`` -> flattened coordinates; a list of classifier checkpoints -> their ``.features`` named main, b, c, ..."""
+    """``raw`` -> flattened coordinates; a list of classifier checkpoints -> their ``.features`` named main, b, c, ...;
+    an entry ``package.module:function`` -> the feature map that function returns; null or [] -> none."""
     if spec == "raw":
         return {"raw": lambda x: x.reshape(x.shape[0], -1)}
     from .classifier import load_classifier
 
     maps: dict[str, Features] = {}
-    for i, path in enumerate(as_list(spec)):
+    for i, path in enumerate(as_list(spec) if spec is not None else []):
+        if _is_target(path):
+            maps["main" if i == 0 else chr(ord("a") + i)] = _feature_target(path, device)
+            continue
         p = resolve_path(str(path))
         if not p.is_file():
             raise ConfigError(f"feature net {p} does not exist (train it with scripts/train_teachers.sh).")

@@ -40,7 +40,7 @@ def test_help_lists_methods_and_keys(argv: list[str], capsys: pytest.CaptureFixt
     "argv, needle",
     [
         (["frobnicate"], "unknown method 'frobnicate'; valid methods: "),
-        (["evaluate", "model=nope"], "unknown model 'nope'; valid models: edm, gmm, shapes, toy2d"),
+        (["evaluate", "model=nope"], "unknown model 'nope'; valid models: callable, diffusers, edm, gmm"),
         (["-m", "evaluate", "model=gmm,nope"], "unknown model 'nope'"),
         (["evaluate", "model=gmm", "nfe=0"], "nfe must be a positive integer"),
         (["evaluate", "model=gmm", "nfe=[3,-1]"], "nfe must be a positive integer"),

@@ -1,0 +1,1 @@
+"""Examples for bringing your own model (docs/byo-model.md)."""
