@@ -70,7 +70,68 @@ class DigitsMLP(nn.Module):
         return self.head(self.features(x))
 
 
-ARCHS: dict[str, type[nn.Module]] = {"cnn": DigitsCNN, "mlp": DigitsMLP}
+# --- feature nets of the RGB patches (data=patches): self-supervised targets, two different architectures ---------
+class PatchCNN(nn.Module):
+    """VGG-style net on ``[B, 3, 32, 32]``: two 3x3 convs per level at 32, 16 and 8 pixels (max-pool between), flatten
+    of the 4x4 map -> linear(feat)-ReLU [features] -> heads: source photograph and the 4x4 grid cell of its position
+    (``num_classes = photos + cells``, two cross-entropies)."""
+
+    def __init__(self, channels: int = 16, feat: int = 128, photos: int = 8, cells: int = 16):
+        super().__init__()
+        c = channels
+        self.convs = nn.ModuleList([nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1),
+                                    nn.Conv2d(c, 2 * c, 3, padding=1), nn.Conv2d(2 * c, 2 * c, 3, padding=1),
+                                    nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.Conv2d(4 * c, 4 * c, 3, padding=1)])
+        self.fc = nn.Linear(4 * c * 16, feat)
+        self.head = nn.Linear(feat, photos + cells)
+        self.photos = photos
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations ``[B, feat]``."""
+        h = x
+        for i, conv in enumerate(self.convs):
+            h = F.relu(conv(h))
+            if i % 2 == 1:
+                h = F.max_pool2d(h, 2)
+        return F.relu(self.fc(h.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, photos + cells]`` (photograph logits first)."""
+        return self.head(self.features(x))
+
+
+class PatchStrided(nn.Module):
+    """A different design on ``[B, 3, 32, 32]``: a 5x5 stride-2 conv, two 3x3 stride-2 convs with GroupNorm, then the
+    per-channel mean and standard deviation over the 4x4 map -> linear(feat)-ReLU [features] -> heads: the rotation
+    of the input (0/90/180/270 degrees) and its source photograph (``num_classes = 4 + photos``)."""
+
+    def __init__(self, channels: int = 32, feat: int = 128, photos: int = 8):
+        super().__init__()
+        c = channels
+        self.conv1 = nn.Conv2d(3, c, 5, stride=2, padding=2)
+        self.conv2 = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.norm2 = nn.GroupNorm(8, 2 * c)
+        self.conv3 = nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1)
+        self.norm3 = nn.GroupNorm(8, 4 * c)
+        self.fc = nn.Linear(8 * c, feat)
+        self.head = nn.Linear(feat, 4 + photos)
+        self.photos = photos
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations ``[B, feat]``."""
+        h = F.silu(self.conv1(x))
+        h = F.silu(self.norm2(self.conv2(h)))
+        h = F.silu(self.norm3(self.conv3(h))).flatten(2)
+        return F.relu(self.fc(torch.cat([h.mean(2), h.std(2)], dim=1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, 4 + photos]`` (rotation logits first)."""
+        return self.head(self.features(x))
+
+
+ARCHS: dict[str, type[nn.Module]] = {"cnn": DigitsCNN, "mlp": DigitsMLP, "patch_cnn": PatchCNN, "patch_strided": PatchStrided}
+DEFAULTS.update({"patch_cnn": {"channels": 16, "feat": 128, "photos": 8, "cells": 16},
+                 "patch_strided": {"channels": 32, "feat": 128, "photos": 8}})
 
 
 def build_classifier(config: dict[str, Any]) -> nn.Module:
@@ -149,3 +210,64 @@ def load_classifier(path: str, device: torch.device | str | None = None) -> nn.M
     model.load_state_dict(load_file(path), strict=True)
     model.config = json.loads(header["config"])
     return model.to(device).eval().requires_grad_(False) if device is not None else model.eval().requires_grad_(False)
+
+
+# --- training the patch feature nets ------------------------------------------------------------------------------
+def _rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Each image ``x[b]`` rotated by ``k[b] * 90`` degrees."""
+    out = x.clone()
+    for r in range(1, 4):
+        sel = torch.nonzero(k == r).squeeze(1)
+        out[sel] = torch.rot90(x[sel], r, dims=(2, 3))
+    return out
+
+
+def patch_targets(model: nn.Module, x: torch.Tensor, photo: torch.Tensor, cell: torch.Tensor,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[tuple[slice, torch.Tensor]]]:
+    """(input, [(logit slice, labels)]) of one batch for a patch feature net: PatchCNN predicts photograph and cell of
+    ``x``; PatchStrided predicts the random rotation applied to ``x`` and the photograph."""
+    if isinstance(model, PatchCNN):
+        return x, [(slice(0, model.photos), photo), (slice(model.photos, None), cell)]
+    k = torch.randint(0, 4, (len(x),), generator=generator)
+    return _rotate(x, k), [(slice(0, 4), k), (slice(4, None), photo)]
+
+
+def patch_accuracies(model: nn.Module, x: torch.Tensor, photo: torch.Tensor, cell: torch.Tensor, batch_size: int = 500,
+                     seed: int = 0) -> dict[str, float]:
+    """Held-out probe quality: the accuracy of each head (rotations drawn with ``seed``)."""
+    names = ["photo", "cell"] if isinstance(model, PatchCNN) else ["rotation", "photo"]
+    gen = torch.Generator().manual_seed(seed)
+    hits = [0, 0]
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            inp, heads = patch_targets(model, x[i:i + batch_size], photo[i:i + batch_size], cell[i:i + batch_size], gen)
+            logits = model(inp)
+            for j, (sl, y) in enumerate(heads):
+                hits[j] += int((logits[:, sl].argmax(1) == y).sum())
+    return {f"{n}_accuracy": h / len(x) for n, h in zip(names, hits)}
+
+
+def train_patch_features(config: dict[str, Any], x: torch.Tensor, photo: torch.Tensor, cell: torch.Tensor, epochs: int = 4,
+                         batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
+    """A patch feature net trained with the sum of its heads' cross-entropies (AdamW, cosine decay); no augmentation
+    beyond what the crops carry (random positions and flips) and PatchStrided's rotations."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_classifier(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            inp, heads = patch_targets(model, x[idx], photo[idx], cell[idx], gen)
+            logits = model(inp)
+            loss = sum(F.cross_entropy(logits[:, sl], y) for sl, y in heads)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()

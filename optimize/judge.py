@@ -115,8 +115,12 @@ class Judge:
         elif mcfg.data == "shapes":
             res = int(shape[-1])
             real = {"train": datasets.shapes(REAL_N, seed=0, resolution=res), "heldout": datasets.shapes(REAL_N, seed=1, resolution=res)}
+        elif mcfg.data == "patches":  # training-region crops (seed 1; the teacher trained on seed 0) and the fixed held-out set
+            res = int(shape[-1])
+            real = {"train": datasets.patches("train", REAL_N, seed=1, resolution=res),
+                    "heldout": datasets.patches("heldout", resolution=res)}
         else:
-            raise ConfigError(f"model {mcfg.name}: unknown data {mcfg.data!r}; valid: digits, gmm, toy2d, shapes.")
+            raise ConfigError(f"model {mcfg.name}: unknown data {mcfg.data!r}; valid: digits, gmm, toy2d, shapes, patches.")
         return cls(features=feature_maps(mcfg.features, device), real=real, clip=bool(mcfg.get("clip", False)), **kw)
 
 

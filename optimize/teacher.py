@@ -167,6 +167,8 @@ def training_data(mcfg: Any) -> torch.Tensor:
         return data.toy2d(n, seed=0)
     if mcfg.data == "shapes":
         return data.shapes(n, seed=0, resolution=int(mcfg.teacher.net.resolution))
+    if mcfg.data == "patches":
+        return data.patches("train", n, seed=0, resolution=int(mcfg.teacher.net.resolution))
     from .cli import ConfigError
 
     raise ConfigError(f"model {mcfg.name}: no teacher training for data {mcfg.data!r} (valid: digits, toy2d, shapes).")
