@@ -101,9 +101,10 @@ class PatchCNN(nn.Module):
 
 
 class PatchStrided(nn.Module):
-    """A different design on ``[B, 3, 32, 32]``: a 5x5 stride-2 conv, two 3x3 stride-2 convs with GroupNorm, then the
-    per-channel mean and standard deviation over the 4x4 map -> linear(feat)-ReLU [features] -> heads: the rotation
-    of the input (0/90/180/270 degrees) and its source photograph (``num_classes = 4 + photos``)."""
+    """A different design on ``[B, 3, 32, 32]``: a 5x5 stride-2 conv, two 3x3 stride-2 convs with GroupNorm and SiLU,
+    then the per-channel mean and standard deviation over the 4x4 map beside the flattened map -> linear(feat)-ReLU
+    [features] -> heads: the rotation of the input (0/90/180/270 degrees) and its source photograph
+    (``num_classes = 4 + photos``)."""
 
     def __init__(self, channels: int = 32, feat: int = 128, photos: int = 8):
         super().__init__()
@@ -113,7 +114,7 @@ class PatchStrided(nn.Module):
         self.norm2 = nn.GroupNorm(8, 2 * c)
         self.conv3 = nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1)
         self.norm3 = nn.GroupNorm(8, 4 * c)
-        self.fc = nn.Linear(8 * c, feat)
+        self.fc = nn.Linear(8 * c + 4 * c * 16, feat)
         self.head = nn.Linear(feat, 4 + photos)
         self.photos = photos
 
@@ -122,7 +123,7 @@ class PatchStrided(nn.Module):
         h = F.silu(self.conv1(x))
         h = F.silu(self.norm2(self.conv2(h)))
         h = F.silu(self.norm3(self.conv3(h))).flatten(2)
-        return F.relu(self.fc(torch.cat([h.mean(2), h.std(2)], dim=1)))
+        return F.relu(self.fc(torch.cat([h.mean(2), h.std(2), h.flatten(1)], dim=1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, 4 + photos]`` (rotation logits first)."""
