@@ -37,6 +37,7 @@ main keys (defaults in conf/config.yaml and conf/method/<method>.yaml):
 evaluate:  table=PATH n=2000 tuned=true|false ref_nfe=255 cache_dir=...
 iia:       base=euler variant=generic target=trajectory substeps=8 fine_solver=heun n_fit=512
 ddss:      family=ggdm|ggdm_mc|full init=euler steps=600 batch_size=128 lr=0.01 resume=true
+ld3:       base=unipc|dpmpp_2m teacher_solver=unipc teacher_nfe=20 n_train=50 n_valid=50 rounds_v1=2 rounds_v2=5
 dsno:      M=4 modes=2 temporal=true loss=l1 n_data=8192 data_steps=40 steps=1000 resume=true export=PATH
 teacher:   steps=... batch_size=... resume=RUN_FOLDER export=PATH
 Hydra: -m/--multirun sweeps comma lists (solver=euler,dpmpp_2m nfe=4,8); --cfg job prints the config."""
@@ -128,6 +129,9 @@ TYPED_KEYS: dict[str, tuple[str, float | None, float | None, bool]] = {
     "checkpoint_every": ("int", 1, None, False), "warmup_steps": ("int", 0, None, False), "val_every": ("int", 0, None, False),
     "grid": ("int", 0, 100_000, False), "n_boot": ("int", 0, 10**6, False), "num_threads": ("int", 1, 4096, True),
     "M": ("int", 1, 4096, False), "modes": ("int", 1, 4096, False),
+    "n_train": ("int", 1, 10**6, False), "n_valid": ("int", 1, 10**6, False), "teacher_nfe": ("int", 1, 100_000, False),
+    "rounds_v1": ("int", 1, 1000, False), "rounds_v2": ("int", 0, 1000, False), "ld3_batch_size": ("int", 1, 10**6, False),
+    "patience": ("int", 1, 10**6, False), "window": ("num", 0, 0.999, False),
     "ridge": ("num", 0, None, False), "lr": ("num", 0, None, False), "sigma_lr": ("num", 0, None, False),
     "sigma_data": ("num", 0, None, False), "rho": ("num", 0, None, False), "ema": ("num", 0, 1, False),
     "min_lr_ratio": ("num", 0, 1, False), "grad_clip": ("num", 0, None, False), "p_mean": ("num", None, None, False),

@@ -64,6 +64,17 @@ def step_sigmas(table: SolverTable) -> np.ndarray:
     return np.array([s[r] for r in state_rows(table)[:-1]])
 
 
+def solver_grid(table: SolverTable) -> tuple[np.ndarray, float]:
+    """(the sigma of every state row but the output, where the last step lands): the table's ``step_sigmas`` metadata
+    when it has one (learned schedules with decoupled evaluation sigmas, ``end="sigma_min"``), else its evaluation
+    sigmas and 0."""
+    grid = table.metadata.get("step_sigmas")
+    steps = step_sigmas(table)
+    if grid is not None and len(grid) == len(steps) + 1:
+        return np.asarray(grid[:-1], dtype=np.float64), float(grid[-1])
+    return steps, 0.0
+
+
 def truncate(table: SolverTable, row: int) -> SolverTable:
     """The table that stops at ``row``: its first ``row`` evaluations, with row ``row`` as the output."""
     n, k = table.nfe, table.n_noise
@@ -90,10 +101,13 @@ def continuation(table: SolverTable, start: int, stop: int) -> tuple[SolverTable
     return SolverTable(table.sigmas.detach().numpy()[start:stop], coef[:, noise + new], meta), noise
 
 
-def _build_base(name: str, sigmas: Sequence[float], config: dict[str, Any]) -> SolverTable:
-    """``baselines.build(name)`` on explicit step sigmas (the NFE that gives that many steps)."""
+def _build_base(name: str, sigmas: Sequence[float], config: dict[str, Any], final: float = 0.0) -> SolverTable:
+    """``baselines.build(name)`` on explicit step sigmas (the NFE that gives that many steps), landing on ``final``
+    (0, or a positive sigma: ``end="sigma_min"``)."""
     steps_for = baselines.SOLVERS[name][1]
     nfe = next(m for m in range(len(sigmas), 2 * len(sigmas) + 1) if steps_for(m) == len(sigmas) and (name != "heun" or m % 2))
+    if final > 0:
+        return baselines.build(name, nfe, sigmas=[*sigmas, final], end="sigma_min", **config)
     return baselines.build(name, nfe, sigmas=list(sigmas), **config)
 
 
@@ -219,7 +233,8 @@ class IIAFitter:
         self.coef = base.coef.detach().numpy().copy()
         self.sig = base.sigmas.detach().numpy()
         self.states = state_rows(base)
-        self.steps = step_sigmas(base)
+        self.steps, self.final = solver_grid(base)
+        self.end = "zero" if self.final == 0 else "sigma_min"
         self.batches: dict[Any, dict[str, Any]] = {}
         self.residuals: list[dict[str, float]] = []
         self._dirs: np.ndarray | None = None
@@ -264,23 +279,23 @@ class IIAFitter:
         row, prev = self._row, self._prev
         if self.target == "trajectory":
             return b["fine"][self.states.index(row)]
-        s0 = float(self.sig[prev])
-        s1 = float(self.sig[row]) if row < self.base.nfe else 0.0
+        s0 = float(self.steps[self.states.index(prev)])
+        s1 = float(self.steps[self.states.index(row)]) if row < self.base.nfe else self.final
         grid = np.linspace(s0, s1, self.substeps + 1)
         x0 = b["v"][1 + prev]
-        if s1 > 0:
+        if row < self.base.nfe:
             sub = _build_base(self.fine_solver, grid, self.fine_config)
             sub = truncate(sub, state_rows(sub)[self.substeps])
         else:
-            sub = _build_base(self.fine_solver, grid[:-1], self.fine_config)
+            sub = _build_base(self.fine_solver, grid[:-1], self.fine_config, final=s1)
         with torch.no_grad():
             return sample(sub, self.denoiser, (x0 / s0)[None], self.cond)
 
     def _fine_states(self, e: torch.Tensor) -> list[torch.Tensor]:
         """The base solver on the grid refined ``substeps`` times, read at every coarse state row."""
         m = self.substeps
-        grid = np.concatenate([np.linspace(a, b, m + 1)[:-1] for a, b in zip(self.steps, [*self.steps[1:], 0.0])])
-        fine = _build_base(self.fine_solver, grid, self.fine_config)
+        grid = np.concatenate([np.linspace(a, b, m + 1)[:-1] for a, b in zip(self.steps, [*self.steps[1:], self.final])])
+        fine = _build_base(self.fine_solver, grid, self.fine_config, final=self.final)
         fine_states = state_rows(fine)
         want = {fine_states[j * m]: j for j in range(len(self.steps))}
         got: dict[int, torch.Tensor] = {}
@@ -317,7 +332,7 @@ class IIAFitter:
         assert self._dirs is not None
         if len(w):
             self.coef[self._row] += w.numpy() @ self._dirs
-        info = {"row": self._row, "sigma": float(self.sig[self._row]) if self._row < self.base.nfe else 0.0,
+        info = {"row": self._row, "sigma": float(self.sig[self._row]) if self._row < self.base.nfe else self.final,
                 "rms_base": before, "rms_fit": after, "weights": w.tolist()}
         self.residuals.append(info)
         return info
@@ -422,6 +437,22 @@ def resolve_variant(variant: str, base: str) -> str:
     return PAPER_VARIANT.get(base, "generic") if variant == "auto" else variant
 
 
+TABLE_PREFIX = "table:"
+
+
+def base_table(cfg: Any, fingerprint: str | None = None) -> SolverTable:
+    """The table of ``base=table:PATH`` (e.g. an LD3 schedule), checked (and against the model ``fingerprint``)."""
+    from .cli import ConfigError, resolve_path
+
+    path = resolve_path(str(cfg.base)[len(TABLE_PREFIX):])
+    if not path.is_file():
+        raise ConfigError(f"base table file {path} does not exist.")
+    try:
+        return SolverTable.load(str(path), fingerprint=fingerprint)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: Any) -> None:
     """IIA checks made before any work (called by the CLI)."""
     from .cli import ConfigError, SkipPoint, as_list
@@ -429,9 +460,18 @@ def validate(cfg: Any) -> None:
 
     validate_evaluate(cfg)
     base = str(cfg.base)
-    if base not in baselines.SOLVERS or base in ("ddim", "tada"):
+    if base.startswith(TABLE_PREFIX):
+        table = base_table(cfg)
+        base = str(table.metadata.get("base_solver"))
+        if table.n_noise != 1 or base not in baselines.SOLVERS or base in ("ddim", "tada"):
+            raise ConfigError(f"base table {cfg.base[len(TABLE_PREFIX):]} must be a deterministic table of a classic solver "
+                              f"(K = 1, metadata base_solver one of euler, heun, dpmpp_2m, dpmpp_3m, ipndm, unipc), "
+                              f"got K = {table.n_noise} and base_solver {base!r}.")
+        if [int(n) for n in as_list(cfg.nfe)] != [table.nfe]:
+            raise ConfigError(f"base table {cfg.base[len(TABLE_PREFIX):]} has NFE {table.nfe}; set nfe={table.nfe}.")
+    elif base not in baselines.SOLVERS or base in ("ddim", "tada"):
         valid = [s for s in baselines.SOLVERS if s not in ("ddim", "tada")]
-        raise ConfigError(f"base must be a deterministic classic solver ({', '.join(valid)}), got {base!r}.")
+        raise ConfigError(f"base must be a deterministic classic solver ({', '.join(valid)}) or table:PATH, got {base!r}.")
     variant = resolve_variant(str(cfg.variant), base)
     if variant not in VARIANTS:
         raise ConfigError(f"unknown IIA variant {cfg.variant!r}; valid: auto, {', '.join(VARIANTS)}.")
@@ -466,18 +506,22 @@ def run(cfg: Any) -> list[str]:
 
     device = str(cfg.device)
     model = load_model(cfg.model, device)
-    base_name, variant = str(cfg.base), resolve_variant(str(cfg.variant), str(cfg.base))
+    given = base_table(cfg, model.fingerprint) if str(cfg.base).startswith(TABLE_PREFIX) else None
+    base_name = str(cfg.base) if given is None else str(given.metadata["base_solver"])
+    variant = resolve_variant(str(cfg.variant), base_name)
     seeds = seed_range(FIT_SEED_OFFSET, int(cfg.fit_seed), int(cfg.n_fit))  # the fitting range, never evaluation seeds
     accelerator = "cpu" if device == "cpu" else "gpu"
     paths, jobs = [], []
     for nfe in as_list(cfg.nfe):
-        base = baselines.build(base_name, int(nfe), schedule=str(cfg.schedule), rho=float(cfg.rho),
-                               sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
+        base = given if given is not None else baselines.build(
+            base_name, int(nfe), schedule=str(cfg.schedule), rho=float(cfg.rho), sigma_min=float(cfg.sigma_min),
+            sigma_max=float(cfg.sigma_max), end=str(cfg.get("end", "zero")))
+        base_label = base_name if given is None else str(given.metadata.get("method", base_name))
         fitter = IIAFitter(model.denoiser, base, variant=variant, target=str(cfg.target), substeps=int(cfg.substeps),
                            ridge=float(cfg.ridge), fine_solver=None if cfg.fine_solver is None else str(cfg.fine_solver))
         trainer = L.Trainer(accelerator=accelerator, devices=int(cfg.devices), logger=False, enable_model_summary=False,
                             enable_checkpointing=False, use_distributed_sampler=False)
-        print(f"iia-{variant}: fitting {len(list(fitter.rows()))} rows of {base_name} at NFE {nfe} on {len(seeds)} noises "
+        print(f"iia-{variant}: fitting {len(list(fitter.rows()))} rows of {base_label} at NFE {nfe} on {len(seeds)} noises "
               f"({cfg.target} target, {cfg.substeps} sub-steps)", flush=True)
 
         def report(info: dict[str, float]) -> None:
@@ -488,11 +532,12 @@ def run(cfg: Any) -> list[str]:
         table.metadata.update({"model": model.name, "model_fingerprint": model.fingerprint})
         if not trainer.is_global_zero:
             continue
-        path = os.path.join(str(cfg.out_dir), f"iia-{variant}-{model.name}-nfe{table.nfe}.safetensors")
+        stem = f"iia-{variant}" + ("" if given is None else f"-{base_label}")
+        path = os.path.join(str(cfg.out_dir), f"{stem}-{model.name}-nfe{table.nfe}.safetensors")
         table.save(path)
         print(f"wrote {path} (fit {table.metadata['fit_seconds']} s)", flush=True)
         paths.append(path)
-        jobs += [(base_name, base, {}), (f"iia-{variant}", table, {})]
+        jobs += [(base_label, base, {}), (f"iia-{variant}" + ("" if given is None else f"({base_label})"), table, {})]
     if cfg.evaluate and jobs:
         judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
         evaluate_jobs(cfg, model, judge, jobs)
