@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce every shipped checkpoint on CPU with fixed seeds (about 20 minutes on 2 cores):
 #   bash scripts/train_teachers.sh [edm|toy2d|classifiers ...]     (default: all three)
+#   bash scripts/train_teachers.sh patch-features patches          (the patches testbed: its two feature nets, then
+#                                                                   its teacher, about 45-60 min on 2 shared cores)
 # A killed teacher run resumes with: python -m optimize teacher model=edm resume=outputs/teacher/edm
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,10 @@ for what in "${@:-classifiers edm toy2d}"; do
       edm)   $PY -m optimize teacher model=edm export=checkpoints/edm-digits.safetensors hydra.run.dir=outputs/teacher/edm ;;
       toy2d) $PY -m optimize teacher model=toy2d export=checkpoints/edm-toy2d.safetensors hydra.run.dir=outputs/teacher/toy2d ;;
       shapes) $PY -m optimize teacher model=shapes export=checkpoints/edm-shapes.safetensors hydra.run.dir=outputs/teacher/shapes ;;
-      *) echo "error: unknown target '$w'; valid: classifiers edm toy2d shapes." >&2; exit 2 ;;
+      # one thread: on a shared 2-core machine two contended threads were 2-4x slower per step than one
+      patches) OMP_NUM_THREADS=1 $PY -m optimize teacher model=patches export=checkpoints/edm-patches.safetensors hydra.run.dir=outputs/teacher/patches ;;
+      patch-features) OMP_NUM_THREADS=1 $PY scripts/train_classifiers.py patches ;;
+      *) echo "error: unknown target '$w'; valid: classifiers edm toy2d shapes patches patch-features." >&2; exit 2 ;;
     esac
   done
 done
