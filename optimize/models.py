@@ -61,7 +61,7 @@ def load_model(mcfg: Any, device: str = "cpu") -> Model:
         return _load_diffusers(mcfg, device, dtype)
     if mcfg.kind == "callable":
         den, shape = call_target(mcfg, device)
-        fp = den.fingerprint() if callable(getattr(den, "fingerprint", None)) else _callable_fingerprint(mcfg)
+        fp = den.fingerprint() if callable(getattr(den, "fingerprint", None)) else _callable_fingerprint(mcfg, den)
         return Model(str(mcfg.name), den, shape, str(fp), dtype)
     if mcfg.kind != "net":
         raise ConfigError(f"model {mcfg.name}: unknown kind {mcfg.kind!r}; valid kinds: {', '.join(KINDS)}.")
@@ -337,7 +337,8 @@ def call_target(m: Any, device: str = "cpu") -> tuple[Any, tuple[int, ...]]:
     return den, shape
 
 
-def _callable_fingerprint(m: Any) -> str:
-    from samplers.denoisers import fingerprint_tensors
+def _callable_fingerprint(m: Any, den: Any) -> str:
+    """Hash of the target, its kwargs and (a torch module) its state dict."""
+    from samplers.denoisers import _module_fingerprint
 
-    return fingerprint_tensors({}, config={"target": str(m.target), "kwargs": _kwargs(m)})
+    return _module_fingerprint(den, {}, {"target": str(m.target), "kwargs": _kwargs(m)})
