@@ -126,7 +126,7 @@ def run_optimize(args: list[str], log_path: Path) -> None:
         raise SystemExit(f"error: {' '.join(cmd)} failed with exit code {rc} (log: {log_path}).")
 
 
-def learn(which: str, ddss_steps: int, work: Path, ddss_nfes: list[int] | None = None) -> list[dict[str, Any]]:
+def learn(which: str, ddss_steps: int, work: Path, ddss_nfes: list[int] | None = None, tag: str = "ddss") -> list[dict[str, Any]]:
     """IIA (no data) and DDSS (training digits, first feature net) tables at NFES via ``model=diffusers``."""
     tables = RES_DIR / "tables"
     tables.mkdir(parents=True, exist_ok=True)
@@ -143,24 +143,24 @@ def learn(which: str, ddss_steps: int, work: Path, ddss_nfes: list[int] | None =
             rows.append({"method": "iia", "nfe": nfe, "wall_seconds_all_nfe": round(sec, 1)})
     if which in ("all", "ddss"):
         for nfe in ddss_nfes or NFES:
-            out = work / f"ddss{nfe}"
+            out = work / f"{tag}{nfe}"
             t0 = time.perf_counter()
             run_optimize(["ddss", *model, "data=digits", f"features=[{','.join(FEATURES)}]", f"nfe={nfe}",
                           f"steps={ddss_steps}", "evaluate_at_end=false", "progress_bar=false", "max_minutes=20",
-                          f"hydra.run.dir={out}"], work / f"ddss{nfe}.log")
-            shutil.copy(out / f"ddss-ggdm-nfe{nfe}.safetensors", tables / f"ddss-nfe{nfe}.safetensors")
-            rows.append({"method": "ddss", "nfe": nfe, "wall_seconds": round(time.perf_counter() - t0, 1)})
+                          f"hydra.run.dir={out}"], work / f"{tag}{nfe}.log")
+            shutil.copy(out / f"ddss-ggdm-nfe{nfe}.safetensors", tables / f"{tag}-nfe{nfe}.safetensors")
+            rows.append({"method": tag, "nfe": nfe, "wall_seconds": round(time.perf_counter() - t0, 1)})
     return rows
 
 
-def ddss_record(work: Path) -> dict[int, dict[str, Any]]:
+def ddss_record(work: Path, tag: str = "ddss") -> dict[int, dict[str, Any]]:
     """Steps run, training seconds and the selected step of each DDSS run, from its log ("ddss: N steps in S s
     (best validation at step B)"; max_minutes may stop a run before its steps)."""
     import re
 
     out = {}
     for nfe in NFES:
-        path = work / f"ddss{nfe}.log"
+        path = work / f"{tag}{nfe}.log"
         m = re.search(r"ddss: (\d+) steps in (\d+) s \((?:best validation at step (\d+)|[^)]*)\)",
                       path.read_text()) if path.is_file() else None
         if m:
@@ -206,7 +206,7 @@ def schedulers(config: Any, nfe: int) -> dict[str, Any]:
     from samplers.diffusers_scheduler import TableScheduler
 
     out = {}
-    for name in ("ddss", "iia"):
+    for name in LEARNED_NAMES:
         path = RES_DIR / "tables" / f"{name}-nfe{nfe}.safetensors"
         if path.is_file():
             out[f"{name} (TableScheduler)"] = TableScheduler.from_table(path, config)
@@ -216,7 +216,9 @@ def schedulers(config: Any, nfe: int) -> dict[str, Any]:
     return out
 
 
-LEARNED = ("ddss (TableScheduler)", "iia (TableScheduler)")
+LEARNED_NAMES = ("ddss", "ddss500", "iia")
+LEARNED = tuple(f"{n} (TableScheduler)" for n in LEARNED_NAMES)
+DDSS_STEPS = {"ddss": 250, "ddss500": 500}
 KEYS = ("fd_train_main", "fd_heldout_main", "fd_train_b", "kid_train_main")
 
 
@@ -260,8 +262,8 @@ def compare(n: int, batch: int, reps: int, time_batch: int) -> None:
                 g = torch.Generator().manual_seed(nfe)
                 from diffusers.utils.torch_utils import randn_tensor
 
-                lat = randn_tensor((16, *shape), generator=g)
-                b = (scaled(lat, nfe) / 2 + 0.5).clamp(0, 1)
+                lat = randn_tensor((16, *shape), generator=g)  # DDPMPipeline's latents: e_0 x init_noise_sigma
+                b = (scaled(lat / sch.init_noise_sigma, nfe) / 2 + 0.5).clamp(0, 1)
                 checks.append({"check": "DDPMPipeline vs scaled loop", "method": label, "nfe": nfe,
                                "max_abs_diff": float((a - b).abs().max())})
         diff_rows = [r for r in cur if r["method"] not in LEARNED]
@@ -524,6 +526,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--learn", default="all", choices=["all", "iia", "ddss"])
     ap.add_argument("--ddss-steps", type=int, default=250)
+    ap.add_argument("--ddss-tag", default="ddss", help="name of the DDSS tables (ddss, or ddss500 for the 500-step run)")
     ap.add_argument("--ddss-nfe", type=int, nargs="*", default=None, help="DDSS only at these NFE (default 4 5 6)")
     ap.add_argument("--n", type=int, default=2000, help="evaluation samples (seeds 0..n-1), paired across schedulers")
     ap.add_argument("--batch", type=int, default=500)
@@ -537,17 +540,19 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "learn"):
-        rows = learn(args.learn, args.ddss_steps, work, args.ddss_nfe)
+        rows = learn(args.learn, args.ddss_steps, work, args.ddss_nfe, args.ddss_tag)
         new = {(x["method"], int(x["nfe"])) for x in rows}
         old = [r for r in read_csv(RES_DIR / "learn.csv") if (r["method"], int(r["nfe"])) not in new]
         write_csv(old + rows, RES_DIR / "learn.csv")
     if args.stage in ("all", "learn", "record"):
-        rec = ddss_record(work)
         rows = read_csv(RES_DIR / "learn.csv")
+        for tag in dict.fromkeys(r["method"] for r in rows if r["method"].startswith("ddss")):
+            rec = ddss_record(work, tag)
+            for r in rows:
+                if r["method"] == tag and int(r["nfe"]) in rec:
+                    r.update({"steps_asked": DDSS_STEPS.get(tag, 250), **rec[int(r["nfe"])]})
         for r in rows:
-            if r["method"] == "ddss" and int(r["nfe"]) in rec:
-                r.pop("steps", None)
-                r.update({"steps_asked": args.ddss_steps, **rec[int(r["nfe"])]})
+            r.pop("steps", None)
         write_csv(rows, RES_DIR / "learn.csv")
     if args.stage in ("all", "compare"):
         compare(args.n, args.batch, args.time_reps, args.time_batch)
