@@ -4,7 +4,7 @@
 those splits; any other folder is the ``train`` split only (then there is no held-out column: nothing of the user's
 data is set aside without being asked). Files, in sorted name order:
 
-- ``.png``: 8-bit grey (1 channel), RGB (3) or RGBA (alpha dropped); values ``v / 127.5 - 1``;
+- ``.png``: 8-bit grey or colour (converted to the model's 1 or 3 channels, alpha dropped); values ``v / 127.5 - 1``;
 - ``.npy``: one image ``[C, H, W]`` / ``[H, W, C]`` / ``[H, W]`` or a stack ``[N, C, H, W]`` / ``[N, H, W, C]``;
 - ``.npz``: every array in it, each read like a ``.npy`` (``allow_pickle=False``: object arrays are refused).
 
@@ -96,9 +96,10 @@ def _read(path: Path, shape: Sequence[int]) -> list[np.ndarray]:
             from PIL import Image
 
             with Image.open(path) as im:
-                im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "LA") and shape[0] == 3 else im.mode)
-                if shape[0] == 1 and im.mode != "L":
-                    im = im.convert("L")
+                if im.mode not in ("L", "RGB", "RGBA", "LA", "P"):
+                    raise ConfigError(f"data: {path} is a {im.mode} PNG; 8-bit grey or colour PNGs are read.")
+                if len(shape) == 3 and shape[0] in (1, 3):  # the model's channels: grey or RGB (alpha dropped)
+                    im = im.convert("L" if shape[0] == 1 else "RGB")
                 arr = np.asarray(im, dtype=np.uint8)
             return [_to_images(arr, shape, path.name)]
         if path.suffix.lower() == ".npy":
