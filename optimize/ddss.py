@@ -81,6 +81,8 @@ from .teacher import NaNLossError
 
 FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
+TABLE_PREFIX = "table:"  # init=table:PATH starts from a table file (an LD3 schedule, an earlier learned table)
+LOSSES = ("kid", "match", "kid+match")
 MONITORS = ("fd_train", "kid_train")  # selection sees only the training set: held-out data and FD-b stay independent
 SLACK_FLOOR = 1e-3  # initial share of the slack bucket (log sigma span below the last sigma) when it is ~0
 
@@ -130,13 +132,33 @@ def family_free(family: str, n: int, k: int) -> np.ndarray:
     return mask
 
 
+def init_file_table(init: str, nfe: int, fingerprint: str | None = None) -> SolverTable:
+    """The table of ``init=table:PATH``: deterministic (K = 1), ``nfe`` evaluations at strictly decreasing sigmas starting
+    at the same pure noise (row 0 = sigma_0 e_0), checked against the model ``fingerprint`` when given."""
+    path = init[len(TABLE_PREFIX):]
+    if not os.path.isfile(path):
+        raise ValueError(f"init table file {path} does not exist.")
+    table = SolverTable.load(path, fingerprint=fingerprint)
+    sig, coef = table.sigmas.numpy(), table.coef.numpy()
+    row0 = np.zeros_like(coef[0])
+    row0[0] = sig[0]
+    if table.n_noise != 1 or table.nfe != nfe or np.any(np.diff(sig) >= 0) or not np.array_equal(coef[0], row0):
+        raise ValueError(f"init table {path} must be deterministic (K = 1) with nfe={nfe} evaluations at strictly decreasing "
+                         f"sigmas starting from sigma_0 e_0; got K = {table.n_noise}, NFE {table.nfe}.")
+    return table
+
+
 def initial_table(init: str, nfe: int, learn_noise: bool, *, sigma_min: float, sigma_max: float,
-                  schedule: str = "karras", rho: float = 7.0) -> SolverTable:
-    """The classic table training starts from, widened to K = N noise columns (all zero but e_0) with learn_noise."""
-    if init not in INITS:
-        raise ValueError(f"ddss init must be one of {', '.join(INITS)}, got {init!r}.")
-    extra = {"rho": rho} if schedule == "karras" else {}
-    table = baselines.build(init, nfe, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, **extra)
+                  schedule: str = "karras", rho: float = 7.0, end: str = "zero") -> SolverTable:
+    """The table training starts from (a classic solver, or ``table:PATH``), widened to K = N noise columns (all zero
+    but e_0) with learn_noise."""
+    if init.startswith(TABLE_PREFIX):
+        table = init_file_table(init, nfe)
+    elif init not in INITS:
+        raise ValueError(f"ddss init must be one of {', '.join(INITS)} or table:PATH, got {init!r}.")
+    else:
+        extra = {"rho": rho} if schedule == "karras" else {}
+        table = baselines.build(init, nfe, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, end=end, **extra)
     if not learn_noise or nfe < 2:
         return table
     coef = torch.zeros(nfe + 1, nfe + 2 * nfe, dtype=torch.float64)
@@ -177,11 +199,12 @@ class GGDMTable(nn.Module):
 
     def __init__(self, nfe: int, family: str = "ggdm", init: str = "euler", *, learn_sigmas: bool = True,
                  learn_noise: bool = False, sigma_min: float = 0.002, sigma_max: float = 80.0, schedule: str = "karras",
-                 rho: float = 7.0, sigma_data: float = 0.5):
+                 rho: float = 7.0, sigma_data: float = 0.5, end: str = "zero"):
         super().__init__()
         if family in ("ggdm", "ggdm_mc") and init != "euler":
             raise ValueError(f"family {family} starts from DDIM (init=euler); init={init} needs family=full.")
-        base = initial_table(init, nfe, learn_noise, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, rho=rho)
+        base = initial_table(init, nfe, learn_noise, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, rho=rho,
+                             end=end)
         self.nfe, self.n_noise, self.family, self.init = nfe, base.n_noise, family, init
         self.base_metadata = dict(base.metadata)
         n, k = nfe, base.n_noise
@@ -320,11 +343,15 @@ class DDSSModule(L.LightningModule):
                  learn_noise: bool = False, sigma_min: float = 0.002, sigma_max: float = 80.0, schedule: str = "karras",
                  rho: float = 7.0, sigma_data: float = 0.5, batch_size: int = 256, lr: float = 2e-3, sigma_lr: float = 1e-2,
                  warmup_steps: int = 20, min_lr_ratio: float = 0.05, steps: int = 500, remat: bool = True,
-                 val_every: int = 100, n_val: int = 500, monitor: str = "fd_train", seed: int = 0):
+                 val_every: int = 100, n_val: int = 500, monitor: str = "fd_train", seed: int = 0, end: str = "zero",
+                 loss: str = "kid", match_weight: float = 1e4, teacher_solver: str = "unipc", teacher_nfe: int = 20,
+                 n_match: int = 1024):
         super().__init__()
         self.save_hyperparameters()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown ddss loss {loss!r}; valid: {', '.join(LOSSES)}.")
         self.sampler = GGDMTable(nfe, family, init, learn_sigmas=learn_sigmas, learn_noise=learn_noise, sigma_min=sigma_min,
-                                 sigma_max=sigma_max, schedule=schedule, rho=rho, sigma_data=sigma_data)
+                                 sigma_max=sigma_max, schedule=schedule, rho=rho, sigma_data=sigma_data, end=end)
         self.register_buffer("best_coef", self.sampler.coef0.clone())
         self.register_buffer("best_sigmas", self.sampler.sigma0.clone())
         self.register_buffer("best_score", torch.tensor(float("inf"), dtype=torch.float64))
@@ -346,7 +373,23 @@ class DDSSModule(L.LightningModule):
         # training and selection see the training set and the first feature net only (no held-out data, no FD-b)
         val_judge = judge.restricted(splits=["train"], features=[name], n_boot=0)
         self._ext = {"model": model, "judge": val_judge, "feature": name, "real": real, "real_term": real_term(real)}
+        if "match" in str(self.hparams.loss):
+            self._ext["pool"] = self.match_pool(model)
         return self
+
+    def match_pool(self, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit noises [n_match, *shape], the fine teacher solve from each) on the FIT seed range: the targets of the
+        match loss (same-noise distance to the teacher, as LD3)."""
+        from samplers import make_noise
+
+        from .ld3 import teacher_targets
+        from .seeds import FIT_SEED_OFFSET, seed_range
+
+        hp = self.hparams
+        e = make_noise(1, model.shape, seed_range(FIT_SEED_OFFSET, int(hp.seed), int(hp.n_match)), dtype=model.dtype)[0]
+        y = teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
+                            float(hp.sigma_min), float(hp.sigma_max))
+        return e, y
 
     @property
     def model(self) -> Any:
@@ -378,8 +421,19 @@ class DDSSModule(L.LightningModule):
         return mmd_loss(feats, real, self._ext["real_term"])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        noise = self.noise(int(self.hparams.batch_size), int(self.global_step), int(self.global_rank))
-        loss = self.loss_of(self.generate(noise))
+        hp, step, rank = self.hparams, int(self.global_step), int(self.global_rank)
+        noise = self.noise(int(hp.batch_size), step, rank)
+        target = None
+        if "match" in str(hp.loss):  # e_0 from the teacher pool (fresh e_1.. stay fresh), target = the teacher's sample
+            pool_e, pool_y = self._ext["pool"]
+            gen = torch.Generator().manual_seed((int(hp.seed) * 1_000_003 + rank) * 1_000_000_009 + step)
+            idx = torch.randperm(pool_e.shape[0], generator=gen)[: int(hp.batch_size)]
+            noise[0] = pool_e[idx].to(noise)
+            target = pool_y[idx].to(noise)
+        x = self.generate(noise)
+        loss = self.loss_of(x) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
+        if target is not None:
+            loss = loss + float(hp.match_weight) * (x - target).pow(2).flatten(1).mean(1).mean()
         if not torch.isfinite(loss):
             raise NaNLossError(f"ddss training stopped: non-finite loss ({loss.item()}) at global step {self.global_step} "
                                f"(try a smaller lr or sigma_lr).")
@@ -480,7 +534,8 @@ class DDSSModule(L.LightningModule):
         best = [v for v in self.history["val"] if v["step"] == int(self.best_step)]
         return {
             "format_version": FORMAT_VERSION, "method": "ddss", "family": str(hp.family), "init": str(hp.init),
-            "base_solver": str(hp.init), "nfe": int(hp.nfe), "n_noise": self.sampler.n_noise,
+            "base_solver": str(self.sampler.base_metadata.get("base_solver", hp.init)), "nfe": int(hp.nfe),
+            "n_noise": self.sampler.n_noise, "objective": str(hp.loss),
             "learn_sigmas": bool(hp.learn_sigmas), "learn_noise": bool(hp.learn_noise),
             "schedule": self.sampler.base_metadata.get("schedule"), "steps": int(self.global_step),
             "best_step": int(self.best_step), "seed": int(hp.seed), "loss": self.loss_summary(),
@@ -581,10 +636,28 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"ddss learns one table per run: give a single nfe (sweep with -m ddss nfe=4,5,6), got {list(nfes)}.")
     if cfg.family not in FAMILIES:
         raise ConfigError(f"unknown ddss family {cfg.family!r}; valid families: {', '.join(FAMILIES)}.")
-    if cfg.init not in INITS:
-        raise ConfigError(f"ddss init must be a one-evaluation-per-step solver ({', '.join(INITS)}), got {cfg.init!r}.")
-    if cfg.family in ("ggdm", "ggdm_mc") and cfg.init != "euler":
+    init = str(cfg.init)
+    if init.startswith(TABLE_PREFIX):
+        init = f"{TABLE_PREFIX}{resolve_path(init[len(TABLE_PREFIX):])}"
+    elif init not in INITS:
+        raise ConfigError(f"ddss init must be a one-evaluation-per-step solver ({', '.join(INITS)}) or table:PATH, "
+                          f"got {cfg.init!r}.")
+    if cfg.family in ("ggdm", "ggdm_mc") and init != "euler":
         raise ConfigError(f"family {cfg.family} starts from DDIM (init=euler); init={cfg.init} needs family=full.")
+    if str(cfg.loss) not in LOSSES:
+        raise ConfigError(f"unknown ddss loss {cfg.loss!r}; valid: {', '.join(LOSSES)}.")
+    if "match" in str(cfg.loss):
+        _positive(cfg, "n_match", int)
+        _positive(cfg, "match_weight")
+        if int(cfg.batch_size) > int(cfg.n_match):
+            raise ConfigError(f"batch_size ({cfg.batch_size}) cannot exceed n_match ({cfg.n_match}), the teacher pool it "
+                              f"draws from.")
+        try:
+            baselines.check_nfe(str(cfg.teacher_solver), cfg.teacher_nfe)
+            if str(cfg.teacher_solver) not in baselines.SOLVERS:
+                raise ValueError(f"unknown teacher_solver {cfg.teacher_solver!r}; valid: {', '.join(baselines.SOLVERS)}.")
+        except ValueError as err:
+            raise ConfigError(f"teacher: {err}") from None
     for key in ("steps", "batch_size", "n_val", "n", "eval_batch_size"):
         _positive(cfg, key, int)
     for key in ("lr", "sigma_lr", "sigma_data"):
@@ -607,8 +680,9 @@ def validate(cfg: Any) -> None:
         except ValueError as err:
             raise ConfigError(f"compare: {err}") from None
     try:
-        initial_table(str(cfg.init), int(nfes[0]), bool(cfg.learn_noise), sigma_min=float(cfg.sigma_min),
-                      sigma_max=float(cfg.sigma_max), schedule=str(cfg.schedule), rho=float(cfg.rho))
+        initial_table(init, int(nfes[0]), bool(cfg.learn_noise), sigma_min=float(cfg.sigma_min),
+                      sigma_max=float(cfg.sigma_max), schedule=str(cfg.schedule), rho=float(cfg.rho),
+                      end=str(cfg.get("end", "zero")))
         baselines.build(str(cfg.ref_solver), int(cfg.ref_nfe), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -623,12 +697,19 @@ def validate(cfg: Any) -> None:
 
 def build_module(cfg: Any) -> DDSSModule:
     """The module of a composed config (nothing attached yet)."""
+    from .cli import resolve_path
+
+    init = str(cfg.init)
+    if init.startswith(TABLE_PREFIX):
+        init = f"{TABLE_PREFIX}{resolve_path(init[len(TABLE_PREFIX):])}"
     return DDSSModule(
-        int(cfg.nfe), str(cfg.family), str(cfg.init), learn_sigmas=bool(cfg.learn_sigmas), learn_noise=bool(cfg.learn_noise),
+        int(cfg.nfe), str(cfg.family), init, learn_sigmas=bool(cfg.learn_sigmas), learn_noise=bool(cfg.learn_noise),
         sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max), schedule=str(cfg.schedule), rho=float(cfg.rho),
         sigma_data=float(cfg.sigma_data), batch_size=int(cfg.batch_size), lr=float(cfg.lr), sigma_lr=float(cfg.sigma_lr),
         warmup_steps=int(cfg.warmup_steps), min_lr_ratio=float(cfg.min_lr_ratio), steps=int(cfg.steps), remat=bool(cfg.remat),
-        val_every=int(cfg.val_every), n_val=int(cfg.n_val), monitor=str(cfg.monitor), seed=int(cfg.seed))
+        val_every=int(cfg.val_every), n_val=int(cfg.n_val), monitor=str(cfg.monitor), seed=int(cfg.seed),
+        end=str(cfg.get("end", "zero")), loss=str(cfg.loss), match_weight=float(cfg.match_weight),
+        teacher_solver=str(cfg.teacher_solver), teacher_nfe=int(cfg.teacher_nfe), n_match=int(cfg.n_match))
 
 
 def _check_resume_matches(resume: Any, out_dir: str, module: DDSSModule) -> str | None:
@@ -659,9 +740,15 @@ def run(cfg: Any) -> dict[str, Any]:
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per DDP process
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     model = load_model(cfg.model, device)
+    if str(cfg.init).startswith(TABLE_PREFIX):  # made for this model?
+        try:
+            init_file_table(build_module(cfg).hparams.init, int(cfg.nfe), model.fingerprint)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
     module = build_module(cfg).attach(model, judge)
-    module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}-nfe{int(cfg.nfe)}.safetensors")
+    loss_tag = "" if str(cfg.loss) == "kid" else "-" + str(cfg.loss).replace("+", "-")
+    module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}{loss_tag}-nfe{int(cfg.nfe)}.safetensors")
     module.export_metadata = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint,
                               "run_config": OmegaConf.to_container(cfg, resolve=True)}
     module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint}
@@ -675,8 +762,8 @@ def run(cfg: Any) -> dict[str, Any]:
                         enable_progress_bar=bool(cfg.progress_bar))
     n_params = module.sampler.u.numel() + (0 if module.sampler.theta is None else module.sampler.theta.numel())
     if trainer.is_global_zero:
-        print(f"ddss {cfg.family} from {cfg.init}, nfe {cfg.nfe}, K={module.sampler.n_noise}: {n_params} parameters, "
-              f"{cfg.steps} steps of batch {cfg.batch_size} on {cfg.model.name}", flush=True)
+        print(f"ddss {cfg.family} from {cfg.init}, nfe {cfg.nfe}, K={module.sampler.n_noise}, loss {cfg.loss}: {n_params} "
+              f"parameters, {cfg.steps} steps of batch {cfg.batch_size} on {cfg.model.name}", flush=True)
     t0 = time.perf_counter()
     try:
         trainer.fit(module, torch.utils.data.DataLoader(_Infinite(), batch_size=None), ckpt_path=ckpt_path,

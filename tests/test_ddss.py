@@ -391,3 +391,50 @@ def test_ggdm_mc_bad_config_one_sentence(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exc:
         main(["ddss", "model=gmm", "family=ggdm_mc", "init=dpmpp_2m"])
     assert exc.value.code == 2 and "family ggdm_mc starts from DDIM (init=euler)" in capsys.readouterr().err
+
+
+# --- teacher matching and init from a table file ------------------------------------------------
+def test_init_from_table_file_is_that_table_bit_for_bit(tmp_path: Path) -> None:
+    """init=table:PATH (here a DPM-Solver++ schedule that lands on sigma_min) starts training from exactly that table."""
+    src = baselines.build("dpmpp_2m", 4, end="sigma_min", rho=5.0)
+    path = tmp_path / "start.safetensors"
+    src.save(str(path))
+    module = _tiny_module(4, family="full", init=f"table:{path}")
+    t = module.sampler.frozen()
+    assert torch.equal(t.coef, src.coef) and torch.equal(t.sigmas, src.sigmas)
+    with pytest.raises(ValueError, match="must be deterministic .* with nfe=5"):
+        ddss.GGDMTable(5, "full", f"table:{path}")
+    with pytest.raises(ValueError, match="family ggdm starts from DDIM"):
+        ddss.GGDMTable(4, "ggdm", f"table:{path}")
+
+
+def test_match_loss_pulls_samples_to_the_teacher(tmp_path: Path) -> None:
+    """loss=match: 15 steps lower the same-noise L2 to the fine teacher solve on noises outside the pool."""
+    from optimize.ld3 import l2_per_sample, teacher_targets
+
+    module = _tiny_module(3, family="full", loss="match", n_match=64, batch_size=16, lr=0.05, sigma_lr=0.05,
+                          warmup_steps=0, steps=15, val_every=0, teacher_solver="heun", teacher_nfe=21)
+    e = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    target = teacher_targets(module.model.denoiser, e, "heun", 21, 0.002, 80.0)
+
+    def err() -> float:
+        with torch.no_grad():
+            return float(l2_per_sample(module.generate(e[None], remat=False), target).mean())
+
+    before = err()
+    _trainer(tmp_path, 15).fit(module, _loader())
+    assert err() < 0.8 * before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["loss=lpips"], "unknown ddss loss 'lpips'; valid: kid, match, kid+match"),
+    (["loss=match", "family=full", "n_match=16", "batch_size=32"], "batch_size (32) cannot exceed n_match (16)"),
+    (["loss=match", "family=full", "teacher_solver=heun", "teacher_nfe=4"], "teacher: heun needs an odd NFE"),
+    (["family=full", "init=table:/nonexistent.safetensors"], "init table file /nonexistent.safetensors does not exist"),
+])
+def test_match_and_init_bad_config_one_sentence(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["ddss", "model=gmm", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err
