@@ -278,7 +278,7 @@ def render(rows: list[dict[str, Any]], args: Any, fingerprint: str, key: str, sh
                      f"{ours.get('selected', ours['method'])} {pm(ours, key)}" if ours else "-",
                      *(verdict_cells(ours, ld3, keys) if ours else ["-"] * len(keys)),
                      fmt(ours.get("fit_seconds")) if ours else "-"])
-    what = "shipped `edm-best`" if edm else "best of ours"
+    what = "shipped `edm-best`" if edm else "best of ours (picked on these seeds)"
     lines += [f"## Summary ({key})", "",
               table(["NFE", "best classic", "tuned classic", "LD3", what,
                      *[f"Δ {k} vs LD3" for k in keys], "fit s (incl. LD3)"], body), ""]
