@@ -15,7 +15,7 @@ Files are safetensors with ``{"format": "optimize.classifier", "config": JSON}``
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -166,26 +166,33 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float((pred == y).float().mean())
 
 
-def train_classifier(config: dict[str, Any], x: torch.Tensor, y: torch.Tensor, epochs: int = 60, batch_size: int = 64,
-                     lr: float = 2e-3, weight_decay: float = 1e-4, max_shift: int = 1, seed: int = 0) -> nn.Module:
-    """Cross-entropy training with AdamW, cosine learning-rate decay and random-shift augmentation."""
+def _train(config: dict[str, Any], n: int, loss_of: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
+           epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int) -> nn.Module:
+    """The loop every feature net shares: AdamW, cosine decay over all steps, shuffled batches of ``n`` examples;
+    ``loss_of(model, idx, gen)`` is the batch's loss (augmentations draw from ``gen``)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_classifier(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    steps = epochs * ((n + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(model(random_shift(x[idx], max_shift, gen)), y[idx])
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            loss = loss_of(model, perm[i : i + batch_size], gen)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     return model.eval()
+
+
+def train_classifier(config: dict[str, Any], x: torch.Tensor, y: torch.Tensor, epochs: int = 60, batch_size: int = 64,
+                     lr: float = 2e-3, weight_decay: float = 1e-4, max_shift: int = 1, seed: int = 0) -> nn.Module:
+    """Cross-entropy training with AdamW, cosine learning-rate decay and random-shift augmentation."""
+    return _train(config, len(x), lambda model, idx, gen: F.cross_entropy(model(random_shift(x[idx], max_shift, gen)), y[idx]),
+                  epochs, batch_size, lr, weight_decay, seed)
 
 
 def save_classifier(model: nn.Module, config: dict[str, Any], path: str, extra_metadata: dict | None = None) -> str:
@@ -253,22 +260,10 @@ def train_patch_features(config: dict[str, Any], x: torch.Tensor, photo: torch.T
                          batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
     """A patch feature net trained with the sum of its heads' cross-entropies (AdamW, cosine decay); no augmentation
     beyond what the crops carry (random positions and flips) and PatchStrided's rotations."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = build_classifier(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
-            inp, heads = patch_targets(model, x[idx], photo[idx], cell[idx], gen)
-            logits = model(inp)
-            loss = sum(F.cross_entropy(logits[:, sl], y) for sl, y in heads)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+
+    def loss_of(model: nn.Module, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        inp, heads = patch_targets(model, x[idx], photo[idx], cell[idx], gen)
+        logits = model(inp)
+        return sum(F.cross_entropy(logits[:, sl], y) for sl, y in heads)
+
+    return _train(config, len(x), loss_of, epochs, batch_size, lr, weight_decay, seed)

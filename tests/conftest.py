@@ -12,3 +12,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """``cli_error(argv)``: run ``python -m optimize argv`` in-process, assert one ``error:`` line and exit 2 (no
+    traceback), and return that line."""
+    from optimize.cli import main
+
+    def run(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and err.count("\n") == 0 and "Traceback" not in err
+        return err
+
+    return run

@@ -12,15 +12,6 @@ from optimize.cli import main, methods, split_method
 
 
 
-def _fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and err.count("\n") == 0 and "Traceback" not in err
-    return err
-
-
 def test_split_method() -> None:
     assert split_method(["-m", "evaluate", "nfe=4,8"]) == ("evaluate", ["-m", "nfe=4,8"])
     assert split_method(["--cfg", "job", "evaluate"]) == ("evaluate", ["--cfg", "job"])
@@ -53,8 +44,8 @@ def test_help_lists_methods_and_keys(argv: list[str], capsys: pytest.CaptureFixt
         (["evaluate", "model=gmm", "n=1"], "need n >= 2"),
     ],
 )
-def test_bad_config_fails_with_one_sentence(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert needle in _fail(argv, capsys)
+def test_bad_config_fails_with_one_sentence(argv: list[str], needle: str, cli_error) -> None:
+    assert needle in cli_error(argv)
 
 
 def test_subprocess_exit_code_and_no_traceback(tmp_path: Path) -> None:
@@ -98,29 +89,29 @@ def test_multirun_skips_points_a_solver_cannot_meet(tmp_path: Path) -> None:
         (["--cfg", "job", "evaluate", "model=nope"], "unknown model 'nope'"),
     ],
 )
-def test_typed_values_fail_before_work(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert needle in _fail(argv, capsys)
+def test_typed_values_fail_before_work(argv: list[str], needle: str, cli_error) -> None:
+    assert needle in cli_error(argv)
 
 
-def test_device_cuda_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+def test_device_cuda_without_cuda(cli_error) -> None:
     import torch
 
     if torch.cuda.is_available():
-        assert "this machine has" in _fail(["evaluate", "model=gmm", "device=cuda:99"], capsys)
+        assert "this machine has" in cli_error(["evaluate", "model=gmm", "device=cuda:99"])
     else:
-        assert "no CUDA device is available" in _fail(["evaluate", "model=gmm", "device=cuda"], capsys)
+        assert "no CUDA device is available" in cli_error(["evaluate", "model=gmm", "device=cuda"])
 
 
-def test_paths_that_are_files_and_tables_as_networks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_paths_that_are_files_and_tables_as_networks(tmp_path: Path, cli_error) -> None:
     from samplers import baselines
 
     afile = tmp_path / "afile"
     afile.write_text("x")
     table = baselines.build("euler", 4).save(str(tmp_path / "t.safetensors"))
-    assert f"cache_dir={afile} is a file" in _fail(["evaluate", "model=gmm", f"cache_dir={afile}"], capsys)
-    assert f"hydra.run.dir={afile}/run is below the file {afile}" in _fail(["evaluate", "model=gmm", f"hydra.run.dir={afile}/run"], capsys)
-    assert f"export={afile}/t.safetensors is below the file" in _fail(["teacher", "model=toy2d", f"export={afile}/t.safetensors"], capsys)
-    err = _fail(["evaluate", "model=edm", f"model.checkpoint={table}"], capsys)
+    assert f"cache_dir={afile} is a file" in cli_error(["evaluate", "model=gmm", f"cache_dir={afile}"])
+    assert f"hydra.run.dir={afile}/run is below the file {afile}" in cli_error(["evaluate", "model=gmm", f"hydra.run.dir={afile}/run"])
+    assert f"export={afile}/t.safetensors is below the file" in cli_error(["teacher", "model=toy2d", f"export={afile}/t.safetensors"])
+    err = cli_error(["evaluate", "model=edm", f"model.checkpoint={table}"])
     assert "not a network file (format 'samplers.table'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "t.safetensors"]
 

@@ -13,7 +13,6 @@ import torch
 from omegaconf import OmegaConf
 
 from optimize import data
-from optimize.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 R = data.PATCH_RES
@@ -124,20 +123,11 @@ def test_judge_branch_and_teacher_data():
     assert torch.equal(training_data(mcfg), data.patches("train", 12, seed=0, resolution=16))
 
 
-def _fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and err.count("\n") == 0 and "Traceback" not in err
-    return err
-
-
-def test_bad_configs_fail_with_one_line(capsys: pytest.CaptureFixture[str]):
-    assert "checkpoint" in _fail(["evaluate", "model=patches", "model.checkpoint=/nonexistent/x.safetensors"], capsys)
-    assert "nfe" in _fail(["evaluate", "model=patches", "nfe=0"], capsys)
-    assert "steps" in _fail(["teacher", "model=patches", "steps=0"], capsys)
-    assert "sigma_min" in _fail(["evaluate", "model=patches", "sigma_min=90"], capsys)
+def test_bad_configs_fail_with_one_line(cli_error):
+    assert "checkpoint" in cli_error(["evaluate", "model=patches", "model.checkpoint=/nonexistent/x.safetensors"])
+    assert "nfe" in cli_error(["evaluate", "model=patches", "nfe=0"])
+    assert "steps" in cli_error(["teacher", "model=patches", "steps=0"])
+    assert "sigma_min" in cli_error(["evaluate", "model=patches", "sigma_min=90"])
 
 
 def test_cli_exit_code_two_in_a_subprocess():
