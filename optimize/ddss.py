@@ -636,10 +636,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"ddss learns one table per run: give a single nfe (sweep with -m ddss nfe=4,5,6), got {list(nfes)}.")
     if cfg.family not in FAMILIES:
         raise ConfigError(f"unknown ddss family {cfg.family!r}; valid families: {', '.join(FAMILIES)}.")
-    init = str(cfg.init)
-    if init.startswith(TABLE_PREFIX):
-        init = f"{TABLE_PREFIX}{resolve_path(init[len(TABLE_PREFIX):])}"
-    elif init not in INITS:
+    init = resolved_init(cfg)
+    if not init.startswith(TABLE_PREFIX) and init not in INITS:
         raise ConfigError(f"ddss init must be a one-evaluation-per-step solver ({', '.join(INITS)}) or table:PATH, "
                           f"got {cfg.init!r}.")
     if cfg.family in ("ggdm", "ggdm_mc") and init != "euler":
@@ -647,15 +645,14 @@ def validate(cfg: Any) -> None:
     if str(cfg.loss) not in LOSSES:
         raise ConfigError(f"unknown ddss loss {cfg.loss!r}; valid: {', '.join(LOSSES)}.")
     if "match" in str(cfg.loss):
-        _positive(cfg, "n_match", int)
-        _positive(cfg, "match_weight")
+        _positive(cfg, "match_weight")  # (n_match is a typed key: optimize.cli.TYPED_KEYS)
         if int(cfg.batch_size) > int(cfg.n_match):
             raise ConfigError(f"batch_size ({cfg.batch_size}) cannot exceed n_match ({cfg.n_match}), the teacher pool it "
                               f"draws from.")
+        from .ld3 import check_teacher
+
         try:
-            baselines.check_nfe(str(cfg.teacher_solver), cfg.teacher_nfe)
-            if str(cfg.teacher_solver) not in baselines.SOLVERS:
-                raise ValueError(f"unknown teacher_solver {cfg.teacher_solver!r}; valid: {', '.join(baselines.SOLVERS)}.")
+            check_teacher(str(cfg.teacher_solver), cfg.teacher_nfe)
         except ValueError as err:
             raise ConfigError(f"teacher: {err}") from None
     for key in ("steps", "batch_size", "n_val", "n", "eval_batch_size"):
@@ -695,15 +692,18 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"resume checkpoint {path} does not exist.")
 
 
-def build_module(cfg: Any) -> DDSSModule:
-    """The module of a composed config (nothing attached yet)."""
+def resolved_init(cfg: Any) -> str:
+    """``cfg.init``, with the path of ``table:PATH`` resolved against the repository (as every path key is)."""
     from .cli import resolve_path
 
     init = str(cfg.init)
-    if init.startswith(TABLE_PREFIX):
-        init = f"{TABLE_PREFIX}{resolve_path(init[len(TABLE_PREFIX):])}"
+    return f"{TABLE_PREFIX}{resolve_path(init[len(TABLE_PREFIX):])}" if init.startswith(TABLE_PREFIX) else init
+
+
+def build_module(cfg: Any) -> DDSSModule:
+    """The module of a composed config (nothing attached yet)."""
     return DDSSModule(
-        int(cfg.nfe), str(cfg.family), init, learn_sigmas=bool(cfg.learn_sigmas), learn_noise=bool(cfg.learn_noise),
+        int(cfg.nfe), str(cfg.family), resolved_init(cfg), learn_sigmas=bool(cfg.learn_sigmas), learn_noise=bool(cfg.learn_noise),
         sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max), schedule=str(cfg.schedule), rho=float(cfg.rho),
         sigma_data=float(cfg.sigma_data), batch_size=int(cfg.batch_size), lr=float(cfg.lr), sigma_lr=float(cfg.sigma_lr),
         warmup_steps=int(cfg.warmup_steps), min_lr_ratio=float(cfg.min_lr_ratio), steps=int(cfg.steps), remat=bool(cfg.remat),
@@ -742,7 +742,7 @@ def run(cfg: Any) -> dict[str, Any]:
     model = load_model(cfg.model, device)
     if str(cfg.init).startswith(TABLE_PREFIX):  # made for this model?
         try:
-            init_file_table(build_module(cfg).hparams.init, int(cfg.nfe), model.fingerprint)
+            init_file_table(resolved_init(cfg), int(cfg.nfe), model.fingerprint)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))

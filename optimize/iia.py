@@ -234,7 +234,6 @@ class IIAFitter:
         self.sig = base.sigmas.detach().numpy()
         self.states = state_rows(base)
         self.steps, self.final = solver_grid(base)
-        self.end = "zero" if self.final == 0 else "sigma_min"
         self.batches: dict[Any, dict[str, Any]] = {}
         self.residuals: list[dict[str, float]] = []
         self._dirs: np.ndarray | None = None

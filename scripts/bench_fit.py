@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 from bench_io import write_results  # noqa: E402
-from results_learned import run_cli  # noqa: E402
+from results_learned import ddss_args, run_cli  # noqa: E402
 
 from optimize.cli import compose_config  # noqa: E402
 from optimize.evaluate import Judge, evaluate, load_model  # noqa: E402
@@ -51,9 +51,7 @@ def main() -> None:
         fits.append((nfe, "ld3-unipc", ld3, t_ld3))
         t = run_cli(["iia", "model=edm", f"nfe={nfe}", f"base=table:{ld3}", "evaluate=false"], run / "iia-ld3")
         fits.append((nfe, "iia(ld3)", run / "iia-ld3" / f"iia-generic-ld3-unipc-edm-nfe{nfe}.safetensors", t_ld3 + t))
-        t = run_cli(["ddss", "model=edm", f"nfe={nfe}", "family=full", f"init=table:{ld3}", "loss=kid+match",
-                     f"steps={args.ddss_steps}", "val_every=50", "max_minutes=null", "evaluate_at_end=false",
-                     "progress_bar=false"], run / "ddss")
+        t = run_cli(ddss_args("edm", nfe, ld3, args.ddss_steps), run / "ddss")
         fits.append((nfe, "ddss-kid+match(ld3)", run / "ddss" / f"ddss-full-kid-match-nfe{nfe}.safetensors", t_ld3 + t))
         t = run_cli(["iia", "model=edm", f"nfe={nfe}", "evaluate=false"], run / "iia-euler")
         fits.append((nfe, "iia(euler)", run / "iia-euler" / f"iia-generic-edm-nfe{nfe}.safetensors", t))

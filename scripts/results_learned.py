@@ -89,12 +89,17 @@ def fit_iia(model: str, nfe: int, ld3: Path, tables: Path) -> Path:
     return dest
 
 
+def ddss_args(model: str, nfe: int, ld3: Path, steps: int) -> list[str]:
+    """The DDSS command of the chain: every causal coefficient and the sigmas from the LD3 table, KID + teacher L2."""
+    return ["ddss", f"model={model}", f"nfe={nfe}", "family=full", f"init=table:{ld3}", "loss=kid+match", f"steps={steps}",
+            "val_every=50", "max_minutes=null", "evaluate_at_end=false", "progress_bar=false"]
+
+
 def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int) -> Path:
     dest = tables / f"ddss-match-nfe{nfe}.safetensors"
     if not dest.exists():
         run = REPO / "outputs" / "results-learned" / model / f"ddss-match-nfe{nfe}"
-        run_cli(["ddss", f"model={model}", f"nfe={nfe}", "family=full", f"init=table:{ld3}", "loss=kid+match",
-                 f"steps={steps}", "val_every=50", "max_minutes=null", "evaluate_at_end=false", "progress_bar=false"], run)
+        run_cli(ddss_args(model, nfe, ld3, steps), run)
         for suffix in (".safetensors", "-sigmas.png", "-coef.png"):
             shutil.copyfile(run / f"ddss-full-kid-match-nfe{nfe}{suffix}", tables / f"ddss-match-nfe{nfe}{suffix}")
     return dest
