@@ -1,4 +1,4 @@
-"""Every classic solver at NFE 3, 4, 5, 6, 8, 10, 15, 20 on model=gmm and model=edm -> docs/results.md.
+"""Every classic solver at NFE 3, 4, 5, 6, 8, 10, 15, 20 on model=gmm and model=edm -> docs/results-classic.md.
 
     python scripts/results_classic.py                      # both models (edm needs checkpoints/edm-digits.safetensors)
     python scripts/results_classic.py --models gmm --n 500
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, nargs="+", default=NFES)
     ap.add_argument("--ref-nfe", type=int, default=None, help="NFE of the Heun reference solve (default: conf, 255)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(REPO / "docs" / "results.md"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "results-classic.md"))
     ap.add_argument("--reference-only", action="store_true", help="only the reference points -> docs/results/<model>/reference.csv")
     args = ap.parse_args()
     if args.reference_only:
@@ -147,7 +147,7 @@ def main() -> None:
             "seeds 0..n-1 for every solver (paired); karras schedule, rho 7, sigma 0.002..80; '-' = NFE the solver cannot "
             "meet exactly (heun: odd only). Learned and other samplers on the same seeds: "
             "[IIA](results-iia.md) ([GMM](results-iia-gmm.md)), [DDSS](results-ddss.md), [TADA](results-tada.md), [DSNO](results-dsno.md) "
-            "(with its plot `results/tada/quality-vs-nfe.png`).\n\n" + NOTE + "\n\n")
+            "(with its plot `results/tada/quality-vs-nfe.png`); every method side by side: [overview](results.md).\n\n" + NOTE + "\n\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(head + "\n".join(sections))
     print(f"wrote {args.out}")
