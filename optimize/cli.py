@@ -28,7 +28,8 @@ _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searc
 
 MAIN_KEYS = """\
 main keys (defaults in conf/config.yaml and conf/method/<method>.yaml):
-  model=edm|gmm|toy2d|shapes   model to sample (model.checkpoint=PATH swaps the network file)
+  model=edm|gmm|toy2d|shapes|patches   model to sample (model.checkpoint=PATH swaps the network file)
+  model=diffusers model.path=DIR | model=callable model.target=MODULE:FUNCTION   your own model (docs/byo-model.md)
   solver=NAME | [a,b]          classic solver(s): euler heun dpmpp_2m dpmpp_3m ipndm unipc ddim tada
   solver_options.detail=2.0    solver options (detail, order, eta, components, max_order, variant)
   nfe=8 | [3,4,5]              denoiser evaluations (a list evaluates each and plots quality vs NFE)

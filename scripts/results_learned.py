@@ -89,17 +89,18 @@ def fit_iia(model: str, nfe: int, ld3: Path, tables: Path) -> Path:
     return dest
 
 
-def ddss_args(model: str, nfe: int, ld3: Path, steps: int) -> list[str]:
-    """The DDSS command of the chain: every causal coefficient and the sigmas from the LD3 table, KID + teacher L2."""
+def ddss_args(model: str, nfe: int, ld3: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The DDSS command of the chain: every causal coefficient and the sigmas from the LD3 table, KID + teacher L2
+    (``extra``: more ``key=value`` settings, e.g. a CPU budget's batch size)."""
     return ["ddss", f"model={model}", f"nfe={nfe}", "family=full", f"init=table:{ld3}", "loss=kid+match", f"steps={steps}",
-            "val_every=50", "max_minutes=null", "evaluate_at_end=false", "progress_bar=false"]
+            "val_every=50", "max_minutes=null", "evaluate_at_end=false", "progress_bar=false", *extra]
 
 
-def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int) -> Path:
+def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int, extra: tuple[str, ...] = ()) -> Path:
     dest = tables / f"ddss-match-nfe{nfe}.safetensors"
     if not dest.exists():
         run = REPO / "outputs" / "results-learned" / model / f"ddss-match-nfe{nfe}"
-        run_cli(ddss_args(model, nfe, ld3, steps), run)
+        run_cli(ddss_args(model, nfe, ld3, steps, extra), run)
         for suffix in (".safetensors", "-sigmas.png", "-coef.png"):
             shutil.copyfile(run / f"ddss-full-kid-match-nfe{nfe}{suffix}", tables / f"ddss-match-nfe{nfe}{suffix}")
     return dest
