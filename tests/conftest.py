@@ -1,7 +1,28 @@
 """Shared fixtures."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture
+def script():
+    """``script(name)``: the module ``scripts/<name>.py``, loaded under its own name (dataclasses look it up there)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        assert spec.loader is not None
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="module")

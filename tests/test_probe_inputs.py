@@ -3,28 +3,15 @@ nothing written and nothing unpickled."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _probe_module():
-    spec = importlib.util.spec_from_file_location("probe_inputs", REPO / "scripts" / "probe_inputs.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules["probe_inputs"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_probe_is_clean() -> None:
+def test_every_probe_is_clean(script) -> None:
     lines: list[str] = []
-    counts, results = _probe_module().run_all(report=lines.append)
+    counts, results = script("probe_inputs").run_all(report=lines.append)
     unclean = [f"{r.probe.name}: {r.kind}: {r.err.strip()[-300:]}" for r in results if r.kind != "clean"]
     assert not unclean, "\n".join(unclean)
     assert counts["tried"] >= 90 and counts["clean"] == counts["tried"]
@@ -37,9 +24,9 @@ def test_every_probe_is_clean() -> None:
         assert needed in names
 
 
-def test_probe_counts_a_failure() -> None:
+def test_probe_counts_a_failure(script) -> None:
     """The probe's verdicts can fail: a command that exits 0, or prints a traceback, is not clean."""
-    m = _probe_module()
+    m = script("probe_inputs")
     probe = m.Probe("x", "samplers", [])
     assert m.Result(probe, 0, "", "", False).kind == "silent wrong"
     assert m.Result(probe, 1, "Traceback (most recent call last):\n", "", True).kind == "traceback"
@@ -49,9 +36,9 @@ def test_probe_counts_a_failure() -> None:
     assert m.Result(probe, 2, "note: skipping\nerror: a\n", "", False).kind == "clean"
 
 
-def test_script_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_script_command_line(capsys: pytest.CaptureFixture[str], script) -> None:
     """``python scripts/probe_inputs.py -k NAME`` runs the matching probes, prints the counts, exits 0 when all are clean."""
-    assert _probe_module().main(["-k", "generate/out-"]) == 0
+    assert script("probe_inputs").main(["-k", "generate/out-"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     m = re.fullmatch(r"probes tried (\d+) / clean (\d+) / tracebacks 0 / silent wrong 0 / other unclean 0", last)
     assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 5, last

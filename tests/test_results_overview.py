@@ -4,22 +4,11 @@ paired differences, never for a figure from another run; and the committed CSVs 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _overview() -> Any:
-    spec = importlib.util.spec_from_file_location("results_overview", REPO / "scripts" / "results_overview.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules["results_overview"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -48,7 +37,7 @@ def _cells(page: str, model: str, nfe: int) -> dict[str, str]:
 VERDICT = re.compile(r"better|worse|≈|Δ")
 
 
-def test_best_per_method_and_no_cross_run_verdict(tmp_path: Path) -> None:
+def test_best_per_method_and_no_cross_run_verdict(tmp_path: Path, script) -> None:
     res = tmp_path / "results"
     _write(res / "learned" / "edm" / "results.csv", [
         _row("teacher (heun)", 79, 0.9, group="teacher"),
@@ -78,7 +67,7 @@ def test_best_per_method_and_no_cross_run_verdict(tmp_path: Path) -> None:
         _row("ld3-unipc", 4, 250.0, kind="ld3", ref_rmse=0.1),
         _row("tada", 4, 350.0, kind="tada", best_classic="dpmpp_2m", dfd_train_main_best=50.0, dfd_train_main_best_se=10.0),
     ])
-    page = _overview().build(res, tmp_path)
+    page = script("results_overview").build(res, tmp_path)
 
     d4 = _cells(page, "digits", 4)
     assert d4["best classic"].startswith("ipndm(end=sigma_min) 8 ± 0.5")
@@ -102,8 +91,8 @@ def test_best_per_method_and_no_cross_run_verdict(tmp_path: Path) -> None:
     assert p4["LD3"] == "ld3-unipc 250 ± 0.5"  # no stored difference: the value only
 
 
-def test_committed_results_build() -> None:
-    page = _overview().build(REPO / "docs" / "results")
+def test_committed_results_build(script) -> None:
+    page = script("results_overview").build(REPO / "docs" / "results")
     for model in ("## digits", "## gmm", "## patches"):
         assert model in page
     for target in set(re.findall(r"\]\(([^)#]+\.md)\)", page)):
