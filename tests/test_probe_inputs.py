@@ -8,7 +8,6 @@ import re
 import pytest
 
 
-
 def test_every_probe_is_clean(script) -> None:
     lines: list[str] = []
     counts, results = script("probe_inputs").run_all(report=lines.append)
