@@ -293,6 +293,12 @@ def compare(rows: list[dict[str, Any]], refs: list[dict[str, Any]]) -> None:
             add_paired_columns(mine, double, KEYS, "2n")
             for r in mine:
                 r["best_classic_2n"] = double["method"]
+    for r in rows:  # a one-step student against the best classic of the same compute (its teacher forwards per call)
+        forwards = r.get("teacher_forwards_per_call")
+        same_cost = best(rows, "fd_train_main", lambda c: classic(c) and forwards and c["nfe"] == int(forwards))
+        if r["kind"] == "distilled" and same_cost is not None:
+            add_paired_columns([r], same_cost, KEYS, "cost")
+            r["best_classic_cost"] = f"{same_cost['method']}@{int(same_cost['nfe'])}"
 
 
 # --- the page ------------------------------------------------------------------------------------------
@@ -440,6 +446,14 @@ def render(rows: list[dict[str, Any]], refs: list[dict[str, Any]], args: argpars
               f"init=table:<LD3 table> loss=kid+match steps={args.ddss_steps} {' '.join(args.ddss)}` (the digits page uses 150 "
               "steps of batch 128: these are CPU settings). Seconds are wall time on this 2-core CPU; a chained method's "
               "time includes the LD3 fit it starts from:\n", "\n".join(sorted(settings)) + "\n"]
+    for r in (r for r in rows if r["kind"] == "distilled"):
+        lines.append(f"\n**DSNO** (`{r.get('table')}`, {fmt(r.get('steps'))} steps, {fmt(r.get('learn_seconds'))} s of training after "
+                     f"its data; settings `{' '.join(DSNO_SETTINGS)}`, the digits default is n_data=8192 steps=1000 batch_size=128): "
+                     f"one network call that runs {fmt(r.get('teacher_forwards_per_call'))} time slices, so its compute per call is "
+                     f"about {fmt(r.get('teacher_forwards_per_call'))} teacher forwards. Against the best classic of that compute "
+                     f"({r.get('best_classic_cost', '-')}): FD train {_d(r, 'fd_train_main', 'cost')}, FD held-out "
+                     f"{_d(r, 'fd_heldout_main', 'cost')}, FD-b {_d(r, 'fd_train_b', 'cost')}. Grid: "
+                     "[dsno-nfe1](results/patches/grids/dsno-nfe1.png).\n")
     if not any(r["kind"] == "distilled" for r in rows):
         lines.append("\nDSNO (one-step student, `python scripts/results_patches.py --learn dsno`, settings "
                      f"`{' '.join(DSNO_SETTINGS)}`) has no row yet: its distillation did not fit this run's CPU time.\n")
