@@ -75,9 +75,9 @@ TEACHER_TIME = ("Trained as one deterministic run in two legs (a resumed run con
                 "``optimize.teacher``): steps 0-3,500 in 44 minutes on a CPU shared with other jobs (1 thread), steps 3,500-15,000 "
                 "in 2,270 s on 2 threads (0.197 s per step, the file's train_seconds); at that rate the whole run from scratch "
                 "takes about 49 minutes on 2 uncontended cores.")
-# committed tables by file-name prefix: (row label, kind); 'peer' = the learned-peer baseline (LD3)
 DSNO_SETTINGS = ["n_data=2048", "steps=300", "batch_size=64", "max_minutes=20"]  # the digits default: 8192, 1000, 128
 DSNO_DIR = OUT / "dsno"  # the DSNO student (a network file) and its 1-NFE table
+# committed tables by file-name prefix: (row label, kind); 'peer' = the learned-peer baseline (LD3)
 TABLE_KINDS = {"tuned": ("dpmpp_2m+tuned", "tuned"), "ld3": ("ld3-unipc", "peer"), "iia": ("iia(ld3)", "learned"),
                "ddss": ("ddss-kid+match(ld3)", "learned")}
 
@@ -293,10 +293,10 @@ def compare(rows: list[dict[str, Any]], refs: list[dict[str, Any]]) -> None:
             add_paired_columns(mine, double, KEYS, "2n")
             for r in mine:
                 r["best_classic_2n"] = double["method"]
-    for r in rows:  # a one-step student against the best classic of the same compute (its teacher forwards per call)
-        forwards = r.get("teacher_forwards_per_call")
-        same_cost = best(rows, "fd_train_main", lambda c: classic(c) and forwards and c["nfe"] == int(forwards))
-        if r["kind"] == "distilled" and same_cost is not None:
+    for r in (r for r in rows if r["kind"] == "distilled"):  # vs the best classic of the same compute (teacher forwards)
+        forwards = int(r["teacher_forwards_per_call"])
+        same_cost = best(rows, "fd_train_main", lambda c: classic(c) and c["nfe"] == forwards)
+        if same_cost is not None:
             add_paired_columns([r], same_cost, KEYS, "cost")
             r["best_classic_cost"] = f"{same_cost['method']}@{int(same_cost['nfe'])}"
 
@@ -418,20 +418,21 @@ def render(rows: list[dict[str, Any]], refs: list[dict[str, Any]], args: argpars
               "ld3-unipc is the learned peer (LD3); iia(ld3) and ddss-kid+match(ld3) start from its table.\n",
               table(["NFE", "method", *[NAMES[k] for k in KEYS], "ref-RMSE", "best classic @N", *[f"Δ {NAMES[k]} @N" for k in KEYS],
                      "best classic @2N", *[f"Δ {NAMES[k]} @2N" for k in KEYS]], body, 2)]
-    goal2, missing = [], []
+    goal2, missing, met_at = [], [], set()
     for nfe in LEARN_NFES:
         mine = [r for r in learned if int(r["nfe"]) == nfe and r["kind"] in ("learned", "peer", "tuned")]
         missing += [] if mine else [str(nfe)]
         for r in mine:
             v = _verdicts(r, "2n")
-            goal2.append([str(nfe), r["method"], r.get("best_classic_2n") or "-", *v, "-" if v[0] == "-" else ("no" if _worse(v) else "yes")])
-    ours = [g for g in goal2 if g[1] in ("iia(ld3)", "ddss-kid+match(ld3)")]
-    met_at = sorted({int(g[0]) for g in ours if g[-1] == "yes"})
+            ok = "-" if v[0] == "-" else ("no" if _worse(v) else "yes")
+            goal2.append([str(nfe), r["method"], r.get("best_classic_2n") or "-", *v, ok])
+            if r["kind"] == "learned" and ok == "yes":
+                met_at.add(nfe)
     lines += ["\n## Goal 2: learned tables at N vs the best classic at 2N\n",
               "'at least as good' = not worse beyond 2 se on any of the three FD columns.\n",
               table(["NFE", "table", "best classic @2N", *[f"Δ {NAMES[k]}" for k in KEYS], "at least as good"], goal2, 2),
               f"\nOne of the project's learned tables (IIA or DDSS) is at least as good as the best classic at 2N at N = "
-              f"{', '.join(map(str, met_at)) or 'none'} of {', '.join(map(str, LEARN_NFES))}"
+              f"{', '.join(map(str, sorted(met_at))) or 'none'} of {', '.join(map(str, LEARN_NFES))}"
               + (f" (not run at N = {', '.join(missing)})" if missing else "") + ".\n"]
     settings = []
     for r in learned:
