@@ -45,8 +45,9 @@ def diff_cell(row: dict[str, Any], base: dict[str, Any], key: str) -> str:
 
 
 def best(rows: Iterable[dict[str, Any]], key: str, where: Callable[[dict[str, Any]], bool] = lambda r: True) -> dict[str, Any] | None:
-    """The row with the lowest ``key`` among those ``where`` accepts (None if none)."""
-    cands = [r for r in rows if where(r) and r.get(key) is not None]
+    """The row with the lowest ``key`` among those ``where`` accepts (None if none; rows without a number there, or
+    with NaN, never count)."""
+    cands = [r for r in rows if where(r) and isinstance(r.get(key), (int, float)) and r[key] == r[key]]
     return min(cands, key=lambda r: r[key]) if cands else None
 
 

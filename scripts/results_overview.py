@@ -14,17 +14,17 @@ baseline). Figures from any other CSV (other runs) carry a footnote naming their
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from optimize.report import NOTE, diff_text, pm, table  # noqa: E402
+from optimize.report import NOTE, best, diff_text, pm, table  # noqa: E402
+from optimize.results import read_results  # noqa: E402
 
 Row = dict[str, Any]
 
@@ -81,25 +81,10 @@ MODELS = [
 ]
 
 
-def _value(text: str) -> Any:
-    """A CSV cell: float when it parses, None when empty, the string otherwise."""
-    if text is None or text.strip() == "":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def read_rows(path: Path) -> list[Row]:
-    """The rows of a results CSV with numbers as floats and ``nfe`` as int (rows without an NFE are dropped)."""
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row = {k: _value(v) for k, v in raw.items() if k is not None}
-            if isinstance(row.get("nfe"), float):
-                rows.append({**row, "nfe": int(row["nfe"]), "method": (raw.get("method") or "").strip()})
-    return rows
+    """The rows of a results CSV (``optimize.results.read_results``) with ``nfe`` as int (rows without an NFE are dropped)."""
+    return [{**r, "nfe": int(r["nfe"]), "method": str(r.get("method") or "").strip()}
+            for r in read_results(str(path)) if isinstance(r.get("nfe"), float)]
 
 
 def family(row: Row, default: str | None = None) -> str | None:
@@ -119,12 +104,6 @@ def family(row: Row, default: str | None = None) -> str | None:
     if kind and kind not in {"ours", "learned"}:
         return kind
     return default or kind or None
-
-
-def best(rows: Iterable[Row], metric: str) -> Row | None:
-    """The row with the lowest finite ``metric`` (None if none)."""
-    cands = [r for r in rows if isinstance(r.get(metric), float) and r[metric] == r[metric]]
-    return min(cands, key=lambda r: r[metric]) if cands else None
 
 
 def best_classic(rows: list[Row], metric: str) -> Row | None:
