@@ -470,7 +470,9 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
     check_sigmas(args, model)
     table = make_table(args, model, fingerprint)
     check_range(table, dtype)
-    check_memory(args.n, min(args.batch_size, args.n), shape, table, dtype, device, out_parent, rank)
+    out_shape = tuple(getattr(model, "out_shape", shape))  # a generator may return another shape (PaGoDA: 8 -> 32 px)
+    check_memory(args.n, min(args.batch_size, args.n), max(shape, out_shape, key=math.prod), table, dtype, device,
+                 out_parent, rank)
     identity = run_identity(args, table, fingerprint, shape, device)
     partial = partial_dir(args.out)
     shards = open_partial(partial, identity, args.resume, args.overwrite, rank)
@@ -487,7 +489,7 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
         failure: str | None = None
         todo = []
         for j in mine:
-            done = read_shard(shards[j], (len(batches[j]), *shape)) if j in shards else None
+            done = read_shard(shards[j], (len(batches[j]), *out_shape)) if j in shards else None
             if done is None:
                 todo.append(j)
             else:
@@ -527,7 +529,7 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
                 "model_fingerprint": fingerprint,
                 "n": args.n,
                 "seed": args.seed,
-                "shape": list(shape),
+                "shape": list(out_shape),
                 "dtype": args.dtype,
                 "label": cond_label,
                 "world_size": world,
@@ -568,7 +570,8 @@ def info(path: str) -> int:
         except nets.NetError as err:
             raise UserError(str(err)) from None
         print(f"{path}: network {config['arch']}, {sum(p.numel() for p in net.parameters())} parameters, "
-              f"sample shape {list(nets.data_shape(config))}")
+              f"sample shape {list(nets.data_shape(config))}"
+              + (f" -> {list(nets.output_shape(config))}" if nets.output_shape(config) != nets.data_shape(config) else ""))
         print(json.dumps(config, indent=2, sort_keys=True))
         return 0
     try:

@@ -145,7 +145,8 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(min(groups, c), c)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, emb)``: the last up-path features ``[B, channels * channel_mult[0], R, R]`` and the embedding."""
         emb = self.embed(c_noise, x.shape[0], cond).to(x.dtype)
         h = self.conv_in(x)
         skips = []
@@ -160,6 +161,10 @@ class UNet(nn.Module):
             if level > 0:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return h, emb
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        h, _ = self.hidden(x, c_noise, cond)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -299,8 +304,71 @@ class DSNOUNet(UNet):
         return self.trajectory(x, cond)[:, -1]
 
 
+# --- PaGoDA generator (Kim et al. 2024, "PaGoDA: progressive growing of a one-step generator from a low-resolution
+# diffusion teacher") --------------------------------------------------------------------------------------------
+PAGODA_DEFAULTS: dict[str, Any] = {
+    **UNET_DEFAULTS,
+    "growth": [],        # channels of each x2 stage grown on top of the base (8x8 -> 16x16 -> 32x32: two entries)
+    "stage_blocks": 2,   # residual blocks per grown stage (the first one up-samples)
+}
+
+
+class UpStage(nn.Module):
+    """One x2 stage: ``h <- ResBlocks(nearest_up(h))``, image ``y <- nearest_up(y) + to_rgb(h)``.
+
+    ``to_rgb`` (GroupNorm-SiLU-conv3x3) and the second convolution of every residual block start at zero, so a freshly
+    grown stage returns the nearest-upsampled image of the stages below it."""
+
+    def __init__(self, cin: int, cout: int, out_channels: int, emb_dim: int, groups: int, blocks: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, emb_dim, groups) for i in range(blocks))
+        self.norm_out = nn.GroupNorm(min(groups, cout), cout)
+        self.to_rgb = nn.Conv2d(cout, out_channels, 3, padding=1)
+        for conv in [b.conv2 for b in self.blocks] + [self.to_rgb]:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        for block in self.blocks:
+            h = block(h, emb)
+        y = F.interpolate(y, scale_factor=2.0, mode="nearest") + self.to_rgb(F.silu(self.norm_out(h)))
+        return h, y
+
+
+class PaGoDAGenerator(UNet):
+    """PaGoDA's one-step generator: the teacher U-Net (same parameter names, so its weights load as they are) whose
+    raw output at the input's noise level is an image at the teacher's resolution R, followed by ``len(growth)``
+    up-sampling stages (``UpStage``) on its last features: the output is ``[B, C, R 2^S, R 2^S]``.
+
+    Served with ``precond: input`` (``denoisers.InputScaled``): ``G(x) = F(c_in(s) x, log(s)/4)`` with no c_skip or
+    c_out, as in the paper's code; the 1-NFE table calls it at ``s = sigma_max``."""
+
+    def __init__(self, growth: Any = (), stage_blocks: int = 2, **unet: Any):
+        super().__init__(**unet)
+        out = self.conv_out.out_channels
+        widths = [self.norm_out.num_channels] + [int(c) for c in growth]
+        emb_dim, groups = self.embed.mlp[-1].out_features, unet.get("groups", UNET_DEFAULTS["groups"])
+        self.stages = nn.ModuleList(UpStage(widths[i], widths[i + 1], out, emb_dim, groups, int(stage_blocks))
+                                    for i in range(len(widths) - 1))
+
+    def last_layer(self, stage: int | None = None) -> torch.Tensor:
+        """The weight of the convolution that writes the image of stage ``stage`` (0: the base; default: the top)."""
+        stage = len(self.stages) if stage is None else int(stage)
+        return self.conv_out.weight if stage == 0 else self.stages[stage - 1].to_rgb.weight
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None, stages: int | None = None) -> torch.Tensor:
+        """The image after the base and the first ``stages`` grown stages (default: all)."""
+        h, emb = self.hidden(x, c_noise, cond)
+        y = self.conv_out(F.silu(self.norm_out(h)))
+        for stage in self.stages[: len(self.stages) if stages is None else int(stages)]:
+            h, y = stage(h, y, emb)
+        return y
+
+
 ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {"unet": (UNet, UNET_DEFAULTS), "mlp": (MLP, MLP_DEFAULTS)}
 ARCHS["dsno_unet"] = (DSNOUNet, DSNO_UNET_DEFAULTS)  # one-step student: a network file like any teacher
+ARCHS["pagoda_generator"] = (PaGoDAGenerator, PAGODA_DEFAULTS)  # one-step generator whose output grows past its input
 _NON_ARCH_KEYS = {"arch", "precond", "sigma_data", "shape"}
 
 
@@ -310,7 +378,7 @@ _NON_ARCH_KEYS = {"arch", "precond", "sigma_data", "shape"}
 INT_LIMITS: dict[str, tuple[int, int]] = {
     "in_channels": (1, 64), "out_channels": (1, 64), "resolution": (1, 1024), "channels": (1, 4096),
     "num_res_blocks": (1, 64), "emb_dim": (2, 8192), "groups": (1, 1024), "num_classes": (0, 100_000),
-    "in_dim": (1, 1_000_000), "hidden": (1, 65_536), "depth": (0, 1000), "modes": (1, 1024),
+    "in_dim": (1, 1_000_000), "hidden": (1, 65_536), "depth": (0, 1000), "modes": (1, 1024), "stage_blocks": (1, 64),
 }
 MAX_PARAMETERS = 2_000_000_000
 
@@ -332,6 +400,10 @@ def _check_values(cfg: dict) -> None:
         value = cfg.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise NetError(f"{arch} network config {key} must be a positive finite number, got {value!r}.")
+    growth = cfg.get("growth", [])
+    if not isinstance(growth, (list, tuple)) or len(growth) > 8 or \
+            any(isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 4096 for c in growth):
+        raise NetError(f"{arch} network config growth must be a list of at most 8 integers in 1..4096, got {growth!r}.")
     shape = cfg.get("shape", [1])
     if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4 or \
             any(isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= 65_536 for d in shape):
@@ -349,8 +421,9 @@ def estimated_parameters(cfg: dict) -> float:
         return d * (2 * h * h + emb * h) + 2 * float(cfg.get("in_dim", 1)) * h + 4 * emb * emb
     width = float(cfg.get("channels", 1)) * max(cfg.get("channel_mult", [1]))
     blocks = len(cfg.get("channel_mult", [1])) * (float(cfg.get("num_res_blocks", 1)) + 1) + 1
+    grown = sum(float(cfg.get("stage_blocks", 1)) * (9 * 2 * float(c) * max(width, float(c)) + emb * float(c)) for c in cfg.get("growth", []))
     return blocks * (9 * 2 * width * width + 9 * width * width + emb * width) * 2 + 4 * emb * emb \
-        + emb * float(cfg.get("num_classes", 0))
+        + emb * float(cfg.get("num_classes", 0)) + grown
 
 
 def full_config(config: dict) -> dict:
@@ -379,6 +452,16 @@ def data_shape(config: dict) -> tuple[int, ...]:
     if cfg["arch"] == "unet":
         return (int(cfg["in_channels"]), int(cfg["resolution"]), int(cfg["resolution"]))
     return (int(cfg["in_dim"]),)
+
+
+def output_shape(config: dict) -> tuple[int, ...]:
+    """Shape of one sample the net returns: its input's (``data_shape``), but ``R 2^len(growth)`` pixels a side for a
+    ``pagoda_generator``."""
+    cfg, shape = full_config(config), data_shape(config)
+    if cfg["arch"] != "pagoda_generator":
+        return shape
+    out = cfg["out_channels"] or cfg["in_channels"]
+    return (int(out), *(int(d) * 2 ** len(cfg["growth"]) for d in shape[1:]))
 
 
 def build_net(config: dict) -> nn.Module:
@@ -457,15 +540,18 @@ def load_net(path: str) -> tuple[nn.Module, dict]:
 def load_denoiser(path: str, device: torch.device | str | None = None) -> nn.Module:
     """The network at ``path`` wrapped in its preconditioning (``precond: edm``) as a sigma-space denoiser.
 
-    The returned module carries ``config`` and ``shape`` (one sample's shape) attributes.
+    The returned module carries ``config``, ``shape`` (one input sample's shape) and ``out_shape`` (one output's:
+    the same but for a generator that grows, ``output_shape``) attributes.
     """
-    from .denoisers import EDMPrecond
+    from .denoisers import EDMPrecond, InputScaled
 
     net, config = load_net(path)
     precond = config.get("precond", "edm")
-    if precond != "edm":
-        raise NetError(f"{path}: unknown preconditioning {precond!r}; valid: edm.")
-    denoiser = EDMPrecond(net, sigma_data=float(config.get("sigma_data", 0.5)))
+    wrappers = {"edm": EDMPrecond, "input": InputScaled}
+    if precond not in wrappers:
+        raise NetError(f"{path}: unknown preconditioning {precond!r}; valid: {', '.join(wrappers)}.")
+    denoiser = wrappers[precond](net, sigma_data=float(config.get("sigma_data", 0.5)))
     denoiser.config = config
     denoiser.shape = data_shape(config)
+    denoiser.out_shape = output_shape(config)
     return denoiser.to(device).eval() if device is not None else denoiser.eval()

@@ -191,9 +191,15 @@ def _make_plan(n: int, k: int, mask: np.ndarray, coef: np.ndarray | None) -> _Pl
 
 
 def _combine(bases: Sequence[torch.Tensor], weights: Sequence[Any], like: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[j] * bases[j]; in place on a fresh buffer when the weights are floats."""
+    """sum_j weights[j] * bases[j]; in place on a fresh buffer when the weights are floats.
+
+    The bases of one row must share a shape: a denoiser whose output differs from its input (a generator that
+    up-samples) can only be read by rows that use its outputs alone (a 1-NFE table's output row ``d_0``)."""
     if not bases:
         return torch.zeros_like(like)
+    if any(b.shape != bases[0].shape for b in bases[1:]):
+        raise ValueError(f"a table row combines vectors of different shapes ({', '.join(str(list(b.shape)) for b in bases)}): "
+                         f"the denoiser returns another shape than its input, so rows may use its outputs only.")
     if isinstance(weights, torch.Tensor):  # differentiable in the coefficients
         out = bases[0] * weights[0]
         for b, w in zip(bases[1:], weights[1:]):

@@ -81,7 +81,7 @@ def test_errors(tmp_path) -> None:
     missing = str(tmp_path / "nope.safetensors")
     with pytest.raises(nets.NetError, match=r"nope\.safetensors: no such network file\."):
         nets.load_net(missing)
-    with pytest.raises(nets.NetError, match=r"unknown network architecture 'resnet'; valid: unet, mlp, dsno_unet\."):
+    with pytest.raises(nets.NetError, match=r"unknown network architecture 'resnet'; valid: unet, mlp, dsno_unet, pagoda_generator\."):
         nets.build_net({"arch": "resnet"})
     with pytest.raises(nets.NetError, match=r"unknown key\(s\) widht"):
         nets.build_net({"arch": "mlp", "widht": 3})

@@ -1,0 +1,643 @@
+"""PaGoDA: grow a one-step generator past its teacher's resolution (Kim, Lai, Liao, Takida, Murata, Uesaka, Mitsufuji,
+Ermon, "PaGoDA: Progressive Growing of a One-Step Generator from a Low-Resolution Diffusion Teacher", NeurIPS 2024;
+code sony/pagoda).
+
+Stage 1, latents: each real training image (and its mirror) is area-downsampled to the teacher's resolution r and
+carried to noise by the teacher's probability-flow ODE run forward, ``dx/ds = (x - D(x, s)) / s`` from sigma_min to
+sigma_max (deterministic Heun on a Karras grid, a solver table from ``encode_table`` run by ``samplers.sample``)::
+
+    z = ODE_{sigma_min -> sigma_max}(avgpool(x)),      cached on disk by teacher fingerprint and settings.
+
+Stage 2 (base, r x r): the generator ``G(z) = F(c_in(sigma_max) z, log(sigma_max)/4)`` is a copy of the teacher net F
+with its raw output as the image (``samplers.nets.PaGoDAGenerator``, served by ``denoisers.InputScaled``). Stages
+3.. (2r, 4r, ...): a x2 up-sampling stage whose last convolutions start at zero is added on the last features, the
+earlier blocks are frozen. At the stage of resolution R, with the real image x_R (area-downsampled to R) and a
+discriminator D_R at R (a new one per stage)::
+
+    L_rec = d(G(z), x_R)                                  d: feature distance (``FeatureDistance``) + pixel L2
+    L_G   = -E D_R(G(sigma_max e)),  e ~ N(0, I)         fresh noise
+    L     = L_rec + w_R * lambda * L_G,   lambda = clip(|grad_W L_rec| / |grad_W L_G|, 0.01, 10)
+    L_D   = E relu(1 - D_R(x_R)) + E relu(1 + D_R(G(sigma_max e)))      (hinge)
+
+with W the weight of the convolution that writes the stage's image, w = 0.2 at the base and 1.0 when growing. One
+step updates G, then D. The exported generator of each resolution is the EMA of the trained weights (a network file
+``samplers.nets`` builds) with the 1-NFE table ``x_0 = sigma_max e_0``, output ``d_0`` (the output has the stage's
+resolution, the noise the teacher's).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from samplers import SolverTable, baselines, sample, schedules
+from samplers.nets import PaGoDAGenerator, build_net, read_net_header, save_net
+from samplers.table import FORMAT_VERSION
+
+from .runs import pick_resume, resume_path, trainer_parts
+from .teacher import NaNLossError
+
+PATCH_RESOLUTIONS = (8, 16, 32)  # optimize.data.patches
+
+
+# --- stage 1: latents by the teacher's ODE run forward --------------------------------------------------------------
+def encode_table(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> SolverTable:
+    """Heun (EDM's 2nd-order step, Euler on the last) on the ``steps``-point Karras grid run UP from sigma_min to
+    sigma_max: input ``x_0 = e_0`` (the image itself, taken as the state at sigma_min), output the state at sigma_max.
+    NFE = 2 (steps - 1) - 1."""
+    if steps < 2:
+        raise ValueError(f"the encoding grid needs at least 2 points, got {steps}.")
+    grid = schedules.make("karras", int(steps), float(sigma_min), float(sigma_max), rho=float(rho))[::-1].copy()
+    sigmas, coef = baselines.heun(grid[:-1], final=float(grid[-1]))
+    assert np.count_nonzero(coef[:, 0]) == 1 and coef[0, 0] == grid[0]  # e_0 is read by row 0 alone
+    coef[0, 0] = 1.0
+    return SolverTable(sigmas, coef, {"format_version": FORMAT_VERSION, "method": "pf_ode_forward", "base_solver": "heun",
+                                      "nfe": len(sigmas), "schedule": {"schedule": "karras", "rho": rho, "steps": int(steps),
+                                                                       "sigma_min": sigma_min, "sigma_max": sigma_max}})
+
+
+def decode_table(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> SolverTable:
+    """The same grid run down (the teacher's Heun sampler from ``sigma_max e_0`` to 0): ``steps`` - 1 Heun steps and
+    an Euler step to 0; with ``e_0 = z / sigma_max`` it maps a latent back to its image."""
+    return baselines.build("heun", 2 * int(steps) - 1, sigma_min=float(sigma_min), sigma_max=float(sigma_max), rho=float(rho))
+
+
+def run_ode(table: SolverTable, denoiser: Any, start: torch.Tensor, batch_size: int = 1000, desc: str | None = None) -> torch.Tensor:
+    """``sample(table, denoiser, start[None])`` in batches (no grad), with a progress bar when ``desc`` is given."""
+    out = torch.empty_like(start)
+    bar = None
+    if desc:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(start), desc=desc, unit="img")
+    with torch.no_grad():
+        for b in range(0, len(start), batch_size):
+            x = sample(table, denoiser, start[b:b + batch_size][None])
+            if not torch.isfinite(x).all():
+                raise FloatingPointError("the teacher's ODE left the finite numbers.")
+            out[b:b + len(x)] = x
+            if bar is not None:
+                bar.update(len(x))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def encode(denoiser: Any, images: torch.Tensor, steps: int = 40, sigma_min: float = 0.002, sigma_max: float = 80.0,
+           rho: float = 7.0, batch_size: int = 1000, progress: bool = False) -> torch.Tensor:
+    """Latents ``z = ODE_{sigma_min -> sigma_max}(images)`` (images at the teacher's resolution)."""
+    table = encode_table(steps, sigma_min, sigma_max, rho)
+    return run_ode(table, denoiser, images, batch_size, f"pagoda latents ({table.nfe}-NFE Heun up)" if progress else None)
+
+
+def decode(denoiser: Any, latents: torch.Tensor, steps: int = 40, sigma_min: float = 0.002, sigma_max: float = 80.0,
+           rho: float = 7.0, batch_size: int = 1000) -> torch.Tensor:
+    """Images ``ODE_{sigma_max -> 0}(z)`` on the same grid (the inverse of ``encode`` up to discretisation)."""
+    return run_ode(decode_table(steps, sigma_min, sigma_max, rho), denoiser, latents / sigma_max, batch_size)
+
+
+def training_images(n: int, resolution: int, seed: int = 0) -> torch.Tensor:
+    """The ``n`` training crops (``optimize.data.patches`` "train", seed ``seed``) at ``resolution``, then their mirrors:
+    ``[2n, 3, R, R]``."""
+    from . import data
+
+    x = data.patches("train", n, seed=seed, resolution=resolution)
+    return torch.cat([x, x.flip(-1)])
+
+
+def area_downsample(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Means over ``(R / resolution)^2`` pixel blocks (the area filter ``optimize.data.patches`` uses)."""
+    f = x.shape[-1] // int(resolution)
+    return x if f == 1 else F.avg_pool2d(x.to(torch.float64), f).to(x.dtype)
+
+
+def load_or_encode(model: Any, cfg: Any, progress: bool = True) -> tuple[torch.Tensor, str, dict[str, Any]]:
+    """The cached latents of ``cfg`` for the teacher ``model`` (an evaluate.Model), encoding them once."""
+    from safetensors.torch import load_file
+
+    from samplers.artifact import atomic_save
+
+    from .cli import resolve_path
+
+    r = int(model.shape[-1])
+    settings = {"data": "patches", "n_data": int(cfg.n_data), "seed": int(cfg.data_seed), "flips": True, "resolution": r,
+                "steps": int(cfg.encode_steps), "sigma_min": float(cfg.sigma_min), "sigma_max": float(cfg.sigma_max),
+                "rho": float(cfg.rho), "dtype": str(model.dtype)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(str(resolve_path(str(cfg.data_cache_dir))), f"pagoda-{model.fingerprint}-{key}.safetensors")
+    if os.path.isfile(path):
+        return load_file(path)["latent"], path, settings
+    t0 = time.perf_counter()
+    low = training_images(int(cfg.n_data), r, int(cfg.data_seed)).to(model.dtype)
+    z = encode(model.denoiser, low, int(cfg.encode_steps), float(cfg.sigma_min), float(cfg.sigma_max), float(cfg.rho),
+               int(cfg.data_batch_size), progress).float()
+    settings["seconds"] = round(time.perf_counter() - t0, 1)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_save({"latent": z.contiguous()}, path, {"settings": json.dumps(settings), "model_fingerprint": model.fingerprint})
+    return z, path, settings
+
+
+# --- losses and the discriminator ---------------------------------------------------------------------------------
+class FeatureDistance(nn.Module):
+    """``d(a, b) = sum_l mean_{h,w} |n(f_l(a)) - n(f_l(b))|^2 + pixel_weight * mean (a - b)^2`` per image, with f_l the
+    ReLU outputs of a frozen feature net's convolutions (the patch feature net ``optimize.classifier.PatchCNN``, on
+    inputs bilinearly resized to its 32x32) and n the unit normalisation over channels (LPIPS without its learned
+    weights; PaGoDA's code uses the same normalised distance on frozen CNN/ViT features). ``features=None``: pixels only."""
+
+    def __init__(self, features: nn.Module | None = None, pixel_weight: float = 1.0, size: int = 32):
+        super().__init__()
+        if features is not None and not hasattr(features, "convs"):
+            raise ValueError("the reconstruction feature net must be a patch_cnn feature net (it has no .convs).")
+        self.features = features.eval().requires_grad_(False) if features is not None else None
+        self.pixel_weight = float(pixel_weight)
+        self.size = int(size)
+
+    def _maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        assert self.features is not None
+        h = x if x.shape[-1] == self.size else F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        maps = []
+        for i, conv in enumerate(self.features.convs):
+            h = F.relu(conv(h))
+            maps.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+            if i % 2 == 1:
+                h = F.max_pool2d(h, 2)
+        return maps
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-image distances ``[B]``."""
+        d = self.pixel_weight * (a - b).pow(2).flatten(1).mean(1)
+        if self.features is not None:
+            for fa, fb in zip(self._maps(a), self._maps(b)):
+                d = d + (fa - fb).pow(2).sum(1).flatten(1).mean(1)
+        return d
+
+
+class Discriminator(nn.Module):
+    """A small conv net on ``[B, C, R, R]``: conv3x3, then (LeakyReLU, conv3x3, 2x average pool) down to 4x4 with the
+    width doubling up to ``max_channels``, then a linear map of the flattened 4x4 features to one logit per image."""
+
+    def __init__(self, resolution: int, in_channels: int = 3, channels: int = 32, max_channels: int = 128):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1)]
+        c, r = channels, int(resolution)
+        while r > 4:
+            c2 = min(2 * c, max_channels)
+            layers += [nn.LeakyReLU(0.2), nn.Conv2d(c, c2, 3, padding=1), nn.AvgPool2d(2)]
+            c, r = c2, r // 2
+        self.body = nn.Sequential(*layers, nn.LeakyReLU(0.2), nn.Flatten())
+        self.head = nn.Linear(c * r * r, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)).squeeze(1)
+
+
+def adaptive_weight(loss_rec: torch.Tensor, loss_gan: torch.Tensor, last_layer: torch.Tensor, low: float = 0.01,
+                    high: float = 10.0) -> torch.Tensor:
+    """``lambda = clip(|grad_W L_rec| / (|grad_W L_G| + 1e-4), low, high)`` on the last layer W (no grad through it)."""
+    g_rec = torch.autograd.grad(loss_rec, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(loss_gan, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(low, high).detach()
+
+
+# --- the generator --------------------------------------------------------------------------------------------------
+def generator_config(teacher_config: dict[str, Any], growth: Sequence[int], stage_blocks: int, shape: Sequence[int]) -> dict[str, Any]:
+    """The network-file config of the generator of a ``unet`` teacher (served with ``precond: input``)."""
+    cfg = {k: v for k, v in teacher_config.items() if k not in ("arch", "precond")}
+    return {**cfg, "arch": "pagoda_generator", "precond": "input", "growth": [int(c) for c in growth],
+            "stage_blocks": int(stage_blocks), "shape": [int(s) for s in shape]}
+
+
+def truncated(config: dict[str, Any], state: dict[str, torch.Tensor], stages: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Config and weights of the generator cut after its first ``stages`` grown stages."""
+    cfg = {**config, "growth": list(config["growth"])[:stages]}
+    keep = {k: v for k, v in state.items() if not (k.startswith("stages.") and int(k.split(".")[1]) >= stages)}
+    return cfg, keep
+
+
+def net_only(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in ("precond", "sigma_data")}
+
+
+class PaGoDAModule(L.LightningModule):
+    """All stages of one PaGoDA run: step t trains stage ``min(t // steps, stages - 1)`` (0: the base at the teacher's
+    resolution; k: k grown stages, the earlier blocks frozen at their EMA weights). Manual optimisation: one Adam per
+    stage for the generator's new blocks and one per stage's discriminator; every step updates G, then D.
+
+    ``attach`` gives the latents ``[N, C, r, r]`` and the real images at every stage's resolution; each step's batch and
+    noise are drawn from a generator seeded by (seed, step), so a resumed run continues exactly.
+    """
+
+    def __init__(self, config: dict[str, Any], stages: int = 3, steps: int = 1000, sigma_max: float = 80.0,
+                 gan_weights: Sequence[float] = (0.2, 1.0), lr: float = 2e-4, d_lr: float = 2e-4, betas: Sequence[float] = (0.5, 0.99),
+                 d_channels: int = 32, ema_decay: float = 0.995, batch_size: int = 64, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.config = dict(config)
+        if len(self.config["growth"]) != stages - 1:
+            raise ValueError(f"the generator config grows {len(self.config['growth'])} stages; {stages} stages need {stages - 1}.")
+        self.generator: PaGoDAGenerator = build_net(net_only(self.config))
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        res = int(self.config["shape"][-1])
+        self.discriminators = nn.ModuleList(Discriminator(res * 2**k, int(self.config["shape"][0]), d_channels) for k in range(stages))
+        self.rec: FeatureDistance = FeatureDistance(None)
+        self.latents: torch.Tensor | None = None
+        self.reals: list[torch.Tensor] = []
+        self.history: list[list[float]] = []  # [step, stage, loss_rec, loss_g, loss_d, lambda]
+        self.active = -1
+        self.seconds_before = 0.0
+        self.run_settings: dict[str, Any] = {}
+
+    # --- set-up ---------------------------------------------------------------------------------------------------
+    def init_from(self, teacher_net: nn.Module) -> "PaGoDAModule":
+        """Copy the teacher's weights into the base of the generator and of its EMA (grown stages keep their init)."""
+        missing, unexpected = self.generator.load_state_dict(teacher_net.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("stages.") for k in missing):
+            raise ValueError(f"teacher weights do not fit the generator (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        return self
+
+    def attach(self, latents: torch.Tensor, reals: Sequence[torch.Tensor], rec: FeatureDistance) -> "PaGoDAModule":
+        """Training pairs: ``latents [N, ...]`` and ``reals[k] [N, C, r 2^k, r 2^k]``; the reconstruction distance."""
+        if len(reals) != self.hparams.stages or any(len(x) != len(latents) for x in reals):
+            raise ValueError(f"need the real images at each of the {self.hparams.stages} stage resolutions, paired with the latents.")
+        self.latents, self.reals, self.rec = latents, list(reals), rec
+        return self
+
+    def stage_of(self, it: int) -> int:
+        return min(int(it) // int(self.hparams.steps), int(self.hparams.stages) - 1)
+
+    def stage_parameters(self, k: int) -> list[nn.Parameter]:
+        """The generator parameters stage ``k`` trains: the base (k = 0) or grown stage k."""
+        if k == 0:
+            return [p for n, p in self.generator.named_parameters() if not n.startswith("stages.")]
+        return list(self.generator.stages[k - 1].parameters())
+
+    def begin_stage(self, k: int) -> None:
+        """Freeze everything below stage ``k`` at its EMA weights; only stage k (and its discriminator) train."""
+        with torch.no_grad():
+            for j in range(k):
+                for p, pe in zip(self.stage_parameters(j), self._ema_parameters(j)):
+                    p.copy_(pe)
+        self.generator.requires_grad_(False)
+        for p in self.stage_parameters(k):
+            p.requires_grad_(True)
+        self.active = k
+
+    def _ema_parameters(self, k: int) -> list[nn.Parameter]:
+        if k == 0:
+            return [p for n, p in self.ema.named_parameters() if not n.startswith("stages.")]
+        return list(self.ema.stages[k - 1].parameters())
+
+    # --- one step ---------------------------------------------------------------------------------------------------
+    def generate(self, z: torch.Tensor, stages: int, ema: bool = False) -> torch.Tensor:
+        """``G(z) = F(c_in z, log(sigma_max)/4)`` through the base and ``stages`` grown stages (raw output)."""
+        s, sd = float(self.hparams.sigma_max), float(self.config.get("sigma_data", 0.5))
+        c_noise = torch.full((z.shape[0],), math.log(s) / 4, dtype=z.dtype, device=z.device)
+        return (self.ema if ema else self.generator)(z / math.sqrt(s * s + sd * sd), c_noise, stages=stages)
+
+    def step_generator(self, it: int) -> torch.Generator:
+        return torch.Generator().manual_seed((int(self.hparams.seed) * 1_000_003 + int(it)) % 2**63)
+
+    def iteration(self) -> int:
+        """Completed training steps (each makes one G and one D optimiser step)."""
+        return int(self.global_step) // 2
+
+    def losses(self, k: int, z: torch.Tensor, real: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The generator's ``loss = L_rec + w lambda L_G`` with its parts, and the fakes from ``noise`` (detached)."""
+        weights = list(self.hparams.gan_weights)
+        w = float(weights[min(k, len(weights) - 1)])
+        rec = self.rec(self.generate(z, k), real).mean()
+        fake = self.generate(noise, k)
+        gan = -self.discriminators[k](fake).mean()
+        lam = adaptive_weight(rec, gan, self.generator.last_layer(k)) if w > 0 else torch.zeros(())
+        return {"loss": rec + w * lam * gan, "rec": rec, "gan": gan, "lambda": lam, "fake": fake.detach()}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        it = self.iteration()
+        k = self.stage_of(it)
+        if k != self.active:
+            self.begin_stage(k)
+        assert self.latents is not None, "attach() the training pairs first"
+        gen = self.step_generator(it)
+        idx = torch.randint(len(self.latents), (int(self.hparams.batch_size),), generator=gen)
+        z, real = self.latents[idx].to(self.device), self.reals[k][idx].to(self.device)
+        noise = (torch.randn(z.shape, generator=gen) * float(self.hparams.sigma_max)).to(self.device, z.dtype)
+        opts = self.optimizers()
+        opt_g, opt_d = opts[2 * k], opts[2 * k + 1]
+        out = self.losses(k, z, real, noise)
+        if not torch.isfinite(out["loss"]):
+            raise NaNLossError(f"pagoda training stopped: non-finite loss ({out['loss'].item()}) at step {it} (stage {k}).")
+        opt_g.zero_grad()
+        self.manual_backward(out["loss"])
+        opt_g.step()
+        self._ema_update(it)
+        d = self.discriminators[k]
+        loss_d = F.relu(1 - d(real)).mean() + F.relu(1 + d(out["fake"])).mean()
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        row = [it, k, *(float(out[key].detach()) for key in ("rec", "gan")), float(loss_d.detach()), float(out["lambda"])]
+        self.history.append(row)
+        self.log_dict({"stage": float(k), "loss_rec": row[2], "loss_g": row[3], "loss_d": row[4], "lambda": row[5]},
+                      prog_bar=True, on_step=True)
+
+    def _ema_update(self, it: int) -> None:
+        """``w_ema <- beta w_ema + (1 - beta) w`` on the active stage, beta = min(decay, (1+t)/(10+t)), t the step in the stage."""
+        t = it - self.active * int(self.hparams.steps)
+        beta = min(float(self.hparams.ema_decay), (1 + t) / (10 + t))
+        with torch.no_grad():
+            for pe, p in zip(self._ema_parameters(self.active), self.stage_parameters(self.active)):
+                pe.lerp_(p.detach(), 1 - beta)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opts = []
+        for k in range(int(hp.stages)):
+            opts.append(torch.optim.Adam(self.stage_parameters(k), lr=float(hp.lr), betas=tuple(hp.betas)))
+            opts.append(torch.optim.Adam(self.discriminators[k].parameters(), lr=float(hp.d_lr), betas=tuple(hp.betas)))
+        return opts
+
+    # --- bookkeeping ------------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        return self.seconds_before + (time.perf_counter() - getattr(self, "_fit_start", time.perf_counter()))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["pagoda_history"] = self.history
+        checkpoint["run_settings"] = dict(self.run_settings)
+        checkpoint["pagoda_seconds"] = self.train_seconds()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = checkpoint.get("pagoda_history", [])
+        self.seconds_before = float(checkpoint.get("pagoda_seconds", 0.0))
+
+    def export(self, stages: int, path: str, extra_metadata: dict | None = None) -> str:
+        """Save the EMA generator through its first ``stages`` grown stages as a network file."""
+        cfg, state = truncated(self.config, self.ema.state_dict(), stages)
+        net = build_net(net_only(cfg))
+        net.load_state_dict(state, strict=True)
+        meta = {"trainer": "optimize.pagoda", "stage_steps": int(self.hparams.steps), **(extra_metadata or {})}
+        return save_net(net, cfg, path, extra_metadata=meta)
+
+
+class _Ticks(torch.utils.data.IterableDataset):
+    """Endless placeholders: the module draws each step's batch itself."""
+
+    def __iter__(self):
+        while True:
+            yield torch.zeros(1)
+
+
+def one_step_table(sigma_max: float, metadata: dict[str, Any] | None = None) -> SolverTable:
+    """The generator's 1-NFE table: ``x_0 = sigma_max e_0``, output ``d_0`` (the output row reads only d)."""
+    from .dsno import one_step_table as table
+
+    return table(sigma_max, metadata)
+
+
+def write_history(history: list[list[float]], path: str) -> str:
+    """The loss curve (kept in the Lightning checkpoint, so it survives resume) as CSV."""
+    from samplers.artifact import atomic_write_bytes
+
+    lines = ["step,stage,loss_rec,loss_g,loss_d,lambda"]
+    lines += [f"{int(h[0])},{int(h[1])}," + ",".join(f"{v:.6g}" for v in h[2:]) for h in history]
+    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def plot_loss(history: list[list[float]], path: str) -> str:
+    """Reconstruction, generator and discriminator losses and lambda against the step (smoothed over 20 steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = np.asarray(history, dtype=np.float64)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    w = max(1, min(20, len(h) // 10))
+    smooth = lambda v: np.convolve(v, np.ones(w) / w, mode="valid")  # noqa: E731
+    steps = h[w - 1:, 0]
+    axes[0].plot(steps, smooth(h[:, 2]), color="k")
+    axes[0].set_yscale("log")
+    axes[0].set_title("reconstruction loss")
+    axes[1].plot(steps, smooth(h[:, 3]), label="G: -D(fake)")
+    axes[1].plot(steps, smooth(h[:, 4]), label="D: hinge")
+    axes[1].legend(fontsize=7)
+    axes[1].set_title("GAN losses")
+    axes[2].plot(steps, smooth(h[:, 5]), color="C2")
+    axes[2].set_yscale("log")
+    axes[2].set_title("adaptive lambda")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        for s in np.flatnonzero(np.diff(h[:, 1])):
+            ax.axvline(h[s + 1, 0], color="gray", ls=":", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --- the command ------------------------------------------------------------------------------------------------------
+def stage_resolutions(teacher_resolution: int, stages: int) -> list[int]:
+    return [int(teacher_resolution) * 2**k for k in range(int(stages))]
+
+
+def validate(cfg: Any) -> None:
+    """PaGoDA's own checks, made before any work (called by the CLI)."""
+    from .cli import ConfigError, as_list, resolve_path
+
+    stages = int(cfg.stages)  # typed (a positive integer) by the CLI
+    if cfg.model.kind != "net":
+        raise ConfigError(f"pagoda grows a network teacher; model {cfg.model.name} is {cfg.model.kind!r} (use model=patches8).")
+    if cfg.model.get("data") != "patches":
+        raise ConfigError(f"pagoda trains on the patches data set (model=patches8); model {cfg.model.name} has data {cfg.model.get('data')!r}.")
+    teacher = resolve_path(str(cfg.model.checkpoint))
+    config = read_net_header(str(teacher))[0]
+    if config.get("arch") != "unet":
+        raise ConfigError(f"pagoda copies a U-Net teacher; {teacher} holds a {config.get('arch')!r} network.")
+    r = int(config.get("resolution", 8))
+    data_res = cfg.data_resolution
+    if isinstance(data_res, bool) or not isinstance(data_res, int):
+        raise ConfigError(f"data_resolution must be an integer, got {data_res!r}.")
+    if data_res < r:
+        raise ConfigError(f"data_resolution ({data_res}) is below the teacher's resolution ({r}); the real images must be at least as large.")
+    if data_res not in PATCH_RESOLUTIONS:
+        raise ConfigError(f"data_resolution must be one of {', '.join(map(str, PATCH_RESOLUTIONS))} (the patches' sizes), got {data_res}.")
+    top = stage_resolutions(r, stages)[-1]
+    if top > data_res:
+        raise ConfigError(f"stages={stages} grows the {r}x{r} teacher to {top}x{top}, beyond data_resolution {data_res}; "
+                          f"use stages <= {int(math.log2(data_res // r)) + 1}.")
+    growth = as_list(cfg.growth)
+    if len(growth) < stages - 1 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in growth):
+        raise ConfigError(f"growth must list a positive channel count for each of the {stages - 1} grown stages, got {list(growth)}.")
+    weights = as_list(cfg.gan_weights)
+    if not weights or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf") for w in weights):
+        raise ConfigError(f"gan_weights must be a non-empty list of non-negative numbers (base stage first), got {list(weights)}.")
+    for key in ("encode_steps", "stage_blocks", "d_channels"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < (2 if key == "encode_steps" else 1):
+            raise ConfigError(f"{key} must be an integer >= {2 if key == 'encode_steps' else 1}, got {cfg[key]!r}.")
+    if not float(cfg.d_lr) > 0 or not float(cfg.pixel_weight) >= 0:
+        raise ConfigError(f"need d_lr > 0 and pixel_weight >= 0, got {cfg.d_lr} and {cfg.pixel_weight}.")
+    if cfg.rec_features is not None and not resolve_path(str(cfg.rec_features)).is_file():
+        raise ConfigError(f"rec_features {cfg.rec_features} does not exist (a patch_cnn feature-net file, or null for pixels only).")
+    if cfg.rec_features is None and float(cfg.pixel_weight) == 0:
+        raise ConfigError("rec_features=null and pixel_weight=0 leave no reconstruction loss.")
+    path = resume_path(cfg.get("resume"))
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"resume checkpoint {path} does not exist.")
+
+
+def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int]) -> PaGoDAModule:
+    """The module of a composed config (the teacher's weights not yet copied)."""
+    from .cli import as_list
+
+    stages = int(cfg.stages)
+    config = generator_config(teacher_config, [int(c) for c in as_list(cfg.growth)][: stages - 1], int(cfg.stage_blocks), shape)
+    return PaGoDAModule(config, stages=stages, steps=int(cfg.steps), sigma_max=float(cfg.sigma_max),
+                        gan_weights=[float(w) for w in as_list(cfg.gan_weights)], lr=float(cfg.lr), d_lr=float(cfg.d_lr),
+                        d_channels=int(cfg.d_channels), ema_decay=float(cfg.ema), batch_size=int(cfg.batch_size), seed=int(cfg.seed))
+
+
+def rec_distance(cfg: Any) -> FeatureDistance:
+    from .classifier import load_classifier
+    from .cli import resolve_path
+
+    net = load_classifier(str(resolve_path(str(cfg.rec_features)))) if cfg.rec_features is not None else None
+    return FeatureDistance(net, float(cfg.pixel_weight))
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """`python -m optimize pagoda model=patches8 stages=3`: latents (cached), Lightning training of every stage (CSV
+    logs, checkpoints in <out_dir>/lightning, resume), then per resolution R the EMA generator
+    ``pagoda-patches<R>.safetensors`` and its 1-NFE table ``pagoda-patches<R>-1nfe.safetensors`` (the top one also at
+    ``export`` / ``export_table`` when given), the loss curve, and (``evaluate_at_end``) FD/KID per stage.
+    Returns {"generators", "tables", "rows", "train_seconds", "data_seconds"}."""
+    from omegaconf import OmegaConf
+
+    from samplers.nets import load_denoiser, load_net
+
+    from .cli import ConfigError, resolve_path
+    from .evaluate import load_model
+
+    if cfg.get("num_threads") is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out_dir = str(cfg.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    model = load_model(cfg.model, "cpu")
+    teacher_net, teacher_config = load_net(str(resolve_path(str(cfg.model.checkpoint))))
+    t0 = time.perf_counter()
+    latents, data_path, settings = load_or_encode(model, cfg, progress=bool(cfg.progress_bar))
+    data_seconds = time.perf_counter() - t0
+    print(f"pagoda latents: {len(latents)} images encoded by the teacher's ODE ({2 * int(cfg.encode_steps) - 3} NFE Heun up) "
+          f"in {data_path} ({data_seconds:.0f} s)", flush=True)
+    res = stage_resolutions(int(model.shape[-1]), int(cfg.stages))
+    high = training_images(int(cfg.n_data), int(cfg.data_resolution), int(cfg.data_seed))
+    reals = [area_downsample(high, r) for r in res]
+    del high
+    module = build_module(cfg, teacher_config, model.shape).init_from(teacher_net).attach(latents, reals, rec_distance(cfg))
+    module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint, "data": settings["n_data"],
+                           "data_resolution": int(cfg.data_resolution), "rec_features": str(cfg.rec_features),
+                           "pixel_weight": float(cfg.pixel_weight)}
+    ckpt_path = pick_resume(cfg.get("resume"), out_dir, {**dict(module.hparams), **module.run_settings})
+    total = int(cfg.steps) * int(cfg.stages)
+    trainer = L.Trainer(accelerator=str(cfg.accelerator), devices=1, max_steps=2 * total, **trainer_parts(cfg, out_dir),
+                        log_every_n_steps=max(1, min(10, total // 2)), enable_model_summary=False, default_root_dir=out_dir,
+                        enable_progress_bar=bool(cfg.progress_bar))
+    n_grown = sum(p.numel() for p in module.generator.stages.parameters())
+    print(f"pagoda: stages at {', '.join(f'{r}x{r}' for r in res)}, {cfg.steps} steps each of batch {cfg.batch_size} "
+          f"(generator {sum(p.numel() for p in module.generator.parameters()):,} parameters, {n_grown:,} grown)", flush=True)
+    try:
+        trainer.fit(module, torch.utils.data.DataLoader(_Ticks(), batch_size=None), ckpt_path=ckpt_path, weights_only=True)
+    except NaNLossError as err:
+        raise ConfigError(str(err)) from None
+    train_seconds = module.train_seconds()
+    done = module.iteration()
+    if done < total:
+        print(f"note: pagoda stopped after {done} of {total} steps (max_minutes); resume=true continues.", flush=True)
+    top = module.stage_of(max(done - 1, 0))
+    generators, tables = [], []
+    base_meta = {"model": str(cfg.model.name), "teacher_fingerprint": model.fingerprint, "train_seconds": round(train_seconds, 1),
+                 "data": {k: v for k, v in settings.items()}, "data_resolution": int(cfg.data_resolution),
+                 "rec_features": None if cfg.rec_features is None else str(cfg.rec_features)}
+    for k in range(top + 1):
+        tag = f"pagoda-{cfg.model.data}{res[k]}"
+        gen_path = os.path.join(out_dir, f"{tag}.safetensors")
+        table_path = os.path.join(out_dir, f"{tag}-1nfe.safetensors")
+        if k == top and cfg.export:
+            gen_path = str(resolve_path(str(cfg.export)))
+            table_path = str(resolve_path(str(cfg.export_table))) if cfg.export_table else os.path.splitext(gen_path)[0] + "-1nfe.safetensors"
+        steps_done = min(done, (k + 1) * int(cfg.steps)) - k * int(cfg.steps)
+        module.export(k, gen_path, {**base_meta, "stage": k, "resolution": res[k], "steps": steps_done})
+        gen = load_denoiser(gen_path)
+        meta = {"format_version": FORMAT_VERSION, "method": "pagoda", "base_solver": "pagoda", "nfe": 1,
+                "model_fingerprint": gen.fingerprint(), "teacher_fingerprint": model.fingerprint,
+                "generator": os.path.basename(gen_path), "resolution": res[k], "noise_shape": list(model.shape),
+                "cost_note": f"1 call of the teacher U-Net plus {k} up-sampling stage(s)",
+                "config": {k2: v for k2, v in OmegaConf.to_container(cfg, resolve=True).items() if not isinstance(v, (dict, list))}}
+        one_step_table(float(cfg.sigma_max), meta).save(table_path)
+        generators.append(gen_path)
+        tables.append(table_path)
+    tag = f"pagoda-{cfg.model.name}"
+    if module.history:
+        plot_loss(module.history, os.path.join(out_dir, f"{tag}-loss.png"))
+        write_history(module.history, os.path.join(out_dir, f"{tag}-loss.csv"))
+    print(f"pagoda: {done} steps in {train_seconds:.0f} s -> {', '.join(generators)}", flush=True)
+    rows: list[dict[str, Any]] = []
+    if cfg.evaluate_at_end:
+        rows = evaluate_stages(cfg, generators, tables, res, out_dir)
+    return {"generators": generators, "tables": tables, "rows": rows, "train_seconds": train_seconds, "data_seconds": data_seconds}
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+def upsampled_features(features: dict[str, Any], size: int = 32) -> dict[str, Any]:
+    """Feature maps that first resize their input bicubically to ``size`` (the patch feature nets take 32x32)."""
+    def wrap(fn: Any) -> Any:
+        return lambda x: fn(x if x.shape[-1] == size else F.interpolate(x, size=size, mode="bicubic", align_corners=False))
+
+    return {name: wrap(fn) for name, fn in features.items()}
+
+
+def judge_at(mcfg: Any, resolution: int, **kw: Any) -> Any:
+    """The patches judge at ``resolution``: real training-region crops (seed 1) and the held-out set at that size,
+    samples and real images alike resized bicubically to 32x32 for both feature nets."""
+    from . import data
+    from .judge import REAL_N, Judge, feature_maps
+
+    real = {"train": data.patches("train", REAL_N, seed=1, resolution=resolution), "heldout": data.patches("heldout", resolution=resolution)}
+    return Judge(features=upsampled_features(feature_maps(mcfg.features)), real=real, clip=bool(mcfg.get("clip", True)), **kw)
+
+
+def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], res: Sequence[int], out_dir: str) -> list[dict[str, Any]]:
+    """FD/KID of each stage's generator at its resolution on seeds ``seed .. seed+n-1`` (both feature nets)."""
+    from samplers.nets import load_denoiser
+
+    from .evaluate import evaluate, format_table, write_results
+
+    rows = []
+    seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.n)))
+    for path, table_path, r in zip(generators, tables, res):
+        gen = load_denoiser(path)
+        judge = judge_at(cfg.model, r)
+        table = SolverTable.load(table_path, fingerprint=gen.fingerprint())
+        out = evaluate(gen, table, judge=judge, shape=gen.shape, seeds=seeds, batch_size=int(cfg.eval_batch_size))
+        out.pop("samples")
+        rows.append({"method": f"pagoda{r}", "model": str(cfg.model.name), **out})
+    print(format_table(rows))
+    write_results(rows, out_dir, cfg)
+    return rows
+
