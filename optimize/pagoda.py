@@ -184,7 +184,7 @@ class FeatureDistance(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """A small conv net on ``[B, C, R, R]``: conv3x3, then (LeakyReLU, conv3x3, 2x average pool) down to 4x4 with the
+    """A small conv net on ``[B, C, R, R]``: conv3x3, then (LeakyReLU, 2x average pool, conv3x3) down to 4x4 with the
     width doubling up to ``max_channels``, then a linear map of the flattened 4x4 features to one logit per image."""
 
     def __init__(self, resolution: int, in_channels: int = 3, channels: int = 32, max_channels: int = 128):
@@ -193,7 +193,7 @@ class Discriminator(nn.Module):
         c, r = channels, int(resolution)
         while r > 4:
             c2 = min(2 * c, max_channels)
-            layers += [nn.LeakyReLU(0.2), nn.Conv2d(c, c2, 3, padding=1), nn.AvgPool2d(2)]
+            layers += [nn.LeakyReLU(0.2), nn.AvgPool2d(2), nn.Conv2d(c, c2, 3, padding=1)]
             c, r = c2, r // 2
         self.body = nn.Sequential(*layers, nn.LeakyReLU(0.2), nn.Flatten())
         self.head = nn.Linear(c * r * r, 1)
