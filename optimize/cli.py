@@ -40,7 +40,7 @@ iia:       base=euler variant=generic target=trajectory substeps=8 fine_solver=h
 ddss:      family=ggdm|ggdm_mc|full init=euler steps=600 batch_size=128 lr=0.01 resume=true
 ld3:       base=unipc|dpmpp_2m teacher_solver=unipc teacher_nfe=20 n_train=50 n_valid=50 rounds_v1=2 rounds_v2=5
 dsno:      M=4 modes=2 temporal=true loss=l1 n_data=8192 data_steps=40 steps=1000 resume=true export=PATH
-pagoda:    model=patches8 stages=3 data_resolution=32 n_data=10000 steps=600 growth=[32,16] resume=true export=PATH
+pagoda:    model=patches8 stages=3 data_resolution=32 n_data=10000 base_steps=5000 steps=1500 growth=[32,16] resume=true
 teacher:   steps=... batch_size=... resume=RUN_FOLDER export=PATH
 Hydra: -m/--multirun sweeps comma lists (solver=euler,dpmpp_2m nfe=4,8); --cfg job prints the config."""
 
@@ -134,7 +134,7 @@ TYPED_KEYS: dict[str, tuple[str, float | None, float | None, bool]] = {
     "n_train": ("int", 1, 10**6, False), "n_valid": ("int", 1, 10**6, False), "teacher_nfe": ("int", 1, 100_000, False),
     "rounds_v1": ("int", 1, 1000, False), "rounds_v2": ("int", 0, 1000, False), "ld3_batch_size": ("int", 1, 10**6, False),
     "patience": ("int", 1, 10**6, False), "window": ("num", 0, 0.999, False), "n_match": ("int", 1, 10**8, False),
-    "match_weight": ("num", 0, None, False), "stages": ("int", 1, 8, False), "encode_steps": ("int", 2, 100_000, False),
+    "match_weight": ("num", 0, None, False), "stages": ("int", 1, 8, False), "base_steps": ("int", 1, 10**8, False), "encode_steps": ("int", 2, 100_000, False),
     "d_lr": ("num", 0, None, False), "pixel_weight": ("num", 0, None, False),
     "ridge": ("num", 0, None, False), "lr": ("num", 0, None, False), "sigma_lr": ("num", 0, None, False),
     "sigma_data": ("num", 0, None, False), "rho": ("num", 0, None, False), "ema": ("num", 0, 1, False),

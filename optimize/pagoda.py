@@ -230,15 +230,15 @@ def net_only(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class PaGoDAModule(L.LightningModule):
-    """All stages of one PaGoDA run: step t trains stage ``min(t // steps, stages - 1)`` (0: the base at the teacher's
-    resolution; k: k grown stages, the earlier blocks frozen at their EMA weights). Manual optimisation: one Adam per
+    """All stages of one PaGoDA run: the first ``base_steps`` steps train stage 0 (the base at the teacher's resolution),
+    then each grown stage k gets ``steps`` steps with the earlier blocks frozen at their EMA weights. Manual optimisation: one Adam per
     stage for the generator's new blocks and one per stage's discriminator; every step updates G, then D.
 
     ``attach`` gives the latents ``[N, C, r, r]`` and the real images at every stage's resolution; each step's batch and
     noise are drawn from a generator seeded by (seed, step), so a resumed run continues exactly.
     """
 
-    def __init__(self, config: dict[str, Any], stages: int = 3, steps: int = 1000, sigma_max: float = 80.0,
+    def __init__(self, config: dict[str, Any], stages: int = 3, steps: int = 1000, base_steps: int | None = None, sigma_max: float = 80.0,
                  gan_weights: Sequence[float] = (0.2, 1.0), lr: float = 2e-4, d_lr: float = 2e-4, betas: Sequence[float] = (0.5, 0.99),
                  d_channels: int = 32, ema_decay: float = 0.995, batch_size: int = 64, seed: int = 0):
         super().__init__()
@@ -276,7 +276,16 @@ class PaGoDAModule(L.LightningModule):
         return self
 
     def stage_of(self, it: int) -> int:
-        return min(int(it) // int(self.hparams.steps), int(self.hparams.stages) - 1)
+        base = self.stage_start(1)
+        return 0 if it < base else min(1 + (int(it) - base) // int(self.hparams.steps), int(self.hparams.stages) - 1)
+
+    def stage_start(self, k: int) -> int:
+        """The first step of stage ``k``: the base runs ``base_steps`` (default ``steps``), every grown stage ``steps``."""
+        base = int(self.hparams.steps if self.hparams.get("base_steps") is None else self.hparams.base_steps)
+        return 0 if k == 0 else base + (k - 1) * int(self.hparams.steps)
+
+    def total_steps(self) -> int:
+        return self.stage_start(int(self.hparams.stages))
 
     def stage_parameters(self, k: int) -> list[nn.Parameter]:
         """The generator parameters stage ``k`` trains: the base (k = 0) or grown stage k."""
@@ -355,7 +364,7 @@ class PaGoDAModule(L.LightningModule):
 
     def _ema_update(self, it: int) -> None:
         """``w_ema <- beta w_ema + (1 - beta) w`` on the active stage, beta = min(decay, (1+t)/(10+t)), t the step in the stage."""
-        t = it - self.active * int(self.hparams.steps)
+        t = it - self.stage_start(self.active)
         beta = min(float(self.hparams.ema_decay), (1 + t) / (10 + t))
         with torch.no_grad():
             for pe, p in zip(self._ema_parameters(self.active), self.stage_parameters(self.active)):
@@ -390,7 +399,7 @@ class PaGoDAModule(L.LightningModule):
         cfg, state = truncated(self.config, self.ema.state_dict(), stages)
         net = build_net(net_only(cfg))
         net.load_state_dict(state, strict=True)
-        meta = {"trainer": "optimize.pagoda", "stage_steps": int(self.hparams.steps), **(extra_metadata or {})}
+        meta = {"trainer": "optimize.pagoda", **(extra_metadata or {})}
         return save_net(net, cfg, path, extra_metadata=meta)
 
 
@@ -507,7 +516,7 @@ def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int])
 
     stages = int(cfg.stages)
     config = generator_config(teacher_config, [int(c) for c in as_list(cfg.growth)][: stages - 1], int(cfg.stage_blocks), shape)
-    return PaGoDAModule(config, stages=stages, steps=int(cfg.steps), sigma_max=float(cfg.sigma_max),
+    return PaGoDAModule(config, stages=stages, steps=int(cfg.steps), base_steps=int(cfg.base_steps), sigma_max=float(cfg.sigma_max),
                         gan_weights=[float(w) for w in as_list(cfg.gan_weights)], lr=float(cfg.lr), d_lr=float(cfg.d_lr),
                         d_channels=int(cfg.d_channels), ema_decay=float(cfg.ema), batch_size=int(cfg.batch_size), seed=int(cfg.seed))
 
@@ -533,6 +542,10 @@ def run(cfg: Any) -> dict[str, Any]:
     from .cli import ConfigError, resolve_path
     from .evaluate import load_model
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen feature net, on purpose
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")  # saved after the G and D steps
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -554,12 +567,13 @@ def run(cfg: Any) -> dict[str, Any]:
                            "data_resolution": int(cfg.data_resolution), "rec_features": str(cfg.rec_features),
                            "pixel_weight": float(cfg.pixel_weight)}
     ckpt_path = pick_resume(cfg.get("resume"), out_dir, {**dict(module.hparams), **module.run_settings})
-    total = int(cfg.steps) * int(cfg.stages)
+    total = module.total_steps()
     trainer = L.Trainer(accelerator=str(cfg.accelerator), devices=1, max_steps=2 * total, **trainer_parts(cfg, out_dir),
                         log_every_n_steps=max(1, min(10, total // 2)), enable_model_summary=False, default_root_dir=out_dir,
                         enable_progress_bar=bool(cfg.progress_bar))
     n_grown = sum(p.numel() for p in module.generator.stages.parameters())
-    print(f"pagoda: stages at {', '.join(f'{r}x{r}' for r in res)}, {cfg.steps} steps each of batch {cfg.batch_size} "
+    print(f"pagoda: stages at {', '.join(f'{r}x{r}' for r in res)}, {cfg.base_steps} + {cfg.steps} per grown stage steps of batch "
+          f"{cfg.batch_size} (the progress bar counts 2 optimiser steps per step) "
           f"(generator {sum(p.numel() for p in module.generator.parameters()):,} parameters, {n_grown:,} grown)", flush=True)
     try:
         trainer.fit(module, torch.utils.data.DataLoader(_Ticks(), batch_size=None), ckpt_path=ckpt_path, weights_only=True)
@@ -581,7 +595,7 @@ def run(cfg: Any) -> dict[str, Any]:
         if k == top and cfg.export:
             gen_path = str(resolve_path(str(cfg.export)))
             table_path = str(resolve_path(str(cfg.export_table))) if cfg.export_table else os.path.splitext(gen_path)[0] + "-1nfe.safetensors"
-        steps_done = min(done, (k + 1) * int(cfg.steps)) - k * int(cfg.steps)
+        steps_done = min(done, module.stage_start(k + 1)) - module.stage_start(k)
         module.export(k, gen_path, {**base_meta, "stage": k, "resolution": res[k], "steps": steps_done})
         gen = load_denoiser(gen_path)
         meta = {"format_version": FORMAT_VERSION, "method": "pagoda", "base_solver": "pagoda", "nfe": 1,
@@ -623,21 +637,47 @@ def judge_at(mcfg: Any, resolution: int, **kw: Any) -> Any:
 
 
 def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], res: Sequence[int], out_dir: str) -> list[dict[str, Any]]:
-    """FD/KID of each stage's generator at its resolution on seeds ``seed .. seed+n-1`` (both feature nets)."""
+    """FD/KID (both feature nets, train and held-out splits) of each stage's generator at its resolution on seeds
+    ``seed .. seed+n-1``, and at the top resolution the baseline PaGoDA exists to beat: the teacher's converged solve
+    (``baseline_solver`` at ``baseline_nfe``) from the same seeds, bicubically upsampled, with paired differences
+    (``d<key>_vs_upsampled``). Writes results.csv/json and a sample grid per row (upscaled x4 for viewing)."""
+    from samplers.images import write_png_grid
     from samplers.nets import load_denoiser
 
-    from .evaluate import evaluate, format_table, write_results
+    from .evaluate import draw, evaluate, format_table, load_model, write_results
+    from .results import add_paired_columns
 
     rows = []
     seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.n)))
+    judges = {r: judge_at(cfg.model, r) for r in res}
     for path, table_path, r in zip(generators, tables, res):
         gen = load_denoiser(path)
-        judge = judge_at(cfg.model, r)
         table = SolverTable.load(table_path, fingerprint=gen.fingerprint())
-        out = evaluate(gen, table, judge=judge, shape=gen.shape, seeds=seeds, batch_size=int(cfg.eval_batch_size))
-        out.pop("samples")
-        rows.append({"method": f"pagoda{r}", "model": str(cfg.model.name), **out})
-    print(format_table(rows))
+        out = evaluate(gen, table, judge=judges[r], shape=gen.shape, seeds=seeds, batch_size=int(cfg.eval_batch_size))
+        write_png_grid(out.pop("samples")[:64].clamp(-1, 1), os.path.join(out_dir, f"grid-pagoda{r}.png"), scale=max(1, 128 // r))
+        rows.append({"method": f"pagoda{r}", "model": str(cfg.model.name), "resolution": r, **out})
+    top = res[len(rows) - 1]
+    if top > res[0]:
+        teacher = load_model(cfg.model, "cpu")
+        table = baselines.build(str(cfg.baseline_solver), int(cfg.baseline_nfe), sigma_min=float(cfg.sigma_min),
+                                sigma_max=float(cfg.sigma_max), rho=float(cfg.rho))
+        t0 = time.perf_counter()
+        low = draw(table, teacher.denoiser, teacher.shape, seeds, teacher.dtype, batch_size=int(cfg.eval_batch_size))
+        up = F.interpolate(low.clamp(-1, 1), size=top, mode="bicubic", align_corners=False)
+        seconds = time.perf_counter() - t0
+        base = {"method": f"{cfg.model.name}-{cfg.baseline_solver}@{cfg.baseline_nfe}-bicubic{top}", "model": str(cfg.model.name),
+                "resolution": top, "nfe": table.nfe, "ref_rmse": None, **judges[top].score(up), "seconds": seconds}
+        write_png_grid(up[:64].clamp(-1, 1), os.path.join(out_dir, f"grid-upsampled{top}.png"), scale=max(1, 128 // top))
+        keys = [k for k in base if k.startswith(("fd_", "kid_")) and "_se_" not in k and not k.startswith(("fd_se", "kid_se"))]
+        add_paired_columns([rows[-1], base], base, keys, tag="vs_upsampled")
+        rows.append(base)
+    for r in dict.fromkeys(row["resolution"] for row in rows):  # one table per resolution (one judge each)
+        print(f"at {r}x{r}:\n" + format_table([row for row in rows if row["resolution"] == r]))
+    from .results import verdict
+
+    paired_keys = [k[1:-len("_vs_upsampled")] for k in rows[-2] if k.endswith("_vs_upsampled")] if top > res[0] else []
+    for key in paired_keys:
+        diff, se = rows[-2][f"d{key}_vs_upsampled"], rows[-2][f"d{key}_vs_upsampled_se"]
+        print(f"  {rows[-2]['method']} - {rows[-1]['method']}: {key} {diff:+.4g} ± {se:.2g} -> {verdict(diff, se)}")
     write_results(rows, out_dir, cfg)
     return rows
-

@@ -177,18 +177,25 @@ def test_executor_refuses_to_mix_shapes_in_a_row() -> None:
 # --- the command ---------------------------------------------------------------------------------------------------
 def _fast(teacher: Path, tmp_path: Path) -> list[str]:
     return ["model=patches8", f"model.checkpoint={teacher}", "stages=2", "data_resolution=16", "growth=[8]", "stage_blocks=1",
-            "n_data=4", "encode_steps=3", "data_batch_size=8", "batch_size=4", "d_channels=8", "evaluate_at_end=false",
+            "n_data=4", "base_steps=2", "encode_steps=3", "data_batch_size=8", "batch_size=4", "d_channels=8", "evaluate_at_end=false",
             "progress_bar=false", "checkpoint_every=1", "num_threads=1", f"data_cache_dir={tmp_path / 'cache'}"]
 
 
 def test_command_exports_every_resolution_served_by_samplers_generate(tiny_teacher: Path, tmp_path: Path) -> None:
     from optimize.cli import main
+    from optimize.results import read_results
     from samplers.nets import read_net_header
 
     from safetensors.torch import load_file
 
     run, again = tmp_path / "run", tmp_path / "again"
-    main(["pagoda", *_fast(tiny_teacher, tmp_path), "steps=2", f"hydra.run.dir={run}"])
+    main(["pagoda", *_fast(tiny_teacher, tmp_path), "steps=2", f"hydra.run.dir={run}", "evaluate_at_end=true", "n=16",
+          "eval_batch_size=16", "baseline_nfe=3"])
+    rows = {r["method"]: r for r in read_results(str(run / "results.csv"))}
+    assert set(rows) == {"pagoda8", "pagoda16", "patches8-dpmpp_2m@3-bicubic16"}
+    for key in ("fd_train_main", "fd_heldout_b", "kid_train_b"):  # both feature nets, paired with the upsampled teacher
+        assert rows["pagoda16"][f"d{key}_vs_upsampled"] == pytest.approx(rows["pagoda16"][key] - rows["patches8-dpmpp_2m@3-bicubic16"][key])
+    assert (run / "grid-pagoda16.png").is_file() and (run / "grid-upsampled16.png").is_file()
     # resumed from the checkpoint after 3 of the 4 steps (2 optimiser steps each), it ends with the same weights
     main(["pagoda", *_fast(tiny_teacher, tmp_path), "steps=2", f"resume={run / 'lightning' / 'step-000006.ckpt'}",
           f"hydra.run.dir={again}"])
