@@ -587,7 +587,7 @@ def run(cfg: Any) -> dict[str, Any]:
     generators, tables = [], []
     base_meta = {"model": str(cfg.model.name), "teacher_fingerprint": model.fingerprint, "train_seconds": round(train_seconds, 1),
                  "data": {k: v for k, v in settings.items()}, "data_resolution": int(cfg.data_resolution),
-                 "rec_features": None if cfg.rec_features is None else str(cfg.rec_features)}
+                 "rec_features": None if cfg.rec_features is None else str(cfg.rec_features), "threads": torch.get_num_threads()}
     for k in range(top + 1):
         tag = f"pagoda-{cfg.model.data}{res[k]}"
         gen_path = os.path.join(out_dir, f"{tag}.safetensors")

@@ -44,10 +44,11 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return path
 
 
-def _module(teacher: Path, stages: int = 3, steps: int = 2, growth=(8, 8)) -> pagoda.PaGoDAModule:
+def _module(teacher: Path, stages: int = 3, steps: int = 2, growth=(8, 8), base_steps: int | None = None) -> pagoda.PaGoDAModule:
     net, config = load_net(str(teacher))
     cfg = pagoda.generator_config(config, list(growth)[: stages - 1], 1, (3, 8, 8))
-    return pagoda.PaGoDAModule(cfg, stages=stages, steps=steps, batch_size=4, d_channels=8, ema_decay=0.5).init_from(net)
+    return pagoda.PaGoDAModule(cfg, stages=stages, steps=steps, base_steps=base_steps, batch_size=4, d_channels=8,
+                               ema_decay=0.5).init_from(net)
 
 
 def _pairs(n: int = 8, stages: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -123,26 +124,29 @@ def test_grown_generator_at_init_is_the_nearest_upsampled_previous_stage(tiny_te
 
 
 def test_frozen_weights_do_not_move_and_the_new_stage_trains(tiny_teacher: Path) -> None:
-    module = _module(tiny_teacher, stages=2, steps=2)
-    z, reals = _pairs(stages=2)
-    module.attach(z, reals, pagoda.FeatureDistance(None))
-    _fit(module, 2)  # the base stage
-    assert module.active == 0
-    base = {n: p.detach().clone() for n, p in module.ema.named_parameters() if not n.startswith("stages.")}
-    grown = {n: p.detach().clone() for n, p in module.generator.named_parameters() if n.startswith("stages.")}
-    module2 = module
+    module = _module(tiny_teacher, stages=2, steps=3, base_steps=2)
+    module.attach(*_pairs(stages=2), pagoda.FeatureDistance(None))
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    class Snapshot(L.Callback):  # the weights as the grown stage begins (after the 2 base steps)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if pl_module.iteration() == 2:
+                seen["ema"] = {n: p.detach().clone() for n, p in pl_module.ema.named_parameters()}
+                seen["gen"] = {n: p.detach().clone() for n, p in pl_module.generator.named_parameters()}
+
     trainer = L.Trainer(max_steps=2 * 5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
-    trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed = 4  # continue at step 2
-    trainer.fit(module2, torch.utils.data.DataLoader(pagoda._Ticks(), batch_size=None))
+                        enable_model_summary=False, accelerator="cpu", callbacks=[Snapshot()])
+    trainer.fit(module, torch.utils.data.DataLoader(pagoda._Ticks(), batch_size=None))
     assert module.active == 1 and [h[1] for h in module.history] == [0, 0, 1, 1, 1]
+    base = [n for n, _ in module.generator.named_parameters() if not n.startswith("stages.")]
+    assert any(not torch.equal(seen["gen"][n], seen["ema"][n]) for n in base)  # the raw base differed from its EMA
     for n, p in module.generator.named_parameters():
         if not n.startswith("stages."):
-            assert torch.equal(p, base[n]), n  # frozen at the base's EMA weights, in the generator ...
+            assert torch.equal(p, seen["ema"][n]), n  # frozen at the base's EMA weights, in the generator ...
     for n, p in module.ema.named_parameters():
         if not n.startswith("stages."):
-            assert torch.equal(p, base[n]), n  # ... and in the exported EMA
-    assert any(not torch.equal(p, grown[n]) for n, p in module.generator.named_parameters() if n.startswith("stages."))
+            assert torch.equal(p, seen["ema"][n]), n  # ... and in the exported EMA
+    assert any(not torch.equal(p, seen["gen"][n]) for n, p in module.generator.named_parameters() if n.startswith("stages."))
 
 
 def test_lambda_is_clipped_to_0_01_and_10() -> None:

@@ -1,0 +1,230 @@
+"""PaGoDA on the patches: the 8x8 teacher grown to 16x16 and 32x32 -> docs/results-pagoda.md and docs/results/pagoda/.
+
+    python scripts/results_pagoda.py                          # train with the defaults (or reuse --run), evaluate, write
+    python scripts/results_pagoda.py --run outputs/pagoda/main --ship
+
+The generators come from one ``python -m optimize pagoda model=patches8 stages=3`` run with the defaults of
+conf/method/pagoda.yaml (``--run RUN_FOLDER``; trained here when it holds no generators); the scores are that run's
+final evaluation when it made one with n = 2,000 (``--rescore`` computes them again, the same way). Every stage's generator is
+scored on seeds 0..n-1 at its own resolution against the patches' real sets at that resolution (training-region crops
+seed 1, the held-out set), both feature nets on inputs resized bicubically to 32x32 (``optimize.pagoda.judge_at``);
+at 32x32 beside the baseline PaGoDA exists to beat, the 8x8 teacher's converged solve (dpmpp_2m@50) from the same
+seeds bicubically upsampled, with paired differences. The 32x32 teacher's rows (its converged solve and its classic
+solvers at NFE 4) come from docs/results/patches/results.csv: the same seeds, real sets and feature nets, another
+generator (not paired). ``--ship`` copies the three generators and their tables to checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from optimize import pagoda  # noqa: E402
+from optimize.cli import compose_config  # noqa: E402
+from optimize.results import read_results, verdict  # noqa: E402
+from samplers.nets import read_net_header  # noqa: E402
+
+RES = [8, 16, 32]
+DOCS, PAGE = REPO / "docs" / "results" / "pagoda", REPO / "docs" / "results-pagoda.md"
+PATCHES_CSV = REPO / "docs" / "results" / "patches" / "results.csv"
+KEYS = [("fd_train_main", "FD train"), ("fd_heldout_main", "FD held-out"), ("fd_train_b", "FD-b train"),
+        ("fd_heldout_b", "FD-b held-out"), ("kid_train_main", "KID train"), ("kid_train_b", "KID-b train")]
+
+
+def train(run: Path, overrides: list[str]) -> None:
+    """The default run, in this process, unless ``run`` already holds its generators."""
+    if (run / "pagoda-patches8.safetensors").is_file():  # the top generator may have gone to export= (checkpoints/)
+        print(f"reusing {run}", flush=True)
+        return
+    cfg = compose_config(["method=pagoda", "model=patches8", "stages=3", f"out_dir={run}", "evaluate_at_end=false", *overrides])
+    pagoda.validate(cfg)
+    pagoda.run(cfg)
+
+
+def run_threads(run: Path) -> Any:
+    """num_threads of the run (its Hydra config), for generators written before the metadata recorded it."""
+    from omegaconf import OmegaConf
+
+    path = run / ".hydra" / "config.yaml"
+    return OmegaConf.load(path).get("num_threads") if path.is_file() else "?"
+
+
+def _pm(r: dict[str, Any], key: str) -> str:
+    v, se = r.get(key), r.get(key.replace("fd_", "fd_se_", 1).replace("kid_", "kid_se_", 1))
+    if v is None:
+        return "-"
+    return f"{v:.3g} ± {se:.2g}" if se is not None else f"{v:.3g}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| method | resolution | NFE | " + " | ".join(h for _, h in KEYS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(KEYS))]
+    for r in rows:
+        lines.append(f"| {r['method']} | {int(r['resolution'])} | {int(r['nfe'])} | " + " | ".join(_pm(r, k) for k, _ in KEYS) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict[str, Any]], teacher32: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    top, base = rows[-2], rows[-1]
+    paired = []
+    verdicts = {}
+    for key, name in KEYS:
+        d, se = top.get(f"d{key}_vs_upsampled"), top.get(f"d{key}_vs_upsampled_se")
+        if d is None:
+            continue
+        verdicts[key] = verdict(d, se)
+        paired.append(f"| {name} | {d:+.3g} ± {se:.2g} | {verdicts[key]} |")
+    conv = next(r for r in teacher32 if r["method"] == "dpmpp_2m" and r["nfe"] == 50)
+    nfe4 = [r for r in teacher32 if r["nfe"] == 4 and r["kind"] == "classic"]
+    best4 = min(nfe4, key=lambda r: r["fd_train_main"])
+    moon_fd = {k: top[k] <= 2 * conv[k] for k in ("fd_train_main", "fd_train_b")}
+    moon_4 = {k: top[k] + 2 * top[k.replace("fd_", "fd_se_")] < min(r[k] - 2 * r[k.replace("fd_", "fd_se_")] for r in nfe4)
+              for k in ("fd_train_main", "fd_train_b")}
+    main_goal = all(verdicts.get(k) == "better" for k in ("fd_train_main", "fd_train_b"))
+    t = meta["train_seconds"]
+    note_32 = ("  The 32x32 teacher is a small CPU-trained net whose converged samples score worse than the 8x8 teacher's "
+               "upsampled ones\n  (FD train {:.3g} vs {:.3g}), so this goal says more about that teacher than about PaGoDA."
+               .format(conv["fd_train_main"], base["fd_train_main"]) if conv["fd_train_main"] > base["fd_train_main"] else "")
+    curves = curve_summary(DOCS / "pagoda-patches8-loss.csv")
+    text = f"""# PaGoDA: an 8x8 teacher grown to a one-step 32x32 generator
+
+Generated by `python scripts/results_pagoda.py` on {meta['date']} ({meta['machine']}). Method: `optimize/pagoda.py`
+(Kim et al., NeurIPS 2024; public code sony/pagoda); run: `python -m optimize pagoda model=patches8 stages=3` with the
+defaults of `conf/method/pagoda.yaml`.
+
+- Teacher: `checkpoints/edm-patches8.safetensors`, EDM U-Net on the 8x8 patches (4x4 pixel means of the 32x32 crops).
+- Latents: {meta['n_pairs']:,} training crops and mirrors, area-downsampled to 8x8 and carried to sigma_max = 80 by the
+  teacher's ODE run up (Heun on a 40-point Karras grid, 77 NFE; {meta['data_seconds']:.0f} s).
+- Generator: the teacher U-Net called once at sigma_max (raw output) plus two x2 stages (32 and 16 channels); base
+  {meta['base_steps']:,} steps, then {meta['steps']:,} per grown stage, batch {meta['batch_size']}; training {t:.0f} s
+  ({t / 60:.1f} min) on {meta['threads']} (training time of all stages, the latents not included).
+- Reconstruction loss: normalised activations of the six convolutions of the first patch feature net
+  (`features-patches`, inputs resized to 32x32) plus pixel L2. That net is also the `main` judge below, so FD/KID
+  `main` may flatter PaGoDA; the `b` net (`features-patches-b`, another architecture and task) never trained anything.
+- Scores: 2,000 samples (seeds 0..1999), ± one standard error counting both sets' sampling; each stage against the real
+  sets at its own resolution (both resized bicubically to 32x32 for the feature nets). KID x 1e3.
+
+## Every stage
+
+{table(rows[:-1])}
+
+## At 32x32: PaGoDA (1 NFE) against the 8x8 teacher's converged solve, bicubically upsampled
+
+{table([top, base])}
+
+Paired differences on the same seeds (PaGoDA minus upsampled teacher; beyond 2 se counts):
+
+| measure | difference | verdict |
+|---|---|---|
+{chr(10).join(paired)}
+
+The 32x32 teacher (`checkpoints/edm-patches.safetensors`, docs/results-patches.md; same seeds, real sets and feature
+nets, another generator, so not paired):
+
+{table([{**conv, 'resolution': 32, 'method': '32x32 teacher dpmpp_2m@50 (converged)'}, {**best4, 'resolution': 32, 'method': f"32x32 teacher {best4['method']}@4 (best classic at 4)"}])}
+
+## Goals
+
+- PaGoDA at 32x32 beats the upsampled 8x8 teacher beyond the uncertainty (FD train on both nets): **{'met' if main_goal else 'not met'}**
+  ({', '.join(f'{k}: {v}' for k, v in verdicts.items() if k.startswith('fd_'))}).
+- Moonshot, within 2x the FD of the 32x32 teacher's converged samples: **{'met' if all(moon_fd.values()) else 'not met'}**
+  (FD train main {top['fd_train_main']:.3g} vs 2 x {conv['fd_train_main']:.3g}; FD-b {top['fd_train_b']:.3g} vs 2 x {conv['fd_train_b']:.3g});
+  better than the 32x32 teacher with any classic solver at NFE 4 beyond 2 se: **{'met' if all(moon_4.values()) else 'not met'}**.
+{note_32}
+- Training of all stages under 45 minutes on 2 CPU cores: {t / 60:.1f} min of training plus {meta['data_seconds'] / 60:.1f} min of latents
+  on {meta['threads']} ({'met' if t + meta['data_seconds'] < 45 * 60 else 'not met'} as measured).
+
+## Samples (seeds 0..63; same noise in every grid)
+
+| 8x8 (x16) | 16x16 (x8) | 32x32 (x4) | 8x8 teacher dpmpp_2m@50, bicubic to 32 (x4) |
+|---|---|---|---|
+| ![](results/pagoda/grid-pagoda8.png) | ![](results/pagoda/grid-pagoda16.png) | ![](results/pagoda/grid-pagoda32.png) | ![](results/pagoda/grid-upsampled32.png) |
+
+## Loss curves
+
+![](results/pagoda/pagoda-patches8-loss.png)
+
+Stage boundaries are dotted. Per stage (means over its steps): {curves}
+"""
+    return text
+
+
+def curve_summary(path: Path) -> str:
+    """Per stage: the last tenth's mean reconstruction loss, the mean hinge loss of D (2 = D cannot tell real from
+    generated) and how often lambda sat at a clip."""
+    import numpy as np
+
+    if not path.is_file():
+        return "(no loss curve found)."
+    h = np.genfromtxt(path, delimiter=",", names=True)
+    out = []
+    for k in np.unique(h["stage"]).astype(int):
+        s = h[h["stage"] == k]
+        tail = s[-max(1, len(s) // 10):]
+        out.append(f"stage {k} ({RES[k]}x{RES[k]}): L_rec {tail['loss_rec'].mean():.3g} at the end, D hinge loss "
+                   f"{s['loss_d'].mean():.3g}, lambda at its upper clip 10 in {np.mean(s['lambda'] >= 10 - 1e-6):.0%} and at "
+                   f"0.01 in {np.mean(s['lambda'] <= 0.01 + 1e-9):.0%} of the steps")
+    return "; ".join(out) + ". A D hinge loss near 2 means the discriminator hardly separates real from generated patches, " \
+        "and lambda at 10 means the GAN gradient on the last layer is under a tenth of the reconstruction's: the " \
+        "reconstruction loss then drives the training."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=REPO / "outputs" / "pagoda" / "main")
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ship", action="store_true", help="copy the generators and their tables to checkpoints/")
+    parser.add_argument("--rescore", action="store_true", help="score the generators again instead of reading the run's results.csv")
+    parser.add_argument("overrides", nargs="*", help="key=value settings of the training run")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = args.run.resolve()
+    train(run, args.overrides)
+    gens = [run / f"pagoda-patches{r}.safetensors" for r in RES]
+    tabs = [run / f"pagoda-patches{r}-1nfe.safetensors" for r in RES]
+    if not gens[-1].is_file():  # the top generator was exported to export= (checkpoints/)
+        gens[-1], tabs[-1] = REPO / "checkpoints" / "pagoda-patches32.safetensors", REPO / "checkpoints" / "tables" / "pagoda-patches32-1nfe.safetensors"
+    DOCS.mkdir(parents=True, exist_ok=True)
+    cfg = compose_config(["method=pagoda", "model=patches8", f"n={args.n}", f"out_dir={DOCS}"])
+    scored = run / "results.csv"
+    if args.rescore or not scored.is_file() or len(read_results(str(scored))) != len(RES) + 1:
+        rows = pagoda.evaluate_stages(cfg, [str(g) for g in gens], [str(t) for t in tabs], RES, str(DOCS))
+    else:  # the run's own final evaluation (evaluate_at_end, same seeds and judges): copied, not recomputed
+        for name in ("results.csv", "results.json", *(f"grid-pagoda{r}.png" for r in RES), "grid-upsampled32.png"):
+            shutil.copy(run / name, DOCS / name)
+        rows = read_results(str(DOCS / "results.csv"))
+    for name in ("pagoda-patches8-loss.png", "pagoda-patches8-loss.csv"):
+        if (run / name).is_file():
+            shutil.copy(run / name, DOCS / name)
+    config, gmeta = read_net_header(str(gens[-1]))
+    data = gmeta.get("data", {})
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "train_seconds": float(gmeta.get("train_seconds", float("nan"))), "data_seconds": float(data.get("seconds", float("nan"))),
+            "n_pairs": 2 * int(data.get("n_data", 0)), "base_steps": int(cfg.base_steps), "steps": int(cfg.steps),
+            "batch_size": int(cfg.batch_size), "threads": f"{gmeta.get('threads', run_threads(run))} thread(s)"}
+    teacher32 = read_results(str(PATCHES_CSV))
+    PAGE.write_text(markdown(rows, teacher32, meta))
+    print(PAGE)
+    if args.ship:
+        dest = REPO / "checkpoints"
+        for g, t in zip(gens, tabs):
+            if g.parent != dest:
+                shutil.copy(g, dest / g.name)
+                shutil.copy(t, dest / "tables" / t.name)
+
+
+if __name__ == "__main__":
+    main()
