@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ship", action="store_true", help="copy the generators and their tables to checkpoints/")
+    parser.add_argument("--note", default="", help="a sentence added to the page (e.g. how loaded the machine was)")
     parser.add_argument("--rescore", action="store_true", help="score the generators again instead of reading the run's results.csv")
     parser.add_argument("overrides", nargs="*", help="key=value settings of the training run")
     args = parser.parse_args()
@@ -216,7 +217,7 @@ def main() -> None:
             "n_pairs": 2 * int(data.get("n_data", 0)), "base_steps": int(cfg.base_steps), "steps": int(cfg.steps),
             "batch_size": int(cfg.batch_size), "threads": f"{gmeta.get('threads', run_threads(run))} thread(s)"}
     teacher32 = read_results(str(PATCHES_CSV))
-    PAGE.write_text(markdown(rows, teacher32, meta))
+    PAGE.write_text(markdown(rows, teacher32, meta) + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))
     print(PAGE)
     if args.ship:
         dest = REPO / "checkpoints"
