@@ -40,7 +40,6 @@ from optimize.cli import compose_config  # noqa: E402
 from optimize.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, tune, write_results  # noqa: E402
 from optimize.metrics import ReferenceCache  # noqa: E402
 from optimize.report import NOTE, best, diff_cell, fmt, pm, table  # noqa: E402
-from optimize.results import paired, verdict  # noqa: E402
 from optimize.seeds import VAL_SEED_OFFSET, seed_range  # noqa: E402
 from samplers import SolverTable, baselines  # noqa: E402
 
@@ -128,28 +127,28 @@ def learned_tables(model: str, nfe: int) -> list[tuple[str, Path]]:
     return [(label, p) for label, p in out if p.exists()]
 
 
-def select(m: Any, judge: Judge, nfe: int, n_select: int) -> tuple[str, Path, dict[str, float]]:
-    """The candidate with the lowest training-set FD (main features) on the selection seeds."""
+def select(m: Any, judge: Judge, nfe: int, n_select: int, candidates: list[tuple[str, Path]]) -> tuple[str, Path, dict[str, float]]:
+    """The candidate table with the lowest training-set FD (main features) on the selection seeds (VAL_SEED_OFFSET+)."""
     seeds = seed_range(VAL_SEED_OFFSET, 0, n_select)
-    sel = judge.restricted(splits=["train"], features=[next(iter(judge.features))], n_boot=0)
+    main = next(iter(judge.features))
+    sel = judge.restricted(splits=["train"], features=[main], n_boot=0)
     scores = {}
-    for label, path in learned_tables("edm", nfe):
-        if label.startswith("ld3"):
-            continue  # the peer, not a candidate
+    for label, path in candidates:
         t = SolverTable.load(str(path), fingerprint=m.fingerprint)
-        scores[label] = float(evaluate(m.denoiser, t, judge=sel, shape=m.shape, seeds=seeds, dtype=m.dtype)["fd_train_main"])
+        scores[label] = float(evaluate(m.denoiser, t, judge=sel, shape=m.shape, seeds=seeds, dtype=m.dtype)[f"fd_train_{main}"])
         print(f"select nfe={nfe} {label}: FD train (selection seeds) {scores[label]:.3g}", flush=True)
     label = min(scores, key=scores.get)
-    return label, dict(learned_tables("edm", nfe))[label], scores
+    return label, dict(candidates)[label], scores
 
 
-def ship(m: Any, nfe: int, label: str, path: Path, scores: dict[str, float]) -> Path:
+def ship(m: Any, model: str, nfe: int, label: str, path: Path, scores: dict[str, float], data: str) -> Path:
+    """Copy the selected table to checkpoints/tables/<model>-best-nfe<N>.safetensors with how it was chosen."""
     t = SolverTable.load(str(path), fingerprint=m.fingerprint)
-    t.metadata.update({"model": "edm", "model_fingerprint": m.fingerprint, "shipped_as": f"edm-best-nfe{nfe}",
-                       "selected_from": scores, "selected": label, "selection": "FD vs training digits, main features, "
+    t.metadata.update({"model": model, "model_fingerprint": m.fingerprint, "shipped_as": f"{model}-best-nfe{nfe}",
+                       "selected_from": scores, "selected": label, "selection": f"FD vs training {data}, main features, "
                        f"seeds {VAL_SEED_OFFSET}..", "source_table": str(path.relative_to(REPO))})
     SHIPPED.mkdir(parents=True, exist_ok=True)
-    dest = SHIPPED / f"edm-best-nfe{nfe}.safetensors"
+    dest = SHIPPED / f"{model}-best-nfe{nfe}.safetensors"
     t.save(str(dest))
     return dest
 
@@ -211,8 +210,9 @@ def main() -> None:
             rows.append(score(label, t, group="ld3" if label.startswith("ld3") else "ours", table=str(path.relative_to(REPO)),
                               fit_seconds=round(fit_seconds(path), 1)))
         if args.model == "edm":
-            label, path, scores = select(m, judge, nfe, args.n_select)
-            dest = ship(m, nfe, label, path, scores)
+            candidates = [(lab, p) for lab, p in learned_tables("edm", nfe) if not lab.startswith("ld3")]  # LD3: the peer
+            label, path, scores = select(m, judge, nfe, args.n_select, candidates)
+            dest = ship(m, "edm", nfe, label, path, scores, "digits")
             shipped[nfe] = (label, scores)
             rows.append(score("edm-best", SolverTable.load(str(dest), fingerprint=m.fingerprint), group="shipped",
                               table=str(dest.relative_to(REPO)), selected=label, fit_seconds=round(fit_seconds(path), 1)))
@@ -294,9 +294,9 @@ def render(rows: list[dict[str, Any]], args: Any, fingerprint: str, key: str, sh
         best3 = next((r for r in rows if r["nfe"] == 3 and r.get("group") == "shipped"), None)
         best4 = next((r for r in rows if r["nfe"] == 4 and r.get("group") == "shipped"), None)
         if best3 and ld3_5:
-            lines.append(f"- Moonshot, NFE 3 vs LD3 at NFE 5: " + ", ".join(f"{k} {diff_cell(best3, ld3_5, k)}" for k in keys) + ".")
+            lines.append("- Moonshot, NFE 3 vs LD3 at NFE 5: " + ", ".join(f"{k} {diff_cell(best3, ld3_5, k)}" for k in keys) + ".")
         if best4:
-            lines.append(f"- Moonshot, NFE 4 vs the converged teacher (Heun 79): " +
+            lines.append("- Moonshot, NFE 4 vs the converged teacher (Heun 79): " +
                          ", ".join(f"{k} {diff_cell(best4, teacher, k)}" for k in keys) + ".")
         lines.append("")
     for nfe in nfes:

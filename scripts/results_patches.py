@@ -1,6 +1,7 @@
 """Every method on the patches teacher (model=patches, 3x32x32), same seeds -> docs/results-patches.md.
 
     python scripts/results_patches.py --learn                   # tuned classic, LD3 -> IIA, DDSS chain -> docs/results/patches/tables
+    python scripts/results_patches.py --ship                    # pick and ship checkpoints/tables/patches-best-nfe<N>
     python scripts/results_patches.py --sample-only --shard 0 2 # fill the sample cache (every 2nd job from 0), no scoring
     python scripts/results_patches.py                           # score every row, write the CSVs, grids and the page
     python scripts/results_patches.py --render-only             # rewrite the page from the CSVs
@@ -39,7 +40,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from optimize import data  # noqa: E402
 from optimize.cli import compose_config  # noqa: E402
-from optimize.evaluate import Judge, Model, load_model, read_results, save_samples, write_results  # noqa: E402
+from optimize.evaluate import Judge, Model, load_model, read_results, write_results  # noqa: E402
 from optimize.metrics import ReferenceCache, reference_rmse  # noqa: E402
 from optimize.report import NOTE, best, diff_text, fmt, pivot, pm, table  # noqa: E402
 from optimize.results import add_paired_columns, plot_quality, public, write_csv  # noqa: E402
@@ -51,13 +52,14 @@ from samplers.images import write_png_grid  # noqa: E402
 OUT = REPO / "docs" / "results" / "patches"
 TABLES = OUT / "tables"
 PAGE = REPO / "docs" / "results-patches.md"
+SHIPPED = REPO / "checkpoints" / "tables"
 CLASSIC = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc"]
 # NFEs per classic solver: NFE 3..50 for the strongest multistep solvers, every NFE where a learned table is compared
 # at N and at 2N (N = 4, 6, 8, 10), fewer for the weak single-step ones (a CPU budget)
 CLASSIC_NFES = {
-    "dpmpp_2m": [3, 4, 6, 8, 10, 16, 20, 50],
-    "unipc": [4, 8, 16],
-    "ipndm": [4, 8, 16],
+    "dpmpp_2m": [3, 4, 6, 8, 10, 12, 16, 20, 50],
+    "unipc": [4, 6, 8, 10, 12, 16, 20],
+    "ipndm": [4, 6, 8, 10, 12, 16, 20],
     "dpmpp_3m": [4, 8, 30],
     "euler": [4, 8],
     "heun": [9],
@@ -65,8 +67,9 @@ CLASSIC_NFES = {
 CONVERGED = ("dpmpp_2m", 50)     # the converged teacher
 CONVERGED_CHECK = ("dpmpp_3m", 30)  # a second, different solve: the two must agree within noise
 REFERENCE = ("heun", 79)         # the solve reference RMSE is measured against (same noise; finer than CONVERGED)
-PRIORITY_NFES = [50, 10, 4, 8, 16, 30, 20, 6, 3, 9]  # sampling order: what the goals need first
-LEARN_NFES = [4, 8]
+PRIORITY_NFES = [50, 10, 4, 8, 16, 30, 20, 6, 12, 3, 9]  # sampling order: what the goals need first
+LEARN_NFES = [4, 6, 8, 10]
+GOAL1_N = 6000  # goal 1 measured again on seeds 0..GOAL1_N-1 (its two rows only): more samples, a tighter paired interval
 KEYS = ("fd_train_main", "fd_heldout_main", "fd_train_b")
 NAMES = {"fd_train_main": "FD train", "fd_heldout_main": "FD held-out", "fd_train_b": "FD-b train", "kid_train_main": "KID train"}
 GRID_NFES = (4, 8)
@@ -127,6 +130,22 @@ def learn_dsno(settings: list[str]) -> None:
     print(f"dsno: {time.perf_counter() - t0:.0f} s ({' '.join(settings)})", flush=True)
 
 
+def ship_best(nfes: list[int], n_select: int) -> None:
+    """checkpoints/tables/patches-best-nfe<N>: IIA(ld3) or DDSS, whichever has the lower FD train (main features) on
+    the selection seeds 3,000,000+ (never the evaluation seeds), as for the digits teacher (results_learned.select)."""
+    from results_learned import select, ship
+
+    cfg = compose_config(["method=evaluate", "model=patches", "out_dir=."])
+    model = load_model(cfg.model)
+    judge = Judge.for_model(cfg.model, model.shape, n_boot=0)
+    for nfe in nfes:
+        candidates = [(label, p) for label, p in (("iia(ld3)", TABLES / f"iia-ld3-nfe{nfe}.safetensors"),
+                                                   ("ddss-kid+match(ld3)", TABLES / f"ddss-match-nfe{nfe}.safetensors")) if p.is_file()]
+        if candidates:
+            label, path, scores = select(model, judge, nfe, n_select, candidates)
+            print(f"shipped {ship(model, 'patches', nfe, label, path, scores, 'patches')}: {label}", flush=True)
+
+
 # --- jobs, sampling and scoring ----------------------------------------------------------------------
 def jobs(cfg: Any, fingerprint: str) -> list[tuple[str, SolverTable, dict[str, Any]]]:
     """(label, table, extra columns): classic solvers, TADA, then every committed table."""
@@ -182,6 +201,9 @@ def main() -> None:
     ap.add_argument("--skip-timing", action="store_true", help="no separate uncached timing of one evaluation")
     ap.add_argument("--n-boot", type=int, default=None, help="FD bootstrap replicates (default: conf n_boot, 200)")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--ship", action="store_true", help="select and ship checkpoints/tables/patches-best-nfe<N> (then stop)")
+    ap.add_argument("--n-select", type=int, default=1000, help="selection samples for --ship (seeds 3,000,000+)")
+    ap.add_argument("--goal1-n", type=int, default=GOAL1_N, help="samples for the second measurement of goal 1 (0: skip)")
     ap.add_argument("--cached-only", action="store_true", help="score only the classic rows whose samples are cached (a CPU budget)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,6 +211,9 @@ def main() -> None:
         PAGE.write_text(render(read_results(str(OUT / "results.csv")), read_results(str(OUT / "reference.csv")), args))
         return
     TABLES.mkdir(parents=True, exist_ok=True)
+    if args.ship:
+        ship_best(args.learn_nfe, args.n_select)
+        return
     if args.learn is not None:
         what = args.learn or ["tuned", "chain", "dsno"]
         for w in what:
@@ -245,6 +270,12 @@ def main() -> None:
         print(f"not sampled (CPU budget): {', '.join(skipped)}", flush=True)
     timing = {} if args.skip_timing else time_one_table(model, judge, seeds)
     compare(rows, refs)
+    if args.goal1_n > args.n:
+        t0 = time.perf_counter()
+        goal1 = goal1_rows(model, judge, samples_cache, cfg, seeds, args.goal1_n)
+        write_csv([public(r) for r in goal1], str(OUT / "goal1.csv"))
+        print(f"goal 1 on {args.goal1_n:,} samples: FD train {_d(goal1[1], 'fd_train_main', 'conv')} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     write_results(rows, str(OUT), cfg)
     write_csv([public(r) for r in refs], str(OUT / "reference.csv"))
     if timing:
@@ -259,6 +290,19 @@ def main() -> None:
     plot_quality([r for r in rows if r["kind"] != "real"], str(OUT / "quality-vs-nfe.png"))
     PAGE.write_text(render(rows, refs, args))
     print(f"wrote {PAGE}")
+
+
+def goal1_rows(model: Any, judge: Judge, cache: ReferenceCache, cfg: Any, seeds: list[int], n: int) -> list[dict[str, Any]]:
+    """The converged teacher and DPM-Solver++(2M) at NFE 10 on seeds 0..n-1 (``seeds`` reuse the page's cached samples,
+    the rest are drawn as one more cached block), scored and paired: goal 1 with a tighter interval."""
+    sched = {"sigma_min": float(cfg.sigma_min), "sigma_max": float(cfg.sigma_max)}
+    rows = []
+    for label, nfe in (CONVERGED, ("dpmpp_2m", 10)):
+        t = baselines.build(label, nfe, **sched)
+        x = torch.cat([cached_draw(model, cache, label, t, seeds), cached_draw(model, cache, label, t, list(range(len(seeds), n)))])
+        rows.append({"method": label, "model": "patches", "nfe": nfe, "n": n, "kind": "classic", **judge.score(x)})
+    add_paired_columns(rows[1:], rows[0], KEYS, "conv")
+    return rows
 
 
 def time_one_table(model: Any, judge: Judge, seeds: list[int]) -> dict[str, Any]:
@@ -398,6 +442,14 @@ def render(rows: list[dict[str, Any]], refs: list[dict[str, Any]], args: argpars
                "**Not met on every column:** " + ("NFE 10 is better than the converged teacher on " if _better(g1) else
                                                   "NFE 10 is within noise of the converged teacher on ")
                + ", ".join(NAMES[k] for k, c in zip(KEYS, g1) if not c.endswith("worse")) + ".") + "\n"]
+    goal1 = read_results(str(OUT / "goal1.csv")) if (OUT / "goal1.csv").is_file() else []
+    if goal1:
+        big = _verdicts(goal1[1], "conv")
+        lines += [f"Measured again on {int(goal1[1]['n']):,} samples (seeds 0..{int(goal1[1]['n']) - 1}, the same two solvers; "
+                  f"`docs/results/patches/goal1.csv`): FD train {big[0]}, FD held-out {big[1]}, FD-b {big[2]}. "
+                  + ("**Met on every column at this sample size.**" if all(c.endswith("worse") for c in big) else
+                     "Still not worse beyond the uncertainty on " + ", ".join(NAMES[k] for k, c in zip(KEYS, big) if not c.endswith("worse"))
+                     + ".") + "\n"]
     # classic grid
     nfes = sorted({int(r["nfe"]) for r in rows})
     classic = [r for r in rows if r["kind"] == "classic"]
@@ -438,6 +490,7 @@ def render(rows: list[dict[str, Any]], refs: list[dict[str, Any]], args: argpars
     for r in learned:
         if r.get("table"):
             settings.append(f"- `{r['table']}`: {r['method']} NFE {int(r['nfe'])}, {fmt(r.get('learn_seconds'))} s"
+                            + (f", {fmt(r['steps'])} steps (from the table's metadata)" if r.get("steps") is not None else "")
                             + (f", tuned {r['tune']}" if r.get("tune") else ""))
     lines += ["\n## Settings and cost\n",
               "Learned with `python scripts/results_patches.py --learn`: tuned dpmpp_2m (rho 3/5/7/10 x sigma_min "
@@ -447,6 +500,16 @@ def render(rows: list[dict[str, Any]], refs: list[dict[str, Any]], args: argpars
               f"init=table:<LD3 table> loss=kid+match steps={args.ddss_steps} {' '.join(args.ddss)}` (the digits page uses 150 "
               "steps of batch 128: these are CPU settings). Seconds are wall time on this 2-core CPU; a chained method's "
               "time includes the LD3 fit it starts from:\n", "\n".join(sorted(settings)) + "\n"]
+    shipped = []
+    for path in sorted(SHIPPED.glob("patches-best-nfe*.safetensors"), key=lambda p: int(p.stem.split("nfe")[1])):
+        meta = SolverTable.load(str(path)).metadata
+        shipped.append(f"NFE {int(path.stem.split('nfe')[1])}: {meta.get('selected')} ("
+                       + ", ".join(f"{k} {v:.3g}" for k, v in meta.get("selected_from", {}).items()) + ")")
+    if shipped:
+        lines.append("\n**Shipped tables** (`python scripts/results_patches.py --ship`): `checkpoints/tables/patches-best-nfe<N>.safetensors`, "
+                     "the better of IIA and DDSS by FD train on the selection seeds 3,000,000+ (1,000 samples; never the evaluation "
+                     "seeds): " + "; ".join(shipped) + ". Use: `python -m samplers generate --table "
+                     "checkpoints/tables/patches-best-nfe8.safetensors --model edm:checkpoints/edm-patches.safetensors --n 64 --out out/`.\n")
     for r in (r for r in rows if r["kind"] == "distilled"):
         lines.append(f"\n**DSNO** (`{r.get('table')}`, {fmt(r.get('steps'))} steps, {fmt(r.get('learn_seconds'))} s of training after "
                      f"its data; settings `{' '.join(DSNO_SETTINGS)}`, the digits default is n_data=8192 steps=1000 batch_size=128): "
