@@ -52,7 +52,7 @@ from samplers import SolverTable, baselines, make_noise, sample, schedules
 from samplers.nets import DSNOUNet, build_net, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .runs import pick_resume, resume_path, trainer_parts
+from .runs import pick_resume, resume_path, start_distillation, trainer_parts
 from .seeds import DATA_SEED_OFFSET, seed_range
 from .teacher import NaNLossError
 
@@ -410,19 +410,13 @@ def run(cfg: Any) -> dict[str, Any]:
     Returns {"student", "table", "rows", "train_seconds", "data_seconds"}."""
     from omegaconf import OmegaConf
 
-    from samplers.nets import load_denoiser, load_net
+    from samplers.nets import load_denoiser
 
     from .cli import ConfigError, as_list, resolve_path
-    from .evaluate import Judge, evaluate, format_table, load_model, reference_solve, write_results
+    from .evaluate import Judge, evaluate, format_table, reference_solve, write_results
     from .metrics import ReferenceCache
 
-    if cfg.get("num_threads") is not None:
-        torch.set_num_threads(int(cfg.num_threads))
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    out_dir = str(cfg.out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    model = load_model(cfg.model, "cpu")
-    teacher_net, teacher_config = load_net(str(resolve_path(str(cfg.model.checkpoint))))
+    out_dir, model, teacher_net, teacher_config = start_distillation(cfg)
     t0 = time.perf_counter()
     data, data_path, settings = load_or_generate(model, cfg, progress=bool(cfg.progress_bar))
     data_seconds = time.perf_counter() - t0

@@ -16,6 +16,27 @@ import lightning as L
 KEEP_CHECKPOINTS = 2  # step checkpoints kept beside last.ckpt (the fallback when last.ckpt is truncated)
 
 
+def start_distillation(cfg: Any) -> tuple[str, Any, Any, dict[str, Any]]:
+    """The preamble of a student's run (DSNO, PaGoDA): torch threads (``num_threads``), seeds, the run folder, and the
+    teacher twice, as the model the judges sample and as its raw network file (the student's initialisation).
+    Returns ``(out_dir, model, teacher_net, teacher_config)``."""
+    import torch
+
+    from samplers.nets import load_net
+
+    from .cli import resolve_path
+    from .evaluate import load_model
+
+    if cfg.get("num_threads") is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out_dir = str(cfg.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    model = load_model(cfg.model, "cpu")
+    teacher_net, teacher_config = load_net(str(resolve_path(str(cfg.model.checkpoint))))
+    return out_dir, model, teacher_net, teacher_config
+
+
 def trainer_parts(cfg: Any, out_dir: str) -> dict[str, Any]:
     """``logger``, ``callbacks`` and ``max_time`` for ``L.Trainer``: CSV logs in ``<out_dir>/logs`` (plus wandb
     when ``logger=wandb``), checkpoints every ``cfg.checkpoint_every`` steps in ``<out_dir>/lightning``

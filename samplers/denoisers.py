@@ -152,12 +152,22 @@ class EDMPrecond(torch.nn.Module):
     ``c_out = s sd/sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)``, ``c_noise = log(s)/4``.
     """
 
+    adapter = "edm"
+
     def __init__(self, net: torch.nn.Module, sigma_data: float = 0.5):
         super().__init__()
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be positive, got {sigma_data}.")
         self.net = net
         self.sigma_data = float(sigma_data)
+
+    def raw(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """``F(c_in x, c_noise[, cond])`` in x's dtype (the net runs in its own); ``sigma`` is ``[B]``."""
+        c_in = 1 / (_bcast(sigma, x) ** 2 + self.sigma_data**2).sqrt()
+        dtype = _model_dtype(self.net, x.dtype)
+        c_noise = (sigma.log() / 4).to(dtype)
+        x_in = (c_in * x).to(dtype)
+        return _tensor_output(self.net(x_in, c_noise) if cond is None else self.net(x_in, c_noise, cond)).to(x.dtype)
 
     def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
         """``c_skip x + c_out F(c_in x, c_noise[, cond])``."""
@@ -165,43 +175,23 @@ class EDMPrecond(torch.nn.Module):
         s, sd = _bcast(sigma, x), self.sigma_data
         c_skip = sd**2 / (s**2 + sd**2)
         c_out = s * sd / (s**2 + sd**2).sqrt()
-        c_in = 1 / (s**2 + sd**2).sqrt()
-        dtype = _model_dtype(self.net, x.dtype)
-        c_noise = (sigma.log() / 4).to(dtype)
-        x_in = (c_in * x).to(dtype)
-        f = _tensor_output(self.net(x_in, c_noise) if cond is None else self.net(x_in, c_noise, cond))
-        return c_skip * x + c_out * f.to(x.dtype)
+        return c_skip * x + c_out * self.raw(x, sigma, cond)
 
     def fingerprint(self) -> str:
         """Hash of the net's state dict and sigma_data."""
-        return _module_fingerprint(self.net, {}, {"adapter": "edm", "sigma_data": self.sigma_data})
+        return _module_fingerprint(self.net, {}, {"adapter": self.adapter, "sigma_data": self.sigma_data})
 
 
-class InputScaled(torch.nn.Module):
+class InputScaled(EDMPrecond):
     """A one-step generator whose raw output is the sample (PaGoDA's code calls its decoder this way):
     ``D(x, s) = F(c_in x, c_noise)``, ``c_in = 1/sqrt(s^2+sd^2)``, ``c_noise = log(s)/4``; no c_skip, no c_out.
     The output may have another shape than ``x`` (a generator that up-samples)."""
 
-    def __init__(self, net: torch.nn.Module, sigma_data: float = 0.5):
-        super().__init__()
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data must be positive, got {sigma_data}.")
-        self.net = net
-        self.sigma_data = float(sigma_data)
+    adapter = "input"
 
     def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
         """``F(c_in x, c_noise[, cond])``."""
-        sigma = _sigma_like(sigma, x)
-        c_in = 1 / (_bcast(sigma, x) ** 2 + self.sigma_data**2).sqrt()
-        dtype = _model_dtype(self.net, x.dtype)
-        c_noise = (sigma.log() / 4).to(dtype)
-        x_in = (c_in * x).to(dtype)
-        f = _tensor_output(self.net(x_in, c_noise) if cond is None else self.net(x_in, c_noise, cond))
-        return f.to(x.dtype)
-
-    def fingerprint(self) -> str:
-        """Hash of the net's state dict and sigma_data."""
-        return _module_fingerprint(self.net, {}, {"adapter": "input", "sigma_data": self.sigma_data})
+        return self.raw(x, _sigma_like(sigma, x), cond)
 
 
 # --- discrete-time VP (DDPM) models ----------------------------------------------------------

@@ -197,18 +197,21 @@ def _combine(bases: Sequence[torch.Tensor], weights: Sequence[Any], like: torch.
     up-samples) can only be read by rows that use its outputs alone (a 1-NFE table's output row ``d_0``)."""
     if not bases:
         return torch.zeros_like(like)
-    if any(b.shape != bases[0].shape for b in bases[1:]):
-        raise ValueError(f"a table row combines vectors of different shapes ({', '.join(str(list(b.shape)) for b in bases)}): "
-                         f"the denoiser returns another shape than its input, so rows may use its outputs only.")
-    if isinstance(weights, torch.Tensor):  # differentiable in the coefficients
-        out = bases[0] * weights[0]
+    try:
+        if isinstance(weights, torch.Tensor):  # differentiable in the coefficients
+            out = bases[0] * weights[0]
+            for b, w in zip(bases[1:], weights[1:]):
+                out = out + b * w
+            return out
+        out = torch.mul(bases[0], weights[0])
         for b, w in zip(bases[1:], weights[1:]):
-            out = out + b * w
+            out.add_(b, alpha=w)
         return out
-    out = torch.mul(bases[0], weights[0])
-    for b, w in zip(bases[1:], weights[1:]):
-        out.add_(b, alpha=w)
-    return out
+    except RuntimeError:  # the shapes are looked at only when torch refuses (no check per call in the sampling loop)
+        if any(b.shape != bases[0].shape for b in bases[1:]):
+            raise ValueError(f"a table row combines vectors of different shapes ({', '.join(str(list(b.shape)) for b in bases)}): "
+                             f"the denoiser returns another shape than its input, so rows may use its outputs only.") from None
+        raise
 
 
 def _call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
