@@ -459,7 +459,7 @@ def run(cfg: Any) -> dict[str, Any]:
     print(f"dsno: {module.global_step} steps in {train_seconds:.0f} s -> {student_path}, {table_path}", flush=True)
     rows: list[dict[str, Any]] = []
     if cfg.evaluate_at_end:
-        judge = Judge.for_model(cfg.model, model.shape, "cpu", kid_subsets=int(cfg.kid_subsets), kid_subset_size=int(cfg.kid_subset_size))
+        judge = Judge.for_model(cfg.model, model.shape, "cpu", n_boot=int(cfg.n_boot))
         seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.n)))
         cache = ReferenceCache(str(resolve_path(str(cfg.ref_cache_dir))))
         ref = reference_solve(model, float(cfg.sigma_max), float(cfg.sigma_min), seeds, cache, str(cfg.ref_solver), int(cfg.ref_nfe),

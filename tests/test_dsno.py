@@ -17,6 +17,7 @@ import torch
 
 from optimize import dsno
 from optimize.cli import main
+from optimize.results import read_results
 from samplers import SolverTable, make_noise, sample
 from samplers.denoisers import EDMPrecond
 from samplers.nets import DSNOUNet, SpectralConv1d, TemporalBlock, build_net, load_denoiser, load_net
@@ -193,6 +194,17 @@ def test_export_round_trip_served_by_samplers_generate(tmp_path: Path) -> None:
     samples = np.load(out / "samples.npz")
     arr = samples["samples"]
     np.testing.assert_allclose(arr.reshape(4, 1, 8, 8), x.numpy(), atol=1e-5)
+
+
+def test_evaluation_at_end_pairs_the_student_with_the_classics(tmp_path: Path) -> None:
+    """The default run ends with an evaluation: the student beside dpmpp_2m on the same seeds, written to results.csv."""
+    run = tmp_path / "run"
+    fast = [a for a in FAST if a != "evaluate_at_end=false"]
+    main(["dsno", *fast, "steps=1", "n=24", "eval_batch_size=24", "ref_nfe=9", "n_boot=20", "compare_nfe=[2]",
+          f"ref_cache_dir={tmp_path / 'refs'}", f"data_cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"])
+    rows = read_results(str(run / "results.csv"))
+    assert [(r["method"], int(r["nfe"])) for r in rows] == [("dsno", 1), ("dpmpp_2m", 2)]
+    assert all(r["ref_rmse"] > 0 and r["fd_train_main"] > 0 and r["fd_se_train_main"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("args, message", [
