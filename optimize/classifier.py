@@ -31,6 +31,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 class DigitsCNN(nn.Module):
     """Small CNN; ``features`` is the ReLU output of the penultimate linear layer, ``[B, feat]``."""
 
+    input_size = 8  # images are 8x8
+
     def __init__(self, channels: int = 32, feat: int = 128, num_classes: int = 10):
         super().__init__()
         c = channels
@@ -55,6 +57,8 @@ class DigitsCNN(nn.Module):
 class DigitsMLP(nn.Module):
     """Two-hidden-layer MLP on the 64 pixels; ``features`` is the second hidden layer, ``[B, feat]``."""
 
+    input_size = 8  # images are 8x8
+
     def __init__(self, hidden: int = 256, feat: int = 128, num_classes: int = 10):
         super().__init__()
         self.fc1 = nn.Linear(64, hidden)
@@ -75,6 +79,8 @@ class PatchCNN(nn.Module):
     """VGG-style net on ``[B, 3, 32, 32]``: two 3x3 convs per level at 32, 16 and 8 pixels (max-pool between), flatten
     of the 4x4 map -> linear(feat)-ReLU [features] -> heads: source photograph and the 4x4 grid cell of its position
     (``num_classes = photos + cells``, two cross-entropies)."""
+
+    input_size = 32  # images are 32x32
 
     def __init__(self, channels: int = 16, feat: int = 128, photos: int = 8, cells: int = 16):
         super().__init__()
@@ -105,6 +111,8 @@ class PatchStrided(nn.Module):
     then the per-channel mean and standard deviation over the 4x4 map beside the flattened map -> linear(feat)-ReLU
     [features] -> heads: the rotation of the input (0/90/180/270 degrees) and its source photograph
     (``num_classes = 4 + photos``)."""
+
+    input_size = 32  # images are 32x32
 
     def __init__(self, channels: int = 32, feat: int = 128, photos: int = 8):
         super().__init__()

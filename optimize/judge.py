@@ -171,8 +171,9 @@ def check_features(spec: Any) -> None:
 
 
 def feature_maps(spec: Any, device: str = "cpu") -> dict[str, Features]:
-    """``raw`` -> flattened coordinates; a list of classifier checkpoints -> their ``.features`` named main, b, c, ...;
-    an entry ``package.module:function`` -> the feature map that function returns; null or [] -> none."""
+    """``raw`` -> flattened coordinates; a list of classifier checkpoints -> their ``.features`` named main, b, c, ...
+    (images of another size than the net's are resized bicubically to it, ``at_size``); an entry
+    ``package.module:function`` -> the feature map that function returns; null or [] -> none."""
     if spec == "raw":
         return {"raw": lambda x: x.reshape(x.shape[0], -1)}
     from .classifier import load_classifier
@@ -186,5 +187,15 @@ def feature_maps(spec: Any, device: str = "cpu") -> dict[str, Features]:
         if not p.is_file():
             raise ConfigError(f"feature net {p} does not exist (train it with scripts/train_teachers.sh).")
         net = load_classifier(str(p), device=device)
-        maps["main" if i == 0 else chr(ord("a") + i)] = lambda x, net=net: net.features(x.to(device, torch.float32))
+        maps["main" if i == 0 else chr(ord("a") + i)] = lambda x, net=net: net.features(at_size(x.to(device, torch.float32), net.input_size))
     return maps
+
+
+def at_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` resized bicubically to ``size x size`` when they have another size (a feature net's
+    input: e.g. the patches' 32x32 nets judging the 8x8 teacher or a 16x16 stage); unchanged otherwise."""
+    if x.shape[-2:] == (size, size):
+        return x
+    if x.dim() != 4:
+        raise ValueError(f"a feature net for {size}x{size} images got a tensor of shape {list(x.shape)}.")
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)

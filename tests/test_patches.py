@@ -123,6 +123,24 @@ def test_judge_branch_and_teacher_data():
     assert torch.equal(training_data(mcfg), data.patches("train", 12, seed=0, resolution=16))
 
 
+def test_feature_nets_judge_other_sizes_resized_bicubically():
+    """model=patches8: the shipped 32x32 feature nets see 8x8 samples and real sets resized bicubically to 32x32."""
+    from torch.nn import functional as F
+
+    from optimize.classifier import load_classifier
+    from optimize.judge import feature_maps
+
+    repo = Path(__file__).resolve().parents[1]
+    paths = [str(repo / "checkpoints" / f) for f in ("features-patches.safetensors", "features-patches-b.safetensors")]
+    maps = feature_maps(paths)
+    x = data.patches("validation", 6, resolution=8)
+    for name, path in zip(("main", "b"), paths):
+        want = load_classifier(path).features(F.interpolate(x, size=32, mode="bicubic", align_corners=False))
+        torch.testing.assert_close(maps[name](x), want)
+        x32 = data.patches("validation", 6, resolution=32)
+        torch.testing.assert_close(maps[name](x32), load_classifier(path).features(x32))  # 32x32 as it is
+
+
 def test_bad_configs_fail_with_one_line(cli_error):
     assert "checkpoint" in cli_error(["evaluate", "model=patches", "model.checkpoint=/nonexistent/x.safetensors"])
     assert "nfe" in cli_error(["evaluate", "model=patches", "nfe=0"])
