@@ -45,7 +45,7 @@ from samplers import SolverTable, baselines, sample, schedules
 from samplers.nets import PaGoDAGenerator, build_net, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .runs import pick_resume, resume_path, trainer_parts
+from .runs import pick_resume, resume_path, start_distillation, trainer_parts
 from .teacher import NaNLossError
 
 PATCH_RESOLUTIONS = (8, 16, 32)  # optimize.data.patches
@@ -136,8 +136,12 @@ def load_or_encode(model: Any, cfg: Any, progress: bool = True) -> tuple[torch.T
                 "rho": float(cfg.rho), "dtype": str(model.dtype)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(str(resolve_path(str(cfg.data_cache_dir))), f"pagoda-{model.fingerprint}-{key}.safetensors")
-    if os.path.isfile(path):
-        return load_file(path)["latent"], path, settings
+    if os.path.isfile(path):  # with the encoding time of the run that made it
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            made = json.loads((f.metadata() or {}).get("settings", "{}"))
+        return load_file(path)["latent"], path, {**settings, "seconds": made.get("seconds")}
     t0 = time.perf_counter()
     low = training_images(int(cfg.n_data), r, int(cfg.data_seed)).to(model.dtype)
     z = encode(model.denoiser, low, int(cfg.encode_steps), float(cfg.sigma_min), float(cfg.sigma_max), float(cfg.rho),
@@ -183,17 +187,27 @@ class FeatureDistance(nn.Module):
         return d
 
 
-class Discriminator(nn.Module):
-    """A small conv net on ``[B, C, R, R]``: conv3x3, then (LeakyReLU, 2x average pool, conv3x3) down to 4x4 with the
-    width doubling up to ``max_channels``, then a linear map of the flattened 4x4 features to one logit per image."""
+D_DOWNSAMPLE = ("strided", "pool")
 
-    def __init__(self, resolution: int, in_channels: int = 3, channels: int = 32, max_channels: int = 128):
+
+class Discriminator(nn.Module):
+    """A small conv net on ``[B, C, R, R]``: conv3x3, then per halving LeakyReLU and either a 4x4 convolution of stride 2
+    (``strided``, DCGAN-style) or a 2x average pool and a conv3x3 (``pool``), down to 4x4 with the width doubling up to
+    ``max_channels``, then a linear map of the flattened 4x4 features to one logit per image. The pooled net hardly
+    sees pixel-level detail: it took ~250 Adam steps to tell real 32x32 patches from their 8x8 versions nearest-upsampled
+    (the strided one ~100), and in training its hinge loss stayed at 2, so the GAN term did next to nothing."""
+
+    def __init__(self, resolution: int, in_channels: int = 3, channels: int = 32, max_channels: int = 128,
+                 downsample: str = "strided"):
         super().__init__()
+        if downsample not in D_DOWNSAMPLE:
+            raise ValueError(f"downsample must be one of {', '.join(D_DOWNSAMPLE)}, got {downsample!r}.")
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1)]
         c, r = channels, int(resolution)
         while r > 4:
             c2 = min(2 * c, max_channels)
-            layers += [nn.LeakyReLU(0.2), nn.AvgPool2d(2), nn.Conv2d(c, c2, 3, padding=1)]
+            down = [nn.Conv2d(c, c2, 4, stride=2, padding=1)] if downsample == "strided" else [nn.AvgPool2d(2), nn.Conv2d(c, c2, 3, padding=1)]
+            layers += [nn.LeakyReLU(0.2), *down]
             c, r = c2, r // 2
         self.body = nn.Sequential(*layers, nn.LeakyReLU(0.2), nn.Flatten())
         self.head = nn.Linear(c * r * r, 1)
@@ -240,7 +254,7 @@ class PaGoDAModule(L.LightningModule):
 
     def __init__(self, config: dict[str, Any], stages: int = 3, steps: int = 1000, base_steps: int | None = None, sigma_max: float = 80.0,
                  gan_weights: Sequence[float] = (0.2, 1.0), lr: float = 2e-4, d_lr: float = 2e-4, betas: Sequence[float] = (0.5, 0.99),
-                 d_channels: int = 32, ema_decay: float = 0.995, batch_size: int = 64, seed: int = 0):
+                 d_channels: int = 32, ema_decay: float = 0.995, batch_size: int = 64, seed: int = 0, d_downsample: str = "strided"):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -250,7 +264,8 @@ class PaGoDAModule(L.LightningModule):
         self.generator: PaGoDAGenerator = build_net(net_only(self.config))
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         res = int(self.config["shape"][-1])
-        self.discriminators = nn.ModuleList(Discriminator(res * 2**k, int(self.config["shape"][0]), d_channels) for k in range(stages))
+        self.discriminators = nn.ModuleList(Discriminator(res * 2**k, int(self.config["shape"][0]), d_channels, downsample=d_downsample)
+                                            for k in range(stages))
         self.rec: FeatureDistance = FeatureDistance(None)
         self.latents: torch.Tensor | None = None
         self.reals: list[torch.Tensor] = []
@@ -499,6 +514,8 @@ def validate(cfg: Any) -> None:
     for key in ("encode_steps", "stage_blocks", "d_channels"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < (2 if key == "encode_steps" else 1):
             raise ConfigError(f"{key} must be an integer >= {2 if key == 'encode_steps' else 1}, got {cfg[key]!r}.")
+    if cfg.d_downsample not in D_DOWNSAMPLE:
+        raise ConfigError(f"d_downsample must be one of {', '.join(D_DOWNSAMPLE)}, got {cfg.d_downsample!r}.")
     if not float(cfg.d_lr) > 0 or not float(cfg.pixel_weight) >= 0:
         raise ConfigError(f"need d_lr > 0 and pixel_weight >= 0, got {cfg.d_lr} and {cfg.pixel_weight}.")
     if cfg.rec_features is not None and not resolve_path(str(cfg.rec_features)).is_file():
@@ -518,7 +535,8 @@ def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int])
     config = generator_config(teacher_config, [int(c) for c in as_list(cfg.growth)][: stages - 1], int(cfg.stage_blocks), shape)
     return PaGoDAModule(config, stages=stages, steps=int(cfg.steps), base_steps=int(cfg.base_steps), sigma_max=float(cfg.sigma_max),
                         gan_weights=[float(w) for w in as_list(cfg.gan_weights)], lr=float(cfg.lr), d_lr=float(cfg.d_lr),
-                        d_channels=int(cfg.d_channels), ema_decay=float(cfg.ema), batch_size=int(cfg.batch_size), seed=int(cfg.seed))
+                        d_channels=int(cfg.d_channels), ema_decay=float(cfg.ema), batch_size=int(cfg.batch_size), seed=int(cfg.seed),
+                        d_downsample=str(cfg.d_downsample))
 
 
 def rec_distance(cfg: Any) -> FeatureDistance:
@@ -537,22 +555,15 @@ def run(cfg: Any) -> dict[str, Any]:
     Returns {"generators", "tables", "rows", "train_seconds", "data_seconds"}."""
     from omegaconf import OmegaConf
 
-    from samplers.nets import load_denoiser, load_net
+    import warnings
+
+    from samplers.nets import load_denoiser
 
     from .cli import ConfigError, resolve_path
-    from .evaluate import load_model
-
-    import warnings
 
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen feature net, on purpose
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")  # saved after the G and D steps
-    if cfg.get("num_threads") is not None:
-        torch.set_num_threads(int(cfg.num_threads))
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    out_dir = str(cfg.out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    model = load_model(cfg.model, "cpu")
-    teacher_net, teacher_config = load_net(str(resolve_path(str(cfg.model.checkpoint))))
+    out_dir, model, teacher_net, teacher_config = start_distillation(cfg)
     t0 = time.perf_counter()
     latents, data_path, settings = load_or_encode(model, cfg, progress=bool(cfg.progress_bar))
     data_seconds = time.perf_counter() - t0
@@ -618,22 +629,14 @@ def run(cfg: Any) -> dict[str, Any]:
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
-def upsampled_features(features: dict[str, Any], size: int = 32) -> dict[str, Any]:
-    """Feature maps that first resize their input bicubically to ``size`` (the patch feature nets take 32x32)."""
-    def wrap(fn: Any) -> Any:
-        return lambda x: fn(x if x.shape[-1] == size else F.interpolate(x, size=size, mode="bicubic", align_corners=False))
-
-    return {name: wrap(fn) for name, fn in features.items()}
-
-
 def judge_at(mcfg: Any, resolution: int, **kw: Any) -> Any:
     """The patches judge at ``resolution``: real training-region crops (seed 1) and the held-out set at that size,
-    samples and real images alike resized bicubically to 32x32 for both feature nets."""
+    samples and real images alike resized bicubically to the feature nets' 32x32 (``judge.feature_maps``)."""
     from . import data
     from .judge import REAL_N, Judge, feature_maps
 
     real = {"train": data.patches("train", REAL_N, seed=1, resolution=resolution), "heldout": data.patches("heldout", resolution=resolution)}
-    return Judge(features=upsampled_features(feature_maps(mcfg.features)), real=real, clip=bool(mcfg.get("clip", True)), **kw)
+    return Judge(features=feature_maps(mcfg.features), real=real, clip=bool(mcfg.get("clip", True)), **kw)
 
 
 def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], res: Sequence[int], out_dir: str) -> list[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
     python scripts/results_pagoda.py                          # train with the defaults (or reuse --run), evaluate, write
     python scripts/results_pagoda.py --run outputs/pagoda/main --ship
+    python scripts/results_pagoda.py --candidates pool=outputs/pagoda/pool strided-dlr2e-4=outputs/pagoda/dlr2e-4 --ship
+                                                              # pick one of several finished runs on selection seeds
 
 The generators come from one ``python -m optimize pagoda model=patches8 stages=3`` run with the defaults of
 conf/method/pagoda.yaml (``--run RUN_FOLDER``; trained here when it holds no generators); the scores are that run's
@@ -32,10 +34,14 @@ sys.path.insert(0, str(REPO))
 
 from optimize import pagoda  # noqa: E402
 from optimize.cli import compose_config  # noqa: E402
-from optimize.results import read_results, verdict  # noqa: E402
-from samplers.nets import read_net_header  # noqa: E402
+from optimize.results import read_results, verdict, write_csv  # noqa: E402
+from optimize.seeds import VAL_SEED_OFFSET, seed_range  # noqa: E402
+from samplers import SolverTable  # noqa: E402
+from samplers.nets import load_denoiser, read_net_header  # noqa: E402
 
 RES = [8, 16, 32]
+CANDIDATE_NOTES = {"pool": "d_downsample=pool (the first runs' D)", "strided": "d_downsample=strided, d_lr 1e-3",
+                   "strided-dlr2e-4": "d_downsample=strided, d_lr 2e-4"}
 DOCS, PAGE = REPO / "docs" / "results" / "pagoda", REPO / "docs" / "results-pagoda.md"
 PATCHES_CSV = REPO / "docs" / "results" / "patches" / "results.csv"
 KEYS = [("fd_train_main", "FD train"), ("fd_heldout_main", "FD held-out"), ("fd_train_b", "FD-b train"),
@@ -50,6 +56,42 @@ def train(run: Path, overrides: list[str]) -> None:
     cfg = compose_config(["method=pagoda", "model=patches8", "stages=3", f"out_dir={run}", "evaluate_at_end=false", *overrides])
     pagoda.validate(cfg)
     pagoda.run(cfg)
+
+
+def select(cfg: Any, candidates: dict[str, Path], n_select: int) -> tuple[str, dict[str, float]]:
+    """The candidate run whose 32x32 generator has the lowest FD (main features) against the training-region crops on
+    the selection seeds VAL_SEED_OFFSET.. (never the evaluation seeds), the rule results_learned.select picks tables by."""
+    from optimize.evaluate import evaluate
+
+    judge = pagoda.judge_at(cfg.model, RES[-1], n_boot=0)
+    main = next(iter(judge.features))
+    sel = judge.restricted(splits=["train"], features=[main], n_boot=0)
+    seeds = seed_range(VAL_SEED_OFFSET, 0, n_select)
+    scores = {}
+    for label, run in candidates.items():
+        gen = load_denoiser(str(run / "pagoda-patches32.safetensors"))
+        tab = SolverTable.load(str(run / "pagoda-patches32-1nfe.safetensors"), fingerprint=gen.fingerprint())
+        scores[label] = float(evaluate(gen, tab, judge=sel, shape=gen.shape, seeds=seeds)[f"fd_train_{main}"])
+        print(f"select {label} ({run}): FD train {main} on {n_select} selection seeds {scores[label]:.4g}", flush=True)
+    return min(scores, key=scores.get), scores
+
+
+def variants_section(candidates: dict[str, Path], scores: dict[str, float], chosen: str, n_select: int) -> str:
+    """The candidate runs side by side: the selection score and each run's evaluation row at 32x32 with its paired
+    difference to the upsampled teacher (the evaluation seeds; reported, not used to pick)."""
+    lines = ["| run | settings | FD train, selection seeds | FD train | FD held-out | FD-b train | FD-b held-out | "
+             "FD-b train vs upsampled teacher |", "|---|---|---|---|---|---|---|---|"]
+    for label, run in candidates.items():
+        row = next(r for r in read_results(str(run / "results.csv")) if int(r["resolution"]) == RES[-1] and r["method"].startswith("pagoda"))
+        d, se = row.get("dfd_train_b_vs_upsampled"), row.get("dfd_train_b_vs_upsampled_se")
+        lines.append(f"| {label}{' (chosen)' if label == chosen else ''} | {CANDIDATE_NOTES.get(label, '')} | {scores[label]:.3g} | "
+                     + " | ".join(_pm(row, k) for k in ("fd_train_main", "fd_heldout_main", "fd_train_b", "fd_heldout_b"))
+                     + f" | {d:+.3g} ± {se:.2g} ({verdict(d, se)}) |")
+    return (f"\n## Discriminator variants\n\nThree runs that differ only in the discriminator, the default picked by FD train "
+            f"(main features) on {n_select:,} selection seeds ({VAL_SEED_OFFSET:,}..), never on the evaluation seeds; the "
+            f"evaluation columns are the runs' own final evaluations (seeds 0..1999). Grids: "
+            + ", ".join(f"[{label}](results/pagoda/variants/grid-{label}.png)" for label in candidates) + ".\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def run_threads(run: Path) -> Any:
@@ -188,11 +230,30 @@ def main() -> None:
     parser.add_argument("--ship", action="store_true", help="copy the generators and their tables to checkpoints/")
     parser.add_argument("--note", default="", help="a sentence added to the page (e.g. how loaded the machine was)")
     parser.add_argument("--rescore", action="store_true", help="score the generators again instead of reading the run's results.csv")
+    parser.add_argument("--candidates", nargs="+", default=None, metavar="LABEL=RUN",
+                        help="finished runs to pick the reported one from (FD train on the selection seeds); replaces --run")
+    parser.add_argument("--n-select", type=int, default=1000, help="selection samples for --candidates (seeds 3,000,000+)")
     parser.add_argument("overrides", nargs="*", help="key=value settings of the training run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     run = args.run.resolve()
+    variants = ""
+    if args.candidates:
+        pairs = [c.split("=", 1) for c in args.candidates]
+        if any(len(p) != 2 or not (Path(p[1]) / "results.csv").is_file() for p in pairs):
+            parser.error("--candidates takes LABEL=RUN with a finished run folder (its generators and results.csv)")
+        candidates = {label: Path(path).resolve() for label, path in pairs}
+        chosen, scores = select(compose_config(["method=pagoda", "model=patches8"]), candidates, args.n_select)
+        run = candidates[chosen]
+        (DOCS / "variants").mkdir(parents=True, exist_ok=True)
+        write_csv([{"label": k, "run": str(v.relative_to(REPO)) if v.is_relative_to(REPO) else str(v), "settings": CANDIDATE_NOTES.get(k, ""),
+                    "n_select": args.n_select, "fd_train_main_select": scores[k], "chosen": k == chosen} for k, v in candidates.items()],
+                  str(DOCS / "variants" / "selection.csv"))
+        for label, path in candidates.items():
+            shutil.copy(path / "grid-pagoda32.png", DOCS / "variants" / f"grid-{label}.png")
+        variants = variants_section(candidates, scores, chosen, args.n_select)
+        print(f"chosen: {chosen} ({run})", flush=True)
     train(run, args.overrides)
     gens = [run / f"pagoda-patches{r}.safetensors" for r in RES]
     tabs = [run / f"pagoda-patches{r}-1nfe.safetensors" for r in RES]
@@ -217,7 +278,7 @@ def main() -> None:
             "n_pairs": 2 * int(data.get("n_data", 0)), "base_steps": int(cfg.base_steps), "steps": int(cfg.steps),
             "batch_size": int(cfg.batch_size), "threads": f"{gmeta.get('threads', run_threads(run))} thread(s)"}
     teacher32 = read_results(str(PATCHES_CSV))
-    PAGE.write_text(markdown(rows, teacher32, meta) + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))
+    PAGE.write_text(markdown(rows, teacher32, meta) + variants + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))
     print(PAGE)
     if args.ship:
         dest = REPO / "checkpoints"

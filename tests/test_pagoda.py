@@ -228,6 +228,15 @@ def test_command_exports_every_resolution_served_by_samplers_generate(tiny_teach
     np.testing.assert_allclose(arr.reshape(3, 3, 16, 16), x.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("downsample", pagoda.D_DOWNSAMPLE)
+def test_discriminator_shapes_and_one_logit_per_image(downsample: str) -> None:
+    for res in (8, 16, 32):
+        d = pagoda.Discriminator(res, 3, 8, downsample=downsample)
+        assert d(torch.randn(5, 3, res, res)).shape == (5,)
+    with pytest.raises(ValueError, match="downsample must be one of"):
+        pagoda.Discriminator(8, downsample="max")
+
+
 @pytest.mark.parametrize("args, message", [
     (["stages=0"], r"stages must be a positive integer"),
     (["data_resolution=4"], r"data_resolution \(4\) is below the teacher's resolution \(8\)"),
@@ -235,6 +244,7 @@ def test_command_exports_every_resolution_served_by_samplers_generate(tiny_teach
     (["growth=[16]"], r"growth must list a positive channel count for each of the 2 grown stages"),
     (["model=edm"], r"pagoda trains on the patches data set"),
     (["d_lr=0"], r"d_lr must be a positive number"),
+    (["d_downsample=max"], r"d_downsample must be one of strided, pool, got 'max'"),
 ])
 def test_bad_config_is_one_error_line(args: list[str], message: str, tiny_teacher: Path, cli_error) -> None:
     import re
