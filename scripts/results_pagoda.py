@@ -40,8 +40,10 @@ from samplers import SolverTable  # noqa: E402
 from samplers.nets import load_denoiser, read_net_header  # noqa: E402
 
 RES = [8, 16, 32]
-CANDIDATE_NOTES = {"pool": "d_downsample=pool (the first runs' D)", "strided": "d_downsample=strided, d_lr 1e-3",
-                   "strided-dlr2e-4": "d_downsample=strided, d_lr 2e-4"}
+CANDIDATE_NOTES = {"pool": "d_downsample=pool (the first runs' D), d_lr 1e-3; 1 thread beside another job", "strided": "d_downsample=strided, d_lr 1e-3",
+                   "strided-dlr2e-4": "d_downsample=strided, d_lr 2e-4",
+                   "strided-dlr2e-4-x2": "as strided-dlr2e-4, base_steps 10,000, steps 3,000",
+                   "strided-dlr2e-4-x4": "as strided-dlr2e-4, base_steps 20,000, steps 4,000"}
 DOCS, PAGE = REPO / "docs" / "results" / "pagoda", REPO / "docs" / "results-pagoda.md"
 PATCHES_CSV = REPO / "docs" / "results" / "patches" / "results.csv"
 KEYS = [("fd_train_main", "FD train"), ("fd_heldout_main", "FD held-out"), ("fd_train_b", "FD-b train"),
@@ -79,17 +81,22 @@ def select(cfg: Any, candidates: dict[str, Path], n_select: int) -> tuple[str, d
 def variants_section(candidates: dict[str, Path], scores: dict[str, float], chosen: str, n_select: int) -> str:
     """The candidate runs side by side: the selection score and each run's evaluation row at 32x32 with its paired
     difference to the upsampled teacher (the evaluation seeds; reported, not used to pick)."""
-    lines = ["| run | settings | FD train, selection seeds | FD train | FD held-out | FD-b train | FD-b held-out | "
-             "FD-b train vs upsampled teacher |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | settings | training | FD train, selection seeds | FD train | FD held-out | FD-b train | FD-b held-out | "
+             "FD-b train vs upsampled teacher |", "|---|---|---|---|---|---|---|---|---|"]
     for label, run in candidates.items():
-        row = next(r for r in read_results(str(run / "results.csv")) if int(r["resolution"]) == RES[-1] and r["method"].startswith("pagoda"))
+        row = next(r for r in read_results(str(DOCS / "variants" / f"results-{label}.csv")) if int(r["resolution"]) == RES[-1] and r["method"].startswith("pagoda"))
         d, se = row.get("dfd_train_b_vs_upsampled"), row.get("dfd_train_b_vs_upsampled_se")
-        lines.append(f"| {label}{' (chosen)' if label == chosen else ''} | {CANDIDATE_NOTES.get(label, '')} | {scores[label]:.3g} | "
+        _, gmeta = read_net_header(str(DOCS / "variants" / f"{label}-pagoda-patches32.safetensors"))
+        lines.append(f"| {label}{' (chosen)' if label == chosen else ''} | {CANDIDATE_NOTES.get(label, '')} | "
+                     f"{float(gmeta.get('train_seconds', float('nan'))) / 60:.1f} min"
+                     + (f" on {gmeta['threads']} thread(s)" if "threads" in gmeta else "") + f" | {scores[label]:.3g} | "
                      + " | ".join(_pm(row, k) for k in ("fd_train_main", "fd_heldout_main", "fd_train_b", "fd_heldout_b"))
                      + f" | {d:+.3g} ± {se:.2g} ({verdict(d, se)}) |")
-    return (f"\n## Discriminator variants\n\nThree runs that differ only in the discriminator, the default picked by FD train "
+    return (f"\n## Variants\n\n{len(candidates)} runs that differ in the discriminator or in their step counts (every other "
+            f"setting the default), their settings picked by FD train "
             f"(main features) on {n_select:,} selection seeds ({VAL_SEED_OFFSET:,}..), never on the evaluation seeds; the "
-            f"evaluation columns are the runs' own final evaluations (seeds 0..1999). Grids: "
+            f"evaluation columns are the runs' own final evaluations (seeds 0..1999; docs/results/pagoda/variants/results-<run>.csv, "
+            f"the runs' 32x32 generators beside them). Grids: "
             + ", ".join(f"[{label}](results/pagoda/variants/grid-{label}.png)" for label in candidates) + ".\n\n"
             + "\n".join(lines) + "\n")
 
@@ -250,8 +257,11 @@ def main() -> None:
         write_csv([{"label": k, "run": str(v.relative_to(REPO)) if v.is_relative_to(REPO) else str(v), "settings": CANDIDATE_NOTES.get(k, ""),
                     "n_select": args.n_select, "fd_train_main_select": scores[k], "chosen": k == chosen} for k, v in candidates.items()],
                   str(DOCS / "variants" / "selection.csv"))
-        for label, path in candidates.items():
+        for label, path in candidates.items():  # what the variants' rows come from: grids, scores, the 32x32 generators
             shutil.copy(path / "grid-pagoda32.png", DOCS / "variants" / f"grid-{label}.png")
+            shutil.copy(path / "results.csv", DOCS / "variants" / f"results-{label}.csv")
+            shutil.copy(path / "pagoda-patches32.safetensors", DOCS / "variants" / f"{label}-pagoda-patches32.safetensors")
+            shutil.copy(path / "pagoda-patches32-1nfe.safetensors", DOCS / "variants" / f"{label}-pagoda-patches32-1nfe.safetensors")
         variants = variants_section(candidates, scores, chosen, args.n_select)
         print(f"chosen: {chosen} ({run})", flush=True)
     train(run, args.overrides)
