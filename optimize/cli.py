@@ -462,6 +462,15 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
+def _end_distributed() -> None:
+    """Close the process group Lightning's DDP opened under torchrun: left open, gloo's threads are still running at
+    interpreter exit and now and then abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _hydra_main(args: list[str]) -> None:
     import hydra
 
@@ -481,6 +490,8 @@ def _hydra_main(args: list[str]) -> None:
             print(f"note: skipped: {err}", file=sys.stderr)
         except ConfigError as err:
             _fail(str(err))
+        finally:
+            _end_distributed()
 
     saved = sys.argv
     sys.argv = [saved[0] if saved else "optimize", *args]
