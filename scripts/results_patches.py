@@ -5,6 +5,7 @@
     python scripts/results_patches.py --sample-only --shard 0 2 # fill the sample cache (every 2nd job from 0), no scoring
     python scripts/results_patches.py                           # score every row, write the CSVs, grids and the page
     python scripts/results_patches.py --render-only             # rewrite the page from the CSVs
+    python scripts/results_patches.py --teacher-check FILE      # record a from-scratch teacher run (time, weights), render
 
 Rows, all on evaluation seeds 0..n-1 (paired): the classic solvers (karras rho 7, sigma 0.002..80; CLASSIC_NFES: NFE
 3..50 for DPM-Solver++(2M), every NFE where a learned table is compared at N and 2N), the converged teacher
@@ -205,8 +206,13 @@ def main() -> None:
     ap.add_argument("--n-select", type=int, default=1000, help="selection samples for --ship (seeds 3,000,000+)")
     ap.add_argument("--goal1-n", type=int, default=GOAL1_N, help="samples for the second measurement of goal 1 (0: skip)")
     ap.add_argument("--cached-only", action="store_true", help="score only the classic rows whose samples are cached (a CPU budget)")
+    ap.add_argument("--teacher-check", type=Path, default=None, metavar="FILE",
+                    help="record a from-scratch teacher run's file (time, weights vs the shipped teacher), then render")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.teacher_check is not None:
+        print(teacher_check(args.teacher_check), flush=True)
+        args.render_only = True
     if args.render_only:
         PAGE.write_text(render(read_results(str(OUT / "results.csv")), read_results(str(OUT / "reference.csv")), args))
         return
@@ -290,6 +296,41 @@ def main() -> None:
     plot_quality([r for r in rows if r["kind"] != "real"], str(OUT / "quality-vs-nfe.png"))
     PAGE.write_text(render(rows, refs, args))
     print(f"wrote {PAGE}")
+
+
+def teacher_check(path: Path) -> dict[str, Any]:
+    """docs/results/patches/teacher_check.csv: a from-scratch, uninterrupted ``python -m optimize teacher model=patches``
+    (its exported file ``path``): the training seconds it recorded and how far its weights are from the shipped teacher's."""
+    from safetensors.torch import load_file
+
+    from samplers.nets import read_net_header
+
+    _, meta = read_net_header(str(path))
+    new, old = load_file(str(path)), load_file(str(REPO / "checkpoints" / "edm-patches.safetensors"))
+    if set(new) != set(old):
+        raise SystemExit(f"error: {path} is not a patches teacher with the shipped teacher's layout.")
+    diff = max(float((new[k].double() - old[k].double()).abs().max()) for k in old)
+    scale = max(float(old[k].double().abs().max()) for k in old)
+    row = {"file": str(path), "steps": meta.get("steps"), "train_seconds": meta.get("train_seconds"), "threads": meta.get("threads"),
+           "max_abs_weight_difference": diff, "max_abs_weight": scale, "date": datetime.date.today().isoformat()}
+    write_csv([row], str(OUT / "teacher_check.csv"))
+    return row
+
+
+def teacher_check_text() -> str:
+    """The sentence on the from-scratch teacher run, from docs/results/patches/teacher_check.csv (none without it)."""
+    path = OUT / "teacher_check.csv"
+    if not path.is_file():
+        return ""
+    r = read_results(str(path))[0]
+    same = ("identical to the shipped file's" if r["max_abs_weight_difference"] == 0 else
+            f"not the shipped file's (largest difference {r['max_abs_weight_difference']:.2g}, largest weight "
+            f"{r['max_abs_weight']:.2g}; the shipped file's first leg ran on 1 thread, and float sums depend on the thread "
+            f"count), so this run checks the time only")
+    threads = f" on {int(r['threads'])} threads" if r.get("threads") not in (None, "") else ""
+    return (f" Checked on {r['date']}: the same command from scratch, uninterrupted, trained {int(r['steps']):,} steps in "
+            f"{r['train_seconds']:.0f} s ({r['train_seconds'] / 60:.1f} min){threads} on this 2-core machine, otherwise idle; its weights are "
+            f"{same} (`docs/results/patches/teacher_check.csv`).")
 
 
 def goal1_rows(model: Any, judge: Judge, cache: ReferenceCache, cfg: Any, seeds: list[int], n: int) -> list[dict[str, Any]]:
@@ -401,7 +442,7 @@ def render(rows: list[dict[str, Any]], refs: list[dict[str, Any]], args: argpars
         "`bash scripts/train_teachers.sh patches`): EDM-preconditioned "
         f"U-Net {teacher['config'].get('channels')} channels x {teacher['config'].get('channel_mult')}, "
         f"{teacher.get('steps')} Adam steps (lr {fmt(tcfg.lr)}) of batch {teacher.get('batch_size')} on {teacher.get('n_data')} crops, "
-        f"EMA {fmt(tcfg.ema)}. {TEACHER_TIME}\n",
+        f"EMA {fmt(tcfg.ema)}. {TEACHER_TIME}{teacher_check_text()}\n",
         f"**Feature nets** (`scripts/train_classifiers.py patches`, trained on 20,000 training-region crops only): `main` = "
         f"`features-patches.safetensors` (VGG-style CNN, heads: source photograph and 4x4 position cell; held-out accuracy "
         f"{acc(fa)}), `b` = `features-patches-b.safetensors` (strided convs, per-channel mean/std beside the "
