@@ -127,16 +127,24 @@ def learned_tables(model: str, nfe: int) -> list[tuple[str, Path]]:
     return [(label, p) for label, p in out if p.exists()]
 
 
-def select(m: Any, judge: Judge, nfe: int, n_select: int, candidates: list[tuple[str, Path]]) -> tuple[str, Path, dict[str, float]]:
-    """The candidate table with the lowest training-set FD (main features) on the selection seeds (VAL_SEED_OFFSET+)."""
+def selection_scores(judge: Judge, n_select: int, candidates: list[tuple[str, Any, SolverTable]], shape: Any,
+                     dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """The selection rule of every results page: each ``(label, denoiser, table)``'s training-set FD (main features) on
+    the selection seeds VAL_SEED_OFFSET.. (never the evaluation seeds); the lowest is picked."""
     seeds = seed_range(VAL_SEED_OFFSET, 0, n_select)
     main = next(iter(judge.features))
     sel = judge.restricted(splits=["train"], features=[main], n_boot=0)
     scores = {}
-    for label, path in candidates:
-        t = SolverTable.load(str(path), fingerprint=m.fingerprint)
-        scores[label] = float(evaluate(m.denoiser, t, judge=sel, shape=m.shape, seeds=seeds, dtype=m.dtype)[f"fd_train_{main}"])
-        print(f"select nfe={nfe} {label}: FD train (selection seeds) {scores[label]:.3g}", flush=True)
+    for label, denoiser, t in candidates:
+        scores[label] = float(evaluate(denoiser, t, judge=sel, shape=shape, seeds=seeds, dtype=dtype)[f"fd_train_{main}"])
+        print(f"select {label}: FD train {main} on {n_select} selection seeds {scores[label]:.4g}", flush=True)
+    return scores
+
+
+def select(m: Any, judge: Judge, nfe: int, n_select: int, candidates: list[tuple[str, Path]]) -> tuple[str, Path, dict[str, float]]:
+    """The candidate table of the model ``m`` at NFE ``nfe`` that ``selection_scores`` picks."""
+    scores = selection_scores(judge, n_select, [(label, m.denoiser, SolverTable.load(str(path), fingerprint=m.fingerprint))
+                                                for label, path in candidates], m.shape, m.dtype)
     label = min(scores, key=scores.get)
     return label, dict(candidates)[label], scores
 

@@ -31,11 +31,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from optimize import pagoda  # noqa: E402
 from optimize.cli import compose_config  # noqa: E402
 from optimize.results import read_results, verdict, write_csv  # noqa: E402
-from optimize.seeds import VAL_SEED_OFFSET, seed_range  # noqa: E402
+from optimize.seeds import VAL_SEED_OFFSET  # noqa: E402
 from samplers import SolverTable  # noqa: E402
 from samplers.nets import load_denoiser, read_net_header  # noqa: E402
 
@@ -61,20 +62,15 @@ def train(run: Path, overrides: list[str]) -> None:
 
 
 def select(cfg: Any, candidates: dict[str, Path], n_select: int) -> tuple[str, dict[str, float]]:
-    """The candidate run whose 32x32 generator has the lowest FD (main features) against the training-region crops on
-    the selection seeds VAL_SEED_OFFSET.. (never the evaluation seeds), the rule results_learned.select picks tables by."""
-    from optimize.evaluate import evaluate
+    """The candidate run whose 32x32 generator ``results_learned.selection_scores`` picks (FD train, main features, on
+    the selection seeds against the training-region crops)."""
+    from results_learned import selection_scores
 
-    judge = pagoda.judge_at(cfg.model, RES[-1], n_boot=0)
-    main = next(iter(judge.features))
-    sel = judge.restricted(splits=["train"], features=[main], n_boot=0)
-    seeds = seed_range(VAL_SEED_OFFSET, 0, n_select)
-    scores = {}
+    jobs = []
     for label, run in candidates.items():
         gen = load_denoiser(str(run / "pagoda-patches32.safetensors"))
-        tab = SolverTable.load(str(run / "pagoda-patches32-1nfe.safetensors"), fingerprint=gen.fingerprint())
-        scores[label] = float(evaluate(gen, tab, judge=sel, shape=gen.shape, seeds=seeds)[f"fd_train_{main}"])
-        print(f"select {label} ({run}): FD train {main} on {n_select} selection seeds {scores[label]:.4g}", flush=True)
+        jobs.append((label, gen, SolverTable.load(str(run / "pagoda-patches32-1nfe.safetensors"), fingerprint=gen.fingerprint())))
+    scores = selection_scores(pagoda.judge_at(cfg.model, RES[-1], n_boot=0), n_select, jobs, jobs[0][1].shape)
     return min(scores, key=scores.get), scores
 
 
