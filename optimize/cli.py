@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from samplers.table import MAX_SIGMA
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 MAX_CHECKED = 512  # sweep points composed and validated up front
@@ -281,21 +283,27 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(methods())}.")
     if str(cfg.model.name) not in models():
         raise ConfigError(f"unknown model {cfg.model.name!r}; valid models: {', '.join(models())}.")
-    if cfg.model.get("kind") in ("diffusers", "callable") or str(cfg.model.get("data")).startswith("folder:"):
-        from .models import check_model_spec  # a user's model, data or feature nets (fills sigma range from the model)
+    from .models import check_model_keys, check_model_spec
 
-        check_model_spec(cfg)
+    if cfg.model.get("kind") in ("diffusers", "callable") or str(cfg.model.get("data")).startswith("folder:"):
+        check_model_spec(cfg)  # a user's model, data or feature nets (fills the sigma range from a diffusers model)
+    else:
+        check_model_keys(cfg.model)
     check_typed(cfg)
     smin, smax = _check_number(cfg, "sigma_min"), _check_number(cfg, "sigma_max")
     if not 0 < smin < smax:
         raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={smin} and sigma_max={smax}.")
+    if cfg.model.get("kind") != "diffusers" and smax > MAX_SIGMA:  # a diffusers model's own range is checked above
+        raise ConfigError(f"sigma_max={smax:g} is above {MAX_SIGMA:g}, the largest noise level of a model that states "
+                          f"no range (samplers.table.MAX_SIGMA).")
     if cfg.model.get("kind") == "net" and cfg.method.get("needs_checkpoint", True):
         ckpt = resolve_path(str(cfg.model.checkpoint))
         if not ckpt.is_file():
             raise ConfigError(f"model {cfg.model.name}: checkpoint file {ckpt} does not exist "
                               f"(train it with python -m optimize teacher model={cfg.model.name} or scripts/train_teachers.sh, or set model.checkpoint=PATH).")
         check_network_file(ckpt, "model.checkpoint")
-    check_resume_file(cfg)
+    if cfg.method.get("resumable", True):  # a method without resume (ld3) says so in its own check
+        check_resume_file(cfg)
     if cfg.logger.name == "wandb":
         try:
             importlib.import_module("wandb")

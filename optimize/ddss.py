@@ -75,7 +75,7 @@ from samplers import SolverTable, baselines, sample
 from samplers.table import FORMAT_VERSION
 
 from .metrics import _poly_kernel
-from .runs import resume_path, trainer_parts
+from .runs import compare_tables, resume_path, ticks, trainer_parts
 from .seeds import VAL_SEED_OFFSET
 from .teacher import NaNLossError
 
@@ -324,14 +324,6 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
 
 
 # --- Lightning module ------------------------------------------------------------------------------
-class _Infinite(torch.utils.data.IterableDataset):
-    """Training 'batches' are just step ticks: the noise is drawn inside training_step from (seed, rank, step)."""
-
-    def __iter__(self):
-        while True:
-            yield torch.zeros(1)
-
-
 class DDSSModule(L.LightningModule):
     """A GGDM / full-table sampler trained with the KID loss through the whole sampling chain.
 
@@ -671,11 +663,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"unknown monitor {cfg.monitor!r}; valid: {', '.join(MONITORS)}.")
     if cfg.max_minutes is not None and float(cfg.max_minutes) <= 0:
         raise ConfigError(f"max_minutes must be positive or null, got {cfg.max_minutes}.")
-    for solver in as_list(cfg.compare):
-        try:
-            baselines.build(str(solver), int(nfes[0]), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
-        except ValueError as err:
-            raise ConfigError(f"compare: {err}") from None
+    compare_tables(cfg, as_list(cfg.compare), int(nfes[0]))
     try:
         initial_table(init, int(nfes[0]), bool(cfg.learn_noise), sigma_min=float(cfg.sigma_min),
                       sigma_max=float(cfg.sigma_max), schedule=str(cfg.schedule), rho=float(cfg.rho),
@@ -719,7 +707,7 @@ def _check_resume_matches(resume: Any, out_dir: str, module: DDSSModule) -> str 
     from .runs import pick_resume
 
     current = {**dict(module.hparams), **getattr(module, "run_settings", {})}
-    return pick_resume(resume, out_dir, current, ignore=("remat",))
+    return pick_resume(resume, out_dir, current, ignore=("remat",), may_be_inf=("best_score",))
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -728,7 +716,7 @@ def run(cfg: Any) -> dict[str, Any]:
     solvers of ``compare`` on the same seeds. Returns {"table": path, "rows": evaluation rows}."""
     from omegaconf import OmegaConf
 
-    from .cli import ConfigError
+    from .cli import ConfigError, as_list
     from .evaluate import Judge, evaluate_jobs, load_model
 
     if cfg.get("num_threads") is not None:
@@ -766,7 +754,7 @@ def run(cfg: Any) -> dict[str, Any]:
               f"parameters, {cfg.steps} steps of batch {cfg.batch_size} on {cfg.model.name}", flush=True)
     t0 = time.perf_counter()
     try:
-        trainer.fit(module, torch.utils.data.DataLoader(_Infinite(), batch_size=None), ckpt_path=ckpt_path,
+        trainer.fit(module, ticks(), ckpt_path=ckpt_path,
                     weights_only=True)
     except NaNLossError as err:
         raise ConfigError(str(err)) from None
@@ -777,10 +765,7 @@ def run(cfg: Any) -> dict[str, Any]:
     table = SolverTable.load(path, fingerprint=model.fingerprint)
     best = f"best validation at step {int(module.best_step)}" if int(module.best_step) >= 0 else "no validation: last table"
     print(f"ddss: {module.global_step} steps in {seconds:.0f} s ({best}) -> {path}", flush=True)
-    labels = [("ddss", table)]
-    for solver in cfg.compare:
-        labels.append((str(solver), baselines.build(str(solver), int(cfg.nfe), sigma_min=float(cfg.sigma_min),
-                                                    sigma_max=float(cfg.sigma_max), schedule=str(cfg.schedule), rho=float(cfg.rho))))
+    labels = [("ddss", table), *compare_tables(cfg, as_list(cfg.compare), int(cfg.nfe))]
     rows = (evaluate_jobs(cfg, model, judge, [(label, t, {}) for label, t in labels], batch_size=int(cfg.eval_batch_size))
             if cfg.get("evaluate_at_end", True) else [])
     table.metadata["train_seconds"] = round(seconds, 1)

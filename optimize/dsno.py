@@ -52,7 +52,7 @@ from samplers import SolverTable, baselines, make_noise, sample, schedules
 from samplers.nets import DSNOUNet, build_net, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .runs import pick_resume, resume_path, start_distillation, trainer_parts
+from .runs import compare_tables, pick_resume, resume_path, start_distillation, step_batch_index, ticks, trainer_parts
 from .seeds import DATA_SEED_OFFSET, seed_range
 from .teacher import NaNLossError
 
@@ -216,12 +216,14 @@ def trajectory(net: DSNOUNet, x: torch.Tensor, sigma: float, sigma_data: float =
 class DSNOModule(L.LightningModule):
     """The DSNO student trained on teacher trajectories; keeps EMA weights for export.
 
-    Batches are ``(noise [B, *shape], x0 [B, M, *shape])``: the student's input is ``sigma_max * noise``.
+    Batches are ``(noise [B, *shape], x0 [B, M, *shape])``: the student's input is ``sigma_max * noise``. After
+    ``attach_data`` each step draws its own batch from (seed, global step), so a resumed run continues exactly as the
+    uninterrupted one (same batches, same learning rates; tests/test_dsno.py compares the weights bit for bit).
     """
 
     def __init__(self, config: dict[str, Any], sigma_max: float = 80.0, sigma_data: float = 0.5, loss: str = "l1",
                  lr: float = 1e-3, warmup_steps: int = 100, steps: int = 1000, min_lr_ratio: float = 0.05,
-                 ema_decay: float = 0.995):
+                 ema_decay: float = 0.995, seed: int = 0):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}.")
@@ -232,6 +234,21 @@ class DSNOModule(L.LightningModule):
         self.register_buffer("weights", loss_weights(config["sigmas"]), persistent=False)
         self.history: list[list[float]] = []  # [step, loss, loss_1 .. loss_M]
         self.seconds_before = 0.0  # training time of resumed runs (from the checkpoint)
+        self.data: tuple[torch.Tensor, torch.Tensor] | None = None  # set by attach_data
+        self.batch_size = 0
+
+    def attach_data(self, data: dict[str, torch.Tensor], index: Sequence[int], batch_size: int) -> "DSNOModule":
+        """Train on ``data`` (noise and the stored x0 at positions ``index``): step t uses the batch
+        ``optimize.runs.step_batch_index`` gives for (seed, t)."""
+        self.data = (data["noise"], data["x0"][:, list(index)].contiguous())
+        self.batch_size = min(int(batch_size), len(self.data[0]))
+        return self
+
+    def step_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's ``(noise, x0)`` from the attached data (a pure function of seed and global step)."""
+        assert self.data is not None
+        idx = step_batch_index(len(self.data[0]), self.batch_size, int(self.hparams.seed), int(self.global_step))
+        return self.data[0][idx].to(self.device), self.data[1][idx].to(self.device)
 
     def init_from(self, teacher_net: nn.Module) -> "DSNOModule":
         """Copy the teacher's weights into the student and its EMA."""
@@ -250,8 +267,9 @@ class DSNOModule(L.LightningModule):
         return (self.weights * dist).mean(), dist
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """One weighted distance on a batch of trajectories; raises NaNLossError on a non-finite loss."""
-        noise, x0 = batch
+        """One weighted distance on this step's batch (the attached data's, else the loader's); raises NaNLossError
+        on a non-finite loss."""
+        noise, x0 = self.step_batch() if self.data is not None else batch
         loss, dist = self.losses(noise, x0)
         if not torch.isfinite(loss):
             raise NaNLossError(f"dsno training stopped: non-finite loss ({loss.item()}) at global step {self.global_step}.")
@@ -261,9 +279,13 @@ class DSNOModule(L.LightningModule):
         self.history.append([int(self.global_step), float(loss.detach()), *[float(v) for v in dist.detach()]])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA ``w_ema <- beta w_ema + (1 - beta) w``, beta = min(decay, (1+t)/(10+t))."""
-        beta = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the EMA update ``w_ema <- beta w_ema + (1 - beta) w``, beta = min(decay, (1+t)/(10+t))
+        with t the steps done. Here, not in on_train_batch_end: that hook runs after the checkpoint callback, so a
+        checkpoint would miss its own step's update and a resumed EMA would differ."""
+        super().optimizer_step(*args, **kwargs)
+        t = int(self.global_step) + 1  # Lightning counts the step once this hook returns
+        beta = min(self.hparams.ema_decay, (1 + t) / (10 + t))
         with torch.no_grad():
             for pe, p in zip(self.ema.parameters(), self.student.parameters()):
                 pe.lerp_(p.detach(), 1 - beta)
@@ -282,7 +304,13 @@ class DSNOModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}}
 
     def on_train_start(self) -> None:
+        """Start the clock; a resumed run with another ``steps`` takes this step's learning rate from the new schedule
+        (the restored optimizer holds the rate the old schedule set)."""
         self._fit_start = time.perf_counter()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
 
     def train_seconds(self) -> float:
         """Training wall time of this run plus that of the runs it resumed."""
@@ -301,13 +329,6 @@ class DSNOModule(L.LightningModule):
         """Save the EMA student as a network file (``samplers.nets.load_denoiser`` serves it)."""
         meta = {"trainer": "optimize.dsno", "global_step": int(self.global_step), **(extra_metadata or {})}
         return save_net(self.ema, self.config, path, extra_metadata=meta)
-
-
-def data_loader(data: dict[str, torch.Tensor], index: Sequence[int], batch_size: int, seed: int = 0) -> torch.utils.data.DataLoader:
-    """Shuffled (seeded), drop-last loader of ``(noise, x0 at the M output times)``."""
-    ds = torch.utils.data.TensorDataset(data["noise"], data["x0"][:, list(index)].contiguous())
-    gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=min(batch_size, len(ds)), shuffle=True, drop_last=True, generator=gen)
 
 
 # --- loss curve ------------------------------------------------------------------------------------
@@ -384,11 +405,10 @@ def validate(cfg: Any) -> None:
     try:
         data_table(str(cfg.data_solver), int(cfg.data_steps), float(cfg.sigma_min), float(cfg.sigma_max), float(cfg.rho))
         baselines.build(str(cfg.ref_solver), int(cfg.ref_nfe), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
-        for solver in as_list(cfg.compare):
-            for nfe in as_list(cfg.compare_nfe):
-                baselines.build(str(solver), int(nfe), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    for nfe in as_list(cfg.compare_nfe):
+        compare_tables(cfg, as_list(cfg.compare), int(nfe))
     path = resume_path(cfg.get("resume"))
     if path is not None and not os.path.isfile(path):
         raise ConfigError(f"resume checkpoint {path} does not exist.")
@@ -400,7 +420,7 @@ def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int])
     config = student_config(teacher_config, sigmas, int(cfg.modes), bool(cfg.temporal), shape)
     return DSNOModule(config, sigma_max=float(cfg.sigma_max), sigma_data=float(teacher_config.get("sigma_data", 0.5)),
                       loss=str(cfg.loss), lr=float(cfg.lr), warmup_steps=int(cfg.warmup_steps), steps=int(cfg.steps),
-                      min_lr_ratio=float(cfg.min_lr_ratio), ema_decay=float(cfg.ema))
+                      min_lr_ratio=float(cfg.min_lr_ratio), ema_decay=float(cfg.ema), seed=int(cfg.seed))
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -423,7 +443,7 @@ def run(cfg: Any) -> dict[str, Any]:
     print(f"dsno data: {len(data['noise'])} teacher trajectories ({settings['solver']}, {settings['nfe']} NFE) "
           f"in {data_path} ({data_seconds:.0f} s)", flush=True)
     module = build_module(cfg, teacher_config, model.shape).init_from(teacher_net)
-    index = store_index(int(cfg.M))
+    module.attach_data(data, store_index(int(cfg.M)), int(cfg.batch_size))
     # resume= is read with weights_only (never unpickles code) and continues only a run with the same settings;
     # steps may differ (extending a run: the cosine decay follows the new total from the resumed step on)
     module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint}
@@ -437,7 +457,7 @@ def run(cfg: Any) -> dict[str, Any]:
           f"temporal={bool(cfg.temporal)} ({n_temporal:,} temporal parameters), {cfg.steps} steps of batch {cfg.batch_size}", flush=True)
     t1 = time.perf_counter()
     try:
-        trainer.fit(module, data_loader(data, index, int(cfg.batch_size), int(cfg.seed)), ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(module, ticks(), ckpt_path=ckpt_path, weights_only=True)
     except NaNLossError as err:
         raise ConfigError(str(err)) from None
     train_seconds = module.train_seconds() if module.global_step else time.perf_counter() - t1
@@ -465,10 +485,8 @@ def run(cfg: Any) -> dict[str, Any]:
         ref = reference_solve(model, float(cfg.sigma_max), float(cfg.sigma_min), seeds, cache, str(cfg.ref_solver), int(cfg.ref_nfe),
                               batch_size=int(cfg.eval_batch_size))
         jobs = [("dsno", student, SolverTable.load(table_path, fingerprint=student.fingerprint()))]
-        for solver in as_list(cfg.compare):
-            for nfe in as_list(cfg.compare_nfe):
-                jobs.append((str(solver), model.denoiser, baselines.build(str(solver), int(nfe), sigma_min=float(cfg.sigma_min),
-                                                                          sigma_max=float(cfg.sigma_max), rho=float(cfg.rho))))
+        for nfe in as_list(cfg.compare_nfe):
+            jobs += [(label, model.denoiser, table) for label, table in compare_tables(cfg, as_list(cfg.compare), int(nfe))]
         for label, den, table in jobs:
             r = evaluate(den, table, judge=judge, shape=model.shape, seeds=seeds, reference=ref, dtype=model.dtype,
                          batch_size=int(cfg.eval_batch_size))

@@ -20,25 +20,38 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from samplers import SolverTable, baselines, make_noise, sample
+from samplers import SolverTable, TableError, baselines, make_noise, sample
+from samplers.table import first_nonfinite
 
 from .cli import ConfigError, SkipPoint, as_list, resolve_path
 from .judge import REAL_N, Features, Judge, feature_maps  # noqa: F401 - re-exported
 from .metrics import ReferenceCache, reference_rmse
 from .models import Model, load_model  # noqa: F401 - re-exported
+from .paths import path_inside, slug
 from .results import format_table, log_wandb, plot_quality, read_results, save_samples, write_results  # noqa: F401
 from .seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range
 
 
 # --- sampling and evaluation -----------------------------------------------------------------
+class NonFiniteSamples(FloatingPointError):
+    """A table on a model produced NaN or infinite samples; the message names the evaluation, its sigma and the seed."""
+
+
 def draw(table: SolverTable, denoiser: Any, shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32,
          device: str = "cpu", batch_size: int = 500) -> torch.Tensor:
-    """Samples for ``seeds`` (in batches; each sample depends only on its seed), on the CPU."""
+    """Samples for ``seeds`` (in batches; each sample depends only on its seed), on the CPU; NonFiniteSamples when a
+    batch leaves the finite numbers (checked once per batch)."""
     out = []
     with torch.no_grad():
         for b in range(0, len(seeds), batch_size):
-            noise = make_noise(table, shape, seeds[b:b + batch_size], dtype=dtype, device=device)
-            out.append(sample(table, denoiser, noise).cpu())
+            batch = list(seeds[b:b + batch_size])
+            noise = make_noise(table, shape, batch, dtype=dtype, device=device)
+            x = sample(table, denoiser, noise)
+            if not bool(torch.isfinite(x).all()):
+                where, i = first_nonfinite(table, denoiser, noise)
+                raise NonFiniteSamples(f"{table.metadata.get('method', 'table')} at NFE {table.nfe} gave NaN or infinite "
+                                       f"samples at {where}, first for seed {batch[i]}")
+            out.append(x.cpu())
     return torch.cat(out)
 
 
@@ -68,8 +81,6 @@ def evaluate(denoiser: Any, table: SolverTable, *, judge: Judge, shape: Sequence
     t0 = time.perf_counter()
     x = draw(table, denoiser, shape, seeds, dtype, device, batch_size)
     seconds = time.perf_counter() - t0
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(f"{table.metadata.get('method', 'table')} at NFE {table.nfe} produced non-finite samples.")
     rmse = reference_rmse(x, reference) if reference is not None else None
     return {"nfe": table.nfe, "ref_rmse": rmse, **judge.score(x), "seconds": seconds, "samples": x}
 
@@ -112,7 +123,7 @@ def _tables(cfg: Any, fingerprint: str | None = None) -> list[tuple[str, SolverT
             table = SolverTable.load(str(path), fingerprint=fingerprint)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        return [(str(table.metadata.get("method", path.stem)), table)]
+        return [(slug(str(table.metadata.get("method", path.stem))), table)]  # a label from a file: never a path
     out = []
     for solver in as_list(cfg.solver):
         _check_solver_options(str(solver), options)
@@ -187,6 +198,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(m.n_boot))
     jobs: list[tuple[str, SolverTable, dict[str, Any]]] = []
     for label, table in _tables(cfg, model.fingerprint):
+        check_table_for(table, model, str(cfg.table or label))
         if m.table:
             jobs.append((label, table, {}))
             continue
@@ -197,10 +209,27 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     return evaluate_jobs(cfg, model, judge, jobs)
 
 
+def check_table_for(table: SolverTable, model: Model, name: str) -> None:
+    """ConfigError unless ``table`` suits the model (sigmas in its range, a one-step student's table size)."""
+    try:
+        table.check_for(model.denoiser)
+    except TableError as err:
+        raise ConfigError(f"{name}: {err}") from None
+
+
 def evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, SolverTable, dict[str, Any]]],
                   batch_size: int | None = None) -> list[dict[str, Any]]:
     """Score every (label, table, extra columns) on the evaluation seeds (paired), print the table and write
-    results.csv/json, sample grids and (several NFE) the quality-vs-NFE plot to ``cfg.out_dir``."""
+    results.csv/json, sample grids and (several NFE) the quality-vs-NFE plot to ``cfg.out_dir``. Labels become
+    safe file names (``optimize.paths.slug``); a non-finite sample is one ConfigError naming where it appeared."""
+    try:
+        return _evaluate_jobs(cfg, model, judge, jobs, batch_size)
+    except NonFiniteSamples as err:
+        raise ConfigError(f"{err}; the model or table is unusable there (nothing of this evaluation was written)") from None
+
+
+def _evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, SolverTable, dict[str, Any]]],
+                   batch_size: int | None = None) -> list[dict[str, Any]]:
     m, device = cfg, str(cfg.device)
     batch = int(batch_size or m.batch_size)
     out_dir = str(cfg.out_dir)
@@ -208,24 +237,38 @@ def evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, So
     seeds = seed_range(EVAL_SEED_OFFSET, int(cfg.seed), int(m.n))
     cache = ReferenceCache(str(resolve_path(str(m.cache_dir))))
     rows: list[dict[str, Any]] = []
+    samples_by_row: list[tuple[str, torch.Tensor]] = []  # written once every row has sampled (a failure writes none)
     refs: dict[float, torch.Tensor] = {}
+    for label, table, info in jobs:
+        check_table_for(table, model, label)
     for label, table, info in jobs:
         s0 = start_sigma(table)
         if table.metadata.get("teacher_fingerprint") not in (None, model.fingerprint):
             s0 = None  # a student distilled from another model: a long solve with the student as denoiser means nothing
         if s0 is not None and s0 not in refs:
-            refs[s0] = reference_solve(model, s0, float(cfg.model.sigma_min), seeds, cache, str(m.ref_solver), int(m.ref_nfe),
-                                       device, batch)
+            try:
+                refs[s0] = reference_solve(model, s0, float(cfg.model.sigma_min), seeds, cache, str(m.ref_solver),
+                                           int(m.ref_nfe), device, batch)
+            except NonFiniteSamples as err:
+                raise NonFiniteSamples(f"the reference solve ({m.ref_solver}, {m.ref_nfe} NFE): {err}") from None
         r = evaluate(model.denoiser, table, judge=judge, shape=model.shape, seeds=seeds, reference=refs.get(s0),
                      dtype=model.dtype, device=device, batch_size=batch)
         samples = r.pop("samples")
         row = {"method": label, "model": model.name, **r, **info}
         rows.append(row)
-        save_samples(samples[: int(m.grid)], os.path.join(out_dir, f"samples-{label}-nfe{table.nfe}.png"))
+        samples_by_row.append((f"samples-{slug(label)}-nfe{table.nfe}.png", samples[: int(m.grid)]))
     print(format_table(rows))
-    write_results(rows, out_dir, cfg)
+    writes = [(name, lambda g=grid, p=path_inside(out_dir, name): save_samples(g, p)) for name, grid in samples_by_row]
+    writes.append(("results.csv and results.json", lambda: write_results(rows, out_dir, cfg)))
     if len({r["nfe"] for r in rows}) > 1:
-        plot_quality(rows, os.path.join(out_dir, "quality-vs-nfe.png"))
+        writes.append(("quality-vs-nfe.png", lambda: plot_quality(rows, os.path.join(out_dir, "quality-vs-nfe.png"))))
+    for i, (name, write) in enumerate(writes):
+        try:
+            write()
+        except OSError as err:
+            lost = ", ".join(n for n, _ in writes[i:])
+            raise ConfigError(f"writing {name} in {out_dir} failed ({err.strerror or err}); the results table above was "
+                              f"printed, {i} file(s) before it were written, not written: {lost}") from None
     if cfg.logger.name == "wandb":
         log_wandb(rows, cfg)
     return rows

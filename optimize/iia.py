@@ -31,7 +31,6 @@ the grid refined ``substeps`` times, from the same initial noise, read at the co
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -40,6 +39,7 @@ import torch
 
 from samplers import SolverTable, baselines, make_noise, sample
 
+from .paths import path_inside, slug
 from .seeds import FIT_SEED_OFFSET, seed_range
 
 VARIANTS = {"edm": "heun", "ddim": "euler", "dpmpp": "dpmpp_2m", "generic": None, "full": None, "free": None}
@@ -515,7 +515,7 @@ def run(cfg: Any) -> list[str]:
         base = given if given is not None else baselines.build(
             base_name, int(nfe), schedule=str(cfg.schedule), rho=float(cfg.rho), sigma_min=float(cfg.sigma_min),
             sigma_max=float(cfg.sigma_max), end=str(cfg.get("end", "zero")))
-        base_label = base_name if given is None else str(given.metadata.get("method", base_name))
+        base_label = base_name if given is None else slug(str(given.metadata.get("method", base_name)))  # from a file
         fitter = IIAFitter(model.denoiser, base, variant=variant, target=str(cfg.target), substeps=int(cfg.substeps),
                            ridge=float(cfg.ridge), fine_solver=None if cfg.fine_solver is None else str(cfg.fine_solver))
         trainer = L.Trainer(accelerator=accelerator, devices=int(cfg.devices), logger=False, enable_model_summary=False,
@@ -532,7 +532,7 @@ def run(cfg: Any) -> list[str]:
         if not trainer.is_global_zero:
             continue
         stem = f"iia-{variant}" + ("" if given is None else f"-{base_label}")
-        path = os.path.join(str(cfg.out_dir), f"{stem}-{model.name}-nfe{table.nfe}.safetensors")
+        path = path_inside(str(cfg.out_dir), f"{stem}-{model.name}-nfe{table.nfe}.safetensors")
         table.save(path)
         print(f"wrote {path} (fit {table.metadata['fit_seconds']} s)", flush=True)
         paths.append(path)

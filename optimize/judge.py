@@ -132,14 +132,14 @@ def _is_target(entry: Any) -> bool:
 def _feature_target(entry: Any, device: str) -> Features:
     """``function()`` of a callable entry: a feature map ``f(x [B, *shape]) -> [B, D]`` (a torch module is put on the
     device in eval mode)."""
-    from .models import import_target
+    from .models import describe, import_target
 
     try:
         fn = import_target(str(entry), "features")()
     except ConfigError:
         raise
-    except Exception as err:
-        raise ConfigError(f"features: {entry} raised {type(err).__name__}: {' '.join(str(err).split())[:200]}.") from None
+    except BaseException as err:  # user code: an exception, sys.exit or KeyboardInterrupt is one error line
+        raise ConfigError(f"features: {entry} raised {describe(err)}.") from None
     if isinstance(fn, torch.nn.Module):
         fn = fn.to(device).eval().requires_grad_(False)
     if not callable(fn):

@@ -27,6 +27,10 @@ smallest gap between consecutive ``lambda_j``, the paper's window (its time mode
 The coefficients of the base solver are a function of the step sigmas computed by ``baselines.build`` (numpy, float64);
 their derivative is its central difference in log sigma (``_compile``), so the runtime's one set of compilers serves
 both sampling and learning. Sampling runs through ``samplers.sample``.
+
+No resume: a fit is a pure function of its settings (seeded noises, fixed data order, no wall-clock limit), so a
+killed run is rerun with the same command and gives a bit-identical table (tests/test_ld3.py). A model that leaves the
+finite numbers (teacher solve or fit) stops the run with one sentence naming the evaluation and its sigma.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ import torch
 from torch import nn
 
 from samplers import SolverTable, baselines, make_noise, sample
+from samplers.table import first_nonfinite
 
 from .seeds import FIT_SEED_OFFSET, seed_range
+from .teacher import NaNLossError
 
 BASES = ("unipc", "dpmpp_2m", "dpmpp_3m", "ipndm", "euler")  # one evaluation per step
 FD_STEP = 1e-6  # central-difference step in log sigma for the coefficient Jacobian
@@ -148,8 +154,14 @@ class LD3Fitter:
             return _compile(self.base, self.options, step, ev, metadata)
 
     def losses(self, table: SolverTable, e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        dtype = target.dtype
-        x = sample(table, self.denoiser, e.to(dtype)[None], self.cond)
+        """Per-sample L2 of ``table``'s samples from ``e`` to ``target``; NaNLossError where a sample is not finite."""
+        noise = e.to(target.dtype)[None]
+        x = sample(table, self.denoiser, noise, self.cond)
+        if not torch.isfinite(x).all():
+            with torch.no_grad():
+                where, i = first_nonfinite(table, self.denoiser, noise.detach(), self.cond)
+            raise NaNLossError(f"ld3 stopped at iteration {self.iterations}: the {self.base} table gave NaN or infinite "
+                               f"samples at {where}, first in noise {i} of the batch; the model is unusable there.")
         return l2_per_sample(x, target)
 
     # state -----------------------------------------------------------------------------------------
@@ -226,6 +238,9 @@ class LD3Fitter:
                 self.opt1.zero_grad(set_to_none=True)
                 self.opt2.zero_grad(set_to_none=True)
                 self.iterations += 1
+                if not (torch.isfinite(self.steps.logits).all() and torch.isfinite(self.steps.offsets).all()):
+                    raise NaNLossError(f"ld3 stopped at iteration {self.iterations}: the learned sigmas became NaN or "
+                                       f"infinite (the model's gradient was not finite).")
                 if self._examine(v1):
                     return True
             if e_new is not None:
@@ -258,12 +273,23 @@ def check_teacher(solver: str, nfe: Any) -> None:
 
 
 def teacher_targets(denoiser: Any, e: torch.Tensor, solver: str, nfe: int, sigma_min: float, sigma_max: float,
-                    batch_size: int = 500, cond: Any = None) -> torch.Tensor:
-    """The fine teacher solve from unit noises ``e [B, *shape]`` (LD3's data: a 20-NFE UniPC solve)."""
+                    batch_size: int = 500, cond: Any = None, seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """The fine teacher solve from unit noises ``e [B, *shape]`` (LD3's data: a 20-NFE UniPC solve); NaNLossError
+    naming the evaluation, its sigma and the first bad noise (its seed when ``seeds`` are given) where it leaves the
+    finite numbers."""
     end = "zero" if solver in ("heun", "tada") else "sigma_min"
     table = baselines.build(solver, nfe, sigma_min=sigma_min, sigma_max=sigma_max, end=end)
+    out = []
     with torch.no_grad():
-        return torch.cat([sample(table, denoiser, part[None], cond) for part in e.split(batch_size)])
+        for b, part in zip(range(0, len(e), batch_size), e.split(batch_size)):
+            y = sample(table, denoiser, part[None], cond)
+            if not torch.isfinite(y).all():
+                where, i = first_nonfinite(table, denoiser, part[None], cond)
+                first = f"seed {seeds[b + i]}" if seeds is not None else f"noise {b + i}"
+                raise NaNLossError(f"ld3 stopped before fitting: the teacher solve ({solver}, {nfe} NFE) gave NaN or "
+                                   f"infinite values at {where}, first for {first}; the model is unusable there.")
+            out.append(y)
+    return torch.cat(out)
 
 
 def fit(denoiser: Any, shape: Sequence[int], base: str, nfe: int, *, n_train: int = 50, n_valid: int = 50,
@@ -274,7 +300,7 @@ def fit(denoiser: Any, shape: Sequence[int], base: str, nfe: int, *, n_train: in
     seeds = seed_range(FIT_SEED_OFFSET, int(seed), int(n_train) + int(n_valid))
     e = make_noise(1, shape, seeds, dtype=torch.float64)[0]
     t0 = time.perf_counter()
-    y = teacher_targets(denoiser, e.to(dtype), teacher_solver, int(teacher_nfe), sigma_min, sigma_max).to(dtype)
+    y = teacher_targets(denoiser, e.to(dtype), teacher_solver, int(teacher_nfe), sigma_min, sigma_max, seeds=seeds).to(dtype)
     teacher_seconds = time.perf_counter() - t0
     fitter = LD3Fitter(denoiser, base, nfe, train=(e[:n_train], y[:n_train]), valid=(e[n_train:], y[n_train:]),
                        sigma_min=sigma_min, sigma_max=sigma_max, seed=seed, **kw)
@@ -296,7 +322,11 @@ def validate(cfg: Any) -> None:
     """LD3 checks made before any work (called by the CLI)."""
     from .cli import ConfigError, as_list
     from .evaluate import validate as validate_evaluate
+    from .runs import compare_tables
 
+    if cfg.get("resume") not in (None, False):
+        raise ConfigError(f"ld3 has no resume (got resume={cfg.resume}): rerun the same command; its result is "
+                          f"bit-identical.")
     validate_evaluate(cfg)
     if str(cfg.base) not in BASES:
         raise ConfigError(f"ld3 base must be one of {', '.join(BASES)}, got {cfg.base!r}.")
@@ -313,14 +343,17 @@ def validate(cfg: Any) -> None:
             baselines.check_nfe(str(cfg.base), nfe)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        compare_tables(cfg, as_list(cfg.get("compare") or []), int(nfe))
 
 
 def run(cfg: Any) -> list[str]:
     """`python -m optimize ld3`: fit, save ``<out_dir>/ld3-<base>-<model>-nfe<N>.safetensors`` and a sigma plot, then
-    evaluate it beside its base solver (both end conventions) on the evaluation seeds."""
-    from .cli import as_list
+    evaluate it beside its base solver (both end conventions) and the ``compare`` classics on the evaluation seeds.
+    A killed run is rerun with the same command (bit-identical: see the module docstring)."""
+    from .cli import ConfigError, as_list
     from .ddss import plot_sigmas
     from .evaluate import Judge, evaluate_jobs, load_model
+    from .runs import compare_tables
 
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
@@ -338,11 +371,14 @@ def run(cfg: Any) -> list[str]:
         def report(r: int, best: float) -> None:
             print(f"  round {r + 1}: best validation L2 {best:.4g}", flush=True)
 
-        table, _ = fit(model.denoiser, model.shape, base, nfe, n_train=int(cfg.n_train), n_valid=int(cfg.n_valid),
-                       seed=int(cfg.fit_seed), teacher_solver=str(cfg.teacher_solver), teacher_nfe=int(cfg.teacher_nfe),
-                       sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max), dtype=model.dtype,
-                       rounds_v1=int(cfg.rounds_v1), rounds_v2=int(cfg.rounds_v2), progress=report,
-                       window=float(cfg.window), batch_size=int(cfg.ld3_batch_size), patience=int(cfg.patience))
+        try:
+            table, _ = fit(model.denoiser, model.shape, base, nfe, n_train=int(cfg.n_train), n_valid=int(cfg.n_valid),
+                           seed=int(cfg.fit_seed), teacher_solver=str(cfg.teacher_solver), teacher_nfe=int(cfg.teacher_nfe),
+                           sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max), dtype=model.dtype,
+                           rounds_v1=int(cfg.rounds_v1), rounds_v2=int(cfg.rounds_v2), progress=report,
+                           window=float(cfg.window), batch_size=int(cfg.ld3_batch_size), patience=int(cfg.patience))
+        except NaNLossError as err:
+            raise ConfigError(f"nfe {nfe}: {err}") from None
         table.metadata.update({"model": model.name, "model_fingerprint": model.fingerprint})
         path = os.path.join(out_dir, f"ld3-{base}-{model.name}-nfe{nfe}.safetensors")
         table.save(path)
@@ -351,8 +387,11 @@ def run(cfg: Any) -> list[str]:
                     path.replace(".safetensors", "-sigmas.png"))
         print(f"wrote {path} (fit {table.metadata['fit_seconds']} s, {table.metadata['ld3']['iterations']} steps)", flush=True)
         paths.append(path)
-        jobs += [(base, baselines.build(base, nfe, sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max)), {}),
-                 (f"{base}(end=sigma_min)", plain, {}), (f"ld3-{base}", table, {})]
+        own = [(base, baselines.build(base, nfe, sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))),
+               (f"{base}(end=sigma_min)", plain)]
+        others = [(label, t) for label, t in compare_tables(cfg, as_list(cfg.get("compare") or []), nfe)
+                  if label not in dict(own)]
+        jobs += [(label, t, {}) for label, t in [*own, *others, (f"ld3-{base}", table)]]
     if cfg.evaluate and jobs:
         judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
         evaluate_jobs(cfg, model, judge, jobs)

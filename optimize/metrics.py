@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -374,7 +375,11 @@ class ReferenceCache:
         if not torch.isfinite(out).all():
             raise ValueError(f"reference solve ({solver}, nfe {nfe}) has non-finite values; not caching it.")
         self.computed += 1
-        atomic_save({"reference": out}, path, {"format": "optimize.reference", **key})
+        try:
+            atomic_save({"reference": out}, path, {"format": "optimize.reference", **key})
+        except OSError as err:  # a cache: the run goes on without it (disk full, read-only folder)
+            print(f"note: could not cache the reference solve in {self.folder} ({err.strerror or err}); "
+                  f"it will be computed again next time.", file=sys.stderr)
         return out
 
     @staticmethod

@@ -6,7 +6,7 @@
 - ``gmm``: the analytic Gaussian mixture;
 - ``diffusers``: a LOCAL diffusers folder (``model.path``: ``unet/`` + ``scheduler/``, or one folder holding both
   configs) with a ``UNet2DModel`` predicting epsilon, v or the sample, read with safetensors only
-  (``samplers.denoisers.load_diffusers``); class-conditional nets take ``model.label`` (one class) or
+  (``samplers.models.load_diffusers``); class-conditional nets take ``model.label`` (one class) or
   ``model.label_weights`` (a distribution over classes), and ``model.guidance=w`` applies classifier-free guidance
   towards the label against the net's null class ``model.null_label`` (default: its last class embedding);
 - ``callable``: ``model.target=package.module:function`` (or ``path/to/file.py:function``) called with
@@ -15,7 +15,9 @@
 
 ``check_model_spec(cfg)`` makes every check that needs no sampling (called by ``optimize.cli.validate`` before any
 work): a bad spec is one ConfigError sentence. For ``diffusers`` it also fills ``model.sigma_min`` / ``sigma_max``
-left null with the range of the model's own noise schedule.
+left null with the range of the model's own noise schedule. The folder checks are ``samplers.models``' (shared with
+``python -m samplers generate``). Every kind's denoiser is watched: its first call is timed (a ``note:`` line) and
+``model.timeout_s`` (null: no limit) stops a call that runs longer.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from samplers.denoisers import CFGDenoiser, InnerRange, _module_fingerprint, fingerprint_tensors
+from samplers.models import WatchedDenoiser, check_labels, check_sample_shape, check_timeout, diffusers_spec, load_diffusers
 
 from . import data as datasets
 from .cli import ConfigError, as_list, resolve_path
@@ -52,38 +55,65 @@ NEEDS_DATA = ("ddss",)
 
 
 def load_model(mcfg: Any, device: str = "cpu") -> Model:
-    """The model of a ``conf/model/*.yaml`` config (see the module docstring for the kinds)."""
+    """The model of a ``conf/model/*.yaml`` config (see the module docstring for the kinds), its denoiser watched
+    (``samplers.models.WatchedDenoiser``: the first call timed on stderr, ``model.timeout_s`` enforced)."""
+    timeout = check_model_keys(mcfg)
     dtype = getattr(torch, str(mcfg.get("dtype", "float32")))
     if mcfg.kind == "gmm":
-        gmm = datasets.gmm_model(tuple(mcfg.shape), int(mcfg.components), int(mcfg.model_seed))
-        return Model(str(mcfg.name), gmm, tuple(gmm.shape), gmm.fingerprint(), dtype)
-    if mcfg.kind == "diffusers":
-        return _load_diffusers(mcfg, device, dtype)
-    if mcfg.kind == "callable":
-        den, shape = call_target(mcfg, device)
-        fp = den.fingerprint() if callable(getattr(den, "fingerprint", None)) else _callable_fingerprint(mcfg, den)
-        return Model(str(mcfg.name), den, shape, str(fp), dtype)
-    if mcfg.kind != "net":
-        raise ConfigError(f"model {mcfg.name}: unknown kind {mcfg.kind!r}; valid kinds: {', '.join(KINDS)}.")
-    from samplers.nets import load_denoiser
+        shape = _checked_shape(mcfg.get("shape"), "model.shape")
+        gmm = datasets.gmm_model(shape, int(mcfg.components), int(mcfg.model_seed))
+        model = Model(str(mcfg.name), gmm, tuple(gmm.shape), gmm.fingerprint(), dtype)
+    elif mcfg.kind == "diffusers":
+        model = _load_diffusers(mcfg, device, dtype)
+    elif mcfg.kind == "callable":
+        den, shape, fp = _checked_target(mcfg, device)
+        model = Model(str(mcfg.name), den, shape, fp, dtype)
+    elif mcfg.kind == "net":
+        from samplers.nets import load_denoiser
 
-    path = resolve_path(str(mcfg.checkpoint))
-    if not path.is_file():
-        raise ConfigError(f"model {mcfg.name}: checkpoint file {path} does not exist.")
-    den = load_denoiser(str(path), device=device).to(dtype)
-    return Model(str(mcfg.name), den, tuple(den.shape), den.fingerprint(), dtype)
+        path = resolve_path(str(mcfg.checkpoint))
+        if not path.is_file():
+            raise ConfigError(f"model {mcfg.name}: checkpoint file {path} does not exist.")
+        den = load_denoiser(str(path), device=device).to(dtype)
+        model = Model(str(mcfg.name), den, tuple(den.shape), den.fingerprint(), dtype)
+    else:
+        raise ConfigError(f"model {mcfg.name}: unknown kind {mcfg.kind!r}; valid kinds: {', '.join(KINDS)}.")
+    model.denoiser = WatchedDenoiser(model.denoiser, timeout, error=ConfigError)
+    return model
+
+
+def check_model_keys(m: Any) -> float | None:
+    """Keys every model kind has: ``model.timeout_s`` (a positive number of seconds, or null for no limit)."""
+    try:
+        return check_timeout(m.get("timeout_s"), "model.timeout_s")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _checked_shape(shape: Any, key: str) -> tuple[int, ...]:
+    try:
+        return check_sample_shape(shape)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def check_model_spec(cfg: Any) -> None:
-    """Checks of a ``diffusers`` or ``callable`` model spec and of the data a method needs, before any work."""
+    """Checks of a model spec (``model.timeout_s``; a ``diffusers`` folder or a ``callable`` target, whose pre-check
+    calls the user's code once) and of the data a method needs, before any work."""
     m = cfg.model
+    check_model_keys(m)
     if m.kind == "diffusers":
         info = diffusers_info(m)
         for key, value in (("sigma_min", info["sigma_min"]), ("sigma_max", info["sigma_max"])):
             if m.get(key) is None:
                 m[key] = value  # the model's own range unless given
+        top = cfg.get("sigma_max")
+        if isinstance(top, (int, float)) and not isinstance(top, bool) and top > info["sigma_max"] * (1 + 1e-6):
+            raise ConfigError(f"sigma_max={top:g} is above the largest noise level of the model at {m.path} "
+                              f"({info['sigma_max']:.6g}, from its noise schedule); leave model.sigma_max null for the "
+                              f"model's own range.")
     elif m.kind == "callable":
-        call_target(m, "cpu")
+        _checked_target(m, "cpu")
     data = m.get("data")
     if data is not None and str(data).startswith("folder:"):
         from .folder_data import check_folder
@@ -102,96 +132,30 @@ def check_model_spec(cfg: Any) -> None:
 
 
 # --- diffusers folders ---------------------------------------------------------------------------
-def _folders(path: Path) -> tuple[Path, Path]:
-    if (path / "unet" / "config.json").is_file():
-        return path / "unet", path / "scheduler"
-    return path, path
-
-
 def diffusers_info(m: Any) -> dict[str, Any]:
-    """Everything checkable about ``model.path`` without building the net: folder, class, weights (safetensors),
-    prediction type, time embedding, class conditioning against label / label_weights / guidance; the sigma range."""
-    from samplers.denoisers import PREDICTION_TYPES
-
+    """Everything checkable about ``model.path`` without building the net (``samplers.models.diffusers_spec``, shared
+    with ``python -m samplers generate``), class conditioning against label / label_weights / guidance; the sigma range."""
     if m.get("path") in (None, ""):
         raise ConfigError(f"model {m.name}: set model.path=DIR (a local diffusers folder with unet/ and scheduler/).")
-    root = resolve_path(str(m.path))
-    if not root.is_dir():
-        raise ConfigError(f"model.path={m.path}: folder {root} does not exist.")
-    unet_dir, sched_dir = _folders(root)
-    if not (unet_dir / "config.json").is_file():
-        raise ConfigError(f"model.path={m.path}: no UNet config.json in {root} or {root / 'unet'}.")
-    if not (sched_dir / "scheduler_config.json").is_file():
-        raise ConfigError(f"model.path={m.path}: no scheduler_config.json in {sched_dir}.")
     try:
-        ucfg = json.loads((unet_dir / "config.json").read_text())
-        scfg = json.loads((sched_dir / "scheduler_config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.path={m.path}: unreadable config ({err}).") from None
-    if not isinstance(ucfg, dict) or not isinstance(scfg, dict):
-        raise ConfigError(f"model.path={m.path}: config.json and scheduler_config.json must hold JSON objects.")
-    cls = ucfg.get("_class_name")
-    if cls != "UNet2DModel":
-        raise ConfigError(f"model.path={m.path}: {unet_dir / 'config.json'} describes a {cls}, but model=diffusers "
-                          f"supports UNet2DModel only (use model=callable for other networks).")
-    if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
-        raise ConfigError(f"model.path={m.path}: no diffusion_pytorch_model.safetensors in {unet_dir} "
-                          f"(weights are read with safetensors only, never unpickled).")
-    pred = scfg.get("prediction_type", "epsilon")
-    if pred not in PREDICTION_TYPES:
-        raise ConfigError(f"model.path={m.path}: prediction_type {pred!r} is not supported; supported: "
-                          f"{', '.join(PREDICTION_TYPES)}.")
-    if ucfg.get("time_embedding_type", "positional") == "fourier":
-        raise ConfigError(f"model.path={m.path}: a score-SDE (Fourier time) UNet is not a discrete-time VP model.")
-    _check_labels(m, ucfg.get("num_class_embeds"), ucfg.get("class_embed_type"))
-    try:
-        from samplers.diffusers_scheduler import alphas_cumprod_of
-
-        abar = alphas_cumprod_of(scfg)
+        spec = diffusers_spec(resolve_path(str(m.path)))
     except ImportError:
         raise ConfigError("model=diffusers needs the diffusers package (pip install -e .[dev]).") from None
-    except Exception as err:  # diffusers rejects the schedule (unknown beta_schedule, ...)
-        raise ConfigError(f"model.path={m.path}: scheduler config not usable ({' '.join(str(err).split())[:200]}).") from None
-    sigmas = ((1 - abar) / abar).sqrt()
-    size = ucfg.get("sample_size", 32)
-    size = [size, size] if isinstance(size, int) else list(size)
-    return {"unet_dir": unet_dir, "prediction_type": pred, "sigma_min": round(float(sigmas[0]), 12),
-            "sigma_max": round(float(sigmas[-1]), 12), "shape": (int(ucfg.get("in_channels", 3)), *map(int, size)),
-            "num_class_embeds": ucfg.get("num_class_embeds")}
+    except ValueError as err:
+        raise ConfigError(f"model.path={m.path}: {err}") from None
+    weights = m.get("label_weights")
+    try:
+        check_labels(spec.classes, spec.class_embed_type, label=m.get("label"), guidance=m.get("guidance"),
+                     label_weights=None if weights is None else as_list(weights), null_label=m.get("null_label"),
+                     net=f"the net at {m.path}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    sigmas = spec.sigmas
+    return {"unet_dir": spec.unet_dir, "prediction_type": spec.prediction_type, "sigma_min": round(float(sigmas[0]), 12),
+            "sigma_max": round(float(sigmas[-1]), 12), "shape": spec.shape, "num_class_embeds": spec.classes}
 
 
-def _check_labels(m: Any, classes: Any, embed_type: Any) -> None:
-    label, weights, guidance = m.get("label"), m.get("label_weights"), m.get("guidance")
-    if not classes:
-        if embed_type is not None:
-            raise ConfigError(f"model.path={m.path}: class_embed_type {embed_type!r} is not supported (only num_class_embeds).")
-        for key, v in (("label", label), ("label_weights", weights), ("guidance", guidance)):
-            if v is not None:
-                raise ConfigError(f"model.{key} is set, but the net at {m.path} is not class-conditional (no num_class_embeds).")
-        return
-    classes = int(classes)
-    null = m.get("null_label")
-    if (label is None) == (weights is None):
-        raise ConfigError(f"the net at {m.path} is class-conditional ({classes} class embeddings): set exactly one of "
-                          f"model.label=K or model.label_weights=[p_0, ...].")
-    if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes):
-        raise ConfigError(f"model.label must be an integer in [0, {classes}), got {label!r}.")
-    if weights is not None:
-        w = as_list(weights)
-        ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in w)
-        if not ok or not w or len(w) > classes or sum(w) <= 0:
-            raise ConfigError(f"model.label_weights must be 1..{classes} non-negative numbers with a positive sum, got {list(w)!r}.")
-    if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise ConfigError(f"model.guidance must be a number (the CFG scale w) or null, got {guidance!r}.")
-        null = classes - 1 if null is None else null
-        if isinstance(null, bool) or not isinstance(null, int) or not 0 <= null < classes:
-            raise ConfigError(f"model.null_label must be an integer in [0, {classes}) naming the net's null class, got {null!r}.")
-        if label == null:
-            raise ConfigError(f"model.label={label} is the null class used for guidance; pick another label.")
-
-
-class LabelDenoiser(torch.nn.Module):
+class LabelDenoiser(InnerRange, torch.nn.Module):
     """A class-conditional denoiser with its labels fixed: one class, or a distribution assigned by position in the
     batch (a stratified golden-ratio sequence, so every batch carries the distribution; a sample's label depends on
     its position, so keep batch boundaries fixed when pairing runs)."""
@@ -213,19 +177,15 @@ class LabelDenoiser(torch.nn.Module):
         return self.denoiser(x, sigma, self.labels(x.shape[0], x.device) if cond is None else cond)
 
     def fingerprint(self) -> str:
-        from samplers.denoisers import fingerprint_tensors
-
         cdf = None if self.cdf is None else [round(float(c), 12) for c in self.cdf]
         return fingerprint_tensors({}, config={"base": self.denoiser.fingerprint(), "label": self.label, "cdf": cdf, **self.extra})
 
 
 def _load_diffusers(m: Any, device: str, dtype: torch.dtype) -> Model:
-    from samplers.denoisers import CFGDenoiser, load_diffusers
-
     info = diffusers_info(m)
     try:
         den = load_diffusers(str(resolve_path(str(m.path))), device=device, dtype=torch.float32)
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError) as err:
         raise ConfigError(f"model.path={m.path}: {' '.join(str(err).split())[:300]}") from None
     if info["num_class_embeds"]:
         classes = int(info["num_class_embeds"])
@@ -242,11 +202,22 @@ def _load_diffusers(m: Any, device: str, dtype: torch.dtype) -> Model:
 
 
 # --- callables -------------------------------------------------------------------------------------
-_CALLED: dict[str, tuple[Any, tuple[int, ...]]] = {}
+# Importing a target, calling it, calling its denoiser and its fingerprint() run the user's code: every exception
+# there, SystemExit (sys.exit) and KeyboardInterrupt included, becomes one ConfigError sentence naming the key.
+_CALLED: dict[str, tuple[Any, tuple[int, ...], str]] = {}
+
+
+def describe(err: BaseException) -> str:
+    """An exception from user code in a few words: ``RuntimeError: message``, ``SystemExit (sys.exit(0))``."""
+    if isinstance(err, SystemExit):
+        return f"SystemExit (sys.exit({err.code!r}))"
+    text = " ".join(str(err).split())[:200]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def import_target(spec: str, key: str) -> Any:
-    """The object named by ``package.module:attr`` or ``path/to/file.py:attr``; ConfigError naming ``key`` otherwise."""
+    """The object named by ``package.module:attr`` or ``path/to/file.py:attr``; ConfigError naming ``key`` otherwise.
+    Importing runs the module's code (see docs/byo-model.md, Security)."""
     spec = str(spec)
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
@@ -268,13 +239,18 @@ def import_target(spec: str, key: str) -> Any:
             module = importlib.import_module(mod_name)
     except ConfigError:
         raise
-    except Exception as err:  # ImportError, or the module's own code failing
-        raise ConfigError(f"{key}={spec}: cannot import {mod_name} ({type(err).__name__}: {' '.join(str(err).split())[:200]}).") from None
+    except BaseException as err:  # ImportError, or the module's own code failing or exiting
+        raise ConfigError(f"{key}={spec}: cannot import {mod_name} ({describe(err)}).") from None
     obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{key}={spec}: {mod_name} has no attribute {attr!r}.")
-        obj = getattr(obj, part)
+    try:
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise ConfigError(f"{key}={spec}: {mod_name} has no attribute {attr!r}.")
+            obj = getattr(obj, part)
+    except ConfigError:
+        raise
+    except BaseException as err:  # a module __getattr__ or property of the user's
+        raise ConfigError(f"{key}={spec}: looking up {attr} raised {describe(err)}.") from None
     if not callable(obj):
         raise ConfigError(f"{key}={spec}: {attr} is not callable.")
     return obj
@@ -293,9 +269,17 @@ def _kwargs(m: Any) -> dict[str, Any]:
 
 def call_target(m: Any, device: str = "cpu") -> tuple[Any, tuple[int, ...]]:
     """``model.target(**model.kwargs)`` checked: ``(denoiser, shape)`` with a callable denoiser and a shape of positive
-    ints, and one call on two samples returns a finite tensor of that shape. Cached per (target, kwargs, device)."""
+    ints within ``samplers.models.MAX_SAMPLE_ELEMENTS``, one call on two samples (watched: ``model.timeout_s``) returns
+    a finite tensor of that shape, and ``fingerprint()`` (if any) returns a string. Cached per (target, kwargs, device)."""
+    den, shape, _ = _checked_target(m, device)
+    return den, shape
+
+
+def _checked_target(m: Any, device: str) -> tuple[Any, tuple[int, ...], str]:
+    """``call_target``'s (denoiser, shape) and the denoiser's fingerprint."""
     if m.get("target") in (None, ""):
         raise ConfigError(f"model {m.name}: set model.target=package.module:function (returning a denoiser and its sample shape).")
+    timeout = check_model_keys(m)
     kw = _kwargs(m)
     key = json.dumps([str(m.target), kw, device], sort_keys=True, default=str)
     if key in _CALLED:
@@ -303,8 +287,8 @@ def call_target(m: Any, device: str = "cpu") -> tuple[Any, tuple[int, ...]]:
     fn = import_target(str(m.target), "model.target")
     try:
         out = fn(**kw)
-    except Exception as err:
-        raise ConfigError(f"model.target={m.target} raised {type(err).__name__}: {' '.join(str(err).split())[:200]}.") from None
+    except BaseException as err:
+        raise ConfigError(f"model.target={m.target} raised {describe(err)}.") from None
     if isinstance(out, dict) and {"denoiser", "shape"} <= set(out):
         out = (out["denoiser"], out["shape"])
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -313,32 +297,41 @@ def call_target(m: Any, device: str = "cpu") -> tuple[Any, tuple[int, ...]]:
     if not callable(den):
         raise ConfigError(f"model.target={m.target} returned a {type(den).__name__} as denoiser; it must be callable D(x, sigma, cond=None).")
     try:
-        shape = tuple(int(s) for s in shape)
-        ok = len(shape) >= 1 and all(s > 0 for s in shape) and all(int(s) == s for s in out[1])
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ConfigError(f"model.target={m.target} returned shape {out[1]!r}; it must be a sequence of positive integers.")
-    if isinstance(den, torch.nn.Module):
-        den = den.to(device).eval().requires_grad_(False)
-    x = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0), device=device) * 2.0
+        shape = check_sample_shape(shape)
+    except ValueError as err:
+        raise ConfigError(f"model.target={m.target}: {err}") from None
+    watched = WatchedDenoiser(den, timeout, what=f"the denoiser of model.target={m.target}", error=ConfigError, report=False)
+    x = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0)).to(device) * 2.0
     try:
+        if isinstance(den, torch.nn.Module):
+            den = den.to(device).eval().requires_grad_(False)
+            watched.denoiser = den
         with torch.no_grad():
-            d = den(x, torch.tensor([2.0, 0.5], device=device))
-    except Exception as err:
+            d = watched(x, torch.tensor([2.0, 0.5], device=device))
+    except ConfigError:
+        raise
+    except BaseException as err:
         raise ConfigError(f"model.target={m.target}: the denoiser failed on a test batch of shape {tuple(x.shape)} "
-                          f"({type(err).__name__}: {' '.join(str(err).split())[:200]}).") from None
+                          f"({describe(err)}).") from None
     if not isinstance(d, torch.Tensor) or tuple(d.shape) != tuple(x.shape):
         got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
         raise ConfigError(f"model.target={m.target}: D(x, sigma) must return a tensor shaped like x {tuple(x.shape)}, got {got}.")
     if not torch.isfinite(d).all():
         raise ConfigError(f"model.target={m.target}: D(x, sigma) returned non-finite values on a test batch.")
-    _CALLED[key] = (den, shape)
-    return den, shape
+    fp = _target_fingerprint(m, den)
+    _CALLED[key] = (den, shape, fp)
+    return den, shape, fp
 
 
-def _callable_fingerprint(m: Any, den: Any) -> str:
-    """Hash of the target, its kwargs and (a torch module) its state dict."""
-    from samplers.denoisers import _module_fingerprint
-
-    return _module_fingerprint(den, {}, {"target": str(m.target), "kwargs": _kwargs(m)})
+def _target_fingerprint(m: Any, den: Any) -> str:
+    """The denoiser's own ``fingerprint()`` (a string), else a hash of the target, its kwargs and (a torch module)
+    its state dict."""
+    try:
+        method = getattr(den, "fingerprint", None)
+        if callable(method):
+            return str(method())
+        return _module_fingerprint(den, {}, {"target": str(m.target), "kwargs": _kwargs(m)})
+    except ConfigError:
+        raise
+    except BaseException as err:
+        raise ConfigError(f"model.target={m.target}: the denoiser's fingerprint() raised {describe(err)}.") from None

@@ -45,10 +45,11 @@ from samplers import SolverTable, baselines, sample, schedules
 from samplers.nets import PaGoDAGenerator, build_net, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .runs import pick_resume, resume_path, start_distillation, trainer_parts
+from .runs import pick_resume, resume_path, start_distillation, ticks, trainer_parts
 from .teacher import NaNLossError
 
 PATCH_RESOLUTIONS = (8, 16, 32)  # optimize.data.patches
+PATCH_CHANNELS = 3  # the patches are RGB
 
 
 # --- stage 1: latents by the teacher's ODE run forward --------------------------------------------------------------
@@ -418,14 +419,6 @@ class PaGoDAModule(L.LightningModule):
         return save_net(net, cfg, path, extra_metadata=meta)
 
 
-class _Ticks(torch.utils.data.IterableDataset):
-    """Endless placeholders: the module draws each step's batch itself."""
-
-    def __iter__(self):
-        while True:
-            yield torch.zeros(1)
-
-
 def one_step_table(sigma_max: float, metadata: dict[str, Any] | None = None) -> SolverTable:
     """The generator's 1-NFE table: ``x_0 = sigma_max e_0``, output ``d_0`` (the output row reads only d)."""
     from .dsno import one_step_table as table
@@ -493,6 +486,10 @@ def validate(cfg: Any) -> None:
     config = read_net_header(str(teacher))[0]
     if config.get("arch") != "unet":
         raise ConfigError(f"pagoda copies a U-Net teacher; {teacher} holds a {config.get('arch')!r} network.")
+    channels = config.get("in_channels", 1)
+    if channels != PATCH_CHANNELS or config.get("out_channels") not in (None, PATCH_CHANNELS):
+        raise ConfigError(f"pagoda grows a teacher of the RGB patches ({PATCH_CHANNELS} channels); model.checkpoint {teacher} "
+                          f"takes {channels} channel(s) (use model=patches8).")
     r = int(config.get("resolution", 8))
     data_res = cfg.data_resolution
     if isinstance(data_res, bool) or not isinstance(data_res, int):
@@ -518,8 +515,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"d_downsample must be one of {', '.join(D_DOWNSAMPLE)}, got {cfg.d_downsample!r}.")
     if not float(cfg.d_lr) > 0 or not float(cfg.pixel_weight) >= 0:
         raise ConfigError(f"need d_lr > 0 and pixel_weight >= 0, got {cfg.d_lr} and {cfg.pixel_weight}.")
-    if cfg.rec_features is not None and not resolve_path(str(cfg.rec_features)).is_file():
-        raise ConfigError(f"rec_features {cfg.rec_features} does not exist (a patch_cnn feature-net file, or null for pixels only).")
+    if cfg.rec_features is not None:
+        rec_features_net(resolve_path(str(cfg.rec_features)))
     if cfg.rec_features is None and float(cfg.pixel_weight) == 0:
         raise ConfigError("rec_features=null and pixel_weight=0 leave no reconstruction loss.")
     path = resume_path(cfg.get("resume"))
@@ -539,11 +536,38 @@ def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int])
                         d_downsample=str(cfg.d_downsample))
 
 
+def rec_features_net(path: Any) -> nn.Module:
+    """The patch_cnn feature net of ``rec_features=PATH``; one ConfigError for anything else (a missing file, a pickle
+    or other non-safetensors file, which is never unpickled, a table or network file, another feature architecture)."""
+    from safetensors import safe_open
+
+    from .classifier import CLASSIFIER_FORMAT, load_classifier
+    from .cli import ConfigError
+
+    expect = "a patch_cnn feature-net file such as checkpoints/features-patches.safetensors, or null for pixels only"
+    if not os.path.isfile(path):
+        raise ConfigError(f"rec_features {path} does not exist ({expect}).")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        arch = json.loads(header.get("config", "{}")).get("arch") if header.get("format") == CLASSIFIER_FORMAT else None
+    except Exception:  # noqa: BLE001 - not a readable safetensors file (a pickle is never loaded)
+        raise ConfigError(f"rec_features {path} is not a safetensors feature-net file (expected {expect}; "
+                          f"pickles are never loaded).") from None
+    if header.get("format") != CLASSIFIER_FORMAT:
+        raise ConfigError(f"rec_features {path} is not a feature-net file (format {header.get('format')!r}); expected {expect}.")
+    if arch != "patch_cnn":
+        raise ConfigError(f"rec_features {path} holds a {arch!r} feature net; the reconstruction loss needs {expect}.")
+    try:
+        return load_classifier(str(path))
+    except Exception as err:  # noqa: BLE001 - truncated or mismatched weights: one sentence
+        raise ConfigError(f"rec_features {path} is unreadable ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__}).") from None
+
+
 def rec_distance(cfg: Any) -> FeatureDistance:
-    from .classifier import load_classifier
     from .cli import resolve_path
 
-    net = load_classifier(str(resolve_path(str(cfg.rec_features)))) if cfg.rec_features is not None else None
+    net = rec_features_net(resolve_path(str(cfg.rec_features))) if cfg.rec_features is not None else None
     return FeatureDistance(net, float(cfg.pixel_weight))
 
 
@@ -587,7 +611,7 @@ def run(cfg: Any) -> dict[str, Any]:
           f"{cfg.batch_size} (the progress bar counts 2 optimiser steps per step) "
           f"(generator {sum(p.numel() for p in module.generator.parameters()):,} parameters, {n_grown:,} grown)", flush=True)
     try:
-        trainer.fit(module, torch.utils.data.DataLoader(_Ticks(), batch_size=None), ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(module, ticks(), ckpt_path=ckpt_path, weights_only=True)
     except NaNLossError as err:
         raise ConfigError(str(err)) from None
     train_seconds = module.train_seconds()

@@ -1,5 +1,6 @@
-"""Lightning pieces every training command shares: CSV (and optional offline wandb) logs, checkpoints, time cap,
-and safe resuming (checkpoints are read with ``torch.load(weights_only=True)``: nothing is ever unpickled)."""
+"""Pieces every training command shares: Lightning CSV (and optional offline wandb) logs, checkpoints, an optional
+time cap, step-seeded batches, safe resuming (checkpoints are read with ``torch.load(weights_only=True)``: nothing is
+ever unpickled), and the classic solvers a learner is compared with (``compare`` entries ``SOLVER[:END]``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import warnings
 from typing import Any, Iterable
 
 import lightning as L
+import torch
 
 KEEP_CHECKPOINTS = 2  # step checkpoints kept beside last.ckpt (the fallback when last.ckpt is truncated)
 
@@ -20,8 +22,6 @@ def start_distillation(cfg: Any) -> tuple[str, Any, Any, dict[str, Any]]:
     """The preamble of a student's run (DSNO, PaGoDA): torch threads (``num_threads``), seeds, the run folder, and the
     teacher twice, as the model the judges sample and as its raw network file (the student's initialisation).
     Returns ``(out_dir, model, teacher_net, teacher_config)``."""
-    import torch
-
     from samplers.nets import load_net
 
     from .cli import resolve_path
@@ -37,11 +37,72 @@ def start_distillation(cfg: Any) -> tuple[str, Any, Any, dict[str, Any]]:
     return out_dir, model, teacher_net, teacher_config
 
 
+class Ticks(torch.utils.data.IterableDataset):
+    """Training 'batches' that are only step ticks: a module that draws each step's batch itself from (seed, step)
+    continues a resumed run exactly (a shuffling loader would restart its permutation)."""
+
+    def __iter__(self):
+        while True:
+            yield torch.zeros(1)
+
+
+def ticks() -> torch.utils.data.DataLoader:
+    """An endless loader of step ticks for ``trainer.fit``."""
+    return torch.utils.data.DataLoader(Ticks(), batch_size=None)
+
+
+def step_batch_index(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of training step ``step``'s batch among ``n`` items: batch ``step mod E`` of epoch ``step // E``'s
+    permutation seeded by (seed, epoch), E = n // batch_size. A pure function of the step, so a resumed run sees the
+    batches the uninterrupted run would (the rule of ``optimize.teacher.TeacherModule.step_batch``)."""
+    batch_size = min(int(batch_size), int(n))
+    epoch, j = divmod(int(step), max(1, int(n) // batch_size))
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + epoch) % 2**63)
+    return torch.randperm(int(n), generator=gen)[j * batch_size:(j + 1) * batch_size]
+
+
+def compare_entry(entry: Any, end: str = "zero") -> tuple[str, str, str]:
+    """``(solver, end, label)`` of a solver entry ``SOLVER`` (convention ``end``) or ``SOLVER:END`` (END: zero, EDM's
+    last evaluation at sigma_min then a step to 0; sigma_min, landing there unevaluated as DPM-Solver and LD3 do). The
+    label is the solver, with ``(end=sigma_min)`` for that convention (the results' row names)."""
+    from samplers.baselines import ENDS
+
+    from .cli import ConfigError
+
+    solver, sep, tail = str(entry).partition(":")
+    end = tail if sep else str(end)
+    if end not in ENDS:
+        raise ConfigError(f"compare entry {str(entry)!r}: the end convention after ':' must be one of {', '.join(ENDS)}, "
+                          f"got {end!r}.")
+    return solver, end, solver if end == "zero" else f"{solver}(end={end})"
+
+
+def compare_tables(cfg: Any, entries: Iterable[Any], nfe: int) -> list[tuple[str, Any]]:
+    """``(label, table)`` of each classic ``compare`` entry (``compare_entry``; a bare solver is EDM's ``end=zero``
+    whatever the run's ``end``, so ``SOLVER:sigma_min`` always means the other convention) at ``nfe`` on the run's
+    schedule (``schedule``, ``rho``, ``sigma_min``, ``sigma_max``), once per label. A bad entry is one ConfigError."""
+    from samplers import baselines
+
+    from .cli import ConfigError
+
+    out: dict[str, Any] = {}
+    for entry in entries:
+        solver, end, label = compare_entry(entry)
+        if label in out:
+            continue
+        try:
+            out[label] = baselines.build(solver, int(nfe), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max),
+                                         schedule=str(cfg.get("schedule", "karras")), rho=float(cfg.get("rho", 7.0)), end=end)
+        except ValueError as err:
+            raise ConfigError(f"compare: {err}") from None
+    return list(out.items())
+
+
 def trainer_parts(cfg: Any, out_dir: str) -> dict[str, Any]:
     """``logger``, ``callbacks`` and ``max_time`` for ``L.Trainer``: CSV logs in ``<out_dir>/logs`` (plus wandb
     when ``logger=wandb``), checkpoints every ``cfg.checkpoint_every`` steps in ``<out_dir>/lightning``
     (``last.ckpt``, what ``resume=`` reads, and the last KEEP_CHECKPOINTS ``step-NNNNNN.ckpt`` to fall back on),
-    and the ``cfg.max_minutes`` wall-clock cap."""
+    and a wall-clock cap only when ``cfg.max_minutes`` is set (off by default: the result must not depend on load)."""
     loggers: list[Any] = [L.pytorch.loggers.CSVLogger(out_dir, name="logs", version="")]
     if cfg.logger.name == "wandb":
         loggers.append(L.pytorch.loggers.WandbLogger(project=str(cfg.logger.project), offline=cfg.logger.mode == "offline",
@@ -105,8 +166,6 @@ class CheckpointUnreadable(Exception):
 def load_checkpoint(path: str) -> dict[str, Any]:
     """A Lightning checkpoint read with ``weights_only=True`` (tensors and plain data only; a pickle that needs
     code is refused, never run). Raises CheckpointUnreadable with one sentence naming the file."""
-    import torch
-
     if not os.path.isfile(path):
         raise CheckpointUnreadable(f"resume checkpoint {path} does not exist.")
     if not os.access(path, os.R_OK):
@@ -186,13 +245,46 @@ def first_difference(saved: dict[str, Any], current: dict[str, Any], ignore: Ite
     return None
 
 
-def pick_resume(resume: Any, out_dir: str, current: dict[str, Any], ignore: Iterable[str] = ()) -> str | None:
+def nonfinite_entry(ckpt: dict[str, Any], may_be_inf: Iterable[str] = ()) -> str | None:
+    """The first module tensor (``state_dict``) or optimiser-state tensor of a checkpoint that holds NaN, or +-inf
+    (allowed in the ``may_be_inf`` state_dict keys, e.g. a best score not yet set); None when all are finite."""
+    allowed = set(may_be_inf)
+
+    def bad(value: torch.Tensor, inf_ok: bool) -> bool:
+        if not value.is_floating_point():
+            return False
+        return bool(torch.isnan(value).any()) if inf_ok else not bool(torch.isfinite(value).all())
+
+    for key, value in (ckpt.get("state_dict") or {}).items():
+        if isinstance(value, torch.Tensor) and bad(value, key in allowed):
+            return str(key)
+    for i, opt in enumerate(ckpt.get("optimizer_states") or []):
+        for param, state in ((opt.get("state") or {}) if isinstance(opt, dict) else {}).items():
+            for name, value in (state.items() if isinstance(state, dict) else ()):
+                if isinstance(value, torch.Tensor) and bad(value, False):
+                    return f"the optimiser state ({name} of parameter {param} of optimiser {i})"
+    return None
+
+
+def _check_finite(path: str, ckpt: dict[str, Any], may_be_inf: Iterable[str]) -> None:
+    from .cli import ConfigError
+
+    key = nonfinite_entry(ckpt, may_be_inf)
+    if key is not None:
+        raise ConfigError(f"resume checkpoint {path} (step {ckpt.get('global_step', '?')}) holds NaN or infinite values "
+                          f"in {key}; it cannot be continued: resume from an earlier checkpoint or drop resume.")
+
+
+def pick_resume(resume: Any, out_dir: str, current: dict[str, Any], ignore: Iterable[str] = (),
+                may_be_inf: Iterable[str] = ()) -> str | None:
     """The checkpoint to resume from, read safely and checked against this run's settings.
 
     ``resume=PATH``: that checkpoint (a truncated last.ckpt falls back to the previous good one, with a note);
     its settings must match ``current`` or it is a ConfigError naming the first differing key.
     ``resume=true``: the run folder's own checkpoint, else the newest sibling run whose settings match; none
     matching is a ConfigError naming the first difference of the newest one. Never unpickles code.
+    The chosen checkpoint must hold finite weights and optimiser state (``nonfinite_entry``), or it is a ConfigError
+    naming the tensor: a NaN run is not continued.
     """
     from .cli import ConfigError
 
@@ -207,6 +299,7 @@ def pick_resume(resume: Any, out_dir: str, current: dict[str, Any], ignore: Iter
         diff = first_difference(settings_of(ckpt), current, ignore)
         if diff:
             raise ConfigError(f"resume checkpoint {path} belongs to another run: {diff}.")
+        _check_finite(path, ckpt, may_be_inf)
         return path
     candidates = _run_candidates(out_dir)
     if not candidates:
@@ -222,6 +315,7 @@ def pick_resume(resume: Any, out_dir: str, current: dict[str, Any], ignore: Iter
             continue
         diff = first_difference(settings_of(ckpt), current, ignore)
         if diff is None:
+            _check_finite(path, ckpt, may_be_inf)
             return path
         first_reason = first_reason or f"{path}: {diff}"
     raise ConfigError(f"resume=true found no earlier run with the same settings to continue ({first_reason}); "

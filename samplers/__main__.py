@@ -11,7 +11,9 @@ size. Every user error is one ``error: ...`` line on stderr and exit status 2, f
 where it can be. (torchrun's own parser rejects ``--n`` as an ambiguous abbreviation of its options, hence
 the ``--num-samples`` spelling.)
 
-Faults: each finished batch is written at once as an atomic shard in ``.<out>.partial/`` beside ``--out``;
+Faults: each finished batch is written at once as an atomic shard in ``.<out>.partial/`` beside ``--out``, named
+with its SHA-256 so that ``--resume`` samples a damaged shard again instead of merging it; a full disk stops the run
+with one error line that says which batches were kept;
 rerunning the same command with ``--resume`` samples only the missing batches, and the final output is
 byte-identical to an uninterrupted run. The output folder (samples.npz + grid.png) appears as one unit
 (temporary folder + rename); a folder that already holds results is replaced only with ``--overwrite``.
@@ -25,6 +27,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -36,10 +39,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import __version__, baselines, denoisers, nets
+from . import __version__, baselines, denoisers, models, nets
 from .artifact import atomic_write_bytes
 from .images import write_png_grid
-from .table import SolverTable, TableError, make_noise, sample
+from .table import MAX_SIGMA, SolverTable, TableError, first_nonfinite, make_noise, sample
 
 SHIPPED_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "edm-digits.safetensors")
 
@@ -109,26 +112,29 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[Any
         fingerprint = model.fingerprint()
         return model.to(device=device, dtype=dtype), tuple(model.shape), fingerprint
     if kind == "diffusers" and arg:
-        try:
-            model = denoisers.load_diffusers(arg, device=device)
+        try:  # every check of samplers.models.diffusers_spec first, then the weights (ValueError sentences)
+            model = models.load_diffusers(arg, device=device)
         except (ValueError, OSError, ImportError) as err:
-            raise UserError(str(err).strip().splitlines()[0]) from None
+            raise UserError(f"--model {spec}: {' '.join(str(err).split())}") from None
         fingerprint = model.fingerprint()
-        size = model.model.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return model.to(dtype=dtype), (int(model.model.config.in_channels), *map(int, size)), fingerprint
+        return model.to(dtype=dtype), tuple(model.shape), fingerprint
     raise UserError(f"unknown model {spec!r}; valid: gmm, gmm-ring, edm, edm:PATH, diffusers:DIR.")
 
 
 def check_label(model: Any, label: int | None) -> None:
-    """``--label`` needs a class-conditional net and a label in its range."""
+    """``--label`` needs a class-conditional net and a label in its range; a class-conditional diffusers net needs one."""
+    unet_config = getattr(getattr(model, "model", None), "config", None)
+    if unet_config is not None:  # diffusers UNet2DModel: the check optimize makes (samplers.models.check_labels)
+        try:
+            models.check_labels(getattr(unet_config, "num_class_embeds", None), getattr(unet_config, "class_embed_type", None),
+                                label=label, prefix="--", net="this diffusers net", how="add --label K")
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        return
     if label is None:
         return
     config = getattr(model, "config", None)
     classes = config.get("num_classes", 0) if isinstance(config, dict) else 0
-    unet_config = getattr(getattr(model, "model", None), "config", None)
-    if unet_config is not None:  # diffusers UNet2DModel
-        classes = getattr(unet_config, "num_class_embeds", None) or 0
     if classes <= 0:
         raise UserError(f"--label {label} needs a class-conditional model; this one is unconditional.")
     if not 0 <= label < classes:
@@ -136,7 +142,16 @@ def check_label(model: Any, label: int | None) -> None:
 
 
 def make_table(args: argparse.Namespace, model: Any, fingerprint: str | None) -> SolverTable:
-    """The table from ``--table`` (fingerprint-checked) or compiled from ``--solver``/``--nfe``."""
+    """The table from ``--table`` (fingerprint-checked) or compiled from ``--solver``/``--nfe``, checked against the
+    model (``SolverTable.check_for``: sigmas in its range, a one-step student's table size)."""
+    table = _table_of(args, model, fingerprint)
+    try:
+        return table.check_for(model)
+    except TableError as err:
+        raise UserError(f"{args.table or f'--solver {args.solver}'}: {err}") from None
+
+
+def _table_of(args: argparse.Namespace, model: Any, fingerprint: str | None) -> SolverTable:
     if (args.table is None) == (args.solver is None):
         raise UserError("give either --table FILE or --solver NAME with --nfe N (exactly one of --table and --solver).")
     if args.table is not None:
@@ -198,7 +213,6 @@ def _device(name: str | None, world: int, local_rank: int) -> torch.device:
 
 # --- limits --------------------------------------------------------------------------------------
 MAX_NFE = 10_000  # the table holds (N+1) x (K+2N) float64 coefficients and is planned in O(N^2) on the host
-MAX_SIGMA = 1e4  # largest sigma for a model that does not state its range (beyond it float32 sampling overflows)
 MAX_SEED = 2**63  # seeds are int64
 
 
@@ -245,14 +259,6 @@ def check_sigmas(args: argparse.Namespace, model: Any) -> None:
         value = getattr(args, key)
         if value is not None and value > limit:
             raise UserError(f"--{key.replace('_', '-')} {value:g} is above the largest noise level this model supports ({limit:g}).")
-
-
-def check_range(table: SolverTable, dtype: torch.dtype) -> None:
-    """Coefficients and sigmas must be representable in the sampling dtype."""
-    big = max(float(table.coef.abs().max()), float(table.sigmas.max()))
-    if big > torch.finfo(dtype).max:
-        raise UserError(f"the table has a value of {big:.3g}, beyond {str(dtype).replace('torch.', '')}'s range "
-                        f"({torch.finfo(dtype).max:.3g}); it cannot be sampled in --dtype {str(dtype).replace('torch.', '')}.")
 
 
 def check_memory(n: int, batch: int, shape: Sequence[int], table: SolverTable, dtype: torch.dtype,
@@ -414,46 +420,42 @@ def open_partial(path: str, identity: dict[str, Any], resume: bool, overwrite: b
                             f"rerun the same command, or add --overwrite to start over.")
     shards = {}
     for name in os.listdir(path):
-        if name.startswith("batch-") and name.endswith(".npy") and name[6:-4].isdigit():
-            shards[int(name[6:-4])] = os.path.join(path, name)
+        found = _SHARD_NAME.fullmatch(name)
+        if found:
+            shards[int(found.group(1))] = os.path.join(path, name)
     return shards
 
 
+_SHARD_NAME = re.compile(r"batch-(\d{8})-([0-9a-f]{16})\.npy")  # batch index, then the first 16 hex of the file's SHA-256
+
+
 def write_shard(path: str, identity: dict[str, Any], j: int, x: np.ndarray) -> None:
-    """Batch ``j`` as ``batch-<j>.npy`` (atomic), with ``run.json`` written first."""
+    """Batch ``j`` as ``batch-<j>-<sha256 of the file>.npy`` (atomic), with ``run.json`` written first."""
     meta = os.path.join(path, "run.json")
     if not os.path.exists(meta):
         os.makedirs(path, exist_ok=True)
         atomic_write_bytes(meta, json.dumps(identity, sort_keys=True).encode())
     buf = io.BytesIO()
     np.save(buf, x, allow_pickle=False)
-    atomic_write_bytes(os.path.join(path, f"batch-{j:08d}.npy"), buf.getvalue())
+    data = buf.getvalue()
+    atomic_write_bytes(os.path.join(path, f"batch-{j:08d}-{hashlib.sha256(data).hexdigest()[:16]}.npy"), data)
 
 
 def read_shard(file: str, expected: tuple[int, ...]) -> np.ndarray | None:
-    """A shard's samples, or None when it is unreadable or not the expected float32 shape (it is sampled again)."""
+    """A shard's samples, or None when its bytes fail the checksum in its name, or it is unreadable or not the
+    expected finite float32 shape (then that batch is sampled again, with a note)."""
+    found = _SHARD_NAME.fullmatch(os.path.basename(file))
     try:
-        x = np.load(file, allow_pickle=False)
+        with open(file, "rb") as f:
+            data = f.read()
+        ok = found is not None and hashlib.sha256(data).hexdigest()[:16] == found.group(2)
+        x = np.load(io.BytesIO(data), allow_pickle=False) if ok else None
     except (OSError, ValueError):
+        x = None
+    if x is None or x.shape != expected or x.dtype != np.float32 or not np.all(np.isfinite(x)):
+        sys.stderr.write(f"note: {file} fails its checksum or is not a batch of this run; sampling that batch again.\n")
         return None
-    return x if x.shape == expected and x.dtype == np.float32 and np.all(np.isfinite(x)) else None
-
-
-# --- non-finite samples --------------------------------------------------------------------------
-def first_bad_step(table: SolverTable, model: Any, noise: torch.Tensor, cond: Any) -> str:
-    """Where sampling first leaves the finite numbers (re-run with a callback, only after a batch failed)."""
-    found: list[str] = []
-
-    def spy(i: int, x: torch.Tensor, d: torch.Tensor, sigma: torch.Tensor) -> None:
-        if found:
-            return
-        if not torch.isfinite(x).all():
-            found.append(f"the input of evaluation {i} (sigma {float(sigma[0]):.4g})")
-        elif not torch.isfinite(d).all():
-            found.append(f"the model output at evaluation {i} (sigma {float(sigma[0]):.4g})")
-
-    sample(table, model, noise, cond=cond, callback=spy)
-    return found[0] if found else f"the output row (after all {table.nfe} evaluations)"
+    return x
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -469,7 +471,6 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
     check_label(model, args.label)
     check_sigmas(args, model)
     table = make_table(args, model, fingerprint)
-    check_range(table, dtype)
     out_shape = tuple(getattr(model, "out_shape", shape))  # a generator may return another shape (PaGoDA: 8 -> 32 px)
     check_memory(args.n, min(args.batch_size, args.n), max(shape, out_shape, key=math.prod), table, dtype, device,
                  out_parent, rank)
@@ -502,12 +503,18 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
                 cond = None if cond_label is None else torch.full((len(batches[j]),), cond_label, device=device)
                 x = sample(table, model, noise, cond=cond)
                 if not bool(torch.isfinite(x).all()):  # one check per batch, after the loop
-                    where = first_bad_step(table, model, noise, cond)
-                    failure = (f"samples became NaN or infinite at {where} for seeds {batches[j][0]}..{batches[j][-1]}; "
+                    where, b = first_nonfinite(table, model, noise, cond)
+                    failure = (f"samples became NaN or infinite at {where}, first for seed {batches[j][b]} (batch of seeds "
+                               f"{batches[j][0]}..{batches[j][-1]}); "
                                f"the table, its sigma range or the network is unusable here (nothing of this batch was written).")
                     break
                 result = x.to("cpu", torch.float32).numpy()
-                write_shard(partial, identity, j, result)
+                try:
+                    write_shard(partial, identity, j, result)
+                except OSError as err:
+                    failure = (f"writing batch {j} to {partial} failed ({err.strerror or err}); the {len(results)} finished "
+                               f"batch(es) of this process are kept there: free space and rerun the same command with --resume")
+                    break
                 results.append((j, result))
         if world > 1:
             gathered: list[Any] | None = [None] * world if rank == 0 else None
@@ -536,7 +543,13 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
                 "command": " ".join(["python -m samplers", *_command_of(command)]),
                 "package_version": __version__,
             }
-            for path in write_outputs(args.out, samples, np.asarray(seeds, dtype=np.int64), metadata, args.overwrite):
+            try:
+                written = write_outputs(args.out, samples, np.asarray(seeds, dtype=np.int64), metadata, args.overwrite)
+            except OSError as err:
+                raise UserError(f"writing {args.out} failed ({err.strerror or err}); nothing was written there and all "
+                                f"{len(batches)} batches are kept in {partial}: free space and rerun the same command "
+                                f"with --resume") from None
+            for path in written:
                 print(path)
             shutil.rmtree(partial, ignore_errors=True)
     finally:

@@ -52,7 +52,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, header: dict[str, s
 
 def save_table(table: SolverTable, path: str) -> str:
     """Write ``table`` to ``path``; metadata gains format_version, nfe and package_version."""
-    table.validate()
+    table.validate().check_values()  # never write a file that load_table would refuse
     meta: dict[str, Any] = {**table.metadata}
     meta.update(format_version=FORMAT_VERSION, nfe=table.nfe, n_noise=table.n_noise)
     meta.setdefault("package_version", package_version())
@@ -133,7 +133,7 @@ def load_table(path: str, fingerprint: str | None = None) -> SolverTable:
         raise TableError(f"{path}: metadata must be a JSON object, got {type(metadata).__name__}.")
     check_tensors(path, tensors)
     try:
-        table = SolverTable(tensors["sigmas"], tensors["coef"], metadata)
+        table = SolverTable(tensors["sigmas"], tensors["coef"], metadata).check_values()
     except TableError as err:
         raise TableError(f"{path}: {err}") from None
     for key, actual in (("nfe", table.nfe), ("n_noise", table.n_noise)):

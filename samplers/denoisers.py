@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -198,6 +196,16 @@ class InputScaled(EDMPrecond):
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def check_alphas_cumprod(abar: torch.Tensor) -> torch.Tensor:
+    """``log sigma_t`` of a float64 ``abar_t``; ValueError unless it has at least 2 values in (0, 1), decreasing."""
+    if abar.numel() < 2 or not torch.all((abar > 0) & (abar < 1)):
+        raise ValueError("alphas_cumprod must hold at least 2 values, each strictly between 0 and 1.")
+    log_sigmas = 0.5 * ((1 - abar) / abar).log()
+    if not torch.all(log_sigmas[1:] > log_sigmas[:-1]):
+        raise ValueError("alphas_cumprod must be strictly decreasing (sigma_t increasing in t).")
+    return log_sigmas
+
+
 class VPDenoiser(torch.nn.Module):
     """Discrete-time VP model ``model(x_vp, t) -> eps | v | x0`` as an EDM denoiser.
 
@@ -211,11 +219,7 @@ class VPDenoiser(torch.nn.Module):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}.")
         abar = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64)).reshape(-1)
-        if abar.numel() < 2 or not torch.all((abar > 0) & (abar < 1)):
-            raise ValueError("alphas_cumprod must hold at least 2 values, each strictly between 0 and 1.")
-        log_sigmas = (0.5 * ((1 - abar) / abar).log())
-        if not torch.all(log_sigmas[1:] > log_sigmas[:-1]):
-            raise ValueError("alphas_cumprod must be strictly decreasing (sigma_t increasing in t).")
+        log_sigmas = check_alphas_cumprod(abar)
         self.model = model
         self.alphas_cumprod = abar
         self.log_sigmas = log_sigmas  # float64 [T], increasing
@@ -372,7 +376,20 @@ def _cat(a: Any, b: Any) -> Any:
     return torch.cat([a, b])
 
 
-class CFGDenoiser(torch.nn.Module):
+class InnerRange:
+    """Mixin for a wrapper of ``self.denoiser``: the inner denoiser's noise range (None when it states none), so
+    checks of a table against the model's range see through guidance and label wrappers."""
+
+    @property
+    def sigma_min(self) -> float | None:
+        return getattr(self.denoiser, "sigma_min", None)
+
+    @property
+    def sigma_max(self) -> float | None:
+        return getattr(self.denoiser, "sigma_max", None)
+
+
+class CFGDenoiser(InnerRange, torch.nn.Module):
     """Classifier-free guidance ``D = D_u + scale (D_c - D_u)`` in ONE call of the inner denoiser
     on ``[x, x]``, ``[sigma, sigma]``, ``[cond, uncond]`` (concatenated along the batch)."""
 
@@ -396,38 +413,11 @@ class CFGDenoiser(torch.nn.Module):
         return self.denoiser.fingerprint()
 
 
-# --- diffusers loader ------------------------------------------------------------------------
-def load_diffusers(folder: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> VPDenoiser:
-    """A diffusers ``UNet2DModel`` and its scheduler config from a LOCAL folder as a VPDenoiser.
-
-    Layouts: ``folder/unet`` + ``folder/scheduler``, or one folder holding the UNet's
-    ``config.json`` and ``scheduler_config.json``. ``abar_t`` comes from DDPMScheduler; no hub access.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"diffusers model folder {str(root)!r} does not exist.")
-    if (root / "unet" / "config.json").is_file():
-        unet_dir, sched_dir = root / "unet", root / "scheduler"
-    else:
-        unet_dir, sched_dir = root, root
-    if not (unet_dir / "config.json").is_file():
-        raise ValueError(f"no UNet config.json in {str(root)!r} (expected {str(root / 'unet')!r} or a bare UNet2DModel folder).")
-    if not (sched_dir / "scheduler_config.json").is_file():
-        raise ValueError(f"no scheduler_config.json in {str(sched_dir)!r}.")
-    name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
-    if name != "UNet2DModel":
-        raise ValueError(f"{str(unet_dir)!r} holds a {name}, but load_diffusers supports only UNet2DModel.")
-    try:
-        from diffusers import DDPMScheduler, UNet2DModel
-    except ImportError:
-        raise ImportError("load_diffusers needs the diffusers package: pip install diffusers.") from None
-    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(str(sched_dir), local_files_only=True))
-    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=dtype, use_safetensors=True)
-    if unet.config.time_embedding_type == "fourier":
-        raise ValueError(f"{str(unet_dir)!r} is a score-SDE (Fourier time) model, not a discrete-time VP model.")
-    unet = unet.to(device).eval().requires_grad_(False)
-    abar = scheduler.alphas_cumprod.double()
-    if abar[-1] == 0:  # zero-terminal-SNR schedules: sigma_T = inf; use diffusers' 2^-24 instead
-        abar[-1] = 2.0**-24
-    quantize = unet.config.time_embedding_type == "learned"  # nn.Embedding needs integer t
-    return VPDenoiser(unet, abar, prediction_type=scheduler.config.prediction_type, quantize=quantize)
+def finite_alphas_cumprod(alphas_cumprod: Any) -> torch.Tensor:
+    """float64 ``abar_t`` with a zero terminal value (zero-terminal-SNR schedules, sigma_T = inf) replaced by
+    ``min(2^-24, abar_{T-2} / 2)``: diffusers' 2^-24 where it keeps ``abar`` decreasing (a rescaled schedule can
+    already reach 4e-9 at T-2), else half the last finite value, so sigma_t stays finite and increasing."""
+    abar = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64)).reshape(-1).clone()
+    if abar.numel() >= 2 and abar[-1] == 0:
+        abar[-1] = min(2.0**-24, float(abar[-2]) / 2)
+    return abar

@@ -32,17 +32,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .denoisers import PREDICTION_TYPES, VPDenoiser
+from .models import SCHEDULE_KEYS, alphas_cumprod_of
 from .table import SolverTable, _combine
 
-# keys of a diffusers (DDPM-family) scheduler config that define the training noise schedule
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                 "rescale_betas_zero_snr")
+SIGMA_RTOL = 1e-6  # a table's sigma may exceed the schedule's sigma_max by this much (float rounding)
 
 
 @dataclass
@@ -52,16 +50,6 @@ class TableSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
-
-
-def alphas_cumprod_of(config: Any) -> torch.Tensor:
-    """float64 ``abar_t`` of a DDPM-family scheduler config, as ``samplers.denoisers.load_diffusers`` makes it
-    (a zero-terminal-SNR schedule gets diffusers' ``2^-24`` instead of 0)."""
-    keys = {k: config[k] for k in SCHEDULE_KEYS if k in config and k != "prediction_type"}
-    abar = DDPMScheduler(**keys).alphas_cumprod.double()
-    if abar[-1] == 0:
-        abar[-1] = 2.0**-24
-    return abar
 
 
 class TableScheduler(SchedulerMixin, ConfigMixin):
@@ -91,13 +79,16 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
                              f"got {prediction_type!r}.")
         if table_sigmas is None or table_coef is None:
             raise ValueError("TableScheduler needs a table: use TableScheduler.from_table(path, pipe.scheduler.config).")
+        if not isinstance(quantize, (bool, np.bool_)):
+            raise ValueError(f"TableScheduler: quantize must be true or false, got {quantize!r}.")
         self.table = SolverTable(np.asarray(table_sigmas, dtype=np.float64), np.asarray(table_coef, dtype=np.float64),
                                  dict(table_metadata or {}))
         row0 = self.table.coef[0].numpy()
         if row0[0] == 0:
             raise ValueError("TableScheduler: the table's first input must use the noise e_0 (row 0, column 0 is zero).")
         abar = alphas_cumprod_of(self.config)
-        self._vp = VPDenoiser(None, abar, prediction_type=prediction_type, quantize=quantize)
+        self._vp = VPDenoiser(None, abar, prediction_type=prediction_type, quantize=bool(quantize))
+        self._check_sigma_range()
         s0 = float(self.table.sigmas[0])
         # the pipeline's initial latents / init_noise_sigma = e_0; its first network input is c00 e_0 / sqrt(1 + s0^2)
         self.init_noise_sigma = float(row0[0]) / math.sqrt(1.0 + s0 * s0)
@@ -126,11 +117,25 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         keys = {k: config[k] for k in SCHEDULE_KEYS if config is not None and k in config}
         if isinstance(keys.get("trained_betas"), (torch.Tensor, np.ndarray)):
             keys["trained_betas"] = [float(b) for b in keys["trained_betas"]]
-        if quantize is not None:
-            keys["quantize"] = bool(quantize)
+        if quantize is not None:  # a non-boolean is refused by __init__, not read as its truth value
+            keys["quantize"] = bool(quantize) if isinstance(quantize, (bool, np.bool_)) else quantize
         keys.update(overrides)
         meta = {k: v for k, v in table.metadata.items() if _jsonable(v)}
         return cls(**keys, table_sigmas=[float(s) for s in table.sigmas], table_coef=table.coef.tolist(), table_metadata=meta)
+
+    def _check_sigma_range(self) -> None:
+        """Every table sigma within the schedule's [sigma_min, sigma_max] (``sigma_to_t`` would clamp it silently):
+        above sigma_max by at most SIGMA_RTOL (rounding), below sigma_min by at most half a training step in
+        log-sigma (t > -0.5, which a quantized net rounds to 0 anyway; this admits round values like 0.01 for
+        DDPM's 0.0100013)."""
+        log_s = self._vp.log_sigmas
+        lo, hi = float(log_s[0].exp()), float(log_s[-1].exp())
+        floor = float((log_s[0] - 0.5 * (log_s[1] - log_s[0])).exp())
+        for i, s in enumerate(self.table.sigmas.tolist()):
+            if not floor <= s <= hi * (1 + SIGMA_RTOL):
+                raise ValueError(f"TableScheduler: the table's sigma {s:.6g} (evaluation {i}) is outside this noise "
+                                 f"schedule's range [sigma_min, sigma_max] = [{lo:.6g}, {hi:.6g}] (t = 0 .. "
+                                 f"{log_s.numel() - 1}); build the table for this model's sigma range.")
 
     @property
     def nfe(self) -> int:
@@ -185,6 +190,7 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         self._buffers: dict[int, torch.Tensor] = {}
         self._scaled = False
         self._last_out: torch.Tensor | None = None
+        self._shape: tuple[int, ...] | None = None  # the sample shape of this run, fixed at its first step
 
     def _e(self, k: int, like: torch.Tensor, generator: Any) -> torch.Tensor:
         if k not in self._buffers:
@@ -205,6 +211,11 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
 
     def _start(self, sample: torch.Tensor, generator: Any) -> torch.Tensor:
         """e_0 from the pipeline's latents and the table's x_0 (EDM space)."""
+        _check_floating("sample", sample)
+        self._shape = tuple(sample.shape)
+        if self._noise is not None and tuple(self._noise.shape[1:]) != self._shape:
+            raise ValueError(f"TableScheduler: set_noise gave noise of shape {tuple(self._noise.shape)}, but the "
+                             f"sample has shape {self._shape}; expected [{self.table.n_noise}, *sample.shape].")
         x = sample.to(torch.promote_types(sample.dtype, torch.float32))
         self._buffers = {0: x / self.init_noise_sigma}
         x0 = self._row(0, x, generator)
@@ -228,6 +239,7 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         if i >= n:
             raise ValueError(f"TableScheduler: step called {i + 1} times, but the table has {n} evaluations "
                              f"(call set_timesteps before each run).")
+        self._check_step_inputs(model_output, sample)
         dtype = torch.promote_types(sample.dtype, torch.float32)
         if i == 0:
             if self._scaled:
@@ -278,15 +290,56 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
             return (prev,)
         return TableSchedulerOutput(prev_sample=prev, pred_original_sample=d.to(sample.dtype))
 
+    def _check_step_inputs(self, model_output: Any, sample: Any) -> None:
+        """Floating tensors; the sample keeps the run's shape; the output has the sample's shape (or [B, 2C, ...],
+        learned variance). A guidance batch must be combined before ``step``."""
+        _check_floating("sample", sample)
+        _check_floating("model_output", model_output)
+        got, out = tuple(sample.shape), tuple(model_output.shape)
+        if self._shape is not None and got != self._shape:
+            raise ValueError(f"TableScheduler: sample has shape {got} at step {self._step}, but this run started with "
+                             f"shape {self._shape}; the batch and shape are fixed within a run (call set_timesteps "
+                             f"to start a new one).")
+        learned_variance = len(out) == len(got) >= 2 and out[0] == got[0] and out[1] == 2 * got[1] and out[2:] == got[2:]
+        if out == got or learned_variance:
+            return
+        if len(out) == len(got) >= 1 and out[0] != got[0]:
+            hint = "; apply classifier-free guidance before step()" if out[0] == 2 * got[0] else ""
+            raise ValueError(f"TableScheduler: model_output has batch {out[0]} but sample has batch {got[0]}{hint} "
+                             f"(model_output shape {out}, sample shape {got}).")
+        raise ValueError(f"TableScheduler: model_output has shape {out} but sample has shape {got}; expected {got} "
+                         f"(or twice the channels for a learned-variance model).")
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """VP forward process at (possibly fractional) timesteps: ``sqrt(abar) x0 + sqrt(1 - abar) noise``."""
+        """VP forward process at (possibly fractional) timesteps in [0, T-1]: ``sqrt(abar) x0 + sqrt(1 - abar) noise``;
+        one timestep for the batch or one per sample."""
+        _check_floating("original_samples", original_samples)
+        _check_floating("noise", noise)
+        if noise.shape != original_samples.shape:
+            raise ValueError(f"TableScheduler.add_noise: noise has shape {tuple(noise.shape)} but original_samples has "
+                             f"shape {tuple(original_samples.shape)}; they must match.")
         log_s = self._vp.log_sigmas.to(original_samples.device)
         t = torch.as_tensor(timesteps, device=original_samples.device, dtype=torch.float64).reshape(-1)
+        batch = original_samples.shape[0] if original_samples.ndim else 1
+        if t.numel() not in (1, batch):
+            raise ValueError(f"TableScheduler.add_noise: got {t.numel()} timesteps for a batch of {batch}; "
+                             f"give one timestep or one per sample.")
+        bad = ~torch.isfinite(t) | (t < 0) | (t > log_s.numel() - 1)
+        if bool(bad.any()):
+            raise ValueError(f"TableScheduler.add_noise: timestep {float(t[bad][0]):g} is outside the valid range "
+                             f"[0, {log_s.numel() - 1}].")
         lo = t.floor().long().clamp(0, log_s.numel() - 1)
         hi = (lo + 1).clamp(max=log_s.numel() - 1)
         s = (log_s[lo] + (t - lo) * (log_s[hi] - log_s[lo])).exp()
         s = s.to(original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))
         return (original_samples + s * noise) / (1 + s**2).sqrt()
+
+
+def _check_floating(name: str, value: Any) -> None:
+    """A real floating-point tensor (an integer sample would be truncated by the step's casts)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        kind = str(value.dtype).replace("torch.", "") if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"TableScheduler: {name} must be a floating-point tensor, got {kind}.")
 
 
 def _jsonable(v: Any) -> bool:

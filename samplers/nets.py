@@ -370,6 +370,9 @@ ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {"unet": (UNet, UNET_
 ARCHS["dsno_unet"] = (DSNOUNet, DSNO_UNET_DEFAULTS)  # one-step student: a network file like any teacher
 ARCHS["pagoda_generator"] = (PaGoDAGenerator, PAGODA_DEFAULTS)  # one-step generator whose output grows past its input
 _NON_ARCH_KEYS = {"arch", "precond", "sigma_data", "shape"}
+# architectures that are one-step students: their config's arch says they serve 1-NFE tables only (a classic or
+# learned multi-step table would feed them their own outputs, a use they were never trained for)
+ONE_STEP_ARCHS = ("dsno_unet", "pagoda_generator")
 
 
 # --- config, files ---------------------------------------------------------------------------------
@@ -540,8 +543,9 @@ def load_net(path: str) -> tuple[nn.Module, dict]:
 def load_denoiser(path: str, device: torch.device | str | None = None) -> nn.Module:
     """The network at ``path`` wrapped in its preconditioning (``precond: edm``) as a sigma-space denoiser.
 
-    The returned module carries ``config``, ``shape`` (one input sample's shape) and ``out_shape`` (one output's:
-    the same but for a generator that grows, ``output_shape``) attributes.
+    The returned module carries ``config``, ``shape`` (one input sample's shape), ``out_shape`` (one output's:
+    the same but for a generator that grows, ``output_shape``) and ``max_nfe`` (1 for a one-step student's
+    ONE_STEP_ARCHS, else None: the tables it serves, checked by ``SolverTable.check_for``) attributes.
     """
     from .denoisers import EDMPrecond, InputScaled
 
@@ -554,4 +558,5 @@ def load_denoiser(path: str, device: torch.device | str | None = None) -> nn.Mod
     denoiser.config = config
     denoiser.shape = data_shape(config)
     denoiser.out_shape = output_shape(config)
+    denoiser.max_nfe = 1 if config["arch"] in ONE_STEP_ARCHS else None
     return denoiser.to(device).eval() if device is not None else denoiser.eval()

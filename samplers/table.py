@@ -15,6 +15,9 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 FORMAT_VERSION = 1
+MAX_SIGMA = 1e4  # largest sigma for a model that does not state its range (beyond it float32 sampling overflows)
+MAX_TABLE_SIGMA = 1e6  # largest sigma a table file may hold (zero-terminal-SNR schedules reach ~2e4)
+MAX_COEF = 1e12  # largest |coefficient| a table file may hold (classic solvers stay below 1e7 up to sigma 2e4)
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]
@@ -139,6 +142,38 @@ class SolverTable:
             self._plan = _make_plan(self.nfe, self.n_noise, coef != 0, coef)
             self._plan_key = key
         return self._plan
+
+    def check_values(self) -> "SolverTable":
+        """What a table FILE must also satisfy (``validate`` checks only what an optimiser's tables satisfy):
+        sigmas non-increasing (noise only goes down), sigmas and |coefficients| below MAX_TABLE_SIGMA and MAX_COEF."""
+        sigmas = self.sigmas.detach().cpu().numpy()
+        rising = np.flatnonzero(sigmas[1:] > sigmas[:-1])
+        if rising.size:
+            i = int(rising[0])
+            raise TableError(f"sigmas must not increase, but sigma_{i + 1} = {sigmas[i + 1]:.6g} > sigma_{i} = {sigmas[i]:.6g}.")
+        if sigmas[0] > MAX_TABLE_SIGMA:
+            raise TableError(f"sigma_0 = {sigmas[0]:.6g} is above {MAX_TABLE_SIGMA:g}, beyond any model's noise range.")
+        big = float(np.abs(self.coef.detach().cpu().numpy()).max())
+        if big > MAX_COEF:
+            raise TableError(f"a coefficient of magnitude {big:.3g} is above {MAX_COEF:g}; no solver needs it and "
+                             f"sampling would overflow.")
+        return self
+
+    def check_for(self, denoiser: Any) -> "SolverTable":
+        """The table suits ``denoiser``: its sigmas lie in the model's stated range (``sigma_min``/``sigma_max``
+        attributes, relative tolerance 1e-6; else at most MAX_SIGMA), and a one-step student (``max_nfe``
+        attribute, from its network config) gets a table with at most that many evaluations."""
+        sigmas = self.sigmas.detach().cpu().numpy()
+        hi = getattr(denoiser, "sigma_max", None)
+        hi = float(hi) if isinstance(hi, (int, float)) and np.isfinite(hi) else MAX_SIGMA
+        if sigmas.max() > hi * (1 + 1e-6):
+            raise TableError(f"the table evaluates sigma {sigmas.max():.6g}, above the largest noise level this model "
+                             f"supports ({hi:.6g}).")
+        max_nfe = getattr(denoiser, "max_nfe", None)
+        if isinstance(max_nfe, int) and self.nfe > max_nfe:
+            raise TableError(f"this model is a {max_nfe}-step student that serves tables of at most {max_nfe} "
+                             f"evaluation(s); the table has {self.nfe} (use the table shipped with the student).")
+        return self
 
     # --- persistence (see artifact.py) -------------------------------------------------------
     def save(self, path: str) -> str:
@@ -277,6 +312,24 @@ def sample(
         for c in plan.free_after[i]:
             del buffers[c]
     return _combine([buffers[c] for c in plan.columns[n]], weights_of(n), like)
+
+
+def first_nonfinite(table: SolverTable, denoiser: Denoiser, noise: torch.Tensor, cond: Any = None) -> tuple[str, int]:
+    """Where sampling first leaves the finite numbers: (the step in words with its sigma, the first bad sample's index
+    in the batch). Re-runs the table with a callback; call it only after a batch came out non-finite."""
+    found: list[tuple[str, int]] = []
+
+    def first(t: torch.Tensor) -> int:
+        bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero()
+        return int(bad[0, 0]) if len(bad) else 0
+
+    def spy(i: int, x: torch.Tensor, d: torch.Tensor, sigma: torch.Tensor) -> None:
+        for what, t in (("the input", x), ("the model output", d)):
+            if not found and not torch.isfinite(t).all():
+                found.append((f"{what} of evaluation {i} (sigma {float(sigma[0]):.4g})", first(t)))
+
+    out = sample(table, denoiser, noise, cond=cond, callback=spy)
+    return found[0] if found else (f"the output row (after all {table.nfe} evaluations)", first(out))
 
 
 def make_noise(

@@ -55,6 +55,10 @@ class Probe:
     needle: str = ""  # text the error line must contain
     run_folder: str | None = None  # relative folder a Hydra run may create (.hydra and a log only)
     needs_user: bool = False  # meaningless as root (permissions are not enforced)
+    expect_ok: bool = False  # a hostile input the command must handle and succeed on (exit 0), writing only in run_folder
+    untouched: str | None = None  # a folder outside the working folder that must stay empty (path traversal)
+    fault: int | None = None  # in-process only: the atomic file write after this many raises ENOSPC (disk full)
+    keeps: str | None = None  # a folder the command keeps on purpose (an interrupted run's shards, for --resume)
 
 
 @dataclass
@@ -77,6 +81,10 @@ class Result:
         """clean | traceback | silent wrong | unclean (a reason)."""
         if self.traceback:
             return "traceback"
+        if self.probe.expect_ok:
+            if self.code != 0:
+                return f"unclean: exit {self.code} where success was due"
+            return f"unclean: wrote {', '.join(self.written[:3])}" if self.written else "clean"
         if self.code == 0:
             return "silent wrong"
         if self.code != 2:
@@ -140,12 +148,26 @@ def make_fixtures(root: Path) -> dict[str, str]:
     f["half_tensor"] = _save_raw_table(root / "half.safetensors", s.half(), c.half(), "{}")
     f["nfe_mismatch"] = _save_raw_table(root / "nfe.safetensors", s, c, json.dumps({"nfe": 7}))
     f["nan_table"] = _save_raw_table(root / "nan.safetensors", s, torch.where(c != 0, c, c) * float("nan"), "{}")
-    overflow = c.clone()
-    overflow[2, 1] = overflow[2, 2] = 1e308  # finite, but sampling overflows
-    f["overflow_table"] = _save_raw_table(root / "overflow.safetensors", s, overflow, "{}")
+    long = baselines.build("euler", 30)
+    chain = long.coef.clone()
+    for i in range(1, 31):
+        chain[i, long.x(i - 1)] = 1e12  # allowed coefficients whose chain overflows the mixture at evaluation 13
+    f["overflow_table"] = _save_raw_table(root / "overflow.safetensors", long.sigmas, chain, "{}")
     huge = c.clone()
-    huge[1, 0] = 1e300
+    huge[1, 0] = 1e300  # finite, but beyond what any solver needs: sampling would overflow
     f["huge_table"] = _save_raw_table(root / "huge.safetensors", s, huge, "{}")
+    f["rising_table"] = _save_raw_table(root / "rising.safetensors", s.flip(0), c, "{}")
+    far = baselines.build("euler", 4, sigma_max=5000.0)
+    f["far_table"] = _save_raw_table(root / "far.safetensors", far.sigmas, far.coef, "{}")
+    # labels that try to choose where the project writes (path traversal, absolute, newline, very long)
+    (root / "outside").mkdir()
+    f["outside"] = str(root / "outside")
+    for name, label in (("trav", "x/" + "../" * 20 + str(root / "outside").lstrip("/") + "/TRAV2"),
+                        ("abs", str(root / "outside" / "ABS")), ("newline", "a\nb"), ("long", "L" * 5000), ("empty", "")):
+        f[f"label_{name}"] = _save_raw_table(root / f"label_{name}.safetensors", s, c, json.dumps({"method": label}))
+    f["label_trav_iia"] = _save_raw_table(root / "label_trav_iia.safetensors", s, c,
+                                          json.dumps({"method": "x/" + "../" * 20 + str(root / "outside").lstrip("/") + "/IIA",
+                                                      "base_solver": "euler"}))
     blob = Path(f["table"]).read_bytes()
     (root / "truncated.safetensors").write_bytes(blob[: len(blob) // 2])
     f["truncated_table"] = str(root / "truncated.safetensors")
@@ -175,6 +197,60 @@ def make_fixtures(root: Path) -> dict[str, str]:
     # a file where a folder belongs
     (root / "afile").write_text("x")
     f["afile"] = str(root / "afile")
+    # --- diffusers folders with one thing wrong (a tiny UNet2DModel, built here), and callable targets as .py files
+    from diffusers import DDPMScheduler, UNet2DModel
+    from safetensors.torch import load_file, save_file
+
+    def _tiny_vp(folder: Path, width: tuple[int, int] = (8, 16), classes: int | None = None) -> Path:
+        torch.manual_seed(0)
+        UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=width, layers_per_block=1,
+                    norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                    num_class_embeds=classes).save_pretrained(folder / "unet", safe_serialization=True)
+        DDPMScheduler().save_pretrained(folder / "scheduler")
+        return folder
+
+    def _vp_variant(name: str, unet: dict | None = None, sched: dict | None = None) -> Path:
+        folder = root / "vp" / name
+        shutil.copytree(root / "vp" / "ok", folder)
+        for file, changes in ((folder / "unet" / "config.json", unet), (folder / "scheduler" / "scheduler_config.json", sched)):
+            if changes:
+                file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+        f[f"vp_{name}"] = str(folder)
+        return folder
+
+    _tiny_vp(root / "vp" / "ok")
+    _tiny_vp(root / "vp" / "wide_src", width=(16, 32))
+    f["vp_cond"] = str(_tiny_vp(root / "vp" / "cond", classes=3))
+    _vp_variant("beta_schedule", sched={"beta_schedule": "bogus"})
+    _vp_variant("timesteps0", sched={"num_train_timesteps": 0})
+    _vp_variant("fourier", unet={"time_embedding_type": "fourier"})
+    _vp_variant("sample_size0", unet={"sample_size": 0})
+    _vp_variant("sample_size_huge", unet={"sample_size": 60000})
+    _vp_variant("huge_net", unet={"block_out_channels": [100000, 200000]})
+    _vp_variant("missing_tensor", unet={"num_class_embeds": 3})  # the weights have no class embedding
+    wide = _vp_variant("width")
+    shutil.copy(root / "vp" / "wide_src" / "unet" / "diffusion_pytorch_model.safetensors", wide / "unet")
+    renamed = _vp_variant("renamed")  # same numbers, one tensor under a legacy attention name: found at load
+    weights = renamed / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    sd["old.query.weight"] = sd.pop("conv_out.bias")
+    save_file(sd, str(weights))
+    truncated = _vp_variant("truncated")
+    weights = truncated / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    f["targets"] = str(REPO / "tests" / "hostile_targets.py")  # user code that misbehaves
+    (root / "exits_on_import.py").write_text("import sys\nsys.exit(0)\n")
+    f["exits_on_import"] = str(root / "exits_on_import.py")
+    digits = REPO / "checkpoints" / "diffusers-digits"
+    for name, change in (("zsnr_string", {"rescale_betas_zero_snr": "yes"}),   # was read as True, silently
+                         ("steps_huge", {"num_train_timesteps": 10**9}),        # was a 4 GB linspace in diffusers
+                         ("betas_short", {"trained_betas": [0.1, 0.2]})):       # was accepted with 1000 train steps
+        folder = root / f"diffusers_{name}"
+        shutil.copytree(digits / "unet", folder / "unet")
+        (folder / "scheduler").mkdir(parents=True)
+        sched = json.loads((digits / "scheduler" / "scheduler_config.json").read_text())
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, **change}))
+        f[f"diffusers_{name}"] = str(folder)
     # checkpoints of another run: same settings but the seed (ddss) / batch size (teacher)
     dcfg = compose_config(["method=ddss", "model=gmm", "nfe=4", "seed=7", "out_dir=unused"])
     hp = dict(ddss.build_module(dcfg).hparams)
@@ -185,6 +261,26 @@ def make_fixtures(root: Path) -> dict[str, str]:
     thp = dict(teacher.build_module(tcfg).hparams)
     tset = teacher.run_settings(tcfg, int(OmegaConf.select(tcfg, "model.teacher.n_data")))
     f["teacher_other_batch"] = _fake_checkpoint(root / "teacher_bs.ckpt", thp, {**tset, "batch_size": tset["batch_size"] + 1})
+    # learners: a model that is NaN below sigma 0.01, a ddss checkpoint with NaN table parameters
+    from optimize.models import load_model
+
+
+    (root / "nanmodel.py").write_text(
+        "import torch\n\n"
+        "def make(threshold=0.01):\n"
+        "    def denoiser(x, sigma, cond=None):  # finite at the pre-check's sigmas (2.0, 0.5), NaN below threshold\n"
+        "        s = sigma.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)\n"
+        "        return torch.where(s < threshold, torch.full_like(x, float('nan')), x / (1 + s**2))\n"
+        "    return denoiser, (1, 4, 4)\n")
+    f["nan_model"] = str(root / "nanmodel.py")
+    ncfg = compose_config(["method=ddss", "model=gmm", "nfe=4", "out_dir=unused"])
+    nmod = ddss.build_module(ncfg)
+    nstate = {k: v.clone() for k, v in nmod.state_dict().items()}
+    nstate["sampler.u"] = torch.full_like(nstate["sampler.u"], float("nan"))
+    torch.save({"state_dict": nstate, "global_step": 2, "hyper_parameters": dict(nmod.hparams),
+                "run_settings": {"model": "gmm", "model_fingerprint": load_model(ncfg.model, "cpu").fingerprint}},
+               str(root / "ddss_nan.ckpt"))
+    f["ddss_nan_ckpt"] = str(root / "ddss_nan.ckpt")
     return f
 
 
@@ -234,8 +330,21 @@ def probes(f: dict[str, str]) -> list[Probe]:
     g("order-absurd", ["--solver", "unipc", "--nfe", "4", "--order", "99", "--out", "o"], "order")
     g("label-unconditional", [*E, "--label", "3", "--out", "o"], "--label")
     # non-finite samples
-    g("nan-samples", ["--table", f["overflow_table"], "--dtype", "float64", "--out", "o"], "evaluation 2")
-    g("beyond-float32", ["--table", f["huge_table"], "--out", "o"], "float32")
+    g("nan-samples", ["--table", f["overflow_table"], "--dtype", "float64", "--out", "o"], "evaluation 13")
+    g("table-huge-coef", ["--table", f["huge_table"], "--out", "o"], "above 1e+12")
+    g("table-rising-sigmas", ["--table", f["rising_table"], "--out", "o"], "must not increase")
+    digits_vp = f"diffusers:{REPO / 'checkpoints' / 'diffusers-digits'}"
+    g("table-sigma-beyond-model", ["--table", f["far_table"], "--model", digits_vp, "--out", "o"], "largest noise level")
+    g("solver-sigma-beyond-model", [*E, "--sigma-max", "5000", "--model", digits_vp, "--out", "o"], "--sigma-max")
+    for student in ("dsno-digits", "pagoda-patches16"):
+        g(f"student-{student}-classic", [*E, "--model", f"edm:{REPO / 'checkpoints' / f'{student}.safetensors'}", "--out", "o"],
+          "1-step student")
+    g("student-multistep-table", ["--table", f["table"], "--model", f"edm:{REPO / 'checkpoints' / 'dsno-digits.safetensors'}",
+                                  "--out", "o"], "1-step student")
+    # disk full after the up-front space check: the finished shards are kept for --resume, and the error says so
+    small = [*E, "--n", "12", "--batch-size", "4", "--out", "o"]
+    g("disk-full-shards", small, "finished batch(es) of this process are kept", fault=2, keeps=".o.partial")
+    g("disk-full-output", small, "all 3 batches are kept", fault=4, keeps=".o.partial")
     # table files
     for key, needle in (("meta_list", "JSON object"), ("meta_number", "JSON object"), ("meta_string", "JSON object"),
                         ("meta_null", "JSON object"), ("meta_deep", "metadata"), ("bool_tensor", "bool"),
@@ -292,6 +401,56 @@ def probes(f: dict[str, str]) -> list[Probe]:
     o("sweep-late-bad-point", ["-m", *ev, "n=16,abc"], "abc")
     o("sweep-late-bad-seed", ["-m", *ev, "seed=0,-1"], "seed")
     o("table-bad-metadata", [*ev, f"table={f['meta_list']}"], "JSON object")
+    o("table-rising-sigmas", [*ev, f"table={f['rising_table']}"], "must not increase")
+    o("table-huge-coef", [*ev, f"table={f['huge_table']}"], "above 1e+12")
+    o("student-multistep", ["evaluate", "model=edm", f"model.checkpoint={REPO / 'checkpoints' / 'dsno-digits.safetensors'}",
+                            "solver=euler", "nfe=4", "hydra.run.dir=run"], "1-step student", run_folder="run")
+    tiny = [*ev, "n=16", "ref_nfe=9", "n_boot=0", "grid=4", "hydra.run.dir=run", "cache_dir=run/cache"]
+    o("evaluate-disk-full", [*tiny, "solver=euler", "nfe=4"], "not written: samples-euler-nfe4.png", fault=0, run_folder="run")
+    # labels from a table file never choose where the project writes: the run succeeds, inside its run folder
+    for name in ("trav", "abs", "newline", "long", "empty"):
+        o(f"label-{name}", [*tiny, f"table={f[f'label_{name}']}"], run_folder="run", expect_ok=True, untouched=f["outside"])
+    o("iia-base-label-trav", ["iia", "model=gmm", "nfe=4", "n_fit=16", "substeps=2", "evaluate=false", "hydra.run.dir=run",
+                              f"base=table:{f['label_trav_iia']}"], run_folder="run", expect_ok=True, untouched=f["outside"])
+    # one diffusers check in both CLIs (samplers.models.diffusers_spec), before the net is allocated
+    for name, needle in (("beta_schedule", "beta_schedule 'bogus' is not supported"),
+                         ("timesteps0", "num_train_timesteps must be an integer in [2, 100000], got 0"),
+                         ("fourier", "Fourier time"),
+                         ("sample_size0", "sample_size must be a positive integer"),
+                         ("sample_size_huge", "more than the limit of 67,108,864"),
+                         ("huge_net", "weights of another width"),
+                         ("width", "weights of another width"),
+                         ("missing_tensor", "lacks 1 tensor(s)"),
+                         ("truncated", "not a readable safetensors file")):
+        g(f"diffusers-{name}", ["--solver", "euler", "--nfe", "4", "--model", f"diffusers:{f[f'vp_{name}']}", "--out", "o"], needle)
+        o(f"diffusers-{name}", ["iia", "model=diffusers", f"model.path={f[f'vp_{name}']}", "nfe=4"], needle)
+    g("diffusers-renamed-tensor", ["--solver", "euler", "--nfe", "4", "--model", f"diffusers:{f['vp_renamed']}", "--out", "o"],
+      "lack 1 tensor(s)")
+    g("diffusers-cond-without-label", ["--solver", "euler", "--nfe", "4", "--model", f"diffusers:{f['vp_cond']}", "--out", "o"],
+      "add --label K")
+    # user code at the model boundary: exits, interrupts, a fingerprint() that raises, a huge shape, a stuck call
+    cal = ["iia", "model=callable", "nfe=4"]
+    o("callable-huge-shape", [*cal, f"model.target={f['targets']}:huge_shape"], "more than the limit of 67,108,864")
+    o("callable-sys-exit", [*cal, f"model.target={f['targets']}:exits"], "raised SystemExit (sys.exit(0))")
+    o("callable-keyboard-interrupt", [*cal, f"model.target={f['targets']}:interrupts"], "raised KeyboardInterrupt")
+    o("callable-fingerprint-raises", [*cal, f"model.target={f['targets']}:bad_fingerprint"], "fingerprint() raised RuntimeError")
+    o("callable-denoiser-exits", [*cal, f"model.target={f['targets']}:denoiser_exits"], "(SystemExit (sys.exit(3)))")
+    o("callable-exits-on-import", [*cal, f"model.target={f['exits_on_import']}:make"], "cannot import")
+    o("callable-timeout", [*cal, f"model.target={f['targets']}:sleeper", "model.timeout_s=0.5"],
+      "model.timeout_s=0.5: a call of the denoiser")
+    o("timeout-negative", [*cal, f"model.target={f['targets']}:sleeper", "model.timeout_s=-1"], "model.timeout_s must be")
+    o("diffusers-zsnr-not-bool", ["evaluate", "model=diffusers", f"model.path={f['diffusers_zsnr_string']}"],
+      "rescale_betas_zero_snr must be true or false")
+    o("diffusers-train-steps-huge", ["evaluate", "model=diffusers", f"model.path={f['diffusers_steps_huge']}"],
+      "num_train_timesteps must be an integer in [2, 100000]")
+    o("diffusers-trained-betas-length", ["evaluate", "model=diffusers", f"model.path={f['diffusers_betas_short']}"],
+      "trained_betas must be a list of num_train_timesteps = 1000")
+    o("evaluate-nan-small-sigma", ["evaluate", "model=callable", f"model.target={f['targets']}:nan_small_sigma", "n=16",
+                                   "ref_nfe=9", "n_boot=0", "hydra.run.dir=run", "cache_dir=run/cache"],
+      "the reference solve (heun, 9 NFE)", run_folder="run")
+    o("diffusers-sigma-max-1e6", ["evaluate", "model=diffusers", f"model.path={REPO / 'checkpoints' / 'diffusers-digits'}",
+                                  "model.sigma_max=1e6"], "above the largest noise level")
+    o("sigma-max-beyond-any-model", ["evaluate", "model=edm", "sigma_max=1e6"], "above 10000")
     # resume: never unpickle, never continue another run
     o("ddss-resume-evil", ["ddss", "model=gmm", f"resume={f['evil_ckpt']}"], "refused")
     o("ddss-resume-evil-raw", ["ddss", "model=gmm", f"resume={f['evil_raw_ckpt']}"], "refused")
@@ -305,6 +464,29 @@ def probes(f: dict[str, str]) -> list[Probe]:
                                      f"hydra.run.dir={f['runs']}/new"], "seed=0", run_folder=f"{f['runs']}/new")
     o("teacher-resume-other-batch", ["teacher", "model=toy2d", "model.teacher.n_data=64", f"resume={f['teacher_other_batch']}",
                                      "hydra.run.dir=run"], "batch_size", run_folder="run")
+    # learners: ld3 has no resume, NaN models, compare entries with an end convention, pagoda inputs
+    # ld3 has no resume: any resume= says to rerun (bit-identical), never reads the file
+    o("ld3-resume-true", ["ld3", "model=gmm", "resume=true"], "ld3 has no resume")
+    o("ld3-resume-path", ["ld3", "model=gmm", "resume=outputs/ld3/old-run"], "rerun the same command; its result is bit-identical")
+    o("ld3-resume-evil", ["ld3", "model=gmm", f"resume={f['evil_ckpt']}"], "ld3 has no resume")  # never read
+    # a model that passes the pre-check but gives NaN at small sigma: one line naming the evaluation and its sigma
+    o("ld3-nan-small-sigma", ["ld3", "model=callable", f"model.target={f['nan_model']}:make", "model.features=raw", "nfe=3",
+                              "n_train=4", "n_valid=4", "rounds_v1=1", "rounds_v2=1", "evaluate=false", "hydra.run.dir=run"],
+      "(sigma 0.00", run_folder="run")
+    # resume= from a checkpoint whose table parameters are NaN: refused before work, naming the tensor and the step
+    o("ddss-resume-nan", ["ddss", "model=gmm", "nfe=4", "evaluate_at_end=false", f"resume={f['ddss_nan_ckpt']}",
+                          "hydra.run.dir=run"], "(step 2) holds NaN or infinite values in sampler.u", run_folder="run")
+    # compare entries name the end convention as SOLVER:END
+    o("ddss-compare-bad-end", ["ddss", "model=gmm", "compare=[ipndm:sideways]"], "the end convention after ':'")
+    o("dsno-compare-tada-sigma-min", ["dsno", "model=edm", "compare=[tada:sigma_min]"], "tada")
+    o("ld3-compare-bad-end", ["ld3", "model=gmm", "compare=[unipc:0]"], "the end convention after ':'")
+    # pagoda: rec_features must be a patch_cnn feature-net file (a pickle is never loaded); the teacher must be RGB
+    o("pagoda-rec-table", ["pagoda", "model=patches8", f"rec_features={f['table']}"], "is not a feature-net file")
+    o("pagoda-rec-pickle", ["pagoda", "model=patches8", f"rec_features={f['evil_pkl']}"], "pickles are never loaded")
+    o("pagoda-rec-evil-safetensors", ["pagoda", "model=patches8", f"rec_features={f['evil_safetensors']}"],
+      "pickles are never loaded")
+    o("pagoda-teacher-1-channel", ["pagoda", "model=patches8",
+                                   f"model.checkpoint={REPO / 'checkpoints' / 'edm-digits.safetensors'}"], "(3 channels)")
     return P
 
 
@@ -332,6 +514,35 @@ def _prepare(work: Path) -> None:
     fingerprint = GaussianMixture.random().fingerprint()  # the gmm of --model gmm: only the seed differs from the probe
     ident = run_identity(ns, baselines.build("euler", 4), fingerprint, (1, 8, 8), torch.device("cpu"))
     (partial / "run.json").write_text(json.dumps(ident))
+
+
+@contextlib.contextmanager
+def _disk_full_after(writes: int | None) -> Any:
+    """Every module's ``atomic_write_bytes`` (the one writer of tables, shards, grids and results) fails with ENOSPC
+    after ``writes`` successful writes (None: no fault)."""
+    if writes is None:
+        yield
+        return
+    import errno
+
+    from samplers import artifact
+
+    real, done = artifact.atomic_write_bytes, [0]
+
+    def full(path: str, data: bytes) -> str:
+        if done[0] >= writes:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        done[0] += 1
+        return real(path, data)
+
+    patched = [m for m in list(sys.modules.values()) if getattr(m, "atomic_write_bytes", None) is real]
+    for m in patched:
+        m.atomic_write_bytes = full
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.atomic_write_bytes = real
 
 
 def _call(probe: Probe) -> tuple[int, bool]:
@@ -367,7 +578,7 @@ def run_probe(probe: Probe, base: Path, subprocess_mode: bool) -> Result:
         out_buf, err_buf = io.StringIO(), io.StringIO()
         os.chdir(work)
         try:
-            with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
+            with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf), _disk_full_after(probe.fault):
                 code, escaped = _call(probe)
         finally:
             os.chdir(cwd)
@@ -377,11 +588,19 @@ def run_probe(probe: Probe, base: Path, subprocess_mode: bool) -> Result:
     if probe.run_folder:  # a failed Hydra run may leave its own .hydra config and log, nothing else
         run = Path(probe.run_folder)
         rel = str(run.relative_to(work)) if run.is_absolute() and work in run.parents else str(run)
-        new = [p for p in new if not (p == rel or p.startswith(rel + "/.hydra") or (p.startswith(rel + "/") and p.endswith(".log")))]
+        mine = (lambda p: p == rel or p.startswith(rel + "/")) if probe.expect_ok else \
+            (lambda p: p == rel or p.startswith(rel + "/.hydra") or (p.startswith(rel + "/") and p.endswith(".log")))
+        new = [p for p in new if not mine(p)]
         if run.is_absolute() and run.exists():  # a run folder outside the working folder (resume=true siblings)
             extra = [str(p) for p in run.rglob("*") if ".hydra" not in p.parts and not p.name.endswith(".log")]
             new += extra
             shutil.rmtree(run, ignore_errors=True)
+    if probe.keeps:
+        new = [p for p in new if not (p == probe.keeps or p.startswith(probe.keeps + "/"))]
+    if probe.untouched and any(Path(probe.untouched).iterdir()):
+        new += [str(p) for p in Path(probe.untouched).rglob("*")]
+        for p in Path(probe.untouched).iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     payload = (work / MARKER).exists() or Path(cwd, MARKER).exists()
     return Result(probe, code, err, out, escaped or "Traceback (most recent call last)" in err, new, payload, seconds)
 
@@ -402,7 +621,8 @@ def run_all(selected: str = "", verbose: bool = False, subprocess_mode: bool = F
     try:
         fixtures = make_fixtures(base / "fixtures")
         root = os.geteuid() == 0 if hasattr(os, "geteuid") else False
-        chosen = [p for p in probes(fixtures) if selected in p.name and not (p.needs_user and root)]
+        chosen = [p for p in probes(fixtures) if selected in p.name and not (p.needs_user and root)
+                  and not (p.fault is not None and subprocess_mode)]  # a fault is injected in this process only
         results = []
         for probe in chosen:
             r = run_probe(probe, base, subprocess_mode)

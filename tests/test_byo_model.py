@@ -19,7 +19,7 @@ from optimize.cli import ConfigError, main
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 
-from samplers.denoisers import load_diffusers  # noqa: E402
+from samplers.models import load_diffusers  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -78,7 +78,7 @@ def _broken(tmp_path: Path, tiny: Path, what: str) -> Path:
 
 
 @pytest.mark.parametrize("what, needle", [
-    ("class", "describes a UNet2DConditionModel, but model=diffusers supports UNet2DModel only"),
+    ("class", "describes a UNet2DConditionModel, but a diffusers model must be a UNet2DModel"),
     ("prediction", "prediction_type 'flow' is not supported"),
     ("pickle", "no diffusion_pytorch_model.safetensors"),
     ("noscheduler", "no scheduler_config.json"),
@@ -90,7 +90,7 @@ def test_bad_diffusers_folders(tmp_path, tiny, capsys, what, needle):
 
 @pytest.mark.parametrize("extra, needle", [
     ([], "set model.path=DIR"),
-    (["model.path=/nonexistent/model"], "folder /nonexistent/model does not exist"),
+    (["model.path=/nonexistent/model"], "diffusers model folder '/nonexistent/model' does not exist"),
     (["model.path=TINY", "model.label=1"], "not class-conditional"),
     (["model.path=COND"], "set exactly one of model.label=K or model.label_weights"),
     (["model.path=COND", "model.label=5"], "model.label must be an integer in [0, 3)"),
@@ -116,7 +116,7 @@ def test_ddss_needs_data_iia_does_not(tiny, capsys):
     ("examples.byo_model:nothing_here", "has no attribute 'nothing_here'"),
     ("os:sep", "is not callable"),
     ("os:getcwd", "must return (denoiser, shape), got str"),
-    ("tests.test_byo_model:bad_shape", "returned shape"),
+    ("tests.test_byo_model:bad_shape", "sample shape (1, -8) must be a non-empty sequence of positive integers"),
     ("tests.test_byo_model:bad_output", "must return a tensor shaped like x"),
     ("tests.test_byo_model:not_callable", "as denoiser; it must be callable"),
     ("tests.test_byo_model:raises", "raised RuntimeError: no weights here"),

@@ -304,15 +304,16 @@ def test_out_folder_checks_and_overwrite(tmp_path, capsys) -> None:
 
 
 def test_non_finite_samples_name_the_first_bad_step(tmp_path, capsys) -> None:
-    table = baselines.build("euler", nfe=4)
+    table = baselines.build("euler", nfe=30)
     coef = table.coef.clone()
-    coef[2, 1] = coef[2, 2] = 1e308  # finite coefficients whose sum overflows at evaluation 2
+    for i in range(1, 31):
+        coef[i, table.x(i - 1)] = 1e12  # allowed coefficients; x_i ~ 1e12^i: the mixture's x^2 overflows at i = 13
     path = SolverTable(table.sigmas, coef).save(str(tmp_path / "bad.safetensors"))
     code, out, err = run_main(["generate", "--table", path, "--dtype", "float64", "--out", str(tmp_path / "o"), *QUIET], capsys)
     assert code == 2 and out == ""
-    assert err.strip().splitlines() == ["error: samples became NaN or infinite at the input of evaluation 2 (sigma 0.47) "
-                                        "for seeds 0..63; the table, its sigma range or the network is unusable here "
-                                        "(nothing of this batch was written)."]
+    assert err.strip().splitlines() == [f"error: samples became NaN or infinite at the model output of evaluation 13 "
+                                        f"(sigma {float(table.sigmas[13]):.4g}), first for seed 0 (batch of seeds 0..63); the table, its sigma "
+                                        f"range or the network is unusable here (nothing of this batch was written)."]
     assert sorted(os.listdir(tmp_path)) == ["bad.safetensors"]
 
 

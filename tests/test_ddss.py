@@ -18,6 +18,7 @@ from optimize import ddss
 from optimize.cli import ConfigError, main
 from optimize.evaluate import Judge, Model
 from optimize.metrics import mmd2_unbiased
+from optimize.runs import ticks
 from samplers import SolverTable, baselines
 from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net
@@ -144,7 +145,7 @@ def _trainer(tmp_path: Path, steps: int, **kw) -> L.Trainer:
 
 
 def _loader():
-    return torch.utils.data.DataLoader(ddss._Infinite(), batch_size=None)
+    return ticks()
 
 
 def test_resume_continues_from_saved_step(tmp_path: Path) -> None:
@@ -176,6 +177,38 @@ def test_nan_loss_stops_with_one_sentence(tmp_path: Path) -> None:
         module.sampler.u.fill_(float("nan"))
     with pytest.raises(ddss.NaNLossError, match=r"non-finite loss .* at global step 0"):
         _trainer(tmp_path, 2).fit(module, _loader())
+
+
+def test_resume_from_a_nan_checkpoint_is_one_sentence_before_work(tmp_path: Path) -> None:
+    """A checkpoint whose table parameters are NaN is refused by resume= (naming the tensor and the step); a healthy one
+    with no validation yet (best_score = inf) is accepted."""
+    ck = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, save_top_k=0, every_n_train_steps=2)
+    module = _tiny_module(2, steps=2, val_every=0)
+    _trainer(tmp_path, 2, callbacks=[ck]).fit(module, _loader())
+    path = tmp_path / "ck" / "last.ckpt"
+    assert ddss._check_resume_matches(str(path), str(tmp_path), module) == str(path)  # inf best_score is fine
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"]["sampler.u"] = torch.full_like(ckpt["state_dict"]["sampler.u"], float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(ConfigError, match=r"nan\.ckpt \(step 2\) holds NaN or infinite values in sampler\.u; it cannot be "
+                                          r"continued"):
+        ddss._check_resume_matches(str(tmp_path / "nan.ckpt"), str(tmp_path), module)
+
+
+def test_default_compare_holds_the_best_classic_on_each_end_convention() -> None:
+    """The default comparison has both end conventions (EDM's zero and sigma_min, as DPM-Solver and LD3), each with the
+    best classic on digits at NFE 8 (dpmpp_2m) and 10 (ipndm), docs/results-learned.md."""
+    from omegaconf import OmegaConf
+
+    from optimize.runs import compare_entry, compare_tables
+
+    cfg = OmegaConf.load(ROOT / "conf" / "method" / "ddss.yaml")
+    ends = {end: {s for s, e, _ in map(compare_entry, cfg.compare) if e == end} for end in ("zero", "sigma_min")}
+    assert {"dpmpp_2m", "ipndm"} <= ends["zero"] and {"dpmpp_2m", "ipndm"} <= ends["sigma_min"]
+    run = OmegaConf.create({"sigma_min": 0.002, "sigma_max": 80.0, "schedule": "karras", "rho": 7.0, "end": "sigma_min"})
+    tables = dict(compare_tables(run, ["ipndm", "ipndm:sigma_min", "ipndm:zero"], 10))
+    assert list(tables) == ["ipndm", "ipndm(end=sigma_min)"]  # a bare name is EDM's end whatever the run's end
+    assert tables["ipndm(end=sigma_min)"].metadata["end"] == "sigma_min" and "end" not in tables["ipndm"].metadata
 
 
 # --- the command on the GMM ----------------------------------------------------------------------
@@ -238,6 +271,9 @@ def test_two_process_cpu_ddp(tmp_path: Path) -> None:
         (["monitor=loss"], "unknown monitor 'loss'"),
         (["min_lr_ratio=2"], "min_lr_ratio must lie in [0, 1]"),
         (["compare=[heun]", "nfe=4"], "compare: heun needs an odd NFE"),
+        (["compare=[ipndm:sideways]"], "compare entry 'ipndm:sideways': the end convention after ':' must be one of zero, "
+                                       "sigma_min, got 'sideways'"),
+        (["compare=[tada:sigma_min]"], "compare: tada's output is its last data prediction"),
         (["resume=/nonexistent/last.ckpt"], "resume checkpoint /nonexistent/last.ckpt does not exist"),
         (["loss=lpips"], "unknown ddss loss 'lpips'; valid: kid, match, kid+match"),
         (["loss=match", "family=full", "n_match=16", "batch_size=32"], "batch_size (32) cannot exceed n_match (16)"),

@@ -18,8 +18,8 @@ from samplers.denoisers import (
     GaussianMixture,
     VPDenoiser,
     fingerprint_tensors,
-    load_diffusers,
 )
+from samplers.models import load_diffusers
 
 F64 = torch.float64
 

@@ -19,7 +19,7 @@ from samplers import SolverTable, baselines, make_noise, sample
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel  # noqa: E402
 
-from samplers.denoisers import load_diffusers  # noqa: E402
+from samplers.models import load_diffusers  # noqa: E402
 from samplers.diffusers_scheduler import TableScheduler  # noqa: E402
 
 pytestmark = [

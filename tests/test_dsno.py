@@ -17,6 +17,7 @@ import torch
 
 from optimize import dsno
 from optimize.cli import main
+from optimize.runs import ticks
 from optimize.results import read_results
 from samplers import SolverTable, make_noise, sample
 from samplers.denoisers import EDMPrecond
@@ -139,12 +140,12 @@ def test_short_run_overfits_a_handful_of_trajectories(teacher) -> None:
                              ema_decay=0.9).init_from(net)
     gen = torch.Generator().manual_seed(3)
     data = {"noise": torch.randn(4, 1, 8, 8, generator=gen), "x0": torch.rand(4, 2, 1, 8, 8, generator=gen) * 2 - 1}
-    loader = dsno.data_loader(data, [0, 1], batch_size=4)
+    module.attach_data(data, [0, 1], batch_size=4)
     with torch.no_grad():
         before = module.losses(data["noise"], data["x0"])[0].item()
     trainer = L.Trainer(max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, loader)
+    trainer.fit(module, ticks())
     with torch.no_grad():
         after = module.losses(data["noise"], data["x0"])[0].item()
         ema = (module(data["noise"], ema=True) - data["x0"]).abs().flatten(2).mean(-1).mean(0)
@@ -196,14 +197,30 @@ def test_export_round_trip_served_by_samplers_generate(tmp_path: Path) -> None:
     np.testing.assert_allclose(arr.reshape(4, 1, 8, 8), x.numpy(), atol=1e-5)
 
 
+def test_resumed_student_equals_uninterrupted(tmp_path: Path) -> None:
+    """Stopped at step 2 and resumed to 5 (16 trajectories, batches of 8: the data order wraps twice) gives the
+    uninterrupted student bit for bit: batches follow the step, the EMA update is in the checkpoint, and the learning
+    rate follows the new step count."""
+    common = [*FAST, f"data_cache_dir={tmp_path / 'cache'}"]
+    main(["dsno", *common, "steps=5", f"hydra.run.dir={tmp_path / 'a'}"])
+    main(["dsno", *common, "steps=2", f"hydra.run.dir={tmp_path / 'b'}"])
+    main(["dsno", *common, "steps=5", f"hydra.run.dir={tmp_path / 'b'}", f"resume={tmp_path / 'b'}"])
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / r / "dsno-edm.safetensors")) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "dsno-edm-loss.csv").read_text() == (tmp_path / "b" / "dsno-edm-loss.csv").read_text()
+
+
 def test_evaluation_at_end_pairs_the_student_with_the_classics(tmp_path: Path) -> None:
-    """The default run ends with an evaluation: the student beside dpmpp_2m on the same seeds, written to results.csv."""
+    """The default run ends with an evaluation: the student beside the best classics on each end convention (dpmpp_2m,
+    ipndm landing on sigma_min) on the same seeds, written to results.csv."""
     run = tmp_path / "run"
     fast = [a for a in FAST if a != "evaluate_at_end=false"]
     main(["dsno", *fast, "steps=1", "n=24", "eval_batch_size=24", "ref_nfe=9", "n_boot=20", "compare_nfe=[2]",
           f"ref_cache_dir={tmp_path / 'refs'}", f"data_cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"])
     rows = read_results(str(run / "results.csv"))
-    assert [(r["method"], int(r["nfe"])) for r in rows] == [("dsno", 1), ("dpmpp_2m", 2)]
+    assert [(r["method"], int(r["nfe"])) for r in rows] == [("dsno", 1), ("dpmpp_2m", 2), ("ipndm(end=sigma_min)", 2)]
     assert all(r["ref_rmse"] > 0 and r["fd_train_main"] > 0 and r["fd_se_train_main"] > 0 for r in rows)
 
 
@@ -215,6 +232,8 @@ def test_evaluation_at_end_pairs_the_student_with_the_classics(tmp_path: Path) -
     (["model.checkpoint=/nonexistent/teacher.safetensors"], "does not exist"),
     (["model=gmm"], "dsno distils a network teacher"),
     (["loss=huber"], "loss must be one of l1, l2"),
+    (["compare=[unipc:sigma-min]"], "compare entry 'unipc:sigma-min': the end convention after ':' must be one of zero"),
+    (["compare=[heun]"], "compare: heun needs an odd NFE"),
 ])
 def test_bad_config_is_one_error_line(args: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:

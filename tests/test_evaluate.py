@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from optimize.evaluate import Judge, evaluate, feature_maps, read_results, start_sigma
@@ -110,7 +111,7 @@ def test_tuned_baseline_picks_the_best_schedule_on_separate_seeds(tmp_path: Path
                                       shape=(1, 8, 8), seeds=seeds, dtype=torch.float64)["fd_train_raw"]
            for rho in (2.0, 7.0) for smin in (0.002, 0.05) for end in ("zero", "sigma_min")}
     assert (tuned["rho"], tuned["sigma_min"], tuned["end"]) == min(fds, key=fds.get)
-    assert tuned["tune_fd"] == min(fds.values())
+    assert tuned["tune_fd"] == pytest.approx(min(fds.values()), rel=1e-6)  # the run and this process may differ in threads
 
 
 def test_results_csv_round_trips_labels_with_commas_and_quotes(tmp_path: Path) -> None:

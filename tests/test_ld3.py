@@ -4,6 +4,7 @@ bounds, IIA over its steps, and the command's input errors."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,8 @@ def test_iia_fits_over_a_learned_schedule_with_decoupled_sigmas() -> None:
     (["window=1.5"], "window must lie in [0, 0.999], got 1.5"),
     (["teacher_solver=rk4"], "unknown teacher_solver 'rk4'"),
     (["n_train=-3"], "n_train must be a positive integer"),
+    (["resume=true"], "ld3 has no resume (got resume=True): rerun the same command; its result is bit-identical"),
+    (["compare=[ipndm:later]"], "compare entry 'ipndm:later': the end convention after ':' must be one of zero, sigma_min"),
 ])
 def test_bad_ld3_config_is_one_error_line(args: list[str], message: str) -> None:
     r = subprocess.run([sys.executable, "-m", "optimize", "ld3", "model=gmm", *args], cwd=REPO, capture_output=True,
@@ -137,3 +140,57 @@ def test_iia_base_table_errors(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "optimize", "iia", "model=gmm", f"base=table:{tmp_path / 'u4.safetensors'}",
                         "nfe=5"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "has NFE 4; set nfe=4" in r.stderr, r.stderr
+
+
+# --- no resume: a rerun is bit-identical; a model that leaves the finite numbers is one sentence -----------------------
+LD3_FAST = ["nfe=3", "n_train=4", "n_valid=4", "rounds_v1=1", "rounds_v2=1", "evaluate=false"]
+NAN_MODEL = """
+import torch
+
+def make(threshold=0.01):
+    def denoiser(x, sigma, cond=None):
+        s = sigma.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+        return torch.where(s < threshold, torch.full_like(x, float("nan")), x / (1 + s**2))
+    return denoiser, (1, 4, 4)
+"""
+
+
+def test_a_rerun_gives_a_bit_identical_table(tmp_path: Path) -> None:
+    """What replaces resume: the same command twice gives the same table, bit for bit."""
+    from optimize.cli import main
+
+    for run in ("a", "b"):
+        main(["ld3", "model=gmm", *LD3_FAST, f"hydra.run.dir={tmp_path / run}"])
+    a, b = (SolverTable.load(str(tmp_path / run / "ld3-unipc-gmm-nfe3.safetensors")) for run in ("a", "b"))
+    assert torch.equal(a.sigmas, b.sigmas) and torch.equal(a.coef, b.coef)
+    assert a.metadata["step_sigmas"] == b.metadata["step_sigmas"] and a.metadata["ld3"]["iterations"] > 0
+
+
+def test_model_nan_at_small_sigma_is_one_error_line_naming_the_sigma(tmp_path: Path, capsys) -> None:
+    """A callable model that passes the pre-check (sigma 2 and 0.5) but gives NaN below sigma 0.01: the teacher solve
+    stops the run with one error line naming the evaluation, its sigma and the seed."""
+    from optimize.cli import main
+
+    (tmp_path / "nanmodel.py").write_text(NAN_MODEL)
+    with pytest.raises(SystemExit) as exc:
+        main(["ld3", "model=callable", f"model.target={tmp_path / 'nanmodel.py'}:make", "model.features=raw", *LD3_FAST,
+              f"hydra.run.dir={tmp_path / 'run'}"])
+    assert exc.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert len(err) == 1, err
+    assert re.search(r"teacher solve \(unipc, 20 NFE\) gave NaN or infinite values at the model output of evaluation "
+                     r"\d+ \(sigma 0\.00\d+\), first for seed 2000000", err[0]), err
+    assert not list((tmp_path / "run").glob("*.safetensors"))
+
+
+def test_nan_during_the_fit_names_the_iteration_and_the_sigma() -> None:
+    """Targets are finite but the learned table evaluates where the model gives NaN (below sigma 0.1 here)."""
+    namespace: dict = {}
+    exec(NAN_MODEL, namespace)  # noqa: S102 - the test's own model source
+    den, shape = namespace["make"](0.1)
+    e = _noise(range(4)).reshape(4, *SHAPE)[:, :, :4, :4].contiguous()
+    fitter = ld3.LD3Fitter(den, "unipc", 3, train=(e, torch.zeros_like(e)), valid=(e, torch.zeros_like(e)),
+                           sigma_min=0.002, sigma_max=80.0)
+    with pytest.raises(ld3.NaNLossError, match=r"ld3 stopped at iteration 0: the unipc table gave NaN or infinite samples "
+                                               r"at the model output of evaluation 2 \(sigma 0\.06\d+\)"):
+        fitter.validation_loss()

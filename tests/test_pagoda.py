@@ -6,6 +6,7 @@ larger than its noise is served by the unchanged runtime, and bad configs are on
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 
 from optimize import pagoda
 from optimize.data import gmm_model
+from optimize.runs import ticks
 from samplers import SolverTable, make_noise, sample
 from samplers.nets import build_net, load_denoiser, load_net, output_shape, save_net
 
@@ -61,7 +63,7 @@ def _pairs(n: int = 8, stages: int = 3) -> tuple[torch.Tensor, list[torch.Tensor
 def _fit(module: pagoda.PaGoDAModule, iterations: int) -> None:
     trainer = L.Trainer(max_steps=2 * iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, torch.utils.data.DataLoader(pagoda._Ticks(), batch_size=None))
+    trainer.fit(module, ticks())
 
 
 # --- stage 1: latents --------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def test_frozen_weights_do_not_move_and_the_new_stage_trains(tiny_teacher: Path)
 
     trainer = L.Trainer(max_steps=2 * 5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", callbacks=[Snapshot()])
-    trainer.fit(module, torch.utils.data.DataLoader(pagoda._Ticks(), batch_size=None))
+    trainer.fit(module, ticks())
     assert module.active == 1 and [h[1] for h in module.history] == [0, 0, 1, 1, 1]
     base = [n for n, _ in module.generator.named_parameters() if not n.startswith("stages.")]
     assert any(not torch.equal(seen["gen"][n], seen["ema"][n]) for n in base)  # the raw base differed from its EMA
@@ -251,3 +253,31 @@ def test_bad_config_is_one_error_line(args: list[str], message: str, tiny_teache
 
     err = cli_error(["pagoda", *args] if "model=edm" in args else ["pagoda", "model=patches8", f"model.checkpoint={tiny_teacher}", *args])
     assert re.search(message, err), err
+
+
+def test_bad_rec_features_and_teacher_files_are_one_error_line(tiny_teacher: Path, tmp_path: Path, cli_error) -> None:
+    """rec_features must be a patch_cnn feature-net file: a pickle is refused unread (a planted one would leave a
+    marker), a table or another feature net is named; a 1-channel teacher is refused before any work."""
+    import pickle
+
+    from samplers import baselines
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.write_text, ("pwned",))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Evil()))
+    baselines.build("euler", 4).save(str(tmp_path / "table.safetensors"))
+    base = ["pagoda", "model=patches8", f"model.checkpoint={tiny_teacher}", f"hydra.run.dir={tmp_path / 'run'}"]
+    for path, message in [(tmp_path / "evil.pkl", r"is not a safetensors feature-net file .*pickles are never loaded"),
+                          (tmp_path / "table.safetensors", r"is not a feature-net file \(format 'samplers.table'\)"),
+                          (ROOT / "checkpoints" / "classifier-digits.safetensors", r"holds a 'cnn' feature net"),
+                          (tmp_path / "missing.safetensors", r"rec_features .*missing.safetensors does not exist")]:
+        err = cli_error([*base, f"rec_features={path}"])
+        assert re.search(message, err) and "patch_cnn" in err, err
+    assert not marker.exists()
+    err = cli_error(["pagoda", "model=patches8", f"model.checkpoint={ROOT / 'checkpoints' / 'edm-digits.safetensors'}"])
+    assert "pagoda grows a teacher of the RGB patches (3 channels)" in err and "takes 1 channel(s)" in err, err
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.safetensors"))

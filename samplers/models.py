@@ -1,0 +1,465 @@
+"""Model checks shared by ``python -m samplers generate`` and ``python -m optimize``: plain functions that raise
+ValueError with one sentence (each CLI wraps it into its own one-line error), and a watchdog wrapper for denoiser calls.
+
+- ``check_sample_shape``: a sample shape of positive integers within ``MAX_SAMPLE_ELEMENTS``, before anything of that
+  shape is allocated;
+- ``diffusers_spec``: everything checkable about a LOCAL diffusers folder without building its net (layout, class,
+  safetensors weights, prediction type, time embedding, channels, sample size, a usable noise schedule), and that the
+  weights fit the net the config describes (laid out on the meta device, which allocates nothing);
+- ``check_labels``: class conditioning of a net against the label / label weights / guidance asked for;
+- ``WatchedDenoiser``: times the first call (a ``note:`` line on stderr) and stops a call longer than ``timeout_s``.
+
+- ``alphas_cumprod_of`` and ``load_diffusers``: a scheduler config's noise schedule, and a diffusers folder as a
+  ``VPDenoiser`` (what ``generate --model diffusers:DIR``, ``optimize model=diffusers`` and ``TableScheduler`` use).
+
+Only torch, numpy and safetensors are imported at import time; diffusers (an optional dependency) is imported inside
+the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from .artifact import short_error
+from .denoisers import PREDICTION_TYPES, VPDenoiser, check_alphas_cumprod, finite_alphas_cumprod
+
+# Numbers in ONE sample: 2^26 (64 Mi, 256 MiB in float32). A batch of a few such samples plus a network's activations
+# already fills a large GPU; a shape beyond it is a typo or a hostile config, refused before any tensor of it exists.
+MAX_SAMPLE_ELEMENTS = 2**26
+# config.json / scheduler_config.json are small (a trained_betas list of 100,000 numbers is ~2 MB).
+MAX_CONFIG_BYTES = 2**24
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+# keys of a diffusers (DDPM-family) scheduler config that define the training noise schedule
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")  # DDPMScheduler's
+MAX_TRAIN_TIMESTEPS = 100_000  # a sanity bound before diffusers allocates the schedule
+
+
+def check_sample_shape(shape: Any) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints with at most MAX_SAMPLE_ELEMENTS numbers per sample; ValueError otherwise."""
+    try:
+        dims = tuple(shape)
+        ok = len(dims) >= 1 and all(not isinstance(d, bool) and int(d) == d and int(d) > 0 for d in dims)
+    except Exception:  # not a sequence, or entries that are not numbers
+        ok = False
+    if not ok:
+        raise ValueError(f"sample shape {shape!r} must be a non-empty sequence of positive integers.")
+    dims = tuple(int(d) for d in dims)
+    n = math.prod(dims)
+    if n > MAX_SAMPLE_ELEMENTS:
+        raise ValueError(f"sample shape {list(dims)} has {n:,} numbers per sample, more than the limit of "
+                         f"{MAX_SAMPLE_ELEMENTS:,} (2^26, samplers.models.MAX_SAMPLE_ELEMENTS).")
+    return dims
+
+
+def check_timeout(value: Any, key: str = "model.timeout_s") -> float | None:
+    """A time limit in seconds: a positive finite number, or None (no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key} must be a positive number of seconds or null (no limit), got {value!r}.")
+    return float(value)
+
+
+# --- diffusers noise schedules -------------------------------------------------------------------
+def alphas_cumprod_of(config: Any) -> torch.Tensor:
+    """float64 ``abar_t`` of a DDPM-family scheduler config, as ``load_diffusers`` makes it
+    (a zero-terminal-SNR schedule's 0 becomes ``finite_alphas_cumprod``'s small positive value). A config diffusers
+    cannot build, or whose ``abar_t`` is not in (0, 1) and strictly decreasing, is a ValueError naming the key."""
+    keys = _schedule_keys(config)
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+
+    try:
+        abar = finite_alphas_cumprod(DDPMScheduler(**keys).alphas_cumprod)
+    except Exception as err:  # noqa: BLE001 - diffusers/torch reject a value we did not foresee: one sentence
+        raise ValueError(f"scheduler config: diffusers cannot build this noise schedule "
+                         f"({' '.join(str(err).split())[:200]}).") from None
+    if abar.numel() < 2 or not (torch.isfinite(abar).all() and (abar > 0).all() and (abar < 1).all()
+                                and (abar[1:] < abar[:-1]).all()):
+        used = ("trained_betas" if keys.get("trained_betas") is not None else
+                f"beta_schedule={keys.get('beta_schedule', 'linear')!r}, "
+                f"beta_start={keys.get('beta_start', 0.0001)!r}, "
+                f"beta_end={keys.get('beta_end', 0.02)!r}")
+        raise ValueError(f"scheduler config: {used} gives alphas_cumprod outside (0, 1) or not strictly decreasing; "
+                         f"every beta must lie in (0, 1), with a product that stays above 0 in float32.")
+    return abar
+
+
+def _schedule_keys(config: Any) -> dict[str, Any]:
+    """The noise-schedule keys of ``config`` (no ``prediction_type``), types and sizes checked before diffusers
+    sees them: a bad value is a ValueError naming the key and the value."""
+    keys = {k: config[k] for k in SCHEDULE_KEYS if k in config and k != "prediction_type"}
+    steps = keys.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"scheduler config: num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}], "
+                         f"got {steps!r}.")
+    if not isinstance(keys.get("rescale_betas_zero_snr", False), (bool, np.bool_)):
+        raise ValueError(f"scheduler config: rescale_betas_zero_snr must be true or false, "
+                         f"got {keys['rescale_betas_zero_snr']!r}.")
+    betas = keys.get("trained_betas")
+    if betas is not None:
+        try:
+            arr = np.asarray(betas.detach().cpu() if isinstance(betas, torch.Tensor) else betas, dtype=np.float64)
+        except (TypeError, ValueError):
+            arr = np.zeros((0, 0))
+        if arr.ndim != 1 or not np.isfinite(arr).all() or ("num_train_timesteps" in keys and arr.size != steps):
+            got = f"a list of length {arr.size}" if arr.ndim == 1 and np.isfinite(arr).all() else repr(betas)[:80]
+            raise ValueError(f"scheduler config: trained_betas must be a list of num_train_timesteps = {steps} finite "
+                             f"numbers, got {got}.")
+        keys["trained_betas"] = arr.tolist()
+        return keys
+    schedule = keys.get("beta_schedule", "linear")
+    if schedule not in BETA_SCHEDULES:
+        raise ValueError(f"scheduler config: beta_schedule {schedule!r} is not supported; use one of "
+                         f"{', '.join(BETA_SCHEDULES)} (or trained_betas).")
+    for key in ("beta_start", "beta_end"):
+        v = keys.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+            raise ValueError(f"scheduler config: {key} must be a finite number, got {v!r}.")
+    return keys
+
+
+# --- diffusers folders ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiffusersSpec:
+    """A checked diffusers folder: where its parts are and what the denoiser built from it will be."""
+
+    unet_dir: Path
+    sched_dir: Path
+    prediction_type: str
+    alphas_cumprod: torch.Tensor  # float64, finite, in (0, 1), decreasing (samplers.denoisers.finite_alphas_cumprod)
+    shape: tuple[int, ...]
+    classes: int | None  # num_class_embeds
+    class_embed_type: str | None
+    quantize: bool  # a learned (nn.Embedding) time embedding takes integer timesteps
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+
+def diffusers_folders(root: Path) -> tuple[Path, Path]:
+    """(UNet folder, scheduler folder): ``root/unet`` + ``root/scheduler`` (a saved pipeline), or ``root`` for both."""
+    if (root / "unet" / "config.json").is_file():
+        return root / "unet", root / "scheduler"
+    return root, root
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; a diffusers config is a small JSON file.")
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable JSON config ({short_error(err)}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def diffusers_spec(folder: str | Path) -> DiffusersSpec:
+    """Every check of a LOCAL diffusers folder that needs no net built: a ``UNet2DModel`` config with safetensors
+    weights, a supported prediction type and time embedding, usable channels and sample size, a DDPM-family scheduler
+    config that gives a finite increasing sigma_t, and weights that fit the config (``check_diffusers_weights``).
+    ValueError with one sentence naming the file; ImportError without the diffusers package."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"diffusers model folder {str(root)!r} does not exist.")
+    unet_dir, sched_dir = diffusers_folders(root)
+    if not (unet_dir / "config.json").is_file():
+        raise ValueError(f"no UNet config.json in {str(root)!r} (expected {str(root / 'unet')!r} or a bare UNet2DModel folder).")
+    if not (sched_dir / "scheduler_config.json").is_file():
+        raise ValueError(f"no scheduler_config.json in {str(sched_dir)!r}.")
+    ucfg, scfg = _read_json(unet_dir / "config.json"), _read_json(sched_dir / "scheduler_config.json")
+    cls = ucfg.get("_class_name")
+    if cls != "UNet2DModel":
+        raise ValueError(f"{unet_dir / 'config.json'} describes a {cls}, but a diffusers model must be a UNet2DModel "
+                         f"(wrap other networks as model=callable, docs/byo-model.md).")
+    if not (unet_dir / WEIGHTS_FILE).is_file():
+        raise ValueError(f"no {WEIGHTS_FILE} in {unet_dir} (weights are read with safetensors only, never unpickled).")
+    pred = scfg.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise ValueError(f"{sched_dir / 'scheduler_config.json'}: prediction_type {pred!r} is not supported; supported: "
+                         f"{', '.join(PREDICTION_TYPES)}.")
+    embedding = ucfg.get("time_embedding_type", "positional")
+    if embedding == "fourier":
+        raise ValueError(f"{unet_dir / 'config.json'}: a score-SDE (Fourier time) UNet is not a discrete-time VP model.")
+    if embedding not in ("positional", "learned"):
+        raise ValueError(f"{unet_dir / 'config.json'}: time_embedding_type {embedding!r} is not supported (positional or learned).")
+    shape = _unet_shape(unet_dir, ucfg)
+    classes, embed_type = ucfg.get("num_class_embeds"), ucfg.get("class_embed_type")
+    if classes is not None and not _positive_int(classes):
+        raise ValueError(f"{unet_dir / 'config.json'}: num_class_embeds must be a positive integer or null, got {classes!r}.")
+    abar = _alphas_cumprod(sched_dir, scfg)
+    check_diffusers_weights(unet_dir, ucfg)
+    return DiffusersSpec(unet_dir, sched_dir, pred, abar, shape, classes, embed_type, embedding == "learned")
+
+
+def _unet_shape(unet_dir: Path, ucfg: dict) -> tuple[int, ...]:
+    """(in_channels, H, W) from the config, checked: positive channels, an output of C or 2C channels (learned
+    variance), a positive sample size within MAX_SAMPLE_ELEMENTS."""
+    where = unet_dir / "config.json"
+    channels, out = ucfg.get("in_channels", 3), ucfg.get("out_channels", 3)
+    if not _positive_int(channels) or not _positive_int(out):
+        raise ValueError(f"{where}: in_channels and out_channels must be positive integers, got {channels!r} and {out!r}.")
+    if out not in (channels, 2 * channels):
+        raise ValueError(f"{where}: out_channels {out} must equal in_channels {channels} (or twice it, learned variance).")
+    size = ucfg.get("sample_size", 32)
+    size = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
+    if not isinstance(size, list) or len(size) != 2 or not all(_positive_int(s) for s in size):
+        raise ValueError(f"{where}: sample_size must be a positive integer or [height, width], got {ucfg.get('sample_size')!r}.")
+    try:
+        return check_sample_shape((channels, *size))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _alphas_cumprod(sched_dir: Path, scfg: dict) -> torch.Tensor:
+    """abar_t of the scheduler config as ``load_diffusers`` uses it (``alphas_cumprod_of``,
+    which checks the schedule keys), checked usable by VPDenoiser's rule."""
+    try:
+        import diffusers  # noqa: F401 - optional dependency, only for diffusers folders
+    except ImportError:
+        raise ImportError("diffusers models need the diffusers package: pip install diffusers.") from None
+    try:
+        abar = alphas_cumprod_of(scfg)
+        check_alphas_cumprod(abar)
+    except ValueError as err:
+        raise ValueError(f"{sched_dir / 'scheduler_config.json'}: {str(err).removeprefix('scheduler config: ')}") from None
+    except Exception as err:  # diffusers or torch rejecting a value nobody foresaw
+        raise ValueError(f"{sched_dir / 'scheduler_config.json'}: scheduler config not usable ({short_error(err)}).") from None
+    return abar
+
+
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """diffusers' logger at error level (its warnings about weights or accelerate become our own errors or nothing)."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def check_diffusers_weights(unet_dir: Path, ucfg: dict) -> None:
+    """The weights file fits the net ``config.json`` describes, found before the net is allocated: the net is laid out
+    on the meta device (no memory) and every tensor it shares with the file must have the file's shape (weights of
+    another width), and the file must hold at least as many numbers as the net (a config asking a larger net)."""
+    from diffusers import UNet2DModel
+
+    file = unet_dir / WEIGHTS_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({short_error(err)}).") from None
+    layers, blocks = ucfg.get("layers_per_block", 2), ucfg.get("block_out_channels", ())
+    if isinstance(layers, int) and isinstance(blocks, list) and layers * len(blocks) > len(stored):
+        raise ValueError(f"{unet_dir / 'config.json'} describes {layers * len(blocks)} resnet layers, more than the "
+                         f"{len(stored)} tensors of {file} (weights of another net).")
+    try:
+        with quiet_diffusers(), torch.device("meta"):
+            net = UNet2DModel.from_config(ucfg)
+    except Exception as err:
+        raise ValueError(f"{unet_dir / 'config.json'} does not describe a buildable UNet2DModel ({short_error(err)}).") from None
+    wanted = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    for name, shape in wanted.items():
+        if name in stored and stored[name] != shape:
+            raise ValueError(f"{file} does not fit {unet_dir / 'config.json'}: tensor {name} is {list(stored[name])} in the "
+                             f"file but {list(shape)} in the net the config describes (weights of another width).")
+    missing = [name for name in wanted if name not in stored]
+    legacy = any(k.split(".")[-2:-1] in (["query"], ["key"], ["value"], ["proj_attn"]) for k in stored)  # renamed on load
+    if missing and not legacy:
+        raise ValueError(f"{file} lacks {len(missing)} tensor(s) of the net {unet_dir / 'config.json'} describes "
+                         f"(e.g. {missing[0]}); the weights belong to another net.")
+    need, have = sum(math.prod(s) for s in wanted.values()), sum(math.prod(s) for s in stored.values())
+    if need > have:
+        raise ValueError(f"{file} holds {have:,} numbers, but the net {unet_dir / 'config.json'} describes has {need:,} "
+                         f"(weights of another net).")
+
+
+# --- class conditioning ----------------------------------------------------------------------------
+def check_labels(classes: int | None, embed_type: Any = None, *, label: Any = None, label_weights: Sequence[Any] | None = None,
+                 guidance: Any = None, null_label: Any = None, prefix: str = "model.", net: str = "the net",
+                 how: str = "set exactly one of model.label=K or model.label_weights=[p_0, ...]") -> None:
+    """A net with ``classes`` class embeddings (None: unconditional) against the label (or label weights) and
+    guidance asked for; option names are ``prefix + name`` and ``how`` says how to give a label."""
+    if not classes:
+        if embed_type is not None:
+            raise ValueError(f"class_embed_type {embed_type!r} of {net} is not supported (only num_class_embeds).")
+        for key, v in (("label", label), ("label_weights", label_weights), ("guidance", guidance)):
+            if v is not None:
+                raise ValueError(f"{prefix}{key} is set, but {net} is not class-conditional (no num_class_embeds).")
+        return
+    classes = int(classes)
+    if (label is None) == (label_weights is None):
+        raise ValueError(f"{net} is class-conditional ({classes} class embeddings): {how}.")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes):
+        raise ValueError(f"{prefix}label must be an integer in [0, {classes}), got {label!r}.")
+    if label_weights is not None:
+        w = list(label_weights)
+        ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in w)
+        if not ok or not w or len(w) > classes or sum(w) <= 0:
+            raise ValueError(f"{prefix}label_weights must be 1..{classes} non-negative numbers with a positive sum, got {w!r}.")
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise ValueError(f"{prefix}guidance must be a number (the CFG scale w) or null, got {guidance!r}.")
+        null = classes - 1 if null_label is None else null_label
+        if isinstance(null, bool) or not isinstance(null, int) or not 0 <= null < classes:
+            raise ValueError(f"{prefix}null_label must be an integer in [0, {classes}) naming the net's null class, got {null!r}.")
+        if label == null:
+            raise ValueError(f"{prefix}label={label} is the null class used for guidance; pick another label.")
+
+
+# --- watchdog ------------------------------------------------------------------------------------
+class _Expired(BaseException):
+    """Raised by the SIGALRM handler inside a call past its time limit (a BaseException, so that user code catching
+    Exception does not swallow it)."""
+
+
+def _alarm_usable() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float | None) -> Iterator[None]:
+    """Raise _Expired in this (main) thread after ``seconds`` (SIGALRM; it interrupts Python-level code, not a running
+    C++ kernel). An outer timer that would fire first is left alone; one that fires later is re-armed afterwards."""
+    if seconds is None or not _alarm_usable():
+        yield
+        return
+    outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    if outer_delay and outer_delay <= seconds:
+        yield
+        return
+
+    armed = [True]
+
+    def expire(signum: int, frame: Any) -> None:
+        if armed[0]:
+            raise _Expired()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    start = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        try:
+            armed[0] = False  # a signal arriving from here on is ignored
+        finally:  # runs even when the (one-shot) alarm fired just before the line above
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+            if outer_delay:
+                signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - start), 1e-3), outer_interval)
+
+
+class WatchedDenoiser(torch.nn.Module):
+    """A denoiser whose calls are watched: the first call is timed and reported on stderr (``note: first model call
+    took 0.12 s for a batch of 2``), and with ``timeout_s`` a call that runs longer raises ``error`` naming ``key``
+    and the sigma. SIGALRM stops Python-level code (time.sleep, a Python loop) in the main thread on Unix; elsewhere,
+    or inside one long C++ kernel, the call is checked when it returns. Everything else (``fingerprint()``, ``shape``,
+    ``sigma_min`` / ``sigma_max``, ...) is the inner denoiser's, so fingerprints do not change."""
+
+    def __init__(self, denoiser: Any, timeout_s: float | None = None, *, key: str = "model.timeout_s",
+                 what: str = "the denoiser", error: type[Exception] = ValueError, report: bool = True):
+        super().__init__()
+        self.denoiser = denoiser
+        self.timeout_s = check_timeout(timeout_s, key)
+        self.key, self.what, self.error, self.report = key, what, error, report
+        self.first_call_s: float | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "denoiser" or name.startswith("__"):  # not set yet (unpickling); protocols stay the wrapper's
+                raise
+            return getattr(self.denoiser, name)
+
+    def fingerprint(self) -> str:
+        """The inner denoiser's fingerprint."""
+        return self.denoiser.fingerprint()
+
+    def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> Any:
+        """``denoiser(x, sigma[, cond])``, timed on the first call and limited to ``timeout_s`` when set."""
+        first = self.first_call_s is None
+        if self.timeout_s is None and not first:
+            return self.denoiser(x, sigma) if cond is None else self.denoiser(x, sigma, cond)
+        start = time.perf_counter()
+        try:
+            with _alarm(self.timeout_s):
+                out = self.denoiser(x, sigma) if cond is None else self.denoiser(x, sigma, cond)
+                if first and isinstance(out, torch.Tensor) and out.is_cuda:
+                    torch.cuda.synchronize(out.device)
+        except _Expired:
+            raise self.error(self._late(x, sigma)) from None
+        took = time.perf_counter() - start
+        if self.timeout_s is not None and took > self.timeout_s:
+            raise self.error(self._late(x, sigma))
+        if first:
+            self.first_call_s = took
+            if self.report:
+                print(f"note: first model call took {took:.3g} s for a batch of {len(x)}", file=sys.stderr, flush=True)
+        return out
+
+    def _late(self, x: torch.Tensor, sigma: Any) -> str:
+        try:
+            s = f"{float(torch.as_tensor(sigma).detach().reshape(-1).max()):.4g}"
+        except Exception:
+            s = "?"
+        return (f"{self.key}={self.timeout_s:g}: a call of {self.what} took longer than {self.timeout_s:g} s at sigma {s} "
+                f"(batch of {len(x)}); raise {self.key} or make the model faster.")
+
+
+# --- diffusers loader ------------------------------------------------------------------------
+def load_diffusers(folder: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> VPDenoiser:
+    """A diffusers ``UNet2DModel`` and its scheduler config from a LOCAL folder as a VPDenoiser (with ``shape``, the
+    shape of one sample).
+
+    Layouts: ``folder/unet`` + ``folder/scheduler``, or one folder holding the UNet's
+    ``config.json`` and ``scheduler_config.json``. ``abar_t`` comes from DDPMScheduler; no hub access.
+    Everything checkable comes first (``diffusers_spec``); any failure is a ValueError sentence
+    (ImportError without diffusers).
+    """
+    spec = diffusers_spec(folder)
+    from diffusers import UNet2DModel
+
+    try:
+        with quiet_diffusers():
+            unet, info = UNet2DModel.from_pretrained(str(spec.unet_dir), local_files_only=True, torch_dtype=dtype,
+                                                     use_safetensors=True, output_loading_info=True)
+            unet = unet.to(device).eval().requires_grad_(False)
+    except Exception as err:  # diffusers or torch: a state-dict mismatch, a corrupt file, out of memory
+        raise ValueError(f"the weights in {spec.unet_dir} do not load into the net its config.json describes "
+                         f"({' '.join(str(err).split())[:200]}).") from None
+    missing = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    if missing:
+        raise ValueError(f"the weights in {spec.unet_dir} lack {len(missing)} tensor(s) of the net its config.json "
+                         f"describes (e.g. {missing[0]}); they belong to another net.")
+    abar = finite_alphas_cumprod(spec.alphas_cumprod)  # idempotent: diffusers_spec already made abar_T finite
+    den = VPDenoiser(unet, abar, prediction_type=spec.prediction_type, quantize=spec.quantize)
+    den.shape = spec.shape
+    return den
