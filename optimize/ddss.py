@@ -75,9 +75,8 @@ from samplers import SolverTable, baselines, sample
 from samplers.table import FORMAT_VERSION
 
 from .metrics import _poly_kernel
-from .runs import compare_tables, resume_path, ticks, trainer_parts
+from .runs import NaNLossError, TrainingModule, compare_tables, resume_path, ticks, trainer_parts
 from .seeds import VAL_SEED_OFFSET
-from .teacher import NaNLossError
 
 FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
@@ -324,12 +323,15 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
 
 
 # --- Lightning module ------------------------------------------------------------------------------
-class DDSSModule(L.LightningModule):
+class DDSSModule(TrainingModule):
     """A GGDM / full-table sampler trained with the KID loss through the whole sampling chain.
 
     Call ``attach(model, judge)`` (an ``optimize.evaluate.Model`` and ``Judge``) before fitting; the denoiser and
     feature nets are kept outside the state dict (checkpoints hold only the table parameters and the best table).
+    Clock, NaN stop and the history in checkpoints come from ``optimize.runs.TrainingModule``.
     """
+
+    method = "ddss"
 
     def __init__(self, nfe: int, family: str = "ggdm", init: str = "euler", *, learn_sigmas: bool = True,
                  learn_noise: bool = False, sigma_min: float = 0.002, sigma_max: float = 80.0, schedule: str = "karras",
@@ -348,7 +350,6 @@ class DDSSModule(L.LightningModule):
         self.register_buffer("best_sigmas", self.sampler.sigma0.clone())
         self.register_buffer("best_score", torch.tensor(float("inf"), dtype=torch.float64))
         self.register_buffer("best_step", torch.tensor(-1, dtype=torch.int64))
-        self.history: dict[str, list] = {"loss": [], "val": []}
         self._ext: dict[str, Any] = {}  # model, judge, real features: not parameters, not in checkpoints
         self.export_path: str | None = None
         self.export_metadata: dict[str, Any] = {}
@@ -426,9 +427,7 @@ class DDSSModule(L.LightningModule):
         loss = self.loss_of(x) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
         if target is not None:
             loss = loss + float(hp.match_weight) * (x - target).pow(2).flatten(1).mean(1).mean()
-        if not torch.isfinite(loss):
-            raise NaNLossError(f"ddss training stopped: non-finite loss ({loss.item()}) at global step {self.global_step} "
-                               f"(try a smaller lr or sigma_lr).")
+        self.check_loss(loss, hint="try a smaller lr or sigma_lr")
         self.history["loss"].append(float(loss.detach()))
         self.log("loss", loss.detach().float(), prog_bar=True, on_step=True)
         return loss
@@ -483,9 +482,13 @@ class DDSSModule(L.LightningModule):
             self.log_dict(scores, prog_bar=False, on_step=True, on_epoch=False)
         return scores
 
+    def new_history(self) -> dict[str, list]:
+        return {"loss": [], "val": []}
+
     def on_train_start(self) -> None:
         """Validate the initial table (the first candidate), or a resumed step on the grid whose checkpoint was
         written just before its validation."""
+        super().on_train_start()
         every, step = int(self.hparams.val_every), int(self.global_step)
         if every > 0 and step % every == 0 and step not in [v["step"] for v in self.history["val"]]:
             self.validate_now(log=False)  # Lightning logs this hook per epoch only; the history keeps it
@@ -496,14 +499,7 @@ class DDSSModule(L.LightningModule):
         if every > 0 and (step % every == 0 or step >= int(self.hparams.steps)):
             self.validate_now()
 
-    # checkpoints, export --------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ddss_history"] = self.history
-        checkpoint["run_settings"] = dict(getattr(self, "run_settings", {}))  # what resume= checks besides hparams
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.history = checkpoint.get("ddss_history", {"loss": [], "val": []})
-
+    # export ---------------------------------------------------------------------------------------
     def best_table(self) -> SolverTable:
         """The best validated table (the current one when nothing was validated)."""
         if int(self.best_step) < 0:

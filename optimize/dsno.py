@@ -52,9 +52,9 @@ from samplers import SolverTable, baselines, make_noise, sample, schedules
 from samplers.nets import DSNOUNet, build_net, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .runs import compare_tables, pick_resume, resume_path, start_distillation, step_batch_index, ticks, trainer_parts
+from .runs import (NaNLossError, TrainingModule, compare_tables, pick_resume, resume_path, start_distillation, step_batch_index,
+                   ticks, trainer_parts)
 from .seeds import DATA_SEED_OFFSET, seed_range
-from .teacher import NaNLossError
 
 STORE_POINTS = 8  # stored data times t_j = (j/8)^2, j = 7..0: M must divide 8
 LOSSES = ("l1", "l2")
@@ -213,13 +213,16 @@ def trajectory(net: DSNOUNet, x: torch.Tensor, sigma: float, sigma_data: float =
     return c_skip * x[:, None] + c_out * net.trajectory(c_in * x, cond)
 
 
-class DSNOModule(L.LightningModule):
+class DSNOModule(TrainingModule):
     """The DSNO student trained on teacher trajectories; keeps EMA weights for export.
 
     Batches are ``(noise [B, *shape], x0 [B, M, *shape])``: the student's input is ``sigma_max * noise``. After
     ``attach_data`` each step draws its own batch from (seed, global step), so a resumed run continues exactly as the
-    uninterrupted one (same batches, same learning rates; tests/test_dsno.py compares the weights bit for bit).
+    uninterrupted one (same batches, same learning rates; tests/test_dsno.py compares the weights bit for bit). EMA,
+    clock, NaN stop and the loss history in checkpoints come from ``optimize.runs.TrainingModule``.
     """
+
+    method = "dsno"
 
     def __init__(self, config: dict[str, Any], sigma_max: float = 80.0, sigma_data: float = 0.5, loss: str = "l1",
                  lr: float = 1e-3, warmup_steps: int = 100, steps: int = 1000, min_lr_ratio: float = 0.05,
@@ -232,8 +235,6 @@ class DSNOModule(L.LightningModule):
         self.student = build_net({k: v for k, v in config.items() if k not in ("precond", "sigma_data")})
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
         self.register_buffer("weights", loss_weights(config["sigmas"]), persistent=False)
-        self.history: list[list[float]] = []  # [step, loss, loss_1 .. loss_M]
-        self.seconds_before = 0.0  # training time of resumed runs (from the checkpoint)
         self.data: tuple[torch.Tensor, torch.Tensor] | None = None  # set by attach_data
         self.batch_size = 0
 
@@ -271,24 +272,15 @@ class DSNOModule(L.LightningModule):
         on a non-finite loss."""
         noise, x0 = self.step_batch() if self.data is not None else batch
         loss, dist = self.losses(noise, x0)
-        if not torch.isfinite(loss):
-            raise NaNLossError(f"dsno training stopped: non-finite loss ({loss.item()}) at global step {self.global_step}.")
+        self.check_loss(loss)
         self.log("train_loss", loss, prog_bar=True, on_step=True)
         for m, v in enumerate(dist):
             self.log(f"dist_t{m + 1}", v, on_step=True)
-        self.history.append([int(self.global_step), float(loss.detach()), *[float(v) for v in dist.detach()]])
+        self.history.append([int(self.global_step), float(loss.detach()), *[float(v) for v in dist.detach()]])  # step, loss, loss_1..M
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimiser step, then the EMA update ``w_ema <- beta w_ema + (1 - beta) w``, beta = min(decay, (1+t)/(10+t))
-        with t the steps done. Here, not in on_train_batch_end: that hook runs after the checkpoint callback, so a
-        checkpoint would miss its own step's update and a resumed EMA would differ."""
-        super().optimizer_step(*args, **kwargs)
-        t = int(self.global_step) + 1  # Lightning counts the step once this hook returns
-        beta = min(self.hparams.ema_decay, (1 + t) / (10 + t))
-        with torch.no_grad():
-            for pe, p in zip(self.ema.parameters(), self.student.parameters()):
-                pe.lerp_(p.detach(), 1 - beta)
+    def ema_pairs(self) -> tuple[Any, Any]:
+        return self.ema.parameters(), self.student.parameters()
 
     def configure_optimizers(self) -> Any:
         """Adam; linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` x lr at ``steps``."""
@@ -302,28 +294,6 @@ class DSNOModule(L.LightningModule):
             return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}}
-
-    def on_train_start(self) -> None:
-        """Start the clock; a resumed run with another ``steps`` takes this step's learning rate from the new schedule
-        (the restored optimizer holds the rate the old schedule set)."""
-        self._fit_start = time.perf_counter()
-        sched = self.lr_schedulers()
-        if sched is not None:
-            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                group["lr"] = base * factor(sched.last_epoch)
-
-    def train_seconds(self) -> float:
-        """Training wall time of this run plus that of the runs it resumed."""
-        return self.seconds_before + (time.perf_counter() - getattr(self, "_fit_start", time.perf_counter()))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dsno_history"] = self.history
-        checkpoint["run_settings"] = dict(getattr(self, "run_settings", {}))  # what resume= checks besides hparams
-        checkpoint["dsno_seconds"] = self.train_seconds()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.history = checkpoint.get("dsno_history", [])
-        self.seconds_before = float(checkpoint.get("dsno_seconds", 0.0))
 
     def export(self, path: str, extra_metadata: dict | None = None) -> str:
         """Save the EMA student as a network file (``samplers.nets.load_denoiser`` serves it)."""

@@ -47,8 +47,8 @@ from torch import nn
 from samplers import SolverTable, baselines, make_noise, sample
 from samplers.table import first_nonfinite
 
+from .runs import NaNLossError, compare_tables
 from .seeds import FIT_SEED_OFFSET, seed_range
-from .teacher import NaNLossError
 
 BASES = ("unipc", "dpmpp_2m", "dpmpp_3m", "ipndm", "euler")  # one evaluation per step
 FD_STEP = 1e-6  # central-difference step in log sigma for the coefficient Jacobian
@@ -322,7 +322,6 @@ def validate(cfg: Any) -> None:
     """LD3 checks made before any work (called by the CLI)."""
     from .cli import ConfigError, as_list
     from .evaluate import validate as validate_evaluate
-    from .runs import compare_tables
 
     if cfg.get("resume") not in (None, False):
         raise ConfigError(f"ld3 has no resume (got resume={cfg.resume}): rerun the same command; its result is "
@@ -353,7 +352,6 @@ def run(cfg: Any) -> list[str]:
     from .cli import ConfigError, as_list
     from .ddss import plot_sigmas
     from .evaluate import Judge, evaluate_jobs, load_model
-    from .runs import compare_tables
 
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))

@@ -45,8 +45,7 @@ from samplers import SolverTable, baselines, sample, schedules
 from samplers.nets import PaGoDAGenerator, build_net, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .runs import pick_resume, resume_path, start_distillation, ticks, trainer_parts
-from .teacher import NaNLossError
+from .runs import NaNLossError, TrainingModule, ema_update, pick_resume, resume_path, start_distillation, ticks, trainer_parts
 
 PATCH_RESOLUTIONS = (8, 16, 32)  # optimize.data.patches
 PATCH_CHANNELS = 3  # the patches are RGB
@@ -244,14 +243,18 @@ def net_only(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("precond", "sigma_data")}
 
 
-class PaGoDAModule(L.LightningModule):
+class PaGoDAModule(TrainingModule):
     """All stages of one PaGoDA run: the first ``base_steps`` steps train stage 0 (the base at the teacher's resolution),
     then each grown stage k gets ``steps`` steps with the earlier blocks frozen at their EMA weights. Manual optimisation: one Adam per
     stage for the generator's new blocks and one per stage's discriminator; every step updates G, then D.
 
     ``attach`` gives the latents ``[N, C, r, r]`` and the real images at every stage's resolution; each step's batch and
-    noise are drawn from a generator seeded by (seed, step), so a resumed run continues exactly.
+    noise are drawn from a generator seeded by (seed, step), so a resumed run continues exactly. Clock, NaN stop and the
+    loss history in checkpoints come from ``optimize.runs.TrainingModule``; the EMA (per stage, manual optimisation)
+    uses its ``ema_update``.
     """
+
+    method = "pagoda"
 
     def __init__(self, config: dict[str, Any], stages: int = 3, steps: int = 1000, base_steps: int | None = None, sigma_max: float = 80.0,
                  gan_weights: Sequence[float] = (0.2, 1.0), lr: float = 2e-4, d_lr: float = 2e-4, betas: Sequence[float] = (0.5, 0.99),
@@ -270,10 +273,7 @@ class PaGoDAModule(L.LightningModule):
         self.rec: FeatureDistance = FeatureDistance(None)
         self.latents: torch.Tensor | None = None
         self.reals: list[torch.Tensor] = []
-        self.history: list[list[float]] = []  # [step, stage, loss_rec, loss_g, loss_d, lambda]
         self.active = -1
-        self.seconds_before = 0.0
-        self.run_settings: dict[str, Any] = {}
 
     # --- set-up ---------------------------------------------------------------------------------------------------
     def init_from(self, teacher_net: nn.Module) -> "PaGoDAModule":
@@ -362,8 +362,7 @@ class PaGoDAModule(L.LightningModule):
         opts = self.optimizers()
         opt_g, opt_d = opts[2 * k], opts[2 * k + 1]
         out = self.losses(k, z, real, noise)
-        if not torch.isfinite(out["loss"]):
-            raise NaNLossError(f"pagoda training stopped: non-finite loss ({out['loss'].item()}) at step {it} (stage {k}).")
+        self.check_loss(out["loss"], f"step {it} (stage {k})")
         opt_g.zero_grad()
         self.manual_backward(out["loss"])
         opt_g.step()
@@ -373,18 +372,15 @@ class PaGoDAModule(L.LightningModule):
         opt_d.zero_grad()
         self.manual_backward(loss_d)
         opt_d.step()
-        row = [it, k, *(float(out[key].detach()) for key in ("rec", "gan")), float(loss_d.detach()), float(out["lambda"])]
+        row = [it, k, *(float(out[key].detach()) for key in ("rec", "gan")), float(loss_d.detach()), float(out["lambda"])]  # rec, g, d
         self.history.append(row)
         self.log_dict({"stage": float(k), "loss_rec": row[2], "loss_g": row[3], "loss_d": row[4], "lambda": row[5]},
                       prog_bar=True, on_step=True)
 
     def _ema_update(self, it: int) -> None:
         """``w_ema <- beta w_ema + (1 - beta) w`` on the active stage, beta = min(decay, (1+t)/(10+t)), t the step in the stage."""
-        t = it - self.stage_start(self.active)
-        beta = min(float(self.hparams.ema_decay), (1 + t) / (10 + t))
-        with torch.no_grad():
-            for pe, p in zip(self._ema_parameters(self.active), self.stage_parameters(self.active)):
-                pe.lerp_(p.detach(), 1 - beta)
+        ema_update(self._ema_parameters(self.active), self.stage_parameters(self.active), it - self.stage_start(self.active),
+                   float(self.hparams.ema_decay))
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -393,22 +389,6 @@ class PaGoDAModule(L.LightningModule):
             opts.append(torch.optim.Adam(self.stage_parameters(k), lr=float(hp.lr), betas=tuple(hp.betas)))
             opts.append(torch.optim.Adam(self.discriminators[k].parameters(), lr=float(hp.d_lr), betas=tuple(hp.betas)))
         return opts
-
-    # --- bookkeeping ------------------------------------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        self._fit_start = time.perf_counter()
-
-    def train_seconds(self) -> float:
-        return self.seconds_before + (time.perf_counter() - getattr(self, "_fit_start", time.perf_counter()))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["pagoda_history"] = self.history
-        checkpoint["run_settings"] = dict(self.run_settings)
-        checkpoint["pagoda_seconds"] = self.train_seconds()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.history = checkpoint.get("pagoda_history", [])
-        self.seconds_before = float(checkpoint.get("pagoda_seconds", 0.0))
 
     def export(self, stages: int, path: str, extra_metadata: dict | None = None) -> str:
         """Save the EMA generator through its first ``stages`` grown stages as a network file."""

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import sys
+import time
 import warnings
 from typing import Any, Iterable
 
@@ -35,6 +36,79 @@ def start_distillation(cfg: Any) -> tuple[str, Any, Any, dict[str, Any]]:
     model = load_model(cfg.model, "cpu")
     teacher_net, teacher_config = load_net(str(resolve_path(str(cfg.model.checkpoint))))
     return out_dir, model, teacher_net, teacher_config
+
+
+class NaNLossError(RuntimeError):
+    """Training stopped on a non-finite loss (the message names the method and the step)."""
+
+
+def ema_update(ema: Iterable[torch.Tensor], live: Iterable[torch.Tensor], t: int, decay: float) -> None:
+    """``w_ema <- beta w_ema + (1 - beta) w`` with the warmed-up ``beta = min(decay, (1 + t) / (10 + t))``, t the steps
+    done (Karras et al. 2022's EMA with the usual warm-up)."""
+    beta = min(float(decay), (1 + t) / (10 + t))
+    with torch.no_grad():
+        for pe, p in zip(ema, live):
+            pe.lerp_(p.detach(), 1 - beta)
+
+
+class TrainingModule(L.LightningModule):
+    """What every training method's LightningModule shares, so the method's module holds only its method:
+
+    - ``history`` (the loss curve, ``new_history()``), ``run_settings`` (what ``resume=`` checks besides the
+      hyper-parameters) and the training seconds are kept in checkpoints, so a resumed run reports its whole run;
+    - ``check_loss`` stops on a non-finite loss (NaNLossError naming the method and the step);
+    - the EMA of ``ema_pairs()`` (``(ema parameters, live parameters)``, or None) is updated in ``optimizer_step``,
+      i.e. before Lightning writes the step's checkpoint, so a resumed EMA equals the uninterrupted one;
+    - ``on_train_start`` starts the clock and re-applies each learning-rate schedule at the restored step (a resume
+      that changes ``steps`` takes the new schedule's rate, not the one the restored optimiser holds).
+    """
+
+    method = "training"  # named in messages
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: Any = self.new_history()
+        self.run_settings: dict[str, Any] = {}
+        self.seconds_before = 0.0  # training time of the runs this one resumed (from the checkpoint)
+
+    def new_history(self) -> Any:
+        return []
+
+    def ema_pairs(self) -> tuple[Iterable[torch.Tensor], Iterable[torch.Tensor]] | None:
+        return None
+
+    def check_loss(self, loss: torch.Tensor, where: str = "", hint: str = "") -> None:
+        if not torch.isfinite(loss):
+            raise NaNLossError(f"{self.method} training stopped: non-finite loss ({loss.item()}) at "
+                               f"{where or f'global step {self.global_step}'}{f' ({hint})' if hint else ''}.")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        pairs = self.ema_pairs()
+        if pairs is not None:  # Lightning counts the step once this hook returns: t = global_step + 1 steps done
+            ema_update(*pairs, int(self.global_step) + 1, float(self.hparams.ema_decay))
+
+    def on_train_start(self) -> None:
+        self._fit_start = time.perf_counter()
+        schedulers = self.lr_schedulers()
+        for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+            lambdas = getattr(sched, "lr_lambdas", None)
+            if lambdas is not None:
+                for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, lambdas):
+                    group["lr"] = base * factor(sched.last_epoch)
+
+    def train_seconds(self) -> float:
+        """Training wall time of this run plus that of the runs it resumed."""
+        return self.seconds_before + (time.perf_counter() - getattr(self, "_fit_start", time.perf_counter()))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["history"] = self.history
+        checkpoint["run_settings"] = dict(self.run_settings)
+        checkpoint["train_seconds"] = self.train_seconds()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = checkpoint.get("history", self.new_history())
+        self.seconds_before = float(checkpoint.get("train_seconds", 0.0))
 
 
 class Ticks(torch.utils.data.IterableDataset):

@@ -26,11 +26,7 @@ from torch import nn
 from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net, save_net
 
-from .runs import pick_resume, resume_path, trainer_parts
-
-
-class NaNLossError(RuntimeError):
-    """Training produced a non-finite loss; the message names the global step."""
+from .runs import NaNLossError, TrainingModule, pick_resume, resume_path, step_batch_index, ticks, trainer_parts
 
 
 def sample_sigma(n: int, p_mean: float = -1.2, p_std: float = 1.2, generator: torch.Generator | None = None,
@@ -53,7 +49,7 @@ def edm_loss(denoiser: nn.Module, x0: torch.Tensor, sigma: torch.Tensor, noise: 
     return (edm_weight(sigma, sd) * per_sample).mean()
 
 
-class TeacherModule(L.LightningModule):
+class TeacherModule(TrainingModule):
     """EDM-preconditioned net trained with the EDM loss; keeps EMA weights for export.
 
     ``net_config`` is a ``samplers.nets`` config (e.g. ``{"arch": "unet"}``); the saved file adds
@@ -62,8 +58,11 @@ class TeacherModule(L.LightningModule):
 
     Everything random in a step (its noise levels, noise, flips and, after ``attach_data``, which training
     samples it sees) is drawn from a generator seeded by ``(seed, rank, global_step)``, so a run resumed from a
-    checkpoint continues exactly as the uninterrupted run would (same batches, same loss curve).
+    checkpoint continues exactly as the uninterrupted run would (same batches, same loss curve). EMA, clock, NaN stop
+    and checkpointed settings come from ``optimize.runs.TrainingModule``.
     """
+
+    method = "teacher"
 
     def __init__(self, net_config: dict[str, Any], sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                  lr: float = 2e-3, warmup_steps: int = 200, ema_decay: float = 0.999, hflip: bool = False, seed: int = 0):
@@ -74,7 +73,6 @@ class TeacherModule(L.LightningModule):
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.data: torch.Tensor | None = None  # set by attach_data: batches then follow the step, not the loader
         self.batch_size = 0
-        self.run_settings: dict[str, Any] = {}  # saved in checkpoints, checked by resume= (optimize.runs)
 
     def attach_data(self, x: torch.Tensor, batch_size: int) -> "TeacherModule":
         """Train on ``x``: step t uses batch ``t mod E`` of epoch ``t // E``'s seeded permutation (E = len(x) // batch_size)."""
@@ -89,10 +87,7 @@ class TeacherModule(L.LightningModule):
     def step_batch(self) -> torch.Tensor:
         """This step's training batch from the attached data (a pure function of seed and global step)."""
         assert self.data is not None
-        per_epoch = max(1, len(self.data) // self.batch_size)
-        epoch, j = divmod(int(self.global_step), per_epoch)
-        gen = torch.Generator().manual_seed((int(self.hparams.get("seed", 0)) * 1_000_003 + epoch) % 2**63)
-        idx = torch.randperm(len(self.data), generator=gen)[j * self.batch_size:(j + 1) * self.batch_size]
+        idx = step_batch_index(len(self.data), self.batch_size, int(self.hparams.get("seed", 0)), int(self.global_step))
         return self.data[idx].to(self.device)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -106,22 +101,13 @@ class TeacherModule(L.LightningModule):
         sigma = sample_sigma(x0.shape[0], self.hparams.p_mean, self.hparams.p_std, generator=gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
         loss = edm_loss(self.denoiser, x0, sigma, noise)
-        if not torch.isfinite(loss):
-            raise NaNLossError(f"teacher training stopped: non-finite loss ({loss.item()}) at global step {self.global_step}.")
+        self.check_loss(loss)
         self.log("train_loss", loss, prog_bar=True, on_step=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA update ``w_ema <- beta w_ema + (1 - beta) w`` (beta warmed up as min(decay, (1+t)/(10+t)))."""
-        beta = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            for pe, p in zip(self.ema.parameters(), self.denoiser.parameters()):
-                pe.lerp_(p.detach(), 1 - beta)
-            for be, b in zip(self.ema.buffers(), self.denoiser.buffers()):
-                be.copy_(b)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["run_settings"] = dict(self.run_settings)
+    def ema_pairs(self) -> tuple[Any, Any]:
+        """The exported EMA weights follow the trained denoiser's (buffers are constants: frequencies)."""
+        return self.ema.parameters(), self.denoiser.parameters()
 
     def configure_optimizers(self) -> Any:
         """Adam with a linear learning-rate warm-up."""
@@ -145,14 +131,6 @@ def data_loader(x: torch.Tensor, batch_size: int, seed: int = 0) -> torch.utils.
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=min(batch_size, len(x)), shuffle=True,
                                        drop_last=True, generator=gen)
-
-
-class _Ticks(torch.utils.data.IterableDataset):
-    """An endless loader of placeholders: the teacher draws each step's batch itself (TeacherModule.step_batch)."""
-
-    def __iter__(self):
-        while True:
-            yield torch.zeros(1)
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -225,8 +203,12 @@ def run(cfg: Any) -> str:
     n_params = sum(p.numel() for p in module.denoiser.parameters())
     print(f"teacher {cfg.model.name}: {n_params:,} parameters, {len(x)} training samples, {cfg.steps} steps", flush=True)
     t0 = time.perf_counter()
-    ticks = torch.utils.data.DataLoader(_Ticks(), batch_size=None)  # batches come from module.step_batch()
-    trainer.fit(module, ticks, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, ticks(), ckpt_path=ckpt_path, weights_only=True)
+    except NaNLossError as err:
+        from .cli import ConfigError
+
+        raise ConfigError(f"{err} Lower lr, or resume from an earlier checkpoint") from None
     seconds = time.perf_counter() - t0
     path = str(cfg.export) if cfg.export else os.path.join(out_dir, "teacher.safetensors")
     if trainer.is_global_zero:
