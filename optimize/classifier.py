@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from samplers.artifact import atomic_save
+
 CLASSIFIER_FORMAT = "optimize.classifier"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cnn": {"channels": 32, "feat": 128, "num_classes": 10},
@@ -205,8 +207,6 @@ def train_classifier(config: dict[str, Any], x: torch.Tensor, y: torch.Tensor, e
 
 def save_classifier(model: nn.Module, config: dict[str, Any], path: str, extra_metadata: dict | None = None) -> str:
     """Atomically write weights + ``config`` (JSON header) to ``path``."""
-    from samplers.artifact import atomic_save
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": CLASSIFIER_FORMAT, "config": json.dumps(config, sort_keys=True),
               "metadata": json.dumps(extra_metadata or {}, sort_keys=True)}

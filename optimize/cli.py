@@ -15,12 +15,23 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from samplers import nets
 from samplers.table import MAX_SIGMA
 
-REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+from .base import CONF_DIR, REPO, ConfigError, SkipPoint, as_list, resolve_path  # noqa: F401 - re-exported for callers
+from .models import check_model_keys, check_model_spec
+from .runs import CheckpointUnreadable, _explicit_path, _flag, _is_true, readable_checkpoint
+from .seeds import RANGE
+
 MAX_CHECKED = 512  # sweep points composed and validated up front
 
 # Hydra flags that take a value (the method word is the first bare token that is not one of these values)
@@ -47,15 +58,6 @@ teacher:   steps=... batch_size=... resume=RUN_FOLDER export=PATH
 Hydra: -m/--multirun sweeps comma lists (solver=euler,dpmpp_2m nfe=4,8); --cfg job prints the config."""
 
 
-class ConfigError(ValueError):
-    """A bad configuration; the message is one sentence for the user."""
-
-
-class SkipPoint(ConfigError):
-    """A configuration that cannot run as asked (e.g. an NFE its solver cannot meet exactly): an error on its
-    own, skipped with a note inside a ``-m`` sweep (``-m iia nfe=4,5 base=heun,euler`` runs the other points)."""
-
-
 def methods() -> list[str]:
     """The methods with a config in conf/method/."""
     return sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
@@ -69,21 +71,6 @@ def models() -> list[str]:
 def help_text() -> str:
     return (f"usage: python -m optimize [-m] <method> [key=value ...]\n\nmethods: {', '.join(methods())}\n"
             f"models:  {', '.join(models())}\n\n{MAIN_KEYS}\n")
-
-
-def resolve_path(path: str) -> Path:
-    """``path`` as given when absolute or present from the working directory, else relative to the repository."""
-    p = Path(os.path.expanduser(str(path)))
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO / p if (REPO / p).exists() else p
-
-
-def as_list(value: Any) -> list[Any]:
-    """A scalar or (Omega) list as a Python list."""
-    if isinstance(value, (ListConfig, list, tuple)):
-        return list(value)
-    return [value]
 
 
 def _tag(value: Any) -> str:
@@ -181,8 +168,6 @@ def check_typed(cfg: DictConfig) -> None:
         if key in cfg:
             _typed(key, cfg[key], kind, low, high, nullable)
     if "seed" in cfg:
-        from .seeds import RANGE
-
         if cfg.seed >= RANGE:
             raise ConfigError(f"seed must be below {RANGE} (each use has a 1e6-wide seed range, optimize/seeds.py), got {cfg.seed}.")
         for key in ("n", "n_val", "tune_n"):
@@ -251,8 +236,6 @@ def check_device(device: Any) -> None:
 
 def check_network_file(path: Path, key: str) -> None:
     """``path`` must be a readable samplers network file (not a table, not a pickle)."""
-    from samplers import nets
-
     try:
         config, _ = nets.read_net_header(str(path))
         nets.full_config(config)  # types, ranges and size, before anything is allocated
@@ -262,8 +245,6 @@ def check_network_file(path: Path, key: str) -> None:
 
 def check_resume_file(cfg: DictConfig) -> None:
     """An explicit ``resume=PATH`` is read now (weights only: a pickle that needs code is refused, never run)."""
-    from .runs import CheckpointUnreadable, _flag, _is_true, _explicit_path, readable_checkpoint
-
     resume = cfg.get("resume")
     if not _flag(resume) or _is_true(resume):
         return
@@ -283,7 +264,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(methods())}.")
     if str(cfg.model.name) not in models():
         raise ConfigError(f"unknown model {cfg.model.name!r}; valid models: {', '.join(models())}.")
-    from .models import check_model_keys, check_model_spec
 
     if cfg.model.get("kind") in ("diffusers", "callable") or str(cfg.model.get("data")).startswith("folder:"):
         check_model_spec(cfg)  # a user's model, data or feature nets (fills the sigma range from a diffusers model)
@@ -333,8 +313,6 @@ def run_method(cfg: DictConfig) -> Any:
 
 def _sweep_points(overrides: list[str]) -> list[list[str]]:
     """Every override list a Hydra basic sweep would run (each comma/range sweep expanded), at most MAX_CHECKED."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices: list[list[str]] = []
     for o in parsed:
@@ -361,11 +339,6 @@ def precheck(overrides: list[str], multirun: bool = False, values: bool = True) 
     """Compose and validate every configuration the command would run (before Hydra starts any job); in a
     multirun, points that raise SkipPoint are announced and left out (an error if that leaves none).
     ``values=False`` (``--cfg``) only checks that every point composes."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     for o in overrides:  # names of config groups first, for a clearer message than Hydra's
         key, _, value = o.partition("=")
         group = key.lstrip("+~")
@@ -424,8 +397,6 @@ def _register_resolvers() -> None:
 def compose_config(overrides: list[str]) -> DictConfig:
     """The configuration ``python -m optimize`` would run with these overrides (for scripts; no run folder,
     so pass ``out_dir=...``)."""
-    from hydra import compose, initialize_config_dir
-
     _register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
@@ -490,9 +461,6 @@ def _hydra_main(args: list[str]) -> None:
         try:
             run_method(cfg)
         except SkipPoint as err:
-            from hydra.core.hydra_config import HydraConfig
-            from hydra.types import RunMode
-
             if HydraConfig.get().mode != RunMode.MULTIRUN:
                 _fail(str(err))
             print(f"note: skipped: {err}", file=sys.stderr)

@@ -71,12 +71,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from samplers import SolverTable, baselines, sample
+from samplers import SolverTable, baselines, make_noise, sample
 from samplers.table import FORMAT_VERSION
 
+from .base import ConfigError, as_list, resolve_path
+from .evaluate import Judge, evaluate_jobs, load_model
+from .ld3 import check_teacher, teacher_targets
 from .metrics import _poly_kernel
-from .runs import NaNLossError, TrainingModule, compare_tables, resume_path, ticks, trainer_parts
-from .seeds import VAL_SEED_OFFSET
+from .results import plot_sigmas
+from .runs import NaNLossError, TrainingModule, compare_tables, pick_resume, resume_path, ticks, trainer_parts
+from .seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range
 
 FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
@@ -373,11 +377,6 @@ class DDSSModule(TrainingModule):
     def match_pool(self, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit noises [n_match, *shape], the fine teacher solve from each) on the FIT seed range: the targets of the
         match loss (same-noise distance to the teacher, as LD3)."""
-        from samplers import make_noise
-
-        from .ld3 import teacher_targets
-        from .seeds import FIT_SEED_OFFSET, seed_range
-
         hp = self.hparams
         e = make_noise(1, model.shape, seed_range(FIT_SEED_OFFSET, int(hp.seed), int(hp.n_match)), dtype=model.dtype)[0]
         y = teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
@@ -445,8 +444,6 @@ class DDSSModule(TrainingModule):
 
     # validation: fixed seeds, best table kept -----------------------------------------------------
     def val_noise(self) -> torch.Tensor:
-        from samplers import make_noise
-
         m = self.model
         first = VAL_SEED_OFFSET + int(self.hparams.seed)
         return make_noise(self.sampler.n_noise, m.shape, range(first, first + int(self.hparams.n_val)), dtype=m.dtype,
@@ -553,28 +550,6 @@ class DDSSModule(TrainingModule):
 
 
 # --- plots ---------------------------------------------------------------------------------------
-def plot_sigmas(initial: np.ndarray, learned: np.ndarray, path: str) -> str:
-    """Learned evaluation sigmas against the initial ones (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    i = np.arange(len(initial))
-    ax.plot(i, initial, "o--", label="initial", alpha=0.7)
-    ax.plot(i, learned, "o-", label="learned")
-    ax.set_yscale("log")
-    ax.set_xlabel("evaluation i")
-    ax.set_ylabel("sigma_i")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def plot_coef(initial: SolverTable, learned: SolverTable, path: str) -> str:
     """Heat maps of the learned coefficient matrix and of its change from the initial table."""
     import matplotlib
@@ -605,8 +580,6 @@ def plot_coef(initial: SolverTable, learned: SolverTable, path: str) -> str:
 
 # --- the command -------------------------------------------------------------------------------
 def _positive(cfg: Any, key: str, kind: type = float) -> None:
-    from .cli import ConfigError
-
     try:
         ok = kind(cfg[key]) > 0 and (kind is float or float(cfg[key]) == int(cfg[key]))
     except (TypeError, ValueError):
@@ -617,8 +590,6 @@ def _positive(cfg: Any, key: str, kind: type = float) -> None:
 
 def validate(cfg: Any) -> None:
     """DDSS's own checks, made before any work (called by the CLI)."""
-    from .cli import ConfigError, as_list, resolve_path
-
     nfes = as_list(cfg.nfe)
     if len(nfes) != 1:
         raise ConfigError(f"ddss learns one table per run: give a single nfe (sweep with -m ddss nfe=4,5,6), got {list(nfes)}.")
@@ -637,8 +608,6 @@ def validate(cfg: Any) -> None:
         if int(cfg.batch_size) > int(cfg.n_match):
             raise ConfigError(f"batch_size ({cfg.batch_size}) cannot exceed n_match ({cfg.n_match}), the teacher pool it "
                               f"draws from.")
-        from .ld3 import check_teacher
-
         try:
             check_teacher(str(cfg.teacher_solver), cfg.teacher_nfe)
         except ValueError as err:
@@ -678,8 +647,6 @@ def validate(cfg: Any) -> None:
 
 def resolved_init(cfg: Any) -> str:
     """``cfg.init``, with the path of ``table:PATH`` resolved against the repository (as every path key is)."""
-    from .cli import resolve_path
-
     init = str(cfg.init)
     return f"{TABLE_PREFIX}{resolve_path(init[len(TABLE_PREFIX):])}" if init.startswith(TABLE_PREFIX) else init
 
@@ -700,8 +667,6 @@ def _check_resume_matches(resume: Any, out_dir: str, module: DDSSModule) -> str 
     """The checkpoint ``resume=`` continues, or None: read with ``weights_only=True`` (a pickle that needs code is
     refused, never run) and only when its recorded settings (every hyper-parameter but ``remat``, the model and its
     fingerprint) equal this run's; otherwise one ConfigError naming the first differing key (``optimize.runs``)."""
-    from .runs import pick_resume
-
     current = {**dict(module.hparams), **getattr(module, "run_settings", {})}
     return pick_resume(resume, out_dir, current, ignore=("remat",), may_be_inf=("best_score",))
 
@@ -711,9 +676,6 @@ def run(cfg: Any) -> dict[str, Any]:
     best table to ``<out_dir>/ddss-<family>-nfe<N>.safetensors`` with plots, then evaluate it next to the classic
     solvers of ``compare`` on the same seeds. Returns {"table": path, "rows": evaluation rows}."""
     from omegaconf import OmegaConf
-
-    from .cli import ConfigError, as_list
-    from .evaluate import Judge, evaluate_jobs, load_model
 
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))

@@ -49,11 +49,24 @@ import torch
 from torch import nn
 
 from samplers import SolverTable, baselines, make_noise, sample, schedules
-from samplers.nets import DSNOUNet, build_net, read_net_header, save_net
+from samplers.artifact import atomic_save, atomic_write_bytes
+from samplers.nets import DSNOUNet, build_net, load_denoiser, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .runs import (NaNLossError, TrainingModule, compare_tables, pick_resume, resume_path, start_distillation, step_batch_index,
-                   ticks, trainer_parts)
+from .base import ConfigError, as_list, resolve_path
+from .evaluate import Judge, evaluate, format_table, reference_solve, write_results
+from .metrics import ReferenceCache
+from .runs import (
+    NaNLossError,
+    TrainingModule,
+    compare_tables,
+    pick_resume,
+    resume_path,
+    start_distillation,
+    step_batch_index,
+    ticks,
+    trainer_parts,
+)
 from .seeds import DATA_SEED_OFFSET, seed_range
 
 STORE_POINTS = 8  # stored data times t_j = (j/8)^2, j = 7..0: M must divide 8
@@ -168,9 +181,6 @@ def load_or_generate(model: Any, cfg: Any, progress: bool = True) -> tuple[dict[
     """The cached data of ``cfg`` for the teacher ``model`` (an evaluate.Model), generating it once."""
     from safetensors.torch import load_file
 
-    from samplers.artifact import atomic_save
-
-    from .cli import resolve_path
 
     smin, smax = float(cfg.sigma_min), float(cfg.sigma_max)
     table, stored = data_table(str(cfg.data_solver), int(cfg.data_steps), smin, smax, float(cfg.rho))
@@ -304,8 +314,6 @@ class DSNOModule(TrainingModule):
 # --- loss curve ------------------------------------------------------------------------------------
 def write_history(history: list[list[float]], m: int, path: str) -> str:
     """The whole loss curve (kept in the Lightning checkpoint, so it survives resume) as CSV: step, loss, dist_1..M."""
-    from samplers.artifact import atomic_write_bytes
-
     lines = [",".join(["step", "loss", *[f"dist_{k + 1}" for k in range(m)]])]
     lines += [",".join([str(int(h[0])), *[f"{v:.6g}" for v in h[1:]]]) for h in history]
     return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
@@ -339,8 +347,6 @@ def plot_loss(history: list[list[float]], sigmas: Sequence[float], path: str) ->
 # --- the command -------------------------------------------------------------------------------------
 def validate(cfg: Any) -> None:
     """DSNO's own checks, made before any work (called by the CLI)."""
-    from .cli import ConfigError, as_list, resolve_path
-
     try:
         m, modes = int(cfg.M), int(cfg.modes)
     except (TypeError, ValueError):
@@ -400,11 +406,6 @@ def run(cfg: Any) -> dict[str, Any]:
     Returns {"student", "table", "rows", "train_seconds", "data_seconds"}."""
     from omegaconf import OmegaConf
 
-    from samplers.nets import load_denoiser
-
-    from .cli import ConfigError, as_list, resolve_path
-    from .evaluate import Judge, evaluate, format_table, reference_solve, write_results
-    from .metrics import ReferenceCache
 
     out_dir, model, teacher_net, teacher_config = start_distillation(cfg)
     t0 = time.perf_counter()

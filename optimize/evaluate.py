@@ -23,7 +23,7 @@ import torch
 from samplers import SolverTable, TableError, baselines, make_noise, sample
 from samplers.table import first_nonfinite
 
-from .cli import ConfigError, SkipPoint, as_list, resolve_path
+from .base import ConfigError, SkipPoint, as_list, resolve_path
 from .judge import REAL_N, Features, Judge, feature_maps  # noqa: F401 - re-exported
 from .metrics import ReferenceCache, reference_rmse
 from .models import Model, load_model  # noqa: F401 - re-exported

@@ -39,6 +39,9 @@ import torch
 
 from samplers import SolverTable, baselines, make_noise, sample
 
+from .base import ConfigError, SkipPoint, as_list, resolve_path
+from .evaluate import Judge, evaluate_jobs, load_model
+from .evaluate import validate as validate_evaluate
 from .paths import path_inside, slug
 from .seeds import FIT_SEED_OFFSET, seed_range
 
@@ -441,8 +444,6 @@ TABLE_PREFIX = "table:"
 
 def base_table(cfg: Any, fingerprint: str | None = None) -> SolverTable:
     """The table of ``base=table:PATH`` (e.g. an LD3 schedule), checked (and against the model ``fingerprint``)."""
-    from .cli import ConfigError, resolve_path
-
     path = resolve_path(str(cfg.base)[len(TABLE_PREFIX):])
     if not path.is_file():
         raise ConfigError(f"base table file {path} does not exist.")
@@ -454,9 +455,6 @@ def base_table(cfg: Any, fingerprint: str | None = None) -> SolverTable:
 
 def validate(cfg: Any) -> None:
     """IIA checks made before any work (called by the CLI)."""
-    from .cli import ConfigError, SkipPoint, as_list
-    from .evaluate import validate as validate_evaluate
-
     validate_evaluate(cfg)
     base = str(cfg.base)
     if base.startswith(TABLE_PREFIX):
@@ -499,9 +497,6 @@ def validate(cfg: Any) -> None:
 def run(cfg: Any) -> list[str]:
     """`python -m optimize iia`: fit, save ``<out_dir>/iia-<variant>-<model>-nfe<N>.safetensors``, evaluate it beside its base."""
     import lightning as L
-
-    from .cli import as_list
-    from .evaluate import Judge, evaluate_jobs, load_model
 
     device = str(cfg.device)
     model = load_model(cfg.model, device)

@@ -23,8 +23,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import data as datasets
-from .cli import ConfigError, as_list, resolve_path
+from .base import ConfigError, as_list, resolve_path
+from .classifier import CLASSIFIER_FORMAT, load_classifier
+from .folder_data import load_folder
 from .metrics import N_BOOT, FDReference, fd_estimate, kid_estimate, sliced_wasserstein
+from .models import describe, import_target
 
 REAL_N = 2000  # draws of the reference distribution for synthetic data (gmm, toy2d, shapes)
 Features = Callable[[torch.Tensor], torch.Tensor]
@@ -101,8 +104,6 @@ class Judge:
                   f"features=[...] to get them.", file=sys.stderr)
             real = {}
         elif str(mcfg.data).startswith("folder:"):
-            from .folder_data import load_folder
-
             real = load_folder(str(mcfg.data)[len("folder:"):], shape)
         elif mcfg.data == "digits":
             real = {"train": datasets.digits("train")[0], "heldout": datasets.digits("heldout")[0]}
@@ -132,8 +133,6 @@ def _is_target(entry: Any) -> bool:
 def _feature_target(entry: Any, device: str) -> Features:
     """``function()`` of a callable entry: a feature map ``f(x [B, *shape]) -> [B, D]`` (a torch module is put on the
     device in eval mode)."""
-    from .models import describe, import_target
-
     try:
         fn = import_target(str(entry), "features")()
     except ConfigError:
@@ -150,8 +149,6 @@ def _feature_target(entry: Any, device: str) -> Features:
 def check_features(spec: Any) -> None:
     """Every feature-net entry exists: a classifier file (optimize.classifier safetensors) or an importable callable."""
     from safetensors import safe_open
-
-    from .classifier import CLASSIFIER_FORMAT
 
     for entry in as_list(spec):
         if _is_target(entry):
@@ -176,7 +173,6 @@ def feature_maps(spec: Any, device: str = "cpu") -> dict[str, Features]:
     ``package.module:function`` -> the feature map that function returns; null or [] -> none."""
     if spec == "raw":
         return {"raw": lambda x: x.reshape(x.shape[0], -1)}
-    from .classifier import load_classifier
 
     maps: dict[str, Features] = {}
     for i, path in enumerate(as_list(spec) if spec is not None else []):

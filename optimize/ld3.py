@@ -47,6 +47,10 @@ from torch import nn
 from samplers import SolverTable, baselines, make_noise, sample
 from samplers.table import first_nonfinite
 
+from .base import ConfigError, as_list
+from .evaluate import Judge, evaluate_jobs, load_model
+from .evaluate import validate as validate_evaluate
+from .results import plot_sigmas
 from .runs import NaNLossError, compare_tables
 from .seeds import FIT_SEED_OFFSET, seed_range
 
@@ -320,9 +324,6 @@ def fit(denoiser: Any, shape: Sequence[int], base: str, nfe: int, *, n_train: in
 # --- the command -------------------------------------------------------------------------------
 def validate(cfg: Any) -> None:
     """LD3 checks made before any work (called by the CLI)."""
-    from .cli import ConfigError, as_list
-    from .evaluate import validate as validate_evaluate
-
     if cfg.get("resume") not in (None, False):
         raise ConfigError(f"ld3 has no resume (got resume={cfg.resume}): rerun the same command; its result is "
                           f"bit-identical.")
@@ -349,10 +350,6 @@ def run(cfg: Any) -> list[str]:
     """`python -m optimize ld3`: fit, save ``<out_dir>/ld3-<base>-<model>-nfe<N>.safetensors`` and a sigma plot, then
     evaluate it beside its base solver (both end conventions) and the ``compare`` classics on the evaluation seeds.
     A killed run is rerun with the same command (bit-identical: see the module docstring)."""
-    from .cli import ConfigError, as_list
-    from .ddss import plot_sigmas
-    from .evaluate import Judge, evaluate_jobs, load_model
-
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
     device = str(cfg.device)

@@ -42,10 +42,28 @@ from torch import nn
 from torch.nn import functional as F
 
 from samplers import SolverTable, baselines, sample, schedules
-from samplers.nets import PaGoDAGenerator, build_net, read_net_header, save_net
+from samplers.artifact import atomic_save, atomic_write_bytes
+from samplers.images import write_png_grid
+from samplers.nets import PaGoDAGenerator, build_net, load_denoiser, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .runs import NaNLossError, TrainingModule, ema_update, pick_resume, resume_path, start_distillation, ticks, trainer_parts
+from . import data
+from .base import ConfigError, as_list, resolve_path
+from .classifier import CLASSIFIER_FORMAT, load_classifier
+from .dsno import one_step_table as table
+from .evaluate import draw, evaluate, format_table, load_model, write_results
+from .judge import REAL_N, Judge, feature_maps
+from .results import add_paired_columns, verdict
+from .runs import (
+    NaNLossError,
+    TrainingModule,
+    ema_update,
+    pick_resume,
+    resume_path,
+    start_distillation,
+    ticks,
+    trainer_parts,
+)
 
 PATCH_RESOLUTIONS = (8, 16, 32)  # optimize.data.patches
 PATCH_CHANNELS = 3  # the patches are RGB
@@ -110,8 +128,6 @@ def decode(denoiser: Any, latents: torch.Tensor, steps: int = 40, sigma_min: flo
 def training_images(n: int, resolution: int, seed: int = 0) -> torch.Tensor:
     """The ``n`` training crops (``optimize.data.patches`` "train", seed ``seed``) at ``resolution``, then their mirrors:
     ``[2n, 3, R, R]``."""
-    from . import data
-
     x = data.patches("train", n, seed=seed, resolution=resolution)
     return torch.cat([x, x.flip(-1)])
 
@@ -126,9 +142,6 @@ def load_or_encode(model: Any, cfg: Any, progress: bool = True) -> tuple[torch.T
     """The cached latents of ``cfg`` for the teacher ``model`` (an evaluate.Model), encoding them once."""
     from safetensors.torch import load_file
 
-    from samplers.artifact import atomic_save
-
-    from .cli import resolve_path
 
     r = int(model.shape[-1])
     settings = {"data": "patches", "n_data": int(cfg.n_data), "seed": int(cfg.data_seed), "flips": True, "resolution": r,
@@ -401,15 +414,11 @@ class PaGoDAModule(TrainingModule):
 
 def one_step_table(sigma_max: float, metadata: dict[str, Any] | None = None) -> SolverTable:
     """The generator's 1-NFE table: ``x_0 = sigma_max e_0``, output ``d_0`` (the output row reads only d)."""
-    from .dsno import one_step_table as table
-
     return table(sigma_max, metadata)
 
 
 def write_history(history: list[list[float]], path: str) -> str:
     """The loss curve (kept in the Lightning checkpoint, so it survives resume) as CSV."""
-    from samplers.artifact import atomic_write_bytes
-
     lines = ["step,stage,loss_rec,loss_g,loss_d,lambda"]
     lines += [f"{int(h[0])},{int(h[1])}," + ",".join(f"{v:.6g}" for v in h[2:]) for h in history]
     return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
@@ -455,8 +464,6 @@ def stage_resolutions(teacher_resolution: int, stages: int) -> list[int]:
 
 def validate(cfg: Any) -> None:
     """PaGoDA's own checks, made before any work (called by the CLI)."""
-    from .cli import ConfigError, as_list, resolve_path
-
     stages = int(cfg.stages)  # typed (a positive integer) by the CLI
     if cfg.model.kind != "net":
         raise ConfigError(f"pagoda grows a network teacher; model {cfg.model.name} is {cfg.model.kind!r} (use model=patches8).")
@@ -506,8 +513,6 @@ def validate(cfg: Any) -> None:
 
 def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int]) -> PaGoDAModule:
     """The module of a composed config (the teacher's weights not yet copied)."""
-    from .cli import as_list
-
     stages = int(cfg.stages)
     config = generator_config(teacher_config, [int(c) for c in as_list(cfg.growth)][: stages - 1], int(cfg.stage_blocks), shape)
     return PaGoDAModule(config, stages=stages, steps=int(cfg.steps), base_steps=int(cfg.base_steps), sigma_max=float(cfg.sigma_max),
@@ -520,9 +525,6 @@ def rec_features_net(path: Any) -> nn.Module:
     """The patch_cnn feature net of ``rec_features=PATH``; one ConfigError for anything else (a missing file, a pickle
     or other non-safetensors file, which is never unpickled, a table or network file, another feature architecture)."""
     from safetensors import safe_open
-
-    from .classifier import CLASSIFIER_FORMAT, load_classifier
-    from .cli import ConfigError
 
     expect = "a patch_cnn feature-net file such as checkpoints/features-patches.safetensors, or null for pixels only"
     if not os.path.isfile(path):
@@ -545,8 +547,6 @@ def rec_features_net(path: Any) -> nn.Module:
 
 
 def rec_distance(cfg: Any) -> FeatureDistance:
-    from .cli import resolve_path
-
     net = rec_features_net(resolve_path(str(cfg.rec_features))) if cfg.rec_features is not None else None
     return FeatureDistance(net, float(cfg.pixel_weight))
 
@@ -557,13 +557,10 @@ def run(cfg: Any) -> dict[str, Any]:
     ``pagoda-patches<R>.safetensors`` and its 1-NFE table ``pagoda-patches<R>-1nfe.safetensors`` (the top one also at
     ``export`` / ``export_table`` when given), the loss curve, and (``evaluate_at_end``) FD/KID per stage.
     Returns {"generators", "tables", "rows", "train_seconds", "data_seconds"}."""
-    from omegaconf import OmegaConf
-
     import warnings
 
-    from samplers.nets import load_denoiser
+    from omegaconf import OmegaConf
 
-    from .cli import ConfigError, resolve_path
 
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen feature net, on purpose
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")  # saved after the G and D steps
@@ -636,9 +633,6 @@ def run(cfg: Any) -> dict[str, Any]:
 def judge_at(mcfg: Any, resolution: int, **kw: Any) -> Any:
     """The patches judge at ``resolution``: real training-region crops (seed 1) and the held-out set at that size,
     samples and real images alike resized bicubically to the feature nets' 32x32 (``judge.feature_maps``)."""
-    from . import data
-    from .judge import REAL_N, Judge, feature_maps
-
     real = {"train": data.patches("train", REAL_N, seed=1, resolution=resolution), "heldout": data.patches("heldout", resolution=resolution)}
     return Judge(features=feature_maps(mcfg.features), real=real, clip=bool(mcfg.get("clip", True)), **kw)
 
@@ -648,12 +642,6 @@ def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], 
     ``seed .. seed+n-1``, and at the top resolution the baseline PaGoDA exists to beat: the teacher's converged solve
     (``baseline_solver`` at ``baseline_nfe``) from the same seeds, bicubically upsampled, with paired differences
     (``d<key>_vs_upsampled``). Writes results.csv/json and a sample grid per row (upscaled x4 for viewing)."""
-    from samplers.images import write_png_grid
-    from samplers.nets import load_denoiser
-
-    from .evaluate import draw, evaluate, format_table, load_model, write_results
-    from .results import add_paired_columns
-
     rows = []
     seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.n)))
     judges = {r: judge_at(cfg.model, r) for r in res}
@@ -680,7 +668,6 @@ def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], 
         rows.append(base)
     for r in dict.fromkeys(row["resolution"] for row in rows):  # one table per resolution (one judge each)
         print(f"at {r}x{r}:\n" + format_table([row for row in rows if row["resolution"] == r]))
-    from .results import verdict
 
     paired_keys = [k[1:-len("_vs_upsampled")] for k in rows[-2] if k.endswith("_vs_upsampled")] if top > res[0] else []
     for key in paired_keys:

@@ -14,6 +14,7 @@ import math
 import os
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from samplers.artifact import atomic_write_bytes
@@ -205,3 +206,25 @@ def log_wandb(rows: list[dict[str, Any]], cfg: Any) -> None:
     keys = list(rows[0])
     run.log({"results": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])})
     run.finish()
+
+
+def plot_sigmas(initial: np.ndarray, learned: np.ndarray, path: str) -> str:
+    """Learned evaluation sigmas against the initial ones (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    i = np.arange(len(initial))
+    ax.plot(i, initial, "o--", label="initial", alpha=0.7)
+    ax.plot(i, learned, "o-", label="learned")
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluation i")
+    ax.set_ylabel("sigma_i")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -16,6 +16,13 @@ from typing import Any, Iterable
 import lightning as L
 import torch
 
+from samplers import baselines
+from samplers.baselines import ENDS
+from samplers.nets import load_net
+
+from .base import ConfigError, resolve_path
+from .evaluate import load_model
+
 KEEP_CHECKPOINTS = 2  # step checkpoints kept beside last.ckpt (the fallback when last.ckpt is truncated)
 
 
@@ -23,11 +30,6 @@ def start_distillation(cfg: Any) -> tuple[str, Any, Any, dict[str, Any]]:
     """The preamble of a student's run (DSNO, PaGoDA): torch threads (``num_threads``), seeds, the run folder, and the
     teacher twice, as the model the judges sample and as its raw network file (the student's initialisation).
     Returns ``(out_dir, model, teacher_net, teacher_config)``."""
-    from samplers.nets import load_net
-
-    from .cli import resolve_path
-    from .evaluate import load_model
-
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -139,9 +141,6 @@ def compare_entry(entry: Any, end: str = "zero") -> tuple[str, str, str]:
     """``(solver, end, label)`` of a solver entry ``SOLVER`` (convention ``end``) or ``SOLVER:END`` (END: zero, EDM's
     last evaluation at sigma_min then a step to 0; sigma_min, landing there unevaluated as DPM-Solver and LD3 do). The
     label is the solver, with ``(end=sigma_min)`` for that convention (the results' row names)."""
-    from samplers.baselines import ENDS
-
-    from .cli import ConfigError
 
     solver, sep, tail = str(entry).partition(":")
     end = tail if sep else str(end)
@@ -155,9 +154,6 @@ def compare_tables(cfg: Any, entries: Iterable[Any], nfe: int) -> list[tuple[str
     """``(label, table)`` of each classic ``compare`` entry (``compare_entry``; a bare solver is EDM's ``end=zero``
     whatever the run's ``end``, so ``SOLVER:sigma_min`` always means the other convention) at ``nfe`` on the run's
     schedule (``schedule``, ``rho``, ``sigma_min``, ``sigma_max``), once per label. A bad entry is one ConfigError."""
-    from samplers import baselines
-
-    from .cli import ConfigError
 
     out: dict[str, Any] = {}
     for entry in entries:
@@ -202,8 +198,6 @@ def resume_path(resume: Any, out_dir: str | None = None) -> str | None:
     lightning/last.ckpt) as a file; ``true``: the newest lightning/last.ckpt in ``out_dir`` or in its sibling
     run folders (the earlier runs of the same method, model and nfe; None while ``out_dir`` is unknown).
     Only looks the path up; ``pick_resume`` reads and checks it."""
-    from .cli import ConfigError
-
     if not _flag(resume):
         return None
     if _is_true(resume):
@@ -218,8 +212,6 @@ def resume_path(resume: Any, out_dir: str | None = None) -> str | None:
 
 
 def _explicit_path(resume: Any) -> str:
-    from .cli import resolve_path
-
     p = resolve_path(str(resume))
     return str(p / "lightning" / "last.ckpt") if p.is_dir() else str(p)
 
@@ -341,8 +333,6 @@ def nonfinite_entry(ckpt: dict[str, Any], may_be_inf: Iterable[str] = ()) -> str
 
 
 def _check_finite(path: str, ckpt: dict[str, Any], may_be_inf: Iterable[str]) -> None:
-    from .cli import ConfigError
-
     key = nonfinite_entry(ckpt, may_be_inf)
     if key is not None:
         raise ConfigError(f"resume checkpoint {path} (step {ckpt.get('global_step', '?')}) holds NaN or infinite values "
@@ -360,8 +350,6 @@ def pick_resume(resume: Any, out_dir: str, current: dict[str, Any], ignore: Iter
     The chosen checkpoint must hold finite weights and optimiser state (``nonfinite_entry``), or it is a ConfigError
     naming the tensor: a NaN run is not continued.
     """
-    from .cli import ConfigError
-
     if not _flag(resume):
         return None
     ignore = tuple(ignore)

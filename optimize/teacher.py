@@ -26,6 +26,8 @@ from torch import nn
 from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net, save_net
 
+from . import data
+from .base import ConfigError, resolve_path
 from .runs import NaNLossError, TrainingModule, pick_resume, resume_path, step_batch_index, ticks, trainer_parts
 
 
@@ -136,8 +138,6 @@ def data_loader(x: torch.Tensor, batch_size: int, seed: int = 0) -> torch.utils.
 # --- the command ----------------------------------------------------------------------------------
 def training_data(mcfg: Any) -> torch.Tensor:
     """The training set of a model config: digits train split, or ``teacher.n_data`` draws (seed 0) of toy2d / shapes."""
-    from . import data
-
     if mcfg.data == "digits":
         return data.digits("train")[0]
     n = int(mcfg.teacher.n_data)
@@ -147,15 +147,12 @@ def training_data(mcfg: Any) -> torch.Tensor:
         return data.shapes(n, seed=0, resolution=int(mcfg.teacher.net.resolution))
     if mcfg.data == "patches":
         return data.patches("train", n, seed=0, resolution=int(mcfg.teacher.net.resolution))
-    from .cli import ConfigError
 
     raise ConfigError(f"model {mcfg.name}: no teacher training for data {mcfg.data!r} (valid: digits, toy2d, shapes).")
 
 
 def validate(cfg: Any) -> None:
     """Teacher checks made before any work (called by the CLI)."""
-    from .cli import ConfigError
-
     if cfg.model.kind != "net" or "teacher" not in cfg.model:
         raise ConfigError(f"model {cfg.model.name} has nothing to train (kind {cfg.model.kind}); teachers exist for edm, toy2d, shapes.")
     for key in ("steps", "batch_size"):
@@ -206,14 +203,10 @@ def run(cfg: Any) -> str:
     try:
         trainer.fit(module, ticks(), ckpt_path=ckpt_path, weights_only=True)
     except NaNLossError as err:
-        from .cli import ConfigError
-
         raise ConfigError(f"{err} Lower lr, or resume from an earlier checkpoint") from None
     seconds = time.perf_counter() - t0
     path = str(cfg.export) if cfg.export else os.path.join(out_dir, "teacher.safetensors")
     if trainer.is_global_zero:
-        from .cli import resolve_path
-
         path = module.export(str(resolve_path(path)) if cfg.export else path,
                              {"model": str(cfg.model.name), "steps": int(module.global_step), "batch_size": int(cfg.batch_size),
                               "seed": int(cfg.seed), "data": str(cfg.model.data), "n_data": len(x),

@@ -12,7 +12,7 @@ pipeline's initial latents divided by ``init_noise_sigma`` are the table's noise
 multiply by ``init_noise_sigma`` (``DDPMPipeline``) pass the raw draw, and the scheduler reads it the same way,
 so from the same noise the pipeline gives the sample of ``samplers.sample(table, load_diffusers(folder),
 e_0[None])`` up to float32 rounding (the conversions repeat ``samplers.denoisers.VPDenoiser`` operation by
-operation, and the rows are combined by the executor's own ``_combine``).
+operation, and the rows are combined, and their buffers freed, by the executor's own ``samplers.table.TableRun``).
 
 Stochastic tables (K > 1) draw each further noise vector ``e_k`` when a row first needs it, from the
 ``generator`` the pipeline passes to ``step`` (or from ``set_noise([K, B, ...])`` for exact reproduction).
@@ -27,7 +27,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .denoisers import PREDICTION_TYPES, VPDenoiser
 from .models import SCHEDULE_KEYS, alphas_cumprod_of
-from .table import SolverTable, _combine
+from .table import SolverTable, TableRun
 
 SIGMA_RTOL = 1e-6  # a table's sigma may exceed the schedule's sigma_max by this much (float rounding)
 
@@ -92,12 +92,7 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         s0 = float(self.table.sigmas[0])
         # the pipeline's initial latents / init_noise_sigma = e_0; its first network input is c00 e_0 / sqrt(1 + s0^2)
         self.init_noise_sigma = float(row0[0]) / math.sqrt(1.0 + s0 * s0)
-        self._plan = self.table._cached_plan()
         self._first_needs_more = bool(np.any(row0[1:] != 0))
-        last = np.full(self.table.coef.shape[1], -1)
-        for r, cols in enumerate(self._plan.columns):
-            last[list(cols)] = r
-        self._last_use = last.tolist()  # the last row that reads each column
         self.num_inference_steps = self.table.nfe
         self._sigmas32 = self.table.sigmas.to(torch.float32)
         self.timesteps = self._timesteps(torch.device("cpu"))
@@ -187,23 +182,20 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
 
     def _reset(self) -> None:
         self._step = 0
-        self._buffers: dict[int, torch.Tensor] = {}
+        self._run: TableRun | None = None  # the table's execution in this run (rows, buffers), from its first step
+        self._x: torch.Tensor | None = None  # x_i of the current step i (EDM space)
         self._scaled = False
         self._last_out: torch.Tensor | None = None
         self._shape: tuple[int, ...] | None = None  # the sample shape of this run, fixed at its first step
 
-    def _e(self, k: int, like: torch.Tensor, generator: Any) -> torch.Tensor:
-        if k not in self._buffers:
+    def _draw(self, like: torch.Tensor, generator: Any) -> Callable[[int], torch.Tensor]:
+        """Noise vector e_k when a row first reads it: from ``set_noise``, else drawn from ``generator``."""
+        def draw(k: int) -> torch.Tensor:
             if self._noise is not None:
-                self._buffers[k] = self._noise[k].to(like.device, like.dtype)
-            else:
-                self._buffers[k] = randn_tensor(tuple(like.shape), generator=generator, device=like.device, dtype=like.dtype)
-        return self._buffers[k]
+                return self._noise[k].to(like.device, like.dtype)
+            return randn_tensor(tuple(like.shape), generator=generator, device=like.device, dtype=like.dtype)
 
-    def _row(self, i: int, like: torch.Tensor, generator: Any) -> torch.Tensor:
-        k = self.table.n_noise
-        bases = [self._e(c, like, generator) if c < k else self._buffers[c] for c in self._plan.columns[i]]
-        return _combine(bases, self._plan.weights[i], like)
+        return draw
 
     def _alpha(self, i: int, like: torch.Tensor) -> torch.Tensor:
         s = self._sigmas32[i].to(like.device, like.dtype)
@@ -217,10 +209,9 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"TableScheduler: set_noise gave noise of shape {tuple(self._noise.shape)}, but the "
                              f"sample has shape {self._shape}; expected [{self.table.n_noise}, *sample.shape].")
         x = sample.to(torch.promote_types(sample.dtype, torch.float32))
-        self._buffers = {0: x / self.init_noise_sigma}
-        x0 = self._row(0, x, generator)
-        self._buffers[self.table.x(0)] = x0
-        return x0
+        self._run = TableRun(self.table, {0: x / self.init_noise_sigma})
+        self._x = self._run.input(0, self._draw(x, generator))
+        return self._x
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """The network input: the sample itself, except at the first step of a table whose first input mixes
@@ -235,7 +226,7 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
              return_dict: bool = True, **kwargs: Any) -> TableSchedulerOutput | tuple:
         """One evaluation of the table: ``d_i`` from the network output (eps / v / x0 as VPDenoiser converts
         it), then the next row (the next network input, VP space) or, after the last evaluation, the sample."""
-        n, k, i = self.table.nfe, self.table.n_noise, self._step
+        n, i = self.table.nfe, self._step
         if i >= n:
             raise ValueError(f"TableScheduler: step called {i + 1} times, but the table has {n} evaluations "
                              f"(call set_timesteps before each run).")
@@ -243,7 +234,7 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         dtype = torch.promote_types(sample.dtype, torch.float32)
         if i == 0:
             if self._scaled:
-                x = self._buffers[self.table.x(0)]
+                x = self._x
                 x_in = self._alpha(0, x) * x
             else:
                 x = self._start(sample, generator)
@@ -254,12 +245,11 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
                         raise ValueError("TableScheduler: this table's first input mixes several noise vectors, which "
                                          "needs a pipeline that calls scheduler.scale_model_input (DDPMPipeline does not).")
         elif sample is self._last_out:
-            x = self._buffers[self.table.x(i)]
+            x = self._x
             x_in = sample.to(dtype)
         else:  # the pipeline changed the latents between steps (e.g. inpainting): take them as they are
             x_in = sample.to(dtype)
             x = x_in / self._alpha(i, x_in)
-            self._buffers[self.table.x(i)] = x
         out = model_output.to(dtype)
         if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]  # learned-variance models: [prediction, variance]
@@ -272,20 +262,16 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
             d = alpha * x_in - s * alpha * out
         else:
             d = out
-        self._buffers[k + n + i] = d
+        self._run.record(i, x, d)  # x: the input the net saw (the pipeline's, if it changed the latents)
         if i + 1 < n:
-            x_next = self._row(i + 1, x, generator)
-            self._buffers[self.table.x(i + 1)] = x_next
-            prev = (self._alpha(i + 1, x_next) * x_next).to(sample.dtype)
+            self._x = self._run.input(i + 1, self._draw(x, generator))
+            prev = (self._alpha(i + 1, self._x) * self._x).to(sample.dtype)
         else:
-            prev = self._row(n, x, generator).to(sample.dtype)
-        keep = self.table.x(i + 1) if i + 1 < n else -1
-        for c in [c for c in self._buffers if self._last_use[c] <= i + 1 and c != keep]:
-            del self._buffers[c]  # no later row reads it
+            prev = self._run.output(self._draw(x, generator)).to(sample.dtype)
         self._step = i + 1
         self._last_out = prev
         if i + 1 == n:
-            self._buffers, self._last_out = {}, None
+            self._run, self._x, self._last_out = None, None, None
         if not return_dict:
             return (prev,)
         return TableSchedulerOutput(prev_sample=prev, pred_original_sample=d.to(sample.dtype))

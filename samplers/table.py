@@ -3,12 +3,14 @@
 A table with N denoiser evaluations and K noise vectors is ``sigmas [N]`` and ``coef [N+1, K+2N]``.
 Columns are the basis ``e_0..e_{K-1}, x_0..x_{N-1}, d_0..d_{N-1}``; row i < N is the denoiser input
 ``x_i = sum_c coef[i, c] * basis_c`` and row N is the output. Row i may use ``x_j, d_j`` only for j < i.
+``TableRun`` executes a table one row at a time (it alone combines rows and frees buffers); ``sample`` runs the whole
+loop with it, and the diffusers scheduler one ``step`` per call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -253,6 +255,85 @@ def _call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -
     return denoiser(x, sigma) if cond is None else denoiser(x, sigma, cond)
 
 
+class TableRun:
+    """One execution of a table, row by row: the only place that combines rows and decides buffer lifetimes.
+
+    ``x = run.input(i)`` is row i's denoiser input ``x_i = sum_c coef[i, c] basis_c``; ``run.record(i, x, d)`` stores
+    the evaluation ``d_i = D(x_i, sigma_i)`` (with the ``x_i`` that was evaluated) and frees every buffer no later row
+    reads (the plan's ``free_after``, so memory does not grow with N); ``run.output()`` is row N. ``sample`` drives it
+    over the whole loop, a diffusers scheduler one ``step`` at a time. ``noise`` is ``[K, B, *shape]`` (see make_noise)
+    or a mapping ``{k: e_k}`` of the vectors known now; a row reading a vector it lacks gets it from ``draw(k)`` (a
+    scheduler draws them from the pipeline's generator when first needed). ``support``: which coefficients are read
+    (default: the nonzeros, planned once per table); coefficients or sigmas that require grad give tensor weights, so
+    the rows are differentiable in them (``learning``).
+    """
+
+    def __init__(self, table: SolverTable, noise: torch.Tensor | Mapping[int, torch.Tensor], *,
+                 support: np.ndarray | None = None):
+        n, k = table.nfe, table.n_noise
+        if isinstance(noise, torch.Tensor):
+            if noise.ndim < 2 or noise.shape[0] != k:
+                raise ValueError(
+                    f"noise must have shape [K, B, ...] with K = {k} for this table, got {tuple(noise.shape)}; "
+                    f"use make_noise(table, shape, seeds)."
+                )
+        elif not noise or any(not 0 <= c < k for c in noise):
+            raise ValueError(f"noise must map noise indices in [0, {k}) to tensors, got keys {sorted(noise)}.")
+        self.learning = learning = table.coef.requires_grad or table.sigmas.requires_grad
+        if support is not None:
+            plan = _make_plan(n, k, support, None if learning else table.coef.detach().numpy())
+        elif learning:
+            plan = _make_plan(n, k, table.support(), None)
+        else:
+            plan = table._cached_plan()
+        self.plan, self.nfe, self.n_noise = plan, n, k
+        self._columns, self._floats, self._free_after = plan.columns, plan.weights, plan.free_after  # hot-loop reads
+        self._like = noise[0] if isinstance(noise, torch.Tensor) else next(iter(noise.values()))
+        self._coef = table.coef.to(self._like.device, self._like.dtype) if plan.weights is None else None
+        self._buffers: dict[int, torch.Tensor] = (
+            {c: noise[c] for c in plan.noise_used} if isinstance(noise, torch.Tensor) else dict(noise))
+
+    def weights(self, i: int) -> Any:
+        """Row i's nonzero coefficients, in the order of ``bases(i)``: Python floats, or a tensor when learning."""
+        return self._floats[i] if self._coef is None else self._coef[i, list(self._columns[i])]
+
+    def bases(self, i: int, draw: Callable[[int], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The vectors row i reads (noise it lacks comes from ``draw``, in column order)."""
+        columns, buffers = self._columns[i], self._buffers
+        if draw is not None:
+            for c in columns:
+                if c < self.n_noise and c not in buffers:
+                    buffers[c] = draw(c)
+        try:
+            return [buffers[c] for c in columns]
+        except KeyError as err:
+            c = err.args[0]
+            n, k = self.nfe, self.n_noise
+            name = f"e_{c}" if c < k else f"x_{c - k}" if c < k + n else f"d_{c - k - n}"
+            raise ValueError(f"row {i} reads {name}, which this run does not hold (record each evaluation before the "
+                             f"rows that read it, and give or draw every noise vector).") from None
+
+    def input(self, i: int, draw: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Row i < N: the denoiser input ``x_i``; row N: the output (see ``output``)."""
+        return _combine(self.bases(i, draw), self.weights(i), self._like)
+
+    def record(self, i: int, x: torch.Tensor, d: torch.Tensor) -> None:
+        """Store evaluation i (its input ``x_i`` and output ``d_i``), then free what no later row reads."""
+        k, buffers = self.n_noise, self._buffers
+        buffers[k + i] = x
+        buffers[k + self.nfe + i] = d
+        for c in self._free_after[i]:
+            buffers.pop(c, None)
+
+    def output(self, draw: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Row N, the sample: call it after recording all N evaluations."""
+        return self.input(self.nfe, draw)
+
+    def held(self) -> list[int]:
+        """The columns whose vectors this run holds now (its memory): noise, inputs and outputs a later row reads."""
+        return sorted(self._buffers)
+
+
 def sample(
     table: SolverTable,
     denoiser: Denoiser,
@@ -268,50 +349,28 @@ def sample(
     ``noise`` is ``[K, B, *shape]`` (see make_noise); the output is ``[B, *shape]`` in its dtype and
     device. ``support`` fixes which coefficients are read (default: the nonzeros, planned once per
     table); with coefficients or sigmas that require grad the result is differentiable in them, and
-    ``checkpoint=True`` rematerialises each step so activation memory does not grow with N.
+    ``checkpoint=True`` rematerialises each step (row combination and denoiser call) so activation
+    memory does not grow with N. The rows and buffer lifetimes are ``TableRun``'s.
     """
-    n, k = table.nfe, table.n_noise
-    if noise.ndim < 2 or noise.shape[0] != k:
-        raise ValueError(
-            f"noise must have shape [K, B, ...] with K = {k} for this table, got {tuple(noise.shape)}; "
-            f"use make_noise(table, shape, seeds)."
-        )
-    learning = table.coef.requires_grad or table.sigmas.requires_grad
-    if support is not None:
-        plan = _make_plan(n, k, support, None if learning else table.coef.detach().numpy())
-    elif learning:
-        plan = _make_plan(n, k, table.support(), None)
-    else:
-        plan = table._cached_plan()
-
-    batch = noise.shape[1]
-    like = noise[0]
+    run = TableRun(table, noise, support=support)
+    n, batch, like = table.nfe, noise.shape[1], noise[0]
     sigma_rows = table.sigmas.to(noise.device, noise.dtype)[:, None].expand(n, batch)
-    sigma_rows = sigma_rows if learning else sigma_rows.contiguous()
-    coef = table.coef.to(noise.device, noise.dtype) if plan.weights is None else None
-
-    def weights_of(i: int) -> Any:
-        return plan.weights[i] if coef is None else coef[i, list(plan.columns[i])]
-
-    buffers: dict[int, torch.Tensor] = {c: noise[c] for c in plan.noise_used}
+    sigma_rows = sigma_rows if run.learning else sigma_rows.contiguous()
 
     def step(weights: Any, sigma: torch.Tensor, *bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = _combine(bases, weights, like)
         return x, _call(denoiser, x, sigma, cond)
 
     for i in range(n):
-        bases = [buffers[c] for c in plan.columns[i]]
+        bases = run.bases(i)
         if checkpoint and torch.is_grad_enabled():
-            x, d = _checkpoint(step, weights_of(i), sigma_rows[i], *bases, use_reentrant=False)
+            x, d = _checkpoint(step, run.weights(i), sigma_rows[i], *bases, use_reentrant=False)
         else:
-            x, d = step(weights_of(i), sigma_rows[i], *bases)
-        buffers[k + i] = x
-        buffers[k + n + i] = d
+            x, d = step(run.weights(i), sigma_rows[i], *bases)
         if callback is not None:
             callback(i, x, d, sigma_rows[i])
-        for c in plan.free_after[i]:
-            del buffers[c]
-    return _combine([buffers[c] for c in plan.columns[n]], weights_of(n), like)
+        run.record(i, x, d)
+    return run.output()
 
 
 def first_nonfinite(table: SolverTable, denoiser: Denoiser, noise: torch.Tensor, cond: Any = None) -> tuple[str, int]:

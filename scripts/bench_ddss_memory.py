@@ -24,12 +24,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench_io import write_results  # noqa: E402
+from optimize.recipes import write_bench_results
 
 
 def one(nfe: int, remat: bool, batch: int, family: str) -> dict:
@@ -94,7 +90,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['nfe']:>3}  {str(r['remat']):>5}  {r['saved_bytes'] / 2**20:>10.2f}  {r['peak_rss_kib'] / 1024:>12.1f}  "
               f"{r['rss_growth_kib'] / 1024:>14.1f}  {r['seconds']:>7.2f}")
-    write_results("ddss_memory", [
+    write_bench_results("ddss_memory", [
         {"family": args.family, "batch": args.batch, "nfe": r["nfe"], "remat": r["remat"],
          "saved_mib": f"{r['saved_bytes'] / 2**20:.3f}", "saved_bytes": r["saved_bytes"],
          "saved_tensor_bytes": r["saved_tensor_bytes"], "peak_rss_mib": f"{r['peak_rss_kib'] / 1024:.1f}",

@@ -14,24 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from optimize.cli import compose_config
+from optimize.evaluate import Judge, evaluate, load_model
+from optimize.recipes import ddss_args, run_cli, write_bench_results
+from optimize.report import diff_text, pm
+from optimize.results import paired
+from samplers import SolverTable
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]
-
-from bench_io import write_results  # noqa: E402
-from results_learned import ddss_args, run_cli  # noqa: E402
-
-from optimize.cli import compose_config  # noqa: E402
-from optimize.evaluate import Judge, evaluate, load_model  # noqa: E402
-from optimize.report import diff_text, pm  # noqa: E402
-from optimize.results import paired  # noqa: E402
-from samplers import SolverTable  # noqa: E402
-
 KEYS = ("fd_train_main", "fd_heldout_main", "fd_train_b")
 
 
@@ -79,7 +74,7 @@ def main() -> None:
         lines.append(f"NFE {nfe:>2} {label:<20} fit {seconds:7.1f} s ({row['fit_vs_ld3']:.2f} x LD3)  "
                      + "  ".join(f"{k} {pm(r, k)}" + ("" if r is ld3 else f" [{diff_text(*paired(r, ld3, k))}]") for k in KEYS))
     print("\n".join(lines))
-    write_results("fit", rows, started, n=args.n, ddss_steps=args.ddss_steps)
+    write_bench_results("fit", rows, started, n=args.n, ddss_steps=args.ddss_steps)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,17 @@ the same batch, so the ratio says how many sampling passes a fit costs.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from optimize import iia
+from optimize.recipes import write_bench_results
+from samplers import baselines, make_noise, sample
+from samplers.nets import load_denoiser
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from optimize import iia  # noqa: E402
-from samplers import baselines, make_noise, sample  # noqa: E402
-from samplers.nets import load_denoiser  # noqa: E402
-from bench_io import write_results  # noqa: E402
-
 CONFIGS = {  # label: (base, variant, target, substeps, fine solver)
     "paper IIA-DPM-Solver++ (step target, 4 sub-steps)": ("dpmpp_2m", "dpmpp", "step", 4, None),
     "paper IIA-DDIM (step target, 4 sub-steps)": ("euler", "ddim", "step", 4, None),
@@ -76,7 +73,7 @@ def main() -> None:
                      "device": args.device, "fit_wall_s": f"{seconds:.3f}", "fit_cpu_s": f"{cpu:.3f}",
                      "evals_per_sample": f"{den.calls / args.n_fit:.1f}", "one_pass_wall_s": f"{one_pass:.3f}",
                      "fit_over_pass": f"{seconds / one_pass:.2f}"})
-    write_results("iia_fit", rows, started, teacher="checkpoints/edm-digits.safetensors")
+    write_bench_results("iia_fit", rows, started, teacher="checkpoints/edm-digits.safetensors")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from typing import Callable
 
 import torch
 
+from optimize.recipes import write_bench_results
 from samplers import baselines, make_noise, nets, sample
 from samplers.denoisers import EDMPrecond
-from bench_io import write_results  # noqa: E402
 
 
 def timer(device: torch.device, clock: str) -> Callable[[Callable[[], object]], float]:
@@ -213,7 +213,7 @@ def main() -> None:
         print(line)
         row("c_loop_cost", "free", free_nfe, solver, ours_us_per_step=ours, diffusers_us_per_step=theirs)
     params = {name: sum(p.numel() for p in net.parameters()) for name, (net, _) in models.items()}
-    write_results("runtime", csv_rows, started, device=str(device), clock=clock, parameters=params,
+    write_bench_results("runtime", csv_rows, started, device=str(device), clock=clock, parameters=params,
                   runs_ms={"/".join(map(str, k)): [round(1e3 * t, 3) for t in v] for k, v in times.items()})
 
 

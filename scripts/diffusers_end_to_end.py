@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -40,7 +39,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*accelerate.*")
@@ -229,7 +227,7 @@ def compare(n: int, batch: int, reps: int, time_batch: int) -> None:
     from optimize.judge import Judge
     from optimize.results import paired
     from optimize.seeds import EVAL_SEED_OFFSET, seed_range
-    from samplers import SolverTable, baselines, make_noise
+    from samplers import baselines, make_noise
     from samplers.diffusers_scheduler import TableScheduler
 
     pipe, scaled = make_pipeline()

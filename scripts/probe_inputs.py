@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 MARKER = "PAYLOAD_RAN"  # a planted pickle creates this folder in the probe's working folder if it is ever unpickled
 

@@ -19,17 +19,14 @@ from typing import Any
 
 import torch
 
+from optimize.cli import ConfigError, compose_config, resolve_path
+from optimize.evaluate import Judge, evaluate, format_table, load_model, plot_quality, reference_solve, write_results
+from optimize.metrics import ReferenceCache, fd_estimate, kid
+from optimize.results import write_csv
+from optimize.report import NOTE, best, diff_cell, pivot, pm, table
+from samplers import baselines
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-from optimize.cli import ConfigError, compose_config, resolve_path  # noqa: E402
-from optimize.evaluate import Judge, evaluate, format_table, load_model, plot_quality, reference_solve, write_results  # noqa: E402
-from optimize.metrics import ReferenceCache, fd_estimate, kid  # noqa: E402
-from optimize.results import write_csv  # noqa: E402
-from optimize.report import NOTE, best, diff_cell, pivot, pm, table  # noqa: E402
-from samplers import baselines  # noqa: E402
-
 SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc"]
 NFES = [3, 4, 5, 6, 8, 10, 15, 20]
 

@@ -26,16 +26,13 @@ from typing import Any
 
 import torch
 
+from optimize.cli import compose_config
+from optimize.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, write_results
+from optimize.metrics import ReferenceCache
+from optimize.report import NOTE, best, diff_cell, fmt, pm, table
+from samplers import SolverTable, baselines
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-from optimize.cli import compose_config  # noqa: E402
-from optimize.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, write_results  # noqa: E402
-from optimize.metrics import ReferenceCache  # noqa: E402
-from optimize.report import NOTE, best, diff_cell, fmt, pm, table  # noqa: E402
-from samplers import SolverTable, baselines  # noqa: E402
-
 CLASSIC = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc"]
 FAMILY_INIT = {"ggdm": "euler", "ggdm_mc": "euler", "full": "dpmpp_2m"}
 OUT = REPO / "docs" / "results" / "ddss"

@@ -31,17 +31,15 @@ from typing import Any
 
 import torch
 
+from optimize import dsno
+from optimize.cli import compose_config
+from optimize.evaluate import Judge, evaluate, load_model, reference_solve, write_results
+from optimize.metrics import ReferenceCache
+from samplers import SolverTable, baselines
+from samplers.images import write_png_grid
+from samplers.nets import load_denoiser, read_net_header
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from optimize import dsno  # noqa: E402
-from optimize.cli import compose_config  # noqa: E402
-from optimize.evaluate import Judge, evaluate, load_model, reference_solve, write_results  # noqa: E402
-from optimize.metrics import ReferenceCache  # noqa: E402
-from samplers import SolverTable, baselines  # noqa: E402
-from samplers.images import write_png_grid  # noqa: E402
-from samplers.nets import load_denoiser, read_net_header  # noqa: E402
-
 CLASSIC = ["euler", "dpmpp_2m", "ipndm", "unipc"]
 ABLATIONS = {"default": [], "no-temporal": ["temporal=false"], "no-temporal-eqtime": ["temporal=false"], "modes1": ["modes=1"],
              "M2": ["M=2"], "M1": ["M=1", "modes=1"]}

@@ -5,8 +5,8 @@ and the shipped best tables checkpoints/tables/edm-best-nfe{N}.safetensors.
     python scripts/results_learned.py                  # evaluate the committed tables and write the page
     python scripts/results_learned.py --model gmm --fit   # the same on the analytic GMM (reference RMSE is exact there)
 
-Fitting runs the command-line tools in their own processes, as a user would, and copies the tables to
-docs/results/learned/<model>/tables/:
+Fitting runs the recipe of ``optimize.recipes``: the command-line tools in their own processes, as a user would, with
+the tables copied to docs/results/learned/<model>/tables/:
 
 1. ``python -m optimize ld3 base=unipc`` and ``base=dpmpp_2m`` (LD3's defaults: 50+50 noises, UniPC-20 teacher);
 2. ``python -m optimize iia base=table:<LD3 table>`` over the LD3 table with the lower LD3 validation loss;
@@ -24,8 +24,6 @@ import argparse
 import datetime
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,20 +31,17 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from optimize.cli import compose_config
+from optimize.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, tune, write_results
+from optimize.metrics import ReferenceCache
+from optimize.recipes import LD3_BASES, best_ld3, fit_ddss, fit_iia, fit_ld3, fit_seconds, select, ship
+from optimize.report import NOTE, best, diff_cell, fmt, pm, table
+from samplers import SolverTable, baselines
 
-from optimize.cli import compose_config  # noqa: E402
-from optimize.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, tune, write_results  # noqa: E402
-from optimize.metrics import ReferenceCache  # noqa: E402
-from optimize.report import NOTE, best, diff_cell, fmt, pm, table  # noqa: E402
-from optimize.seeds import VAL_SEED_OFFSET, seed_range  # noqa: E402
-from samplers import SolverTable, baselines  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 NFES = [3, 4, 5, 6, 8, 10]
 CLASSIC = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc"]
-LD3_BASES = ["unipc", "dpmpp_2m"]
-SHIPPED = REPO / "checkpoints" / "tables"
 DDSS_KID = REPO / "docs" / "results" / "ddss" / "tables"  # the KID-only DDSS tables of docs/results-ddss.md
 IIA_DEFAULT = REPO / "docs" / "results" / "iia" / "edm" / "tables"  # IIA over classic solvers, docs/results-iia.md
 KEYS = ("fd_train_main", "fd_heldout_main", "fd_train_b")
@@ -54,67 +49,6 @@ KEYS = ("fd_train_main", "fd_heldout_main", "fd_train_b")
 
 def out_dir(model: str) -> Path:
     return REPO / "docs" / "results" / "learned" / model
-
-
-def run_cli(args: list[str], run: Path) -> float:
-    """``python -m optimize <args>`` in its own process (output in ``run``); returns its wall seconds."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "optimize", *args, f"hydra.run.dir={run}"], cwd=REPO, check=True)
-    return time.perf_counter() - t0
-
-
-def fit_ld3(model: str, nfe: int, base: str, tables: Path) -> Path:
-    dest = tables / f"ld3-{base}-nfe{nfe}.safetensors"
-    if not dest.exists():
-        run = REPO / "outputs" / "results-learned" / model / f"ld3-{base}-nfe{nfe}"
-        run_cli(["ld3", f"model={model}", f"nfe={nfe}", f"base={base}", "evaluate=false"], run)
-        shutil.copyfile(run / f"ld3-{base}-{model}-nfe{nfe}.safetensors", dest)
-        shutil.copyfile(run / f"ld3-{base}-{model}-nfe{nfe}-sigmas.png", tables / f"ld3-{base}-nfe{nfe}-sigmas.png")
-    return dest
-
-
-def best_ld3(paths: list[Path]) -> Path:
-    """The LD3 table with the lowest validation L2 of its own fit (LD3's selection, not the evaluation seeds)."""
-    return min(paths, key=lambda p: SolverTable.load(str(p)).metadata["ld3"]["best_valid_l2"])
-
-
-def fit_iia(model: str, nfe: int, ld3: Path, tables: Path) -> Path:
-    dest = tables / f"iia-ld3-nfe{nfe}.safetensors"
-    if not dest.exists():
-        run = REPO / "outputs" / "results-learned" / model / f"iia-ld3-nfe{nfe}"
-        run_cli(["iia", f"model={model}", f"nfe={nfe}", f"base=table:{ld3}", "evaluate=false"], run)
-        label = SolverTable.load(str(ld3)).metadata["method"]
-        shutil.copyfile(run / f"iia-generic-{label}-{model}-nfe{nfe}.safetensors", dest)
-    return dest
-
-
-def ddss_args(model: str, nfe: int, ld3: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
-    """The DDSS command of the chain: every causal coefficient and the sigmas from the LD3 table, KID + teacher L2
-    (``extra``: more ``key=value`` settings, e.g. a CPU budget's batch size)."""
-    return ["ddss", f"model={model}", f"nfe={nfe}", "family=full", f"init=table:{ld3}", "loss=kid+match", f"steps={steps}",
-            "val_every=50", "max_minutes=null", "evaluate_at_end=false", "progress_bar=false", *extra]
-
-
-def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int, extra: tuple[str, ...] = ()) -> Path:
-    dest = tables / f"ddss-match-nfe{nfe}.safetensors"
-    if not dest.exists():
-        run = REPO / "outputs" / "results-learned" / model / f"ddss-match-nfe{nfe}"
-        run_cli(ddss_args(model, nfe, ld3, steps, extra), run)
-        for suffix in (".safetensors", "-sigmas.png", "-coef.png"):
-            shutil.copyfile(run / f"ddss-full-kid-match-nfe{nfe}{suffix}", tables / f"ddss-match-nfe{nfe}{suffix}")
-    return dest
-
-
-def fit_seconds(path: Path) -> float:
-    """Wall seconds of a table's fit, including the LD3 fit a chained method started from."""
-    meta = SolverTable.load(str(path)).metadata
-    own = float(meta.get("fit_seconds") or meta.get("train_seconds") or 0.0)
-    if path.name.startswith("ld3-"):
-        return own
-    start = Path(str(meta.get("init", "")).removeprefix("table:")) if meta.get("method") == "ddss" else None
-    if start is None or not start.name:
-        start = path.parent / f"ld3-{meta.get('base_solver')}-nfe{meta['nfe']}.safetensors"
-    return own + (fit_seconds(path.parent / start.name) if (path.parent / start.name).exists() else 0.0)
 
 
 def learned_tables(model: str, nfe: int) -> list[tuple[str, Path]]:
@@ -125,40 +59,6 @@ def learned_tables(model: str, nfe: int) -> list[tuple[str, Path]]:
         out.append(("ddss-ggdm(kid)", DDSS_KID / f"ddss-ggdm-nfe{nfe}.safetensors"))
         out += [(f"iia({b})", IIA_DEFAULT / f"iia-{b.replace('_', '-')}-default-nfe{nfe}.safetensors") for b in ("euler", "dpmpp_2m")]
     return [(label, p) for label, p in out if p.exists()]
-
-
-def selection_scores(judge: Judge, n_select: int, candidates: list[tuple[str, Any, SolverTable]], shape: Any,
-                     dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """The selection rule of every results page: each ``(label, denoiser, table)``'s training-set FD (main features) on
-    the selection seeds VAL_SEED_OFFSET.. (never the evaluation seeds); the lowest is picked."""
-    seeds = seed_range(VAL_SEED_OFFSET, 0, n_select)
-    main = next(iter(judge.features))
-    sel = judge.restricted(splits=["train"], features=[main], n_boot=0)
-    scores = {}
-    for label, denoiser, t in candidates:
-        scores[label] = float(evaluate(denoiser, t, judge=sel, shape=shape, seeds=seeds, dtype=dtype)[f"fd_train_{main}"])
-        print(f"select {label}: FD train {main} on {n_select} selection seeds {scores[label]:.4g}", flush=True)
-    return scores
-
-
-def select(m: Any, judge: Judge, nfe: int, n_select: int, candidates: list[tuple[str, Path]]) -> tuple[str, Path, dict[str, float]]:
-    """The candidate table of the model ``m`` at NFE ``nfe`` that ``selection_scores`` picks."""
-    scores = selection_scores(judge, n_select, [(label, m.denoiser, SolverTable.load(str(path), fingerprint=m.fingerprint))
-                                                for label, path in candidates], m.shape, m.dtype)
-    label = min(scores, key=scores.get)
-    return label, dict(candidates)[label], scores
-
-
-def ship(m: Any, model: str, nfe: int, label: str, path: Path, scores: dict[str, float], data: str) -> Path:
-    """Copy the selected table to checkpoints/tables/<model>-best-nfe<N>.safetensors with how it was chosen."""
-    t = SolverTable.load(str(path), fingerprint=m.fingerprint)
-    t.metadata.update({"model": model, "model_fingerprint": m.fingerprint, "shipped_as": f"{model}-best-nfe{nfe}",
-                       "selected_from": scores, "selected": label, "selection": f"FD vs training {data}, main features, "
-                       f"seeds {VAL_SEED_OFFSET}..", "source_table": str(path.relative_to(REPO))})
-    SHIPPED.mkdir(parents=True, exist_ok=True)
-    dest = SHIPPED / f"{model}-best-nfe{nfe}.safetensors"
-    t.save(str(dest))
-    return dest
 
 
 def main() -> None:

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from optimize.report import NOTE, best, diff_text, pm, table
+from optimize.results import read_results
 
-from optimize.report import NOTE, best, diff_text, pm, table  # noqa: E402
-from optimize.results import read_results  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 Row = dict[str, Any]
 

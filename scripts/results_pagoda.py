@@ -23,23 +23,20 @@ import datetime
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from optimize import pagoda
+from optimize.cli import compose_config
+from optimize.recipes import selection_scores
+from optimize.results import read_results, verdict, write_csv
+from optimize.seeds import VAL_SEED_OFFSET
+from samplers import SolverTable
+from samplers.nets import load_denoiser, read_net_header
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-from optimize import pagoda  # noqa: E402
-from optimize.cli import compose_config  # noqa: E402
-from optimize.results import read_results, verdict, write_csv  # noqa: E402
-from optimize.seeds import VAL_SEED_OFFSET  # noqa: E402
-from samplers import SolverTable  # noqa: E402
-from samplers.nets import load_denoiser, read_net_header  # noqa: E402
-
 RES = [8, 16, 32]
 CANDIDATE_NOTES = {"pool": "d_downsample=pool (the first runs' D), d_lr 1e-3; 1 thread beside another job", "strided": "d_downsample=strided, d_lr 1e-3",
                    "strided-dlr2e-4": "d_downsample=strided, d_lr 2e-4",
@@ -62,10 +59,8 @@ def train(run: Path, overrides: list[str]) -> None:
 
 
 def select(cfg: Any, candidates: dict[str, Path], n_select: int) -> tuple[str, dict[str, float]]:
-    """The candidate run whose 32x32 generator ``results_learned.selection_scores`` picks (FD train, main features, on
+    """The candidate run whose 32x32 generator ``optimize.recipes.selection_scores`` picks (FD train, main features, on
     the selection seeds against the training-region crops)."""
-    from results_learned import selection_scores
-
     jobs = []
     for label, run in candidates.items():
         gen = load_denoiser(str(run / "pagoda-patches32.safetensors"))

@@ -4,7 +4,7 @@
     python scripts/results_patches.py --ship                    # pick and ship checkpoints/tables/patches-best-nfe<N>
     python scripts/results_patches.py --sample-only --shard 0 2 # fill the sample cache (every 2nd job from 0), no scoring
     python scripts/results_patches.py                           # score every row, write the CSVs, grids and the page
-    python scripts/results_patches.py --render-only             # rewrite the page from the CSVs
+    python scripts/results_patches.py --render-only             # rewrite the page from the CSVs (keeps its date)
     python scripts/results_patches.py --teacher-check FILE      # record a from-scratch teacher run (time, weights), render
 
 Rows, all on evaluation seeds 0..n-1 (paired): the classic solvers (karras rho 7, sigma 0.002..80; CLASSIC_NFES: NFE
@@ -16,7 +16,7 @@ patches with the first feature net) as on the digits page (scripts/results_learn
 points: fresh training-region crops and the validation patches scored like samples (the real floor); ref-RMSE is the
 distance to a Heun solve from the same noise (REFERENCE). ``--learn`` writes every learned or tuned table to
 docs/results/patches/tables/ (commit them); the scoring run only evaluates tables. Samples are cached by model
-fingerprint, table hash and seeds (``results_tada.cached_draw``), so a rerun only re-scores.
+fingerprint, table hash and seeds (``optimize.recipes.cached_draw``), so a rerun only re-scores.
 """
 
 from __future__ import annotations
@@ -35,25 +35,21 @@ from typing import Any
 
 import torch
 
+from optimize import data
+from optimize.cli import compose_config
+from optimize.evaluate import Judge, Model, load_model, read_results, write_results
+from optimize.metrics import ReferenceCache, reference_rmse
+from optimize.recipes import (SHIPPED, cached_draw, fit_ddss, fit_iia, fit_ld3, fit_seconds, page_date, select, ship,
+                              table_hash)
+from optimize.report import NOTE, best, diff_text, fmt, pivot, pm, table
+from optimize.results import add_paired_columns, plot_quality, public, write_csv
+from samplers import SolverTable, baselines
+from samplers.images import write_png_grid
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-from optimize import data  # noqa: E402
-from optimize.cli import compose_config  # noqa: E402
-from optimize.evaluate import Judge, Model, load_model, read_results, write_results  # noqa: E402
-from optimize.metrics import ReferenceCache, reference_rmse  # noqa: E402
-from optimize.report import NOTE, best, diff_text, fmt, pivot, pm, table  # noqa: E402
-from optimize.results import add_paired_columns, plot_quality, public, write_csv  # noqa: E402
-from results_learned import fit_seconds  # noqa: E402
-from results_tada import cached_draw, table_hash  # noqa: E402
-from samplers import SolverTable, baselines  # noqa: E402
-from samplers.images import write_png_grid  # noqa: E402
-
 OUT = REPO / "docs" / "results" / "patches"
 TABLES = OUT / "tables"
 PAGE = REPO / "docs" / "results-patches.md"
-SHIPPED = REPO / "checkpoints" / "tables"
 CLASSIC = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc"]
 # NFEs per classic solver: NFE 3..50 for the strongest multistep solvers, every NFE where a learned table is compared
 # at N and at 2N (N = 4, 6, 8, 10), fewer for the weak single-step ones (a CPU budget)
@@ -104,10 +100,8 @@ def learn_tuned(nfes: list[int], tune_n: int) -> None:
 
 
 def learn_chain(nfes: list[int], ddss_steps: int, ddss_settings: list[str]) -> None:
-    """The digits page's recipe (scripts/results_learned.py), run through the CLI like a user would: LD3 over UniPC
+    """The digits page's recipe (``optimize.recipes``), run through the CLI like a user would: LD3 over UniPC
     (the learned peer), IIA over that LD3 table, DDSS (every causal coefficient) from it with KID + teacher L2."""
-    from results_learned import fit_ddss, fit_iia, fit_ld3
-
     for nfe in nfes:
         t0 = time.perf_counter()
         ld3 = fit_ld3("patches", nfe, "unipc", TABLES)
@@ -133,9 +127,7 @@ def learn_dsno(settings: list[str]) -> None:
 
 def ship_best(nfes: list[int], n_select: int) -> None:
     """checkpoints/tables/patches-best-nfe<N>: IIA(ld3) or DDSS, whichever has the lower FD train (main features) on
-    the selection seeds 3,000,000+ (never the evaluation seeds), as for the digits teacher (results_learned.select)."""
-    from results_learned import select, ship
-
+    the selection seeds 3,000,000+ (never the evaluation seeds), as for the digits teacher (``optimize.recipes.select``)."""
     cfg = compose_config(["method=evaluate", "model=patches", "out_dir=."])
     model = load_model(cfg.model)
     judge = Judge.for_model(cfg.model, model.shape, n_boot=0)
@@ -213,6 +205,7 @@ def main() -> None:
     if args.teacher_check is not None:
         print(teacher_check(args.teacher_check), flush=True)
         args.render_only = True
+    args.date = page_date(PAGE) if args.render_only else datetime.date.today().isoformat()
     if args.render_only:
         PAGE.write_text(render(read_results(str(OUT / "results.csv")), read_results(str(OUT / "reference.csv")), args))
         return
@@ -427,7 +420,7 @@ def render(rows: list[dict[str, Any]], refs: list[dict[str, Any]], args: argpars
     floor = refs[0]
     lines = [
         "# Every method on the patches teacher (3x32x32 natural-image patches)\n",
-        f"Generated by `python scripts/results_patches.py` on {datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Generated by `python scripts/results_patches.py` on {args.date} ({platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}); numbers: `docs/results/patches/results.csv` (every row), "
         "`reference.csv` (real-data rows), `timing.csv`, `features.csv` (feature-net probe accuracies); learned and tuned tables: "
         "`docs/results/patches/tables/` (`python -m optimize evaluate model=patches table=PATH` re-evaluates one); sample grids: "

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,20 +42,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from optimize.cli import as_list, compose_config, resolve_path
+from optimize.evaluate import Judge, draw, load_model, reference_solve, write_results
+from optimize.metrics import ReferenceCache, fd_estimate, kid, reference_rmse
+from optimize.recipes import cached_draw
+from optimize.report import NOTE, diff_cell, fmt, pm, table
+from optimize.results import Z, public
+from optimize.seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range
+from samplers import SolverTable, baselines
+from samplers.artifact import atomic_write_bytes
+from samplers.images import write_png_grid
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-from optimize.cli import as_list, compose_config, resolve_path  # noqa: E402
-from optimize.evaluate import Judge, draw, load_model, reference_solve, write_results  # noqa: E402
-from optimize.metrics import ReferenceCache, fd_estimate, kid, reference_rmse  # noqa: E402
-from optimize.report import NOTE, diff_cell, fmt, pm, table  # noqa: E402
-from optimize.results import Z, public  # noqa: E402
-from optimize.seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range  # noqa: E402
-from samplers import SolverTable, baselines  # noqa: E402
-from samplers.artifact import atomic_write_bytes  # noqa: E402
-from samplers.images import write_png_grid  # noqa: E402
-
 CLASSIC = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
 NFES = [4, 5, 6, 8, 10, 15, 20]
 DETAILS = [0.25, 0.5, 1.0, 2.0, 4.0]
@@ -68,23 +64,6 @@ KEYS = [("fd_train_main", "FD train"), ("fd_heldout_main", "FD held-out"), ("fd_
 
 def label(detail: float, order: int) -> str:
     return f"tada k={detail:g} o{order}"
-
-
-def table_hash(table: SolverTable) -> str:
-    """12 hex of SHA-256 over the table's sigmas and coefficients (what the generic executor samples from)."""
-    h = hashlib.sha256(table.sigmas.detach().numpy().tobytes())
-    h.update(table.coef.detach().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def cached_draw(model: Any, cache: ReferenceCache, name: str, table: SolverTable, seeds: list[int]) -> torch.Tensor:
-    """Samples of ``table`` on ``seeds``, cached by model fingerprint, table hash and seeds; non-finite samples raise."""
-    slug = name.replace("tada k=", "tada-k").replace(" ", "-")
-    x = cache.get_or_compute(model.fingerprint, f"{slug}-{table_hash(table)}", table.nfe, seeds, model.shape, model.dtype,
-                             lambda: draw(table, model.denoiser, model.shape, seeds, model.dtype))
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(f"{name} at NFE {table.nfe} produced non-finite samples.")
-    return x
 
 
 def own_reference(model: Any, detail: float, nfe: int, seeds: list[int], cache: ReferenceCache, cfg: Any) -> torch.Tensor:

@@ -20,13 +20,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from optimize.classifier import (accuracy, patch_accuracies, save_classifier, train_classifier,  # noqa: E402
+from optimize.classifier import (accuracy, patch_accuracies, save_classifier, train_classifier,
                                  train_patch_features)
-from optimize.data import digits  # noqa: E402
+from optimize.data import digits
 
 CKPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 NETS = (("classifier-digits", {"arch": "cnn"}, 60), ("classifier-digits-b", {"arch": "mlp"}, 100))
@@ -85,6 +83,9 @@ def train_patches(n: int = PATCH_TRAIN_N, only: str | None = None) -> list[dict]
 
 
 def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return
     threads = os.environ.get("OMP_NUM_THREADS")  # a shared machine: OMP_NUM_THREADS=1 is often faster than 2 contended threads
     torch.set_num_threads(int(threads) if threads and threads.isdigit() else max(1, min(2, os.cpu_count() or 1)))
     os.makedirs(CKPT, exist_ok=True)

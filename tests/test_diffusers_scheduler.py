@@ -177,3 +177,21 @@ def test_import_samplers_does_not_import_diffusers():
 
     code = "import samplers, sys; print('diffusers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_scheduler_uses_only_the_public_executor():
+    """TableScheduler runs the table through samplers.table.TableRun (issue 24): it imports no private name and
+    reads no private attribute of another object (no second plan of buffer lifetimes, no private row combination)."""
+    import ast
+    import inspect
+
+    import samplers.diffusers_scheduler as module
+
+    tree = ast.parse(inspect.getsource(module))
+    private = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names
+               if a.name.startswith("_") and not a.name.startswith("__")]
+    foreign = [f"line {node.lineno}: .{node.attr}" for node in ast.walk(tree)
+               if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+               and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+    assert not private and not foreign, (private, foreign)
+    assert "TableRun" in {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}

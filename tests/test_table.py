@@ -6,7 +6,7 @@ import torch
 
 from samplers import SolverTable, TableError, baselines, make_noise, sample
 from samplers.denoisers import GaussianMixture
-from samplers.table import _make_plan
+from samplers.table import TableRun, _make_plan
 
 SHAPE = (1, 4, 4)
 
@@ -119,6 +119,78 @@ def test_plan_keeps_constant_memory_for_long_euler():
         live -= set(plan.free_after[i])
     assert peak <= 4  # x_{i-1}, d_{i-1} (inputs of row i) and x_i, d_i: independent of N
     assert all(len(cols) <= 2 for cols in plan.columns)
+
+
+def _run_stepwise(table, den, noise, draw=None):
+    """The executor driven one evaluation at a time, as a diffusers scheduler drives it."""
+    run = TableRun(table, noise if draw is None else {0: noise[0]})
+    for i in range(table.nfe):
+        x = run.input(i, draw)
+        run.record(i, x, den(x, table.sigmas[i].to(x.dtype).expand(x.shape[0])))
+    return run.output(draw)
+
+
+@pytest.mark.parametrize("name,options", [("euler", {}), ("dpmpp_3m", {}), ("unipc", {"order": 3}), ("ddim", {"eta": 1.0})])
+def test_stepwise_run_equals_sample_bit_for_bit(gmm, name, options):
+    """TableRun one row at a time is sample() exactly, also when noise vectors are drawn only when a row first reads
+    them (in the order of the rows that need them: e_0 given, e_1.. one per stochastic step)."""
+    table = baselines.build(name, 5, **options)
+    noise = make_noise(table, SHAPE, range(3))
+    ref = sample(table, gmm, noise)
+    assert torch.equal(_run_stepwise(table, gmm, noise), ref)
+    drawn = []
+    out = _run_stepwise(table, gmm, noise, draw=lambda k: drawn.append(k) or noise[k])
+    assert torch.equal(out, ref)
+    assert drawn == sorted(drawn) == [c for c in range(1, table.n_noise) if table.support()[:, c].any()]
+
+
+def test_run_frees_buffers_by_the_plan():
+    """After evaluation i the run holds exactly the vectors a later row reads: for Euler x_i, d_i (constant memory
+    in N); a stochastic table also drops each noise vector after the row that reads it last."""
+    for table in (baselines.build("euler", 200), baselines.build("ddim", 4, eta=1.0)):
+        n, k, support = table.nfe, table.n_noise, table.support()
+        run = TableRun(table, make_noise(table, SHAPE, range(2)))
+        for i in range(n):
+            x = run.input(i)
+            run.record(i, x, x)
+            exists = [c for c in range(k + 2 * n) if c < k or (c - k) % n <= i]
+            assert run.held() == [c for c in exists if support[i + 1 :, c].any()]
+            assert table.nfe < 200 or len(run.held()) <= 2
+        assert run.output().shape == (2, *SHAPE)
+
+
+def test_run_refuses_missing_vectors_and_bad_noise_keys(gmm):
+    euler = euler_table(3)
+    run = TableRun(euler, make_noise(euler, SHAPE, range(2)))
+    with pytest.raises(ValueError, match=r"row 1 reads x_0, which this run does not hold \(record each evaluation"):
+        run.input(1)  # evaluation 0 not recorded
+    table = baselines.build("ddim", 3, eta=1.0)
+    noise = make_noise(table, SHAPE, range(2))
+    run = TableRun(table, {0: noise[0]})
+    x = run.input(0)
+    run.record(0, x, gmm(x, table.sigmas[:1].float().expand(2)))
+    with pytest.raises(ValueError, match=r"row 1 reads e_1, which this run does not hold"):
+        run.input(1)
+    with pytest.raises(ValueError, match=r"noise must map noise indices in \[0, 4\) to tensors, got keys \[7\]"):
+        TableRun(table, {7: noise[0]})
+    with pytest.raises(ValueError, match=r"noise must have shape \[K, B, \.\.\.\] with K = 4"):
+        TableRun(table, noise[:2])
+
+
+def test_no_module_imports_the_executors_private_names():
+    """One executor with a public API (SolverTable, TableRun, sample): no other samplers module imports a private
+    (underscore) name of samplers.table."""
+    import ast
+    from pathlib import Path
+
+    import samplers
+
+    bad = []
+    for path in sorted(Path(samplers.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "table":
+                bad += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad
 
 
 def test_zero_row_and_explicit_support(gmm):
