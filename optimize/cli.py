@@ -29,7 +29,7 @@ from samplers.table import MAX_SIGMA
 
 from .base import CONF_DIR, REPO, ConfigError, SkipPoint, as_list, resolve_path  # noqa: F401 - re-exported for callers
 from .models import check_model_keys, check_model_spec
-from .runs import CheckpointUnreadable, _explicit_path, _flag, _is_true, readable_checkpoint
+from .checkpoints import CheckpointUnreadable, _explicit_path, _flag, _is_true, readable_checkpoint
 from .seeds import RANGE
 
 MAX_CHECKED = 512  # sweep points composed and validated up front

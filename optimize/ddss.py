@@ -75,11 +75,12 @@ from samplers import SolverTable, baselines, make_noise, sample
 from samplers.table import FORMAT_VERSION
 
 from .base import ConfigError, as_list, resolve_path
+from .checkpoints import pick_resume, resume_path
 from .evaluate import Judge, evaluate_jobs, load_model
 from .ld3 import check_teacher, teacher_targets
 from .metrics import _poly_kernel
 from .results import plot_sigmas
-from .runs import NaNLossError, TrainingModule, compare_tables, pick_resume, resume_path, ticks, trainer_parts
+from .runs import NaNLossError, TrainingModule, compare_tables, ticks, trainer_parts
 from .seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range
 
 FAMILIES = ("ggdm", "ggdm_mc", "full")

@@ -54,14 +54,13 @@ from samplers.nets import DSNOUNet, build_net, load_denoiser, read_net_header, s
 from samplers.table import FORMAT_VERSION
 
 from .base import ConfigError, as_list, resolve_path
+from .checkpoints import pick_resume, resume_path
 from .evaluate import Judge, evaluate, format_table, reference_solve, write_results
 from .metrics import ReferenceCache
 from .runs import (
     NaNLossError,
     TrainingModule,
     compare_tables,
-    pick_resume,
-    resume_path,
     start_distillation,
     step_batch_index,
     ticks,

@@ -49,6 +49,7 @@ from samplers.table import FORMAT_VERSION
 
 from . import data
 from .base import ConfigError, as_list, resolve_path
+from .checkpoints import pick_resume, resume_path
 from .classifier import CLASSIFIER_FORMAT, load_classifier
 from .dsno import one_step_table as table
 from .evaluate import draw, evaluate, format_table, load_model, write_results
@@ -58,8 +59,6 @@ from .runs import (
     NaNLossError,
     TrainingModule,
     ema_update,
-    pick_resume,
-    resume_path,
     start_distillation,
     ticks,
     trainer_parts,

@@ -28,7 +28,8 @@ from samplers.nets import build_net, save_net
 
 from . import data
 from .base import ConfigError, resolve_path
-from .runs import NaNLossError, TrainingModule, pick_resume, resume_path, step_batch_index, ticks, trainer_parts
+from .checkpoints import pick_resume, resume_path
+from .runs import NaNLossError, TrainingModule, step_batch_index, ticks, trainer_parts
 
 
 def sample_sigma(n: int, p_mean: float = -1.2, p_std: float = 1.2, generator: torch.Generator | None = None,

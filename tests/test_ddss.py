@@ -290,7 +290,7 @@ def test_bad_config_one_sentence(args: list[str], needle: str, capsys: pytest.Ca
 
 
 def test_resume_true_without_checkpoint_is_one_sentence(tmp_path: Path) -> None:
-    from optimize.runs import resume_path
+    from optimize.checkpoints import resume_path
 
     with pytest.raises(ConfigError, match="resume=true found no lightning/last.ckpt"):
         resume_path(True, str(tmp_path / "fresh"))

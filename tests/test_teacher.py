@@ -224,7 +224,7 @@ def _fake_ckpt(path, cfg, **changes) -> str:
 
 def test_resume_refuses_another_run_naming_the_first_difference(tmp_path):
     from optimize.cli import ConfigError
-    from optimize.runs import pick_resume
+    from optimize.checkpoints import pick_resume
     from optimize import teacher
 
     cfg = _toy_cfg()
@@ -278,7 +278,7 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path, capsys, monkeypatch)
 
 
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
-    from optimize.runs import readable_checkpoint
+    from optimize.checkpoints import readable_checkpoint
 
     folder = tmp_path / "run" / "lightning"
     folder.mkdir(parents=True)
