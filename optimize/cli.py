@@ -28,9 +28,11 @@ from samplers import nets
 from samplers.table import MAX_SIGMA
 
 from .base import CONF_DIR, REPO, ConfigError, SkipPoint, as_list, resolve_path  # noqa: F401 - re-exported for callers
-from .models import check_model_keys, check_model_spec
 from .checkpoints import CheckpointUnreadable, _explicit_path, _flag, _is_true, readable_checkpoint
+from .keys import method_keys
+from .models import check_model_keys, check_model_spec
 from .seeds import RANGE
+from .usage import help_text
 
 MAX_CHECKED = 512  # sweep points composed and validated up front
 
@@ -38,25 +40,6 @@ MAX_CHECKED = 512  # sweep points composed and validated up front
 _VALUE_FLAGS = {"--cfg", "-c", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
                 "--package", "-p", "--experimental-rerun"}
 _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-
-MAIN_KEYS = """\
-main keys (defaults in conf/config.yaml and conf/method/<method>.yaml):
-  model=edm|gmm|toy2d|shapes|patches|patches8   model to sample (model.checkpoint=PATH swaps the network file)
-  model=diffusers model.path=DIR | model=callable model.target=MODULE:FUNCTION   your own model (docs/byo-model.md)
-  solver=NAME | [a,b]          classic solver(s): euler heun dpmpp_2m dpmpp_3m ipndm unipc ddim tada
-  solver_options.detail=2.0    solver options (detail, order, eta, components, max_order, variant)
-  nfe=8 | [3,4,5]              denoiser evaluations (a list evaluates each and plots quality vs NFE)
-  schedule=karras rho=7.0 sigma_min=0.002 sigma_max=80.0
-  seed=0 device=cpu logger=csv|wandb
-evaluate:  table=PATH n=2000 tuned=true|false ref_nfe=255 cache_dir=...
-iia:       base=euler variant=generic target=trajectory substeps=8 fine_solver=heun n_fit=512
-ddss:      family=ggdm|ggdm_mc|full init=euler steps=600 batch_size=128 lr=0.01 resume=true
-ld3:       base=unipc|dpmpp_2m teacher_solver=unipc teacher_nfe=20 n_train=50 n_valid=50 rounds_v1=2 rounds_v2=5
-dsno:      M=4 modes=2 temporal=true loss=l1 n_data=8192 data_steps=40 steps=1000 resume=true export=PATH
-pagoda:    model=patches8 stages=3 data_resolution=32 n_data=10000 base_steps=5000 steps=1500 growth=[32,16] resume=true
-teacher:   steps=... batch_size=... resume=RUN_FOLDER export=PATH
-Hydra: -m/--multirun sweeps comma lists (solver=euler,dpmpp_2m nfe=4,8); --cfg job prints the config."""
-
 
 def methods() -> list[str]:
     """The methods with a config in conf/method/."""
@@ -66,11 +49,6 @@ def methods() -> list[str]:
 def models() -> list[str]:
     """The models with a config in conf/model/."""
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-
-
-def help_text() -> str:
-    return (f"usage: python -m optimize [-m] <method> [key=value ...]\n\nmethods: {', '.join(methods())}\n"
-            f"models:  {', '.join(models())}\n\n{MAIN_KEYS}\n")
 
 
 def _tag(value: Any) -> str:
@@ -107,66 +85,18 @@ def _check_number(cfg: DictConfig, key: str) -> float:
     return value
 
 
-# --- typed keys: checked for every composed point of every method ---------------------------------
-# key -> (kind, low, high, nullable). kind: "int" (a true integer, not bool), "num" (finite int or float).
-# Bounds are inclusive; None leaves that side open. A key a method does not have is skipped, so one table
-# covers every method's keys.
-TYPED_KEYS: dict[str, tuple[str, float | None, float | None, bool]] = {
-    "n": ("int", 1, 10**8, False), "seed": ("int", 0, None, False), "fit_seed": ("int", 0, None, False),
-    "steps": ("int", 1, 10**8, False), "batch_size": ("int", 1, 10**6, False), "eval_batch_size": ("int", 1, 10**6, False),
-    "fit_batch_size": ("int", 1, 10**6, False), "data_batch_size": ("int", 1, 10**6, False), "n_fit": ("int", 1, 10**8, False),
-    "n_val": ("int", 1, 10**8, False), "tune_n": ("int", 1, 10**8, False), "n_data": ("int", 1, 10**9, False),
-    "ref_nfe": ("int", 1, 100_000, False), "substeps": ("int", 1, 10_000, False), "data_steps": ("int", 1, 100_000, False),
-    "checkpoint_every": ("int", 1, None, False), "warmup_steps": ("int", 0, None, False), "val_every": ("int", 0, None, False),
-    "grid": ("int", 0, 100_000, False), "n_boot": ("int", 0, 10**6, False), "num_threads": ("int", 1, 4096, True),
-    "M": ("int", 1, 4096, False), "modes": ("int", 1, 4096, False),
-    "n_train": ("int", 1, 10**6, False), "n_valid": ("int", 1, 10**6, False), "teacher_nfe": ("int", 1, 100_000, False),
-    "rounds_v1": ("int", 1, 1000, False), "rounds_v2": ("int", 0, 1000, False), "ld3_batch_size": ("int", 1, 10**6, False),
-    "patience": ("int", 1, 10**6, False), "window": ("num", 0, 0.999, False), "n_match": ("int", 1, 10**8, False),
-    "match_weight": ("num", 0, None, False), "stages": ("int", 1, 8, False), "base_steps": ("int", 1, 10**8, False), "encode_steps": ("int", 2, 100_000, False),
-    "d_lr": ("num", 0, None, False), "pixel_weight": ("num", 0, None, False),
-    "ridge": ("num", 0, None, False), "lr": ("num", 0, None, False), "sigma_lr": ("num", 0, None, False),
-    "sigma_data": ("num", 0, None, False), "rho": ("num", 0, None, False), "ema": ("num", 0, 1, False),
-    "min_lr_ratio": ("num", 0, 1, False), "grad_clip": ("num", 0, None, False), "p_mean": ("num", None, None, False),
-    "p_std": ("num", 0, None, False), "max_minutes": ("num", 0, None, True),
-}
-_STRICTLY_POSITIVE = {"lr", "d_lr", "sigma_lr", "sigma_data", "rho", "p_std", "max_minutes"}
 DTYPES = ("float32", "float64")
 # keys naming folders the run writes into (a file there, or above them, fails late otherwise)
 DIR_KEYS = ("cache_dir", "ref_cache_dir", "data_cache_dir")
 FILE_KEYS = ("export", "export_table")
 
 
-def _typed(key: str, value: Any, kind: str, low: float | None, high: float | None, nullable: bool) -> None:
-    """One typed value; ConfigError naming the key, the value and what is expected."""
-    if value is None and nullable:
-        return
-    what = {"int": "an integer", "num": "a number"}[kind]
-    ok_type = not isinstance(value, bool) and (isinstance(value, int) if kind == "int" else isinstance(value, (int, float)))
-    if not ok_type or (kind == "num" and not math.isfinite(float(value))):
-        raise ConfigError(f"{key} must be {'a finite number' if kind == 'num' else what}{' or null' if nullable else ''}, "
-                          f"got {value!r}.")
-    if key in _STRICTLY_POSITIVE and value <= 0:
-        raise ConfigError(f"{key} must be a positive number, got {value!r}.")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"{key} must {_span(kind, low, high)}, got {value!r}.")
-
-
-def _span(kind: str, low: float | None, high: float | None) -> str:
-    """The allowed range in the words the method checks use: "be a positive integer", "lie in [0, 1]", ..."""
-    if kind == "num" and low is not None and high is not None:
-        return f"lie in [{low}, {high}]"
-    what = {"int": "integer", "num": "number"}[kind]
-    head = {1: f"be a positive {what}", 0: f"be a non-negative {what}"}.get(low, f"be a {what} >= {low}") \
-        if low is not None else f"be a {what}"
-    return head + (f" (at most {high})" if high is not None else "")
-
-
 def check_typed(cfg: DictConfig) -> None:
-    """Every TYPED_KEYS key the config has, plus nfe, device, devices, model.dtype and the paths a run writes."""
-    for key, (kind, low, high, nullable) in TYPED_KEYS.items():
+    """Every typed key of the method the config has (``method_keys``), plus nfe, device, devices, model.dtype and the
+    paths a run writes."""
+    for key, spec in method_keys(str(cfg.method.name)).items():
         if key in cfg:
-            _typed(key, cfg[key], kind, low, high, nullable)
+            spec.check(key, cfg[key])
     if "seed" in cfg:
         if cfg.seed >= RANGE:
             raise ConfigError(f"seed must be below {RANGE} (each use has a 1e6-wide seed range, optimize/seeds.py), got {cfg.seed}.")
@@ -413,7 +343,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     method, rest = split_method(argv)
     if method is None and not any(a.startswith("method=") for a in rest) or any(a in ("-h", "--help") for a in rest):
-        print(help_text(), end="")
+        if method is not None and method not in methods():
+            _fail(f"unknown method {method!r}; valid methods: {', '.join(methods())}")
+        print(help_text(method), end="")
         return
     if method is not None:
         if method not in methods():

@@ -77,12 +77,16 @@ from samplers.table import FORMAT_VERSION
 from .base import ConfigError, as_list, resolve_path
 from .checkpoints import pick_resume, resume_path
 from .evaluate import Judge, evaluate_jobs, load_model
+from .keys import Key, count, rate
 from .ld3 import check_teacher, teacher_targets
 from .metrics import _poly_kernel
 from .results import plot_sigmas
 from .runs import NaNLossError, TrainingModule, compare_tables, ticks, trainer_parts
 from .seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range
 
+KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+    "val_every": count(low=0), "n_val": count(10**8), "n_match": count(10**8), "match_weight": Key("num", 0),
+    "sigma_lr": rate()}
 FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
 TABLE_PREFIX = "table:"  # init=table:PATH starts from a table file (an LD3 schedule, an earlier learned table)
@@ -605,7 +609,7 @@ def validate(cfg: Any) -> None:
     if str(cfg.loss) not in LOSSES:
         raise ConfigError(f"unknown ddss loss {cfg.loss!r}; valid: {', '.join(LOSSES)}.")
     if "match" in str(cfg.loss):
-        _positive(cfg, "match_weight")  # (n_match is a typed key: optimize.cli.TYPED_KEYS)
+        _positive(cfg, "match_weight")  # (n_match is a typed key: KEYS above)
         if int(cfg.batch_size) > int(cfg.n_match):
             raise ConfigError(f"batch_size ({cfg.batch_size}) cannot exceed n_match ({cfg.n_match}), the teacher pool it "
                               f"draws from.")

@@ -56,6 +56,7 @@ from samplers.table import FORMAT_VERSION
 from .base import ConfigError, as_list, resolve_path
 from .checkpoints import pick_resume, resume_path
 from .evaluate import Judge, evaluate, format_table, reference_solve, write_results
+from .keys import count
 from .metrics import ReferenceCache
 from .runs import (
     NaNLossError,
@@ -68,6 +69,8 @@ from .runs import (
 )
 from .seeds import DATA_SEED_OFFSET, seed_range
 
+KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+    "M": count(4096), "modes": count(4096), "data_steps": count(100_000)}
 STORE_POINTS = 8  # stored data times t_j = (j/8)^2, j = 7..0: M must divide 8
 LOSSES = ("l1", "l2")
 

@@ -25,14 +25,17 @@ from samplers.table import first_nonfinite
 
 from .base import ConfigError, SkipPoint, as_list, resolve_path
 from .judge import REAL_N, Features, Judge, feature_maps  # noqa: F401 - re-exported
+from .keys import count
 from .metrics import ReferenceCache, reference_rmse
 from .models import Model, load_model  # noqa: F401 - re-exported
 from .paths import path_inside, slug
 from .results import format_table, log_wandb, plot_quality, read_results, save_samples, write_results  # noqa: F401
 from .seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range
 
-
 # --- sampling and evaluation -----------------------------------------------------------------
+KEYS = {"tune_n": count(10**8)}  # this method's typed keys (optimize.keys; shared ones are declared there)
+
+
 class NonFiniteSamples(FloatingPointError):
     """A table on a model produced NaN or infinite samples; the message names the evaluation, its sigma and the seed."""
 

@@ -42,9 +42,12 @@ from samplers import SolverTable, baselines, make_noise, sample
 from .base import ConfigError, SkipPoint, as_list, resolve_path
 from .evaluate import Judge, evaluate_jobs, load_model
 from .evaluate import validate as validate_evaluate
+from .keys import Key, count
 from .paths import path_inside, slug
 from .seeds import FIT_SEED_OFFSET, seed_range
 
+KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+    "substeps": count(10_000), "ridge": Key("num", 0), "n_fit": count(10**8), "fit_batch_size": count(10**6)}
 VARIANTS = {"edm": "heun", "ddim": "euler", "dpmpp": "dpmpp_2m", "generic": None, "full": None, "free": None}
 TARGETS = ("step", "trajectory")
 

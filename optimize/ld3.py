@@ -50,10 +50,14 @@ from samplers.table import first_nonfinite
 from .base import ConfigError, as_list
 from .evaluate import Judge, evaluate_jobs, load_model
 from .evaluate import validate as validate_evaluate
+from .keys import Key, count
 from .results import plot_sigmas
 from .runs import NaNLossError, compare_tables
 from .seeds import FIT_SEED_OFFSET, seed_range
 
+KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+    "n_train": count(10**6), "n_valid": count(10**6), "rounds_v1": count(1000), "rounds_v2": count(1000, low=0),
+    "ld3_batch_size": count(10**6), "patience": count(10**6), "window": Key("num", 0, 0.999)}
 BASES = ("unipc", "dpmpp_2m", "dpmpp_3m", "ipndm", "euler")  # one evaluation per step
 FD_STEP = 1e-6  # central-difference step in log sigma for the coefficient Jacobian
 

@@ -54,6 +54,7 @@ from .classifier import CLASSIFIER_FORMAT, load_classifier
 from .dsno import one_step_table as table
 from .evaluate import draw, evaluate, format_table, load_model, write_results
 from .judge import REAL_N, Judge, feature_maps
+from .keys import Key, count, rate
 from .results import add_paired_columns, verdict
 from .runs import (
     NaNLossError,
@@ -64,6 +65,9 @@ from .runs import (
     trainer_parts,
 )
 
+KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+    "stages": count(8), "base_steps": count(10**8), "encode_steps": count(100_000, low=2), "d_lr": rate(),
+    "pixel_weight": Key("num", 0)}
 PATCH_RESOLUTIONS = (8, 16, 32)  # optimize.data.patches
 PATCH_CHANNELS = 3  # the patches are RGB
 

@@ -29,7 +29,10 @@ from samplers.nets import build_net, save_net
 from . import data
 from .base import ConfigError, resolve_path
 from .checkpoints import pick_resume, resume_path
+from .keys import Key, rate
 from .runs import NaNLossError, TrainingModule, step_batch_index, ticks, trainer_parts
+
+KEYS = {"p_mean": Key("num"), "p_std": rate()}  # this method's typed keys (optimize.keys; shared ones are declared there)
 
 
 def sample_sigma(n: int, p_mean: float = -1.2, p_std: float = 1.2, generator: torch.Generator | None = None,

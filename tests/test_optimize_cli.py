@@ -23,8 +23,36 @@ def test_help_lists_methods_and_keys(argv: list[str], capsys: pytest.CaptureFixt
     main(argv)
     out = capsys.readouterr().out
     assert f"methods: {', '.join(methods())}" in out and {"evaluate", "teacher"} <= set(methods())
-    for key in ("model=", "solver=", "nfe=", "sigma_min", "table=PATH", "-m/--multirun"):
+    assert "  teacher   EDM training (optimize.teacher), EMA weights exported" in out  # each method's summary line
+    for key in ("model=NAME", "solver=dpmpp_2m", "nfe=8", "sigma_min=", "seed=0 [a non-negative integer]", "-m/--multirun"):
         assert key in out
+
+
+def test_method_help_lists_its_keys_with_default_bounds_and_meaning(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m optimize ld3 --help``: ld3's own keys (declared in optimize/ld3.py KEYS and conf/method/ld3.yaml),
+    then those of evaluate, whose config ld3's includes; no other method's keys."""
+    main(["ld3", "--help"])
+    out = capsys.readouterr().out
+    own, inherited = out.index("ld3 keys (conf/method/ld3.yaml):"), out.index("evaluate keys (conf/method/evaluate.yaml):")
+    assert own < inherited
+    assert "  n_train=50 [a positive integer (at most 1000000)]\n      training noises" in out[own:inherited]
+    assert "  window=0.5 [in [0, 0.999]]" in out[own:inherited]
+    assert "  ref_nfe=255 [a positive integer (at most 100000)]" in out[inherited:]
+    assert "family=" not in out and "M=4" not in out  # ddss's and dsno's keys are theirs
+    main(["dsno", "--help"])
+    assert "  M=4 [a positive integer (at most 4096)]" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate", "--help"])
+    assert exc.value.code == 2 and "unknown method 'frobnicate'" in capsys.readouterr().err
+
+
+def test_keys_come_from_the_method_and_its_included_configs() -> None:
+    from optimize.keys import SHARED, inherited, method_keys
+
+    assert inherited("iia") == ["evaluate", "iia"] and inherited("ddss") == ["ddss"]
+    iia = method_keys("iia")
+    assert {"substeps", "tune_n", "steps"} <= set(iia) and "M" not in iia  # its own, evaluate's, the shared ones
+    assert method_keys("dsno")["M"].high == 4096 and SHARED["lr"].positive
 
 
 @pytest.mark.parametrize(
