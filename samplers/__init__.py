@@ -4,14 +4,14 @@
 """
 
 from . import baselines, denoisers, schedules
-from .table import FORMAT_VERSION, SolverTable, TableError, make_noise, sample
-
-__version__ = "0.1.0"
+from .table import FORMAT_VERSION, SolverTable, TableError, TableRun, make_noise, sample
+from .version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
     "SolverTable",
     "TableError",
+    "TableRun",
     "baselines",
     "denoisers",
     "make_noise",

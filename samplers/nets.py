@@ -21,8 +21,13 @@ import os
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+
+from .artifact import atomic_save, package_version, read_header, short_error
+from .denoisers import EDMPrecond, InputScaled
 
 NET_FORMAT = "samplers.net"
 NET_FORMAT_VERSION = 1
@@ -481,8 +486,6 @@ def build_net(config: dict) -> nn.Module:
 
 def save_net(net: nn.Module, config: dict, path: str, extra_metadata: dict | None = None) -> str:
     """Write ``net``'s weights and ``config`` (JSON in the header) atomically to ``path``."""
-    from .artifact import atomic_save, package_version
-
     cfg = full_config(config)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     header = {
@@ -496,7 +499,6 @@ def save_net(net: nn.Module, config: dict, path: str, extra_metadata: dict | Non
 
 def read_net_header(path: str) -> tuple[dict, dict]:
     """``(config, metadata)`` from a network file's header, without loading the weights."""
-    from .artifact import read_header
 
     if not os.path.isfile(path):
         raise NetError(f"{path}: no such network file.")
@@ -517,10 +519,6 @@ def read_net_header(path: str) -> tuple[dict, dict]:
 
 def load_net(path: str) -> tuple[nn.Module, dict]:
     """Rebuild the network stored at ``path`` and load its weights (strict); returns ``(net, config)``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .artifact import short_error
 
     config, _ = read_net_header(path)
     try:
@@ -547,8 +545,6 @@ def load_denoiser(path: str, device: torch.device | str | None = None) -> nn.Mod
     the same but for a generator that grows, ``output_shape``) and ``max_nfe`` (1 for a one-step student's
     ONE_STEP_ARCHS, else None: the tables it serves, checked by ``SolverTable.check_for``) attributes.
     """
-    from .denoisers import EDMPrecond, InputScaled
-
     net, config = load_net(path)
     precond = config.get("precond", "edm")
     wrappers = {"edm": EDMPrecond, "input": InputScaled}

@@ -9,12 +9,17 @@ loop with it, and the diffusers scheduler one ``step`` per call.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .artifact import FORMAT_NAME, TableError, atomic_save, check_readable, package_version, read_header, short_error
 
 FORMAT_VERSION = 1
 MAX_SIGMA = 1e4  # largest sigma for a model that does not state its range (beyond it float32 sampling overflows)
@@ -23,10 +28,6 @@ MAX_COEF = 1e12  # largest |coefficient| a table file may hold (classic solvers 
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]
-
-
-class TableError(ValueError):
-    """A table (or a file holding one) is not valid; the message is one sentence."""
 
 
 def _as_float64(value: Any, name: str) -> torch.Tensor:
@@ -180,15 +181,11 @@ class SolverTable:
     # --- persistence (see artifact.py) -------------------------------------------------------
     def save(self, path: str) -> str:
         """Write atomically as safetensors + JSON metadata; returns the path."""
-        from .artifact import save_table
-
         return save_table(self, path)
 
     @classmethod
     def load(cls, path: str, fingerprint: str | None = None) -> "SolverTable":
         """Load and validate; with ``fingerprint`` also check the table was made for that model."""
-        from .artifact import load_table
-
         return load_table(path, fingerprint=fingerprint)
 
     def __repr__(self) -> str:
@@ -412,3 +409,75 @@ def make_noise(
     if not draws:
         raise ValueError("make_noise needs at least one seed.")
     return torch.stack(draws, dim=1).to(device=device, dtype=dtype)
+
+
+# --- table files (safetensors + JSON metadata; atomic writes, every failure one TableError sentence) ---
+def save_table(table: SolverTable, path: str) -> str:
+    """Write ``table`` to ``path``; metadata gains format_version, nfe and package_version."""
+    table.validate().check_values()  # never write a file that load_table would refuse
+    meta: dict[str, Any] = {**table.metadata}
+    meta.update(format_version=FORMAT_VERSION, nfe=table.nfe, n_noise=table.n_noise)
+    meta.setdefault("package_version", package_version())
+    try:
+        meta_json = json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TableError(f"table metadata must be JSON-serialisable ({err}).") from None
+    tensors = {
+        "sigmas": table.sigmas.detach().to("cpu", torch.float64).contiguous(),
+        "coef": table.coef.detach().to("cpu", torch.float64).contiguous(),
+    }
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "metadata": meta_json}
+    return atomic_save(tensors, path, header)
+
+
+TABLE_TENSORS = ("sigmas", "coef")
+
+
+def check_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """sigmas and coef present and stored as float64 (what save_table writes)."""
+    missing = set(TABLE_TENSORS) - set(tensors)
+    if missing:
+        raise TableError(f"{path}: missing tensor(s) {', '.join(sorted(missing))}.")
+    for name in TABLE_TENSORS:
+        dtype = tensors[name].dtype
+        if dtype != torch.float64:
+            raise TableError(f"{path}: tensor {name} is {str(dtype).replace('torch.', '')}; a table stores float64.")
+
+
+def load_table(path: str, fingerprint: str | None = None) -> SolverTable:
+    """Load and validate a table file; with ``fingerprint`` check it was made for that model."""
+    check_readable(path)
+    header = read_header(path)
+    if header.get("format") != FORMAT_NAME:
+        raise TableError(f"{path}: not a solver table (format {header.get('format')!r}, expected {FORMAT_NAME!r}).")
+    version = header.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise TableError(
+            f"{path}: table format version {version} is not supported (this package reads version {FORMAT_VERSION})."
+        )
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise TableError(f"{path}: truncated or corrupt table file ({short_error(err)}).") from None
+    try:
+        metadata = json.loads(header.get("metadata", "{}"))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise TableError(f"{path}: metadata is not valid JSON ({getattr(err, 'msg', 'too deeply nested')}).") from None
+    if not isinstance(metadata, dict):
+        raise TableError(f"{path}: metadata must be a JSON object, got {type(metadata).__name__}.")
+    check_tensors(path, tensors)
+    try:
+        table = SolverTable(tensors["sigmas"], tensors["coef"], metadata).check_values()
+    except TableError as err:
+        raise TableError(f"{path}: {err}") from None
+    for key, actual in (("nfe", table.nfe), ("n_noise", table.n_noise)):
+        stated = metadata.get(key)
+        if stated is not None and (isinstance(stated, bool) or stated != actual):
+            raise TableError(f"{path}: metadata says {key} {stated!r}, but the tensors have {key} {actual}.")
+    if fingerprint is not None:
+        made_for = metadata.get("model_fingerprint")
+        if made_for is not None and made_for != fingerprint:
+            raise TableError(
+                f"{path}: made for model fingerprint {made_for}, but the model in use has fingerprint {fingerprint}."
+            )
+    return table
