@@ -55,9 +55,8 @@ from samplers.table import FORMAT_VERSION
 
 from .base import ConfigError, as_list, resolve_path
 from .checkpoints import pick_resume, resume_path
-from .evaluate import Judge, evaluate, format_table, reference_solve, write_results
+from .evaluate import Judge, evaluate_jobs
 from .keys import count
-from .metrics import ReferenceCache
 from .runs import (
     NaNLossError,
     TrainingModule,
@@ -453,18 +452,8 @@ def run(cfg: Any) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     if cfg.evaluate_at_end:
         judge = Judge.for_model(cfg.model, model.shape, "cpu", n_boot=int(cfg.n_boot))
-        seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.n)))
-        cache = ReferenceCache(str(resolve_path(str(cfg.ref_cache_dir))))
-        ref = reference_solve(model, float(cfg.sigma_max), float(cfg.sigma_min), seeds, cache, str(cfg.ref_solver), int(cfg.ref_nfe),
-                              batch_size=int(cfg.eval_batch_size))
-        jobs = [("dsno", student, SolverTable.load(table_path, fingerprint=student.fingerprint()))]
+        jobs = [("dsno", SolverTable.load(table_path, fingerprint=student.fingerprint()), {"_denoiser": student})]
         for nfe in as_list(cfg.compare_nfe):
-            jobs += [(label, model.denoiser, table) for label, table in compare_tables(cfg, as_list(cfg.compare), int(nfe))]
-        for label, den, table in jobs:
-            r = evaluate(den, table, judge=judge, shape=model.shape, seeds=seeds, reference=ref, dtype=model.dtype,
-                         batch_size=int(cfg.eval_batch_size))
-            r.pop("samples")
-            rows.append({"method": label, "model": model.name, **r})
-        print(format_table(rows))
-        write_results(rows, out_dir, cfg)
+            jobs += [(label, table, {}) for label, table in compare_tables(cfg, as_list(cfg.compare), int(nfe))]
+        rows = evaluate_jobs(cfg, model, judge, jobs, batch_size=int(cfg.eval_batch_size))
     return {"student": student_path, "table": table_path, "rows": rows, "train_seconds": train_seconds, "data_seconds": data_seconds}

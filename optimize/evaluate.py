@@ -29,7 +29,7 @@ from .keys import count
 from .metrics import ReferenceCache, reference_rmse
 from .models import Model, load_model  # noqa: F401 - re-exported
 from .paths import path_inside, slug
-from .results import format_table, log_wandb, plot_quality, read_results, save_samples, write_results  # noqa: F401
+from .results import format_table, log_wandb, plot_quality, public, read_results, save_samples, write_results  # noqa: F401
 from .seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range
 
 # --- sampling and evaluation -----------------------------------------------------------------
@@ -201,7 +201,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(m.n_boot))
     jobs: list[tuple[str, SolverTable, dict[str, Any]]] = []
     for label, table in _tables(cfg, model.fingerprint):
-        check_table_for(table, model, str(cfg.table or label))
+        check_table_for(table, model.denoiser, str(cfg.table or label))
         if m.table:
             jobs.append((label, table, {}))
             continue
@@ -212,10 +212,10 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     return evaluate_jobs(cfg, model, judge, jobs)
 
 
-def check_table_for(table: SolverTable, model: Model, name: str) -> None:
-    """ConfigError unless ``table`` suits the model (sigmas in its range, a one-step student's table size)."""
+def check_table_for(table: SolverTable, denoiser: Any, name: str) -> None:
+    """ConfigError unless ``table`` suits the denoiser (sigmas in its range, a one-step student's table size)."""
     try:
-        table.check_for(model.denoiser)
+        table.check_for(denoiser)
     except TableError as err:
         raise ConfigError(f"{name}: {err}") from None
 
@@ -223,8 +223,10 @@ def check_table_for(table: SolverTable, model: Model, name: str) -> None:
 def evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, SolverTable, dict[str, Any]]],
                   batch_size: int | None = None) -> list[dict[str, Any]]:
     """Score every (label, table, extra columns) on the evaluation seeds (paired), print the table and write
-    results.csv/json, sample grids and (several NFE) the quality-vs-NFE plot to ``cfg.out_dir``. Labels become
-    safe file names (``optimize.paths.slug``); a non-finite sample is one ConfigError naming where it appeared."""
+    results.csv/json, sample grids and (several NFE) the quality-vs-NFE plot to ``cfg.out_dir``. A job's extra columns
+    may hold ``_denoiser``, another denoiser for that row (a distilled student beside its teacher's classics). Labels
+    become safe file names (``optimize.paths.slug``); a non-finite sample is one ConfigError naming where it appeared.
+    The one evaluation loop of every command (evaluate, iia, ld3, ddss, dsno)."""
     try:
         return _evaluate_jobs(cfg, model, judge, jobs, batch_size)
     except NonFiniteSamples as err:
@@ -238,12 +240,12 @@ def _evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, S
     out_dir = str(cfg.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     seeds = seed_range(EVAL_SEED_OFFSET, int(cfg.seed), int(m.n))
-    cache = ReferenceCache(str(resolve_path(str(m.cache_dir))))
+    cache = ReferenceCache(str(resolve_path(str(m.get("cache_dir") or m.ref_cache_dir))))
     rows: list[dict[str, Any]] = []
     samples_by_row: list[tuple[str, torch.Tensor]] = []  # written once every row has sampled (a failure writes none)
     refs: dict[float, torch.Tensor] = {}
     for label, table, info in jobs:
-        check_table_for(table, model, label)
+        check_table_for(table, info.get("_denoiser", model.denoiser), label)
     for label, table, info in jobs:
         s0 = start_sigma(table)
         if table.metadata.get("teacher_fingerprint") not in (None, model.fingerprint):
@@ -254,12 +256,12 @@ def _evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, S
                                            int(m.ref_nfe), device, batch)
             except NonFiniteSamples as err:
                 raise NonFiniteSamples(f"the reference solve ({m.ref_solver}, {m.ref_nfe} NFE): {err}") from None
-        r = evaluate(model.denoiser, table, judge=judge, shape=model.shape, seeds=seeds, reference=refs.get(s0),
-                     dtype=model.dtype, device=device, batch_size=batch)
+        r = evaluate(info.get("_denoiser", model.denoiser), table, judge=judge, shape=model.shape, seeds=seeds,
+                     reference=refs.get(s0), dtype=model.dtype, device=device, batch_size=batch)
         samples = r.pop("samples")
-        row = {"method": label, "model": model.name, **r, **info}
+        row = {"method": label, "model": model.name, **r, **public(info)}
         rows.append(row)
-        samples_by_row.append((f"samples-{slug(label)}-nfe{table.nfe}.png", samples[: int(m.grid)]))
+        samples_by_row.append((f"samples-{slug(label)}-nfe{table.nfe}.png", samples[: int(m.get("grid", 64))]))
     print(format_table(rows))
     writes = [(name, lambda g=grid, p=path_inside(out_dir, name): save_samples(g, p)) for name, grid in samples_by_row]
     writes.append(("results.csv and results.json", lambda: write_results(rows, out_dir, cfg)))
