@@ -30,7 +30,7 @@ from samplers.table import MAX_SIGMA
 from .base import CONF_DIR, REPO, ConfigError, SkipPoint, as_list, resolve_path  # noqa: F401 - re-exported for callers
 from .checkpoints import CheckpointUnreadable, _explicit_path, _flag, _is_true, readable_checkpoint
 from .keys import method_keys
-from .models import check_model_keys, check_model_spec
+from .models import check_model_keys, check_model_spec, check_needs_data
 from .seeds import RANGE
 from .usage import help_text
 
@@ -199,6 +199,7 @@ def validate(cfg: DictConfig) -> None:
         check_model_spec(cfg)  # a user's model, data or feature nets (fills the sigma range from a diffusers model)
     else:
         check_model_keys(cfg.model)
+        check_needs_data(cfg)
     check_typed(cfg)
     smin, smax = _check_number(cfg, "sigma_min"), _check_number(cfg, "sigma_max")
     if not 0 < smin < smax:

@@ -23,11 +23,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import data as datasets
+from samplers.models import describe, import_target
+
 from .base import ConfigError, as_list, resolve_path
 from .classifier import CLASSIFIER_FORMAT, load_classifier
 from .folder_data import load_folder
 from .metrics import N_BOOT, FDReference, fd_estimate, kid_estimate, sliced_wasserstein
-from .models import describe, import_target
 
 REAL_N = 2000  # draws of the reference distribution for synthetic data (gmm, toy2d, shapes)
 Features = Callable[[torch.Tensor], torch.Tensor]
@@ -134,9 +135,11 @@ def _feature_target(entry: Any, device: str) -> Features:
     """``function()`` of a callable entry: a feature map ``f(x [B, *shape]) -> [B, D]`` (a torch module is put on the
     device in eval mode)."""
     try:
-        fn = import_target(str(entry), "features")()
-    except ConfigError:
-        raise
+        target = import_target(str(entry), f"features={entry}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        fn = target()
     except BaseException as err:  # user code: an exception, sys.exit or KeyboardInterrupt is one error line
         raise ConfigError(f"features: {entry} raised {describe(err)}.") from None
     if isinstance(fn, torch.nn.Module):

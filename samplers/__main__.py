@@ -2,6 +2,7 @@
 
     python -m samplers generate --solver dpmpp_2m --nfe 10 --model gmm --n 64 --out out/
     python -m samplers generate --table iia.safetensors --model edm:teacher.safetensors --out out/
+    python -m samplers generate --table t.safetensors --model diffusers:DIR --label 1 --guidance 3 --out out/
     torchrun --nproc_per_node=4 -m samplers generate --solver heun --nfe 35 --model edm:PATH --num-samples 50000 --out out/
     python -m samplers info iia.safetensors
 
@@ -39,13 +40,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import __version__, baselines, denoisers, models, nets
-from .artifact import atomic_write_bytes
+from . import __version__, baselines, models, nets
+from .artifact import atomic_write_bytes, read_header
 from .images import write_png_grid
 from .table import MAX_SIGMA, SolverTable, TableError, first_nonfinite, make_noise, sample
-
-SHIPPED_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "edm-digits.safetensors")
-
 
 class UserError(Exception):
     """A bad command line or input file; printed as one ``error:`` line, exit status 2."""
@@ -74,8 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--eta", type=float, default=None, help="ddim stochasticity in [0, 1]")
     src.add_argument("--order", type=int, default=None, help="unipc order (1-3), ipndm max order (1-4) or tada Adams-Bashforth order (1-3)")
     src.add_argument("--detail", type=float, default=None, help="tada only: velocity prior variance k > 0 (default 1)")
-    gen.add_argument("--model", default="gmm", help="gmm | gmm-ring | edm (the shipped digits teacher) | edm:PATH | diffusers:DIR (default gmm, 1x8x8)")
-    gen.add_argument("--label", type=int, default=None, help="class label for class-conditional nets")
+    mod = gen.add_argument_group("model (samplers.models.load: the spec optimize's model configs map onto)")
+    mod.add_argument("--model", default="gmm", help=f"{models.SPECS} (default gmm, 1x8x8)")
+    mod.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
+                     help='keyword arguments of a callable: target or of gmm / gmm-ring, e.g. \'{"std": 0.5}\'')
+    mod.add_argument("--label", type=int, default=None, help="class-conditional nets: one class for every sample ...")
+    mod.add_argument("--label-weights", type=_numbers, default=None, metavar="P0,P1,...",
+                     help="... or a distribution over classes (assigned by position in each batch)")
+    mod.add_argument("--guidance", type=float, default=None, metavar="W",
+                     help="classifier-free guidance scale w: D_u + w (D_c - D_u) towards the label")
+    mod.add_argument("--null-label", type=int, default=None, metavar="K",
+                     help="the net's null (unconditional) class for --guidance (default: its last class)")
     gen.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
                      help="number of samples (default 64); under torchrun spell it --num-samples (torchrun rejects --n)")
     gen.add_argument("--batch-size", type=int, default=256, help="samples per batch (default 256)")
@@ -92,53 +99,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --- model and table ---------------------------------------------------------------------------
-def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, tuple[int, ...], str | None]:
-    """``(denoiser, sample shape, fingerprint)`` for a ``--model`` spec.
-
-    The fingerprint is taken before the weights are cast to ``dtype``, so a table fitted to a model
-    is accepted whatever dtype it is later run in.
-    """
-    kind, _, arg = spec.partition(":")
-    if spec == "edm":  # the shipped digits teacher
-        kind, arg = "edm", str(SHIPPED_TEACHER)
-    if spec in ("gmm", "gmm-ring"):
-        gmm = denoisers.GaussianMixture.random() if spec == "gmm" else denoisers.GaussianMixture.ring()
-        return gmm, tuple(gmm.shape), gmm.fingerprint()
-    if kind == "edm" and arg:
-        try:
-            model = nets.load_denoiser(arg)
-        except (nets.NetError, OSError) as err:
-            raise UserError(str(err)) from None
-        fingerprint = model.fingerprint()
-        return model.to(device=device, dtype=dtype), tuple(model.shape), fingerprint
-    if kind == "diffusers" and arg:
-        try:  # every check of samplers.models.diffusers_spec first, then the weights (ValueError sentences)
-            model = models.load_diffusers(arg, device=device)
-        except (ValueError, OSError, ImportError) as err:
-            raise UserError(f"--model {spec}: {' '.join(str(err).split())}") from None
-        fingerprint = model.fingerprint()
-        return model.to(dtype=dtype), tuple(model.shape), fingerprint
-    raise UserError(f"unknown model {spec!r}; valid: gmm, gmm-ring, edm, edm:PATH, diffusers:DIR.")
+def _numbers(text: str) -> list[float]:
+    """``--label-weights 0.5,0.5``: comma-separated numbers (checked against the net by samplers.models)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.5,0.5, got {text!r}") from None
 
 
-def check_label(model: Any, label: int | None) -> None:
-    """``--label`` needs a class-conditional net and a label in its range; a class-conditional diffusers net needs one."""
-    unet_config = getattr(getattr(model, "model", None), "config", None)
-    if unet_config is not None:  # diffusers UNet2DModel: the check optimize makes (samplers.models.check_labels)
-        try:
-            models.check_labels(getattr(unet_config, "num_class_embeds", None), getattr(unet_config, "class_embed_type", None),
-                                label=label, prefix="--", net="this diffusers net", how="add --label K")
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        return
-    if label is None:
-        return
-    config = getattr(model, "config", None)
-    classes = config.get("num_classes", 0) if isinstance(config, dict) else 0
-    if classes <= 0:
-        raise UserError(f"--label {label} needs a class-conditional model; this one is unconditional.")
-    if not 0 <= label < classes:
-        raise UserError(f"--label must be in 0..{classes - 1} for this model, got {label}.")
+def _json_object(text: str) -> dict[str, Any]:
+    """``--model-kwargs '{"std": 0.5}'``: a JSON object."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"std\": 0.5}}', got {text[:80]!r}")
+    return value
+
+
+def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> models.Loaded:
+    """The ``--model`` spec with its label, guidance and keyword options, as ``python -m optimize`` loads the same
+    model (``samplers.models.load``: the same checks, denoiser and fingerprint). The fingerprint is taken before the
+    weights are cast to ``dtype``, so a table fitted to a model is accepted whatever dtype it is later run in."""
+    try:
+        return models.load(args.model, device=device, dtype=dtype, label=args.label, label_weights=args.label_weights,
+                           guidance=args.guidance, null_label=args.null_label, kwargs=args.model_kwargs)
+    except ValueError as err:
+        raise UserError(" ".join(str(err).split())) from None
 
 
 def make_table(args: argparse.Namespace, model: Any, fingerprint: str | None) -> SolverTable:
@@ -467,17 +455,16 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
     out_parent = check_out(args)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     device = _device(args.device, world, local_rank)
-    model, shape, fingerprint = load_model(args.model, device, dtype)
-    check_label(model, args.label)
+    loaded = load_model(args, device, dtype)
+    model, shape, out_shape, fingerprint = loaded.denoiser, loaded.shape, loaded.out_shape, loaded.fingerprint
     check_sigmas(args, model)
     table = make_table(args, model, fingerprint)
-    out_shape = tuple(getattr(model, "out_shape", shape))  # a generator may return another shape (PaGoDA: 8 -> 32 px)
     check_memory(args.n, min(args.batch_size, args.n), max(shape, out_shape, key=math.prod), table, dtype, device,
                  out_parent, rank)
     identity = run_identity(args, table, fingerprint, shape, device)
     partial = partial_dir(args.out)
     shards = open_partial(partial, identity, args.resume, args.overwrite, rank)
-    cond_label = args.label
+    cond_label = args.label  # recorded; the denoiser applies the label (and guidance) itself
 
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -500,10 +487,9 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
         with torch.inference_mode():
             for j in bar:
                 noise = make_noise(table, shape, batches[j], dtype=dtype, device=device)
-                cond = None if cond_label is None else torch.full((len(batches[j]),), cond_label, device=device)
-                x = sample(table, model, noise, cond=cond)
+                x = sample(table, model, noise)
                 if not bool(torch.isfinite(x).all()):  # one check per batch, after the loop
-                    where, b = first_nonfinite(table, model, noise, cond)
+                    where, b = first_nonfinite(table, model, noise)
                     failure = (f"samples became NaN or infinite at {where}, first for seed {batches[j][b]} (batch of seeds "
                                f"{batches[j][0]}..{batches[j][-1]}); "
                                f"the table, its sigma range or the network is unusable here (nothing of this batch was written).")
@@ -569,8 +555,6 @@ def _command_of(argv: Sequence[str]) -> list[str]:
 
 def info(path: str) -> int:
     """Print a table file's metadata and shape summary (or a network file's config)."""
-    from .artifact import read_header
-
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file.")
     try:

@@ -1,24 +1,31 @@
-"""Model checks shared by ``python -m samplers generate`` and ``python -m optimize``: plain functions that raise
-ValueError with one sentence (each CLI wraps it into its own one-line error), and a watchdog wrapper for denoiser calls.
+"""One model spec for ``python -m samplers generate`` and ``python -m optimize``: ``load(spec, ...)`` turns a spec
+(``gmm``, ``gmm-ring``, ``edm:PATH``, ``diffusers:DIR``, ``callable:package.module:function``, a shipped name) with its
+label / label weights / guidance options into a denoiser with ONE fingerprint; optimize's model configs map onto it
+(``optimize.models.model_spec``). The checks are plain functions that raise ValueError with one sentence (each CLI
+wraps it into its own one-line error):
 
 - ``check_sample_shape``: a sample shape of positive integers within ``MAX_SAMPLE_ELEMENTS``, before anything of that
   shape is allocated;
 - ``diffusers_spec``: everything checkable about a LOCAL diffusers folder without building its net (layout, class,
   safetensors weights, prediction type, time embedding, channels, sample size, a usable noise schedule), and that the
   weights fit the net the config describes (laid out on the meta device, which allocates nothing);
-- ``check_labels``: class conditioning of a net against the label / label weights / guidance asked for;
-- ``WatchedDenoiser``: times the first call (a ``note:`` line on stderr) and stops a call longer than ``timeout_s``.
+- ``check_labels``: class conditioning of a net against the label / label weights / guidance asked for, options
+  spelled as each CLI spells them (``Names``); ``LabelDenoiser`` / ``conditioned`` fix the labels and guidance;
+- ``call_target``: a user's ``function(**kwargs) -> (denoiser, shape)``, imported, called and test-called once;
+- ``WatchedDenoiser``: times the first call (a ``note:`` line) and stops a call longer than ``timeout_s``.
 
 - ``alphas_cumprod_of`` and ``load_diffusers``: a scheduler config's noise schedule, and a diffusers folder as a
-  ``VPDenoiser`` (what ``generate --model diffusers:DIR``, ``optimize model=diffusers`` and ``TableScheduler`` use).
+  ``VPDenoiser`` (what ``load``'s ``diffusers:DIR`` and ``TableScheduler`` use).
 
 Only torch, numpy and safetensors are imported at import time; diffusers (an optional dependency) is imported inside
-the functions that need it.
+the functions that need it, and a callable target's module when it is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -35,7 +42,9 @@ import torch
 from safetensors import safe_open
 
 from .artifact import short_error
-from .denoisers import PREDICTION_TYPES, VPDenoiser, check_alphas_cumprod, finite_alphas_cumprod
+from .denoisers import (PREDICTION_TYPES, CFGDenoiser, GaussianMixture, InnerRange, VPDenoiser, _module_fingerprint,
+                        check_alphas_cumprod, finite_alphas_cumprod, fingerprint_tensors)
+from .nets import load_denoiser
 
 # Numbers in ONE sample: 2^26 (64 Mi, 256 MiB in float32). A batch of a few such samples plus a network's activations
 # already fills a large GPU; a shape beyond it is a typo or a hostile config, refused before any tensor of it exists.
@@ -48,6 +57,7 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
                  "rescale_betas_zero_snr")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")  # DDPMScheduler's
 MAX_TRAIN_TIMESTEPS = 100_000  # a sanity bound before diffusers allocates the schedule
+REPO = Path(__file__).resolve().parents[1]  # a repository checkout: shipped checkpoints, examples
 
 
 def check_sample_shape(shape: Any) -> tuple[int, ...]:
@@ -301,36 +311,120 @@ def check_diffusers_weights(unet_dir: Path, ucfg: dict) -> None:
 
 
 # --- class conditioning ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Names:
+    """How a CLI spells the model options in its one-line errors: ``generate``'s ``--label-weights`` (the default)
+    or ``optimize``'s ``model.label_weights``; ``kwargs`` precedes the name of one keyword argument of the spec
+    (``--model-kwargs shape``, or ``model.shape`` for optimize's gmm keys, ``renamed`` mapping ``seed`` to its
+    ``model_seed``), and ``how`` says how to give a label."""
+
+    prefix: str = "--"
+    kwargs: str = "--model-kwargs "
+    how: str = "add --label K or --label-weights P0,P1,... (one of them)"
+    renamed: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, key: str) -> str:
+        """The option ``key`` (``label_weights``) as this CLI spells it."""
+        return f"--{key.replace('_', '-')}" if self.prefix == "--" else f"{self.prefix}{key}"
+
+    def kwarg(self, key: str) -> str:
+        """The keyword argument ``key`` of the spec as this CLI spells it."""
+        return self.kwargs + dict(self.renamed).get(key, key)
+
+
 def check_labels(classes: int | None, embed_type: Any = None, *, label: Any = None, label_weights: Sequence[Any] | None = None,
-                 guidance: Any = None, null_label: Any = None, prefix: str = "model.", net: str = "the net",
-                 how: str = "set exactly one of model.label=K or model.label_weights=[p_0, ...]") -> None:
-    """A net with ``classes`` class embeddings (None: unconditional) against the label (or label weights) and
-    guidance asked for; option names are ``prefix + name`` and ``how`` says how to give a label."""
+                 guidance: Any = None, null_label: Any = None, names: Names = Names(), net: str = "this net",
+                 required: bool = True) -> None:
+    """A net with ``classes`` class embeddings (None or 0: unconditional) against the label (or label weights),
+    guidance scale and null class asked for, options spelled by ``names``. A ``required`` label (diffusers nets
+    take no unconditional call) must be given; guidance always needs one (it guides towards it)."""
     if not classes:
         if embed_type is not None:
             raise ValueError(f"class_embed_type {embed_type!r} of {net} is not supported (only num_class_embeds).")
-        for key, v in (("label", label), ("label_weights", label_weights), ("guidance", guidance)):
+        for key, v in (("label", label), ("label_weights", label_weights), ("guidance", guidance), ("null_label", null_label)):
             if v is not None:
-                raise ValueError(f"{prefix}{key} is set, but {net} is not class-conditional (no num_class_embeds).")
+                raise ValueError(f"{names(key)} is set, but {net} is not class-conditional.")
         return
     classes = int(classes)
-    if (label is None) == (label_weights is None):
-        raise ValueError(f"{net} is class-conditional ({classes} class embeddings): {how}.")
+    given = (label is not None) + (label_weights is not None)
+    if given == 2 or (given == 0 and (required or guidance is not None)):
+        raise ValueError(f"{net} is class-conditional ({classes} class embeddings): {names.how}.")
     if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes):
-        raise ValueError(f"{prefix}label must be an integer in [0, {classes}), got {label!r}.")
+        raise ValueError(f"{names('label')} must be an integer in [0, {classes}), got {label!r}.")
     if label_weights is not None:
         w = list(label_weights)
         ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in w)
         if not ok or not w or len(w) > classes or sum(w) <= 0:
-            raise ValueError(f"{prefix}label_weights must be 1..{classes} non-negative numbers with a positive sum, got {w!r}.")
+            raise ValueError(f"{names('label_weights')} must be 1..{classes} non-negative numbers with a positive sum, "
+                             f"got {w!r}.")
+    if guidance is None:
+        if null_label is not None:
+            raise ValueError(f"{names('null_label')} is set without {names('guidance')}; the null class is used only "
+                             f"for guidance.")
+        return
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(f"{names('guidance')} must be a number (the CFG scale w) or null, got {guidance!r}.")
+    null = classes - 1 if null_label is None else null_label
+    if isinstance(null, bool) or not isinstance(null, int) or not 0 <= null < classes:
+        raise ValueError(f"{names('null_label')} must be an integer in [0, {classes}) naming the net's null class, "
+                         f"got {null!r}.")
+    if label == null:
+        raise ValueError(f"{names('label')}={label} is the null class used for guidance; pick another label.")
+
+
+class LabelDenoiser(InnerRange, torch.nn.Module):
+    """A class-conditional denoiser with its labels fixed: one class, or a distribution over classes assigned by
+    position in the batch (a stratified golden-ratio sequence ``u_i = (i phi^-1 + 1/2) mod 1`` looked up in the
+    weights' CDF, so every batch carries the distribution; a sample's label depends on its position, so keep batch
+    boundaries fixed when pairing runs). With guidance its inner denoiser is a ``CFGDenoiser``.
+
+    Its fingerprint hashes the base model's with the label (or the CDF) and the guidance settings (``extra``): a
+    table learned for one class or one guidance scale is refused for another."""
+
+    def __init__(self, denoiser: Any, label: int | None = None, weights: Sequence[float] | None = None,
+                 extra: dict | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.label = label
+        self.cdf = None if weights is None else torch.tensor(weights, dtype=torch.float64).cumsum(0) / float(sum(weights))
+        self.extra = dict(extra or {})
+
+    @property
+    def max_nfe(self) -> int | None:
+        """The inner model's table-size limit (a one-step student's), for ``SolverTable.check_for``."""
+        return getattr(self.denoiser, "max_nfe", None)
+
+    def labels(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The ``batch`` labels of one batch (int64)."""
+        if self.cdf is None:
+            return torch.full((batch,), int(self.label), dtype=torch.long, device=device)
+        u = (torch.arange(batch, dtype=torch.float64) * 0.6180339887498949 + 0.5) % 1.0
+        return torch.searchsorted(self.cdf, u).clamp(max=len(self.cdf) - 1).to(device)
+
+    def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
+        """The inner denoiser with this batch's labels (a ``cond`` given by the caller wins)."""
+        return self.denoiser(x, sigma, self.labels(x.shape[0], x.device) if cond is None else cond)
+
+    def fingerprint(self) -> str:
+        cdf = None if self.cdf is None else [round(float(c), 12) for c in self.cdf]
+        return fingerprint_tensors({}, config={"base": self.denoiser.fingerprint(), "label": self.label, "cdf": cdf,
+                                               **self.extra})
+
+
+def conditioned(denoiser: Any, classes: int, *, label: int | None, label_weights: Sequence[float] | None,
+                guidance: float | None, null_label: int | None) -> Any:
+    """``denoiser`` with the (checked, ``check_labels``) label or label weights fixed and, with ``guidance`` w,
+    classifier-free guidance ``D_u + w (D_c - D_u)`` against the null class (default: the last class embedding);
+    ``denoiser`` itself when no label is asked for (an edm net called unconditionally)."""
+    if label is None and label_weights is None:
+        return denoiser
+    inner, extra = denoiser, {}
     if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise ValueError(f"{prefix}guidance must be a number (the CFG scale w) or null, got {guidance!r}.")
-        null = classes - 1 if null_label is None else null_label
-        if isinstance(null, bool) or not isinstance(null, int) or not 0 <= null < classes:
-            raise ValueError(f"{prefix}null_label must be an integer in [0, {classes}) naming the net's null class, got {null!r}.")
-        if label == null:
-            raise ValueError(f"{prefix}label={label} is the null class used for guidance; pick another label.")
+        null = classes - 1 if null_label is None else int(null_label)
+        inner = CFGDenoiser(denoiser, float(guidance), torch.tensor(null))
+        extra = {"guidance": float(guidance), "null_label": null}
+    weights = None if label_weights is None else [float(w) for w in label_weights]
+    return LabelDenoiser(inner, None if label is None else int(label), weights, extra)
 
 
 # --- watchdog ------------------------------------------------------------------------------------
@@ -463,3 +557,268 @@ def load_diffusers(folder: str | os.PathLike, device: torch.device | str | None 
     den = VPDenoiser(unet, abar, prediction_type=spec.prediction_type, quantize=spec.quantize)
     den.shape = spec.shape
     return den
+
+
+# --- callables: a denoiser from the user's Python code ----------------------------------------------
+# Importing a target, calling it, calling its denoiser and its fingerprint() run the user's code: every exception there,
+# SystemExit (sys.exit) and KeyboardInterrupt included, becomes one ValueError sentence naming the target.
+_CALLED: dict[str, tuple[Any, tuple[int, ...], str]] = {}
+
+
+class _Late(ValueError):
+    """A watched test call of a callable's denoiser ran past its time limit (kept apart from the user's ValueErrors)."""
+
+
+def describe(err: BaseException) -> str:
+    """An exception from user code in a few words: ``RuntimeError: message``, ``SystemExit (sys.exit(0))``."""
+    if isinstance(err, SystemExit):
+        return f"SystemExit (sys.exit({err.code!r}))"
+    text = " ".join(str(err).split())[:200]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``path`` as given when absolute or present from the working directory, else relative to the repository
+    (where the shipped checkpoints and examples live) when it exists there."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO / p if (REPO / p).exists() else p
+
+
+def import_target(target: str, where: str) -> Any:
+    """The callable named by ``package.module:attr`` or ``path/to/file.py:attr`` (a relative file as
+    ``resolve_path`` finds it); a ValueError starting with ``where`` otherwise. Importing runs the module's code
+    (docs/byo-model.md, Security)."""
+    mod_name, sep, attr = str(target).rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"{where}: give package.module:function (or path/to/file.py:function).")
+    path = resolve_path(mod_name) if mod_name.endswith(".py") else None
+    if path is not None and not path.is_file():
+        raise ValueError(f"{where}: file {path} does not exist.")
+    try:
+        obj = importlib.import_module(mod_name) if path is None else _import_file(path)
+    except BaseException as err:  # ImportError, or the module's own code failing or exiting
+        raise ValueError(f"{where}: cannot import {mod_name} ({describe(err)}).") from None
+    for part in attr.split("."):
+        try:
+            found = hasattr(obj, part)
+            obj = getattr(obj, part) if found else obj
+        except BaseException as err:  # a module __getattr__ or property of the user's
+            raise ValueError(f"{where}: looking up {attr} raised {describe(err)}.") from None
+        if not found:
+            raise ValueError(f"{where}: {mod_name} has no attribute {attr!r}.")
+    if not callable(obj):
+        raise ValueError(f"{where}: {attr} is not callable.")
+    return obj
+
+
+def _import_file(path: Path) -> Any:
+    """The module of a Python file, imported once per resolved path (kept in ``sys.modules``)."""
+    name = f"_byo_{abs(hash(str(path.resolve())))}"
+    if name not in sys.modules:
+        loader = importlib.util.spec_from_file_location(name, path)
+        assert loader is not None and loader.loader is not None
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def call_target(target: str, kwargs: dict[str, Any], device: torch.device | str = "cpu", timeout_s: float | None = None,
+                where: str | None = None) -> tuple[Any, tuple[int, ...], str]:
+    """``(denoiser, shape, fingerprint)`` of ``target(**kwargs)``, checked: it returns ``(denoiser, shape)`` (or a
+    dict with those keys) with a callable denoiser ``D(x, sigma, cond=None)`` in EDM sigma-space and a shape of
+    positive ints within MAX_SAMPLE_ELEMENTS; one call on two samples (sigma 2 and 0.5, limited to ``timeout_s``)
+    returns a finite tensor shaped like its input. The fingerprint is the denoiser's own ``fingerprint()`` (a
+    string), else a hash of the target as written, its kwargs and (a torch module) its state dict. Cached per
+    (target, kwargs, device); errors are one ValueError sentence starting with ``where``."""
+    where = where or f"--model callable:{target}"
+    key = json.dumps([str(target), kwargs, str(device)], sort_keys=True, default=str)
+    if key in _CALLED:
+        return _CALLED[key]
+    fn = import_target(target, where)
+    try:
+        out = fn(**kwargs)
+    except BaseException as err:
+        raise ValueError(f"{where} raised {describe(err)}.") from None
+    if isinstance(out, dict) and {"denoiser", "shape"} <= set(out):
+        out = (out["denoiser"], out["shape"])
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(f"{where} must return (denoiser, shape), got {type(out).__name__}.")
+    den, shape = out
+    if not callable(den):
+        raise ValueError(f"{where} returned a {type(den).__name__} as denoiser; it must be callable D(x, sigma, cond=None).")
+    try:
+        shape = check_sample_shape(shape)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    x = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0)).to(device) * 2.0
+    try:
+        if isinstance(den, torch.nn.Module):
+            den = den.to(device).eval().requires_grad_(False)
+        watched = WatchedDenoiser(den, timeout_s, what=f"the denoiser of {where}", error=_Late, report=False)
+        with torch.no_grad():
+            d = watched(x, torch.tensor([2.0, 0.5], device=device))
+    except _Late as err:
+        raise ValueError(str(err)) from None
+    except BaseException as err:
+        raise ValueError(f"{where}: the denoiser failed on a test batch of shape {tuple(x.shape)} ({describe(err)}).") from None
+    if not isinstance(d, torch.Tensor) or tuple(d.shape) != tuple(x.shape):
+        got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+        raise ValueError(f"{where}: D(x, sigma) must return a tensor shaped like x {tuple(x.shape)}, got {got}.")
+    if not torch.isfinite(d).all():
+        raise ValueError(f"{where}: D(x, sigma) returned non-finite values on a test batch.")
+    try:
+        method = getattr(den, "fingerprint", None)
+        fp = str(method()) if callable(method) else _module_fingerprint(den, {}, {"target": str(target), "kwargs": kwargs})
+    except BaseException as err:
+        raise ValueError(f"{where}: the denoiser's fingerprint() raised {describe(err)}.") from None
+    _CALLED[key] = (den, shape, fp)
+    return _CALLED[key]
+
+
+# --- one model spec for both CLIs ----------------------------------------------------------------
+# shipped models by name (files of a repository checkout): the spec each name stands for
+SHIPPED = {
+    "edm": "edm:checkpoints/edm-digits.safetensors",
+    "patches": "edm:checkpoints/edm-patches.safetensors",
+    "patches8": "edm:checkpoints/edm-patches8.safetensors",
+    "toy2d": "edm:checkpoints/edm-toy2d.safetensors",
+    "dsno-digits": "edm:checkpoints/dsno-digits.safetensors",
+    "pagoda-patches8": "edm:checkpoints/pagoda-patches8.safetensors",
+    "pagoda-patches16": "edm:checkpoints/pagoda-patches16.safetensors",
+    "pagoda-patches32": "edm:checkpoints/pagoda-patches32.safetensors",
+    "diffusers-digits": "diffusers:checkpoints/diffusers-digits",
+}
+SPECS = ("gmm, gmm-ring, edm:PATH, diffusers:DIR, callable:package.module:function (or callable:path/file.py:function), "
+         f"or a shipped model ({', '.join(SHIPPED)})")
+
+
+def _positive_float(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# keyword arguments of the analytic mixtures (GaussianMixture.random / .ring): what each must be, and its test
+# (check_sample_shape raises its own sentence)
+GMM_KWARGS: dict[str, dict[str, tuple[str, Any]]] = {
+    "gmm": {"shape": ("a sample shape", check_sample_shape),
+            "components": ("a positive integer", _positive_int),
+            "seed": ("a non-negative integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)},
+    "gmm-ring": {"components": ("a positive integer", _positive_int),
+                 "radius": ("a positive finite number", _positive_float),
+                 "std": ("a positive finite number", _positive_float)},
+}
+
+
+@dataclass
+class Loaded:
+    """A model spec turned into a denoiser: the shape of one input sample, of one output sample (a generator may
+    grow it: PaGoDA 8 -> 32 px) and the ONE fingerprint both CLIs record in and check against tables (taken before
+    any dtype cast; a label or guidance is part of it, ``LabelDenoiser``)."""
+
+    denoiser: Any
+    shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    fingerprint: str
+
+
+def load(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, label: Any = None,
+         label_weights: Sequence[Any] | None = None, guidance: Any = None, null_label: Any = None,
+         kwargs: dict[str, Any] | None = None, timeout_s: float | None = None, names: Names = Names(),
+         where: str | None = None) -> Loaded:
+    """The model of a spec, as ``python -m samplers generate --model SPEC`` and ``python -m optimize model=...``
+    both load it:
+
+    - ``gmm`` / ``gmm-ring``: the analytic mixtures (``kwargs``: ``GaussianMixture.random``'s shape / components /
+      seed, ``GaussianMixture.ring``'s components / radius / std);
+    - ``edm:PATH``: a network file of ``samplers.nets`` in its preconditioning;
+    - ``diffusers:DIR``: a LOCAL diffusers ``UNet2DModel`` folder (``load_diffusers``);
+    - ``callable:package.module:function`` or ``callable:path/file.py:function``: ``function(**kwargs)`` returning
+      ``(denoiser, shape)`` (``call_target``; its test call limited to ``timeout_s``);
+    - a shipped name (``SHIPPED``; ``edm`` is the digits teacher).
+
+    A class-conditional net (diffusers ``num_class_embeds``, an edm net's ``num_classes``) takes ``label`` or
+    ``label_weights``, and ``guidance`` w with ``null_label`` (``conditioned``); a diffusers net needs one. Nets are
+    cast to ``dtype`` (after the fingerprint is taken), mixtures and callables run as they are. Errors are one
+    ValueError sentence starting with ``where`` (default ``--model SPEC``); options are named as ``names`` spells
+    them."""
+    where = where or f"--model {spec}"
+    kind, _, arg = SHIPPED.get(spec, spec).partition(":")
+    arg = str(REPO / arg) if spec in SHIPPED else arg
+    kw = {} if kwargs is None else dict(kwargs)
+    if kw and kind not in ("gmm", "gmm-ring", "callable"):
+        raise ValueError(f"{where}: {names.kwargs.strip()} applies to gmm, gmm-ring and callable: models only.")
+    labels = {"label": label, "label_weights": label_weights, "guidance": guidance, "null_label": null_label}
+    if kind in GMM_KWARGS and not arg:
+        _check_labels(where, None, labels, names, net="this model")
+        gmm = _gmm(kind, kw, names)
+        return Loaded(gmm, tuple(gmm.shape), tuple(gmm.shape), gmm.fingerprint())
+    if kind == "callable" and arg:
+        _check_labels(where, None, labels, names, net="this model")
+        den, shape, fingerprint = call_target(arg, kw, device, timeout_s, where)
+        return Loaded(den, shape, shape, fingerprint)
+    if kind == "edm" and arg:
+        try:
+            den = load_denoiser(str(resolve_path(arg)))
+        except OSError as err:
+            raise ValueError(f"{where}: {short_error(err)}") from None
+        classes = den.config.get("num_classes")
+        _check_labels(where, classes, labels, names, required=False)
+        shape, out_shape = tuple(den.shape), tuple(den.out_shape)
+        base, den = den.fingerprint(), den.to(device=device, dtype=dtype)
+    elif kind == "diffusers" and arg:
+        classes = check_diffusers(arg, where, names, **labels).classes
+        try:
+            den = load_diffusers(resolve_path(arg), device=device)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{where}: {' '.join(str(err).split())[:300]}") from None
+        shape = out_shape = tuple(den.shape)
+        base, den = den.fingerprint(), den.to(dtype=dtype)
+    else:
+        raise ValueError(f"unknown model {spec!r}; valid: {SPECS}.")
+    if classes:
+        den = conditioned(den, int(classes), **labels)
+    return Loaded(den, shape, out_shape, den.fingerprint() if isinstance(den, LabelDenoiser) else base)
+
+
+def check_diffusers(folder: str | os.PathLike, where: str, names: Names = Names(), **labels: Any) -> DiffusersSpec:
+    """``diffusers_spec`` of ``folder`` (as ``resolve_path`` finds it) with its class conditioning checked against
+    ``labels`` (``check_labels``: label, label_weights, guidance, null_label): the checks of a diffusers model that
+    need no net built. One ValueError sentence starting with ``where``."""
+    try:
+        spec = diffusers_spec(resolve_path(folder))
+    except ImportError:
+        raise ValueError(f"{where}: diffusers models need the diffusers package (pip install diffusers).") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
+    _check_labels(where, spec.classes, labels, names, spec.class_embed_type)
+    return spec
+
+
+def _check_labels(where: str, classes: int | None, labels: dict[str, Any], names: Names, embed_type: Any = None,
+                  net: str = "this net", required: bool = True) -> None:
+    """``check_labels`` with its sentence prefixed by ``where`` (the model it is about)."""
+    try:
+        check_labels(classes, embed_type, **labels, names=names, net=net, required=required)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _gmm(kind: str, kwargs: dict[str, Any], names: Names) -> GaussianMixture:
+    """``GaussianMixture.random(**kwargs)`` (``gmm``) or ``.ring(**kwargs)`` (``gmm-ring``), each keyword checked
+    (errors name the keyword as ``names`` spells it)."""
+    allowed = GMM_KWARGS[kind]
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise ValueError(f"{names.kwarg(key)} is not a keyword of {kind}; it takes {', '.join(allowed)}.")
+        what, check = allowed[key]
+        try:
+            ok = check(value)
+        except ValueError as err:
+            raise ValueError(f"{names.kwarg(key)}: {err}") from None
+        if ok is False:
+            raise ValueError(f"{names.kwarg(key)} must be {what}, got {value!r}.")
+    if "shape" in kwargs:
+        kwargs = {**kwargs, "shape": tuple(kwargs["shape"])}
+    return (GaussianMixture.random if kind == "gmm" else GaussianMixture.ring)(**kwargs)

@@ -148,7 +148,7 @@ def test_class_conditional_label(tmp_path, capsys) -> None:
     three, five = (generate(tmp_path, f"l{k}", capsys, *args, "--label", str(k))["samples"] for k in (3, 5))
     assert three.shape == (2, 1, 8, 8) and not np.array_equal(three, five)
     code, _, err = run_main(["generate", *args, "--label", "10", "--out", str(tmp_path / "x"), *QUIET], capsys)
-    assert code == 2 and err.strip() == "error: --label must be in 0..9 for this model, got 10."
+    assert code == 2 and err.strip() == f"error: --model edm:{path}: --label must be an integer in [0, 10), got 10."
 
 
 def test_diffusers_model(tmp_path, capsys) -> None:
@@ -228,7 +228,7 @@ ERRORS = [
     (["--solver", "euler", "--nfe", "3", "--model", "diffusers:{missing}"], r"missing\.safetensors' does not exist"),
     (["--solver", "euler", "--nfe", "3", "--model", "stylegan"], r"unknown model 'stylegan'; valid: gmm, gmm-ring"),
     (["--solver", "euler", "--nfe", "3", "--n", "0"], r"--n and --batch-size must be positive"),
-    (["--solver", "euler", "--nfe", "3", "--label", "3"], r"--label 3 needs a class-conditional model"),
+    (["--solver", "euler", "--nfe", "3", "--label", "3"], r"--model gmm: --label is set, but this model is not class-conditional\."),
     (["--solver", "euler", "--nfe", "3", "--device", "gpu0"], r"unknown device 'gpu0'"),
     (["--table", "{nan}", "--schedule", "logsnr"], r"--table fixes the solver; drop --schedule\."),
     (["--solver", "euler", "--nfe", "3", "--dtype", "float16"], r"argument --dtype: invalid choice: 'float16'"),

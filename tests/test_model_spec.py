@@ -148,9 +148,10 @@ def test_missing_tensor_under_another_name_is_found_at_load(tmp_path, tiny, caps
 
 def test_class_conditioning_checked_by_both_clis(tmp_path, tiny, cond, capsys):
     assert _generate_fails(["--model", f"diffusers:{cond}"], tmp_path, capsys) == \
-        "error: this diffusers net is class-conditional (3 class embeddings): add --label K."
+        (f"error: --model diffusers:{cond}: this net is class-conditional (3 class embeddings): add --label K or "
+         f"--label-weights P0,P1,... (one of them).")
     assert "--label must be an integer in [0, 3), got 3." in _generate_fails(["--model", f"diffusers:{cond}", "--label", "3"], tmp_path, capsys)
-    assert "--label is set, but this diffusers net is not class-conditional" in \
+    assert f"--model diffusers:{tiny}: --label is set, but this net is not class-conditional." in \
         _generate_fails(["--model", f"diffusers:{tiny}", "--label", "1"], tmp_path, capsys)
     assert "set exactly one of model.label=K" in _optimize_fails(["iia", "model=diffusers", f"model.path={cond}", "nfe=4"], capsys)
     code = samplers_main(["generate", "--no-progress", "--solver", "euler", "--nfe", "2", "--n", "2", "--model",
@@ -162,14 +163,14 @@ def test_fingerprints_are_the_same_in_both_clis(tiny):
     """generate and optimize fingerprint an unlabelled diffusers model alike, and the shipped folder's value is pinned
     (tables shipped for it depend on it)."""
     from optimize.models import load_model
-    from samplers.__main__ import load_model as generate_model
+    from samplers.models import load
 
     base = OmegaConf.load(REPO / "conf" / "model" / "diffusers.yaml")
     for folder, pinned in ((tiny, None), (REPO / "checkpoints" / "diffusers-digits", "7ec115a5fb1bab8d")):
-        den, shape, fp = generate_model(f"diffusers:{folder}", torch.device("cpu"), torch.float32)
+        loaded = load(f"diffusers:{folder}")
         m = load_model(OmegaConf.merge(base, {"path": str(folder)}))
-        assert fp == m.fingerprint == m.denoiser.fingerprint() and shape == m.shape == (1, 8, 8)
-        assert pinned is None or fp == pinned
+        assert loaded.fingerprint == m.fingerprint == m.denoiser.fingerprint() and loaded.shape == m.shape == (1, 8, 8)
+        assert pinned is None or loaded.fingerprint == pinned
 
 
 # --- size limits -----------------------------------------------------------------------------------
