@@ -84,6 +84,7 @@ from .results import plot_sigmas
 from .runs import NaNLossError, TrainingModule, compare_tables, ticks, trainer_parts
 from .seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range
 
+NEEDS_DATA = True  # learns against reference data: the model needs data= and features= (optimize.models)
 KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
     "val_every": count(low=0), "n_val": count(10**8), "n_match": count(10**8), "match_weight": Key("num", 0),
     "sigma_lr": rate()}

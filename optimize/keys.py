@@ -48,7 +48,7 @@ class Key:
         if self.positive:
             head = f"be a positive {what}"
         elif self.low is not None:
-            head = {1: f"be a positive {what}", 0: f"be a non-negative {what}"}.get(self.low, f"be a {what} >= {self.low}")
+            head = {1: f"be a positive {what}", 0: f"be a non-negative {what}"}.get(self.low, f"be {'an' if what == 'integer' else 'a'} {what} >= {self.low}")
         else:
             head = f"be a {what}"
         return head + (f" (at most {self.high})" if self.high is not None else "")

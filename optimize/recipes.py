@@ -55,16 +55,17 @@ def run_cli(args: list[str], run: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _run_dir(model: str, name: str) -> Path:
-    return REPO / "outputs" / "results-learned" / model / name
+def _run_dir(model: str, name: str, runs: Path | None = None) -> Path:
+    return (REPO / "outputs" / "results-learned" / model if runs is None else runs) / name
 
 
-def fit_ld3(model: str, nfe: int, base: str, tables: Path) -> Path:
-    """``tables/ld3-<base>-nfe<N>.safetensors`` (and its sigma plot), fitted with LD3's defaults unless already there."""
+def fit_ld3(model: str, nfe: int, base: str, tables: Path, extra: tuple[str, ...] = (), runs: Path | None = None) -> Path:
+    """``tables/ld3-<base>-nfe<N>.safetensors`` (and its sigma plot), fitted with LD3's defaults unless already there
+    (``extra``: more ``key=value`` settings such as the model's overrides; ``runs``: where the run folders go)."""
     dest = tables / f"ld3-{base}-nfe{nfe}.safetensors"
     if not dest.exists():
-        run = _run_dir(model, f"ld3-{base}-nfe{nfe}")
-        run_cli(["ld3", f"model={model}", f"nfe={nfe}", f"base={base}", "evaluate=false"], run)
+        run = _run_dir(model, f"ld3-{base}-nfe{nfe}", runs)
+        run_cli(["ld3", f"model={model}", f"nfe={nfe}", f"base={base}", "evaluate=false", *extra], run)
         shutil.copyfile(run / f"ld3-{base}-{model}-nfe{nfe}.safetensors", dest)
         shutil.copyfile(run / f"ld3-{base}-{model}-nfe{nfe}-sigmas.png", tables / f"ld3-{base}-nfe{nfe}-sigmas.png")
     return dest
@@ -75,12 +76,12 @@ def best_ld3(paths: list[Path]) -> Path:
     return min(paths, key=lambda p: SolverTable.load(str(p)).metadata["ld3"]["best_valid_l2"])
 
 
-def fit_iia(model: str, nfe: int, ld3: Path, tables: Path) -> Path:
+def fit_iia(model: str, nfe: int, ld3: Path, tables: Path, extra: tuple[str, ...] = (), runs: Path | None = None) -> Path:
     """``tables/iia-ld3-nfe<N>.safetensors``: IIA's defaults over the LD3 table ``ld3``, unless already there."""
     dest = tables / f"iia-ld3-nfe{nfe}.safetensors"
     if not dest.exists():
-        run = _run_dir(model, f"iia-ld3-nfe{nfe}")
-        run_cli(["iia", f"model={model}", f"nfe={nfe}", f"base=table:{ld3}", "evaluate=false"], run)
+        run = _run_dir(model, f"iia-ld3-nfe{nfe}", runs)
+        run_cli(["iia", f"model={model}", f"nfe={nfe}", f"base=table:{ld3}", "evaluate=false", *extra], run)
         label = SolverTable.load(str(ld3)).metadata["method"]
         shutil.copyfile(run / f"iia-generic-{label}-{model}-nfe{nfe}.safetensors", dest)
     return dest
@@ -93,11 +94,12 @@ def ddss_args(model: str, nfe: int, ld3: Path, steps: int, extra: tuple[str, ...
             "val_every=50", "max_minutes=null", "evaluate_at_end=false", "progress_bar=false", *extra]
 
 
-def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int, extra: tuple[str, ...] = ()) -> Path:
+def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int, extra: tuple[str, ...] = (),
+             runs: Path | None = None) -> Path:
     """``tables/ddss-match-nfe<N>.safetensors`` (and its plots): ``ddss_args`` from the LD3 table, unless already there."""
     dest = tables / f"ddss-match-nfe{nfe}.safetensors"
     if not dest.exists():
-        run = _run_dir(model, f"ddss-match-nfe{nfe}")
+        run = _run_dir(model, f"ddss-match-nfe{nfe}", runs)
         run_cli(ddss_args(model, nfe, ld3, steps, extra), run)
         for suffix in (".safetensors", "-sigmas.png", "-coef.png"):
             shutil.copyfile(run / f"ddss-full-kid-match-nfe{nfe}{suffix}", tables / f"ddss-match-nfe{nfe}{suffix}")
@@ -139,14 +141,17 @@ def select(m: Any, judge: Judge, nfe: int, n_select: int, candidates: list[tuple
     return label, dict(candidates)[label], scores
 
 
-def ship(m: Any, model: str, nfe: int, label: str, path: Path, scores: dict[str, float], data: str) -> Path:
-    """Copy the selected table to checkpoints/tables/<model>-best-nfe<N>.safetensors with how it was chosen."""
+def ship(m: Any, model: str, nfe: int, label: str, path: Path, scores: dict[str, float], data: str,
+         folder: Path = SHIPPED) -> Path:
+    """Copy the selected table to <folder>/<model>-best-nfe<N>.safetensors (default checkpoints/tables) with how it
+    was chosen."""
     t = SolverTable.load(str(path), fingerprint=m.fingerprint)
+    source = path.relative_to(REPO) if path.is_relative_to(REPO) else path
     t.metadata.update({"model": model, "model_fingerprint": m.fingerprint, "shipped_as": f"{model}-best-nfe{nfe}",
                        "selected_from": scores, "selected": label, "selection": f"FD vs training {data}, main features, "
-                       f"seeds {VAL_SEED_OFFSET}..", "source_table": str(path.relative_to(REPO))})
-    SHIPPED.mkdir(parents=True, exist_ok=True)
-    dest = SHIPPED / f"{model}-best-nfe{nfe}.safetensors"
+                       f"seeds {VAL_SEED_OFFSET}..", "source_table": str(source)})
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / f"{model}-best-nfe{nfe}.safetensors"
     t.save(str(dest))
     return dest
 

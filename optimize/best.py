@@ -1,0 +1,77 @@
+"""``python -m optimize best model=edm nfe=4``: the recipe that makes the shipped tables, as one command.
+
+For each NFE: LD3 over each of ``ld3_bases`` (the chain starts from the table with the lower validation L2 of its own
+fit), IIA over that LD3 table, DDSS from it (every causal coefficient, KID + teacher L2); the candidate with the lowest
+training-set FD (first feature net) on the selection seeds 3,000,000.. is written to the run folder as
+``<model>-best-nfe<N>.safetensors`` (``ship=true``: also to checkpoints/tables), then every table of the chain is
+evaluated beside the ``compare`` classics on the evaluation seeds. Each step runs ``python -m optimize`` in its own
+process (``optimize.recipes``), with this run's model overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+
+from samplers import SolverTable
+
+from .base import ConfigError, as_list
+from .evaluate import Judge, evaluate_jobs, load_model
+from .keys import count
+from .recipes import best_ld3, fit_ddss, fit_iia, fit_ld3, select, ship
+from .runs import compare_tables
+
+KEYS = {"ddss_steps": count(10**6), "n_select": count(10**6, low=2)}  # this method's typed keys (optimize.keys)
+
+
+NEEDS_DATA = True  # the chain ends in DDSS, which learns against reference data (checked in optimize.models)
+
+
+def validate(cfg: Any) -> None:
+    """The solvers of the chain and of the final comparison."""
+    if not as_list(cfg.ld3_bases):
+        raise ConfigError("ld3_bases must name at least one solver (unipc, dpmpp_2m, ...).")
+    compare_tables(cfg, as_list(cfg.compare), int(as_list(cfg.nfe)[0]))
+
+
+def _model_overrides() -> tuple[str, ...]:
+    """This run's ``model.*`` command-line overrides, passed on to each step's process."""
+    try:
+        task = HydraConfig.get().overrides.task
+    except ValueError:  # not inside a Hydra run (called from Python)
+        return ()
+    return tuple(o for o in task if o.lstrip("+").startswith("model."))
+
+
+def run(cfg: Any) -> list[str]:
+    """Fit, select and evaluate at every ``nfe``; returns the paths of the picked tables."""
+    device, name = str(cfg.device), str(cfg.model.name)
+    out = Path(str(cfg.out_dir))
+    tables, runs = out / "tables", out / "runs"
+    tables.mkdir(parents=True, exist_ok=True)
+    extra = _model_overrides()
+    model = load_model(cfg.model, device)
+    judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
+    picked, jobs = [], []
+    for nfe in (int(n) for n in as_list(cfg.nfe)):
+        ld3 = best_ld3([fit_ld3(name, nfe, str(b), tables, extra, runs) for b in as_list(cfg.ld3_bases)])
+        chain = [("iia(ld3)", fit_iia(name, nfe, ld3, tables, extra, runs)),
+                 ("ddss(ld3)", fit_ddss(name, nfe, ld3, tables, int(cfg.ddss_steps), extra, runs))]
+        label, path, scores = select(model, judge, nfe, int(cfg.n_select), chain)
+        data = str(cfg.model.get("data"))
+        best = ship(model, name, nfe, label, path, scores, data, folder=out)
+        if cfg.ship:
+            ship(model, name, nfe, label, path, scores, data)
+        print(f"best at nfe {nfe}: {label} ({', '.join(f'{k} {v:.4g}' for k, v in scores.items())}) -> {best}", flush=True)
+        picked.append(str(best))
+        ld3_table = SolverTable.load(str(ld3), fingerprint=model.fingerprint)
+        jobs += [(str(ld3_table.metadata.get("method", "ld3")), ld3_table, {}),
+                 *[(lab, SolverTable.load(str(p), fingerprint=model.fingerprint), {}) for lab, p in chain],
+                 (f"best={label}", SolverTable.load(str(best), fingerprint=model.fingerprint), {}),
+                 *[(lab, t, {}) for lab, t in compare_tables(cfg, as_list(cfg.compare), nfe)]]
+    if bool(cfg.get("evaluate", True)) and jobs:
+        evaluate_jobs(cfg, model, judge, jobs)
+    return [os.path.relpath(p) for p in picked]
