@@ -18,6 +18,8 @@ import json
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -215,9 +217,6 @@ def save_classifier(model: nn.Module, config: dict[str, Any], path: str, extra_m
 
 def load_classifier(path: str, device: torch.device | str | None = None) -> nn.Module:
     """Rebuild and load a classifier written by ``save_classifier`` (eval mode, no grad)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(path, framework="pt") as f:
         header = f.metadata() or {}
     if header.get("format") != CLASSIFIER_FORMAT:

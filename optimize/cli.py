@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import hydra
+import torch
+import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -156,7 +161,6 @@ def check_device(device: Any) -> None:
     kind, _, index = name.partition(":")
     if kind != "cuda" or (index and not index.isdigit()):
         raise ConfigError(f"device must be cpu, cuda or cuda:N, got {name!r}.")
-    import torch
 
     if not torch.cuda.is_available():
         raise ConfigError(f"device={name} was asked for, but no CUDA device is available (use device=cpu).")
@@ -366,9 +370,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _quiet_libraries() -> None:
     """Drop Lightning's banner lines (accelerator summary, tips) and a known third-party deprecation warning."""
-    import logging
-    import warnings
-
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -377,15 +378,11 @@ def _quiet_libraries() -> None:
 def _end_distributed() -> None:
     """Close the process group Lightning's DDP opened under torchrun: left open, gloo's threads are still running at
     interpreter exit and now and then abort a rank ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def _hydra_main(args: list[str]) -> None:
-    import hydra
-
     _register_resolvers()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ SPLIT_SEED = 0
 @functools.lru_cache(maxsize=1)
 def _digits_all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """All 1,797 scikit-learn digits as ([N,1,8,8] float32 in [-1,1], labels int64, heldout mask)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy (about 1 s): only when the digits are asked for
 
     data = load_digits()
     x = torch.from_numpy(data.images.astype(np.float32) / 8.0 - 1.0).reshape(-1, 1, 8, 8)  # 0..16 -> -1..1
@@ -145,9 +146,7 @@ PATCH_SPLIT_SEED = 0
 
 def _photo(name: str) -> np.ndarray:
     """One photograph of the scikit-image wheel as uint8 [H, W, 3] (bundled files only, never a pooch download)."""
-    import os
-
-    import skimage.data
+    import skimage.data  # heavy: only when the photographs are asked for
     from skimage.io import imread
 
     files = {"motorcycle_left": "motorcycle_left.png", "immunohistochemistry": "ihc.png", "hubble_deep_field": "hubble_deep_field.jpg",

@@ -69,6 +69,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from samplers import SolverTable, baselines, make_noise, sample
@@ -558,7 +559,7 @@ class DDSSModule(TrainingModule):
 # --- plots ---------------------------------------------------------------------------------------
 def plot_coef(initial: SolverTable, learned: SolverTable, path: str) -> str:
     """Heat maps of the learned coefficient matrix and of its change from the initial table."""
-    import matplotlib
+    import matplotlib  # heavy, only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -681,8 +682,6 @@ def run(cfg: Any) -> dict[str, Any]:
     """`python -m optimize ddss`: train (Lightning: CSV logs, checkpoints in <out_dir>/lightning, resume), export the
     best table to ``<out_dir>/ddss-<family>-nfe<N>.safetensors`` with plots, then evaluate it next to the classic
     solvers of ``compare`` on the same seeds. Returns {"table": path, "rows": evaluation rows}."""
-    from omegaconf import OmegaConf
-
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)

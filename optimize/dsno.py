@@ -46,7 +46,10 @@ from typing import Any, Sequence
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
 from samplers import SolverTable, baselines, make_noise, sample, schedules
 from samplers.artifact import atomic_save, atomic_write_bytes
@@ -149,8 +152,6 @@ def generate(denoiser: Any, table: SolverTable, stored: Sequence[float], seeds: 
     x0 = torch.empty(len(seeds), len(stored), *shape)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(seeds), desc=f"dsno data ({table.nfe}-step {table.metadata.get('method')})", unit="traj")
     with torch.no_grad():
         for b in range(0, len(seeds), batch_size):
@@ -180,8 +181,6 @@ def data_key(fingerprint: str, settings: dict[str, Any]) -> str:
 
 def load_or_generate(model: Any, cfg: Any, progress: bool = True) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
     """The cached data of ``cfg`` for the teacher ``model`` (an evaluate.Model), generating it once."""
-    from safetensors.torch import load_file
-
 
     smin, smax = float(cfg.sigma_min), float(cfg.sigma_max)
     table, stored = data_table(str(cfg.data_solver), int(cfg.data_steps), smin, smax, float(cfg.rho))
@@ -323,7 +322,7 @@ def write_history(history: list[list[float]], m: int, path: str) -> str:
 # --- plots -------------------------------------------------------------------------------------------
 def plot_loss(history: list[list[float]], sigmas: Sequence[float], path: str) -> str:
     """Weighted loss and per-time distances against the step (log scale, smoothed over 20 steps)."""
-    import matplotlib
+    import matplotlib  # heavy, only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -405,8 +404,6 @@ def run(cfg: Any) -> dict[str, Any]:
     <out_dir>/lightning, resume), export of the EMA student ``dsno-<model>.safetensors`` and its 1-NFE table
     ``dsno-<model>-1nfe.safetensors`` with a loss plot, then evaluation beside ``compare`` x ``compare_nfe`` classics.
     Returns {"student", "table", "rows", "train_seconds", "data_seconds"}."""
-    from omegaconf import OmegaConf
-
 
     out_dir, model, teacher_net, teacher_config = start_distillation(cfg)
     t0 = time.perf_counter()

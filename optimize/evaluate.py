@@ -29,7 +29,15 @@ from .keys import count
 from .metrics import ReferenceCache, reference_rmse
 from .models import Model, load_model  # noqa: F401 - re-exported
 from .paths import path_inside, slug
-from .results import format_table, log_wandb, plot_quality, public, read_results, save_samples, write_results  # noqa: F401
+from .results import (  # noqa: F401
+    format_table,
+    log_wandb,
+    plot_quality,
+    public,
+    read_results,
+    save_samples,
+    write_results,
+)
 from .seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range
 
 # --- sampling and evaluation -----------------------------------------------------------------

@@ -93,7 +93,7 @@ def _to_images(a: np.ndarray, shape: Sequence[int], name: str) -> np.ndarray:
 def _read(path: Path, shape: Sequence[int]) -> list[np.ndarray]:
     try:
         if path.suffix.lower() == ".png":
-            from PIL import Image
+            from PIL import Image  # only for PNG folders
 
             with Image.open(path) as im:
                 if im.mode not in ("L", "RGB", "RGBA", "LA", "P"):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -388,8 +389,6 @@ def lightning_module(fitter: IIAFitter, seeds: Sequence[int], shape: Sequence[in
     equations are summed over processes (``all_reduce``), so any world size gives the same table
     (up to float64 summation order).
     """
-    import lightning as L
-
     class IIAModule(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -499,8 +498,6 @@ def validate(cfg: Any) -> None:
 
 def run(cfg: Any) -> list[str]:
     """`python -m optimize iia`: fit, save ``<out_dir>/iia-<variant>-<model>-nfe<N>.safetensors``, evaluate it beside its base."""
-    import lightning as L
-
     device = str(cfg.device)
     model = load_model(cfg.model, device)
     given = base_table(cfg, model.fingerprint) if str(cfg.base).startswith(TABLE_PREFIX) else None

@@ -17,14 +17,16 @@ same bootstrap draws and paired differences are replicate-wise.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors import safe_open
 
-from . import data as datasets
 from samplers.models import describe, import_target
 
+from . import data as datasets
 from .base import ConfigError, as_list, resolve_path
 from .classifier import CLASSIFIER_FORMAT, load_classifier
 from .folder_data import load_folder
@@ -99,7 +101,6 @@ class Judge:
     def for_model(cls, mcfg: Any, shape: Sequence[int], device: str = "cpu", **kw: Any) -> "Judge":
         """Real train/held-out sets and feature maps of a model config (classifier checkpoints or raw)."""
         if mcfg.get("data") is None:  # a user's model without reference data: only what needs none (ref-RMSE, time)
-            import sys
 
             print(f"note: model {mcfg.name} has no reference data (data=null): no FD/KID; set data=folder:PATH "
                   f"features=[...] to get them.", file=sys.stderr)
@@ -151,8 +152,6 @@ def _feature_target(entry: Any, device: str) -> Features:
 
 def check_features(spec: Any) -> None:
     """Every feature-net entry exists: a classifier file (optimize.classifier safetensors) or an importable callable."""
-    from safetensors import safe_open
-
     for entry in as_list(spec):
         if _is_target(entry):
             _feature_target(entry, "cpu")

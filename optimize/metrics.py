@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from samplers.artifact import atomic_save
 
@@ -387,7 +388,6 @@ class ReferenceCache:
         """The stored tensor when ``path`` exists, reads cleanly and matches key, shape and dtype; else None."""
         if not os.path.isfile(path):
             return None
-        from safetensors import safe_open
 
         try:
             with safe_open(path, framework="pt") as f:

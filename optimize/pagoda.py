@@ -33,13 +33,18 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from samplers import SolverTable, baselines, sample, schedules
 from samplers.artifact import atomic_save, atomic_write_bytes
@@ -99,8 +104,6 @@ def run_ode(table: SolverTable, denoiser: Any, start: torch.Tensor, batch_size: 
     out = torch.empty_like(start)
     bar = None
     if desc:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(start), desc=desc, unit="img")
     with torch.no_grad():
         for b in range(0, len(start), batch_size):
@@ -143,8 +146,6 @@ def area_downsample(x: torch.Tensor, resolution: int) -> torch.Tensor:
 
 def load_or_encode(model: Any, cfg: Any, progress: bool = True) -> tuple[torch.Tensor, str, dict[str, Any]]:
     """The cached latents of ``cfg`` for the teacher ``model`` (an evaluate.Model), encoding them once."""
-    from safetensors.torch import load_file
-
 
     r = int(model.shape[-1])
     settings = {"data": "patches", "n_data": int(cfg.n_data), "seed": int(cfg.data_seed), "flips": True, "resolution": r,
@@ -153,7 +154,6 @@ def load_or_encode(model: Any, cfg: Any, progress: bool = True) -> tuple[torch.T
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(str(resolve_path(str(cfg.data_cache_dir))), f"pagoda-{model.fingerprint}-{key}.safetensors")
     if os.path.isfile(path):  # with the encoding time of the run that made it
-        from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             made = json.loads((f.metadata() or {}).get("settings", "{}"))
@@ -429,7 +429,7 @@ def write_history(history: list[list[float]], path: str) -> str:
 
 def plot_loss(history: list[list[float]], path: str) -> str:
     """Reconstruction, generator and discriminator losses and lambda against the step (smoothed over 20 steps)."""
-    import matplotlib
+    import matplotlib  # heavy, only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -527,8 +527,6 @@ def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int])
 def rec_features_net(path: Any) -> nn.Module:
     """The patch_cnn feature net of ``rec_features=PATH``; one ConfigError for anything else (a missing file, a pickle
     or other non-safetensors file, which is never unpickled, a table or network file, another feature architecture)."""
-    from safetensors import safe_open
-
     expect = "a patch_cnn feature-net file such as checkpoints/features-patches.safetensors, or null for pixels only"
     if not os.path.isfile(path):
         raise ConfigError(f"rec_features {path} does not exist ({expect}).")
@@ -560,10 +558,6 @@ def run(cfg: Any) -> dict[str, Any]:
     ``pagoda-patches<R>.safetensors`` and its 1-NFE table ``pagoda-patches<R>-1nfe.safetensors`` (the top one also at
     ``export`` / ``export_table`` when given), the loss curve, and (``evaluate_at_end``) FD/KID per stage.
     Returns {"generators", "tables", "rows", "train_seconds", "data_seconds"}."""
-    import warnings
-
-    from omegaconf import OmegaConf
-
 
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen feature net, on purpose
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")  # saved after the G and D steps

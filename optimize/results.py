@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from samplers.artifact import atomic_write_bytes
 from samplers.images import write_png_grid
@@ -124,7 +125,6 @@ def write_results(rows: list[dict[str, Any]], out_dir: str, cfg: Any | None = No
     resolved config), atomically."""
     rows = [public(r) for r in rows]
     write_csv(rows, os.path.join(out_dir, "results.csv"))
-    from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None
     atomic_write_bytes(os.path.join(out_dir, "results.json"), json.dumps({"rows": rows, "config": config}, indent=1).encode())
@@ -151,7 +151,7 @@ def save_samples(x: torch.Tensor, path: str) -> None:
     if x.ndim == 4:
         write_png_grid(x.clamp(-1, 1), path)
     elif x[0].numel() == 2:
-        import matplotlib
+        import matplotlib  # heavy, only for plots
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -170,7 +170,7 @@ def _main_fd(row: dict[str, Any]) -> float:
 
 def plot_quality(rows: list[dict[str, Any]], path: str) -> None:
     """FD (train, main features; error bars ± 1 se where known) and reference RMSE against NFE, one line per method."""
-    import matplotlib
+    import matplotlib  # heavy, only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -197,8 +197,7 @@ def plot_quality(rows: list[dict[str, Any]], path: str) -> None:
 
 def log_wandb(rows: list[dict[str, Any]], cfg: Any) -> None:
     """The rows as one wandb table (offline by default: ``logger=wandb``)."""
-    import wandb
-    from omegaconf import OmegaConf
+    import wandb  # optional (pip install -e .[wandb])
 
     rows = [public(r) for r in rows]
     run = wandb.init(project=str(cfg.logger.project), mode=str(cfg.logger.mode), dir=str(cfg.out_dir),
@@ -210,7 +209,7 @@ def log_wandb(rows: list[dict[str, Any]], cfg: Any) -> None:
 
 def plot_sigmas(initial: np.ndarray, learned: np.ndarray, path: str) -> str:
     """Learned evaluation sigmas against the initial ones (log scale)."""
-    import matplotlib
+    import matplotlib  # heavy, only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

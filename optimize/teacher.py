@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from samplers.denoisers import EDMPrecond
@@ -179,8 +180,6 @@ def run_settings(cfg: Any, n_data: int) -> dict[str, Any]:
 
 def build_module(cfg: Any) -> TeacherModule:
     """The module of a composed teacher config (no data attached yet)."""
-    from omegaconf import OmegaConf
-
     tcfg = cfg.model.teacher
     net_config = OmegaConf.to_container(tcfg.net, resolve=True)
     return TeacherModule(net_config, sigma_data=float(cfg.sigma_data), p_mean=float(cfg.p_mean), p_std=float(cfg.p_std),

@@ -9,7 +9,7 @@ import os
 import tempfile
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .version import __version__
@@ -51,8 +51,6 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, header: dict[str, s
 
 def read_header(path: str, kind: str = "table", error: type[Exception] = TableError) -> dict[str, str]:
     """The safetensors string header of ``path``, without reading the tensors; ``error`` if unreadable."""
-    from safetensors import safe_open
-
     check_readable(path, kind, error)
     try:
         with safe_open(path, framework="pt") as f:

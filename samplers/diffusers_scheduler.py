@@ -23,6 +23,7 @@ Timesteps are fractional (``VPDenoiser.sigma_to_t``; rounded for nets with a lea
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -329,7 +330,6 @@ def _check_floating(name: str, value: Any) -> None:
 
 
 def _jsonable(v: Any) -> bool:
-    import json
 
     try:
         json.dumps(v)
