@@ -13,6 +13,16 @@ from samplers.models import REPO, resolve_path  # noqa: F401 - the runtime's rul
 CONF_DIR = REPO / "conf"
 
 
+def methods() -> list[str]:
+    """The methods with a config in conf/method/."""
+    return sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+
+
+def models() -> list[str]:
+    """The models with a config in conf/model/."""
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
 class ConfigError(ValueError):
     """A bad configuration; the message is one sentence for the user."""
 

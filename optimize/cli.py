@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from samplers import nets
 from samplers.table import MAX_SIGMA
 
-from .base import CONF_DIR, REPO, ConfigError, SkipPoint, as_list, resolve_path  # noqa: F401 - re-exported for callers
+from .base import CONF_DIR, ConfigError, SkipPoint, as_list, methods, models, resolve_path  # noqa: F401 - re-exported
 from .checkpoints import CheckpointUnreadable, _explicit_path, _flag, _is_true, readable_checkpoint
 from .keys import method_keys
 from .models import check_model_keys, check_model_spec, check_needs_data
@@ -45,16 +45,6 @@ MAX_CHECKED = 512  # sweep points composed and validated up front
 _VALUE_FLAGS = {"--cfg", "-c", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
                 "--package", "-p", "--experimental-rerun"}
 _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-
-def methods() -> list[str]:
-    """The methods with a config in conf/method/."""
-    return sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-
-
-def models() -> list[str]:
-    """The models with a config in conf/model/."""
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-
 
 def _tag(value: Any) -> str:
     """Folder tag of a scalar or list value: 8 or 3-4-5."""

@@ -113,14 +113,14 @@ def check_model_spec(cfg: Any) -> None:
     m = cfg.model
     check_model_keys(m)
     if m.kind == "diffusers":
-        info = diffusers_info(m)
-        for key, value in (("sigma_min", info["sigma_min"]), ("sigma_max", info["sigma_max"])):
+        low, high = diffusers_range(m)
+        for key, value in (("sigma_min", low), ("sigma_max", high)):
             if m.get(key) is None:
                 m[key] = value  # the model's own range unless given
         top = cfg.get("sigma_max")
-        if isinstance(top, (int, float)) and not isinstance(top, bool) and top > info["sigma_max"] * (1 + 1e-6):
+        if isinstance(top, (int, float)) and not isinstance(top, bool) and top > high * (1 + 1e-6):
             raise ConfigError(f"sigma_max={top:g} is above the largest noise level of the model at {m.path} "
-                              f"({info['sigma_max']:.6g}, from its noise schedule); leave model.sigma_max null for the "
+                              f"({high:.6g}, from its noise schedule); leave model.sigma_max null for the "
                               f"model's own range.")
     elif m.kind == "callable":
         call_target(m, "cpu")
@@ -145,10 +145,10 @@ def check_needs_data(cfg: Any) -> None:
 
 
 # --- diffusers folders ---------------------------------------------------------------------------
-def diffusers_info(m: Any) -> dict[str, Any]:
-    """Everything checkable about ``model.path`` without building the net (``samplers.models.check_diffusers``, as
-    ``python -m samplers generate`` checks it): the folder, class conditioning against label / label_weights /
-    guidance / null_label; the sigma range."""
+def diffusers_range(m: Any) -> tuple[float, float]:
+    """The sigma range of the diffusers model at ``model.path`` (its noise schedule's first and last sigma), after every
+    check that needs no net built (``samplers.models.check_diffusers``, as ``python -m samplers generate`` checks it):
+    the folder, class conditioning against label / label_weights / guidance / null_label."""
     spec, options, where = model_spec(m)
     options.pop("kwargs", None)
     try:
@@ -156,20 +156,10 @@ def diffusers_info(m: Any) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     sigmas = info.sigmas
-    return {"unet_dir": info.unet_dir, "prediction_type": info.prediction_type, "sigma_min": round(float(sigmas[0]), 12),
-            "sigma_max": round(float(sigmas[-1]), 12), "shape": info.shape, "num_class_embeds": info.classes}
+    return round(float(sigmas[0]), 12), round(float(sigmas[-1]), 12)
 
 
 # --- callables -------------------------------------------------------------------------------------
-def import_target(spec: str, key: str) -> Any:
-    """The callable named by ``package.module:attr`` or ``path/to/file.py:attr`` (``samplers.models.import_target``);
-    a ConfigError naming ``key`` otherwise. Importing runs the module's code (see docs/byo-model.md, Security)."""
-    try:
-        return spec_models.import_target(str(spec), f"{key}={spec}")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
 def call_target(m: Any, device: str = "cpu") -> tuple[Any, tuple[int, ...]]:
     """``model.target(**model.kwargs)`` checked by ``samplers.models.call_target`` (a callable denoiser, a shape
     within the limits, one finite test call watched by ``model.timeout_s``); cached per (target, kwargs, device)."""
@@ -180,5 +170,3 @@ def call_target(m: Any, device: str = "cpu") -> tuple[Any, tuple[int, ...]]:
         raise ConfigError(" ".join(str(err).split())) from None
     return den, shape
 
-
-describe = spec_models.describe  # an exception from user code in a few words (optimize.judge's feature targets)

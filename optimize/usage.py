@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from . import base
 from .base import CONF_DIR
 from .keys import SHARED, inherited, method_keys
 
@@ -59,8 +60,7 @@ def _rows(path: Path, keys: dict) -> list[str]:
 
 def help_text(method: str | None = None) -> str:
     """The general help, or with ``method`` that method's keys (its own, then those of the files it includes)."""
-    methods = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-    models = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    methods, models = base.methods(), base.models()
     lines = ["usage: python -m optimize [-m] <method> [key=value ...]",
              "       python -m optimize <method> --help   (the method's keys: default, bounds, meaning)", "",
              f"methods: {', '.join(methods)}"]

@@ -43,7 +43,8 @@ from tqdm import tqdm
 from . import __version__, baselines, models, nets
 from .artifact import atomic_write_bytes, read_header
 from .images import write_png_grid
-from .table import MAX_SIGMA, SolverTable, TableError, first_nonfinite, make_noise, sample
+from .table import SolverTable, TableError, first_nonfinite, make_noise, sample, sigma_limit
+
 
 class UserError(Exception):
     """A bad command line or input file; printed as one ``error:`` line, exit status 2."""
@@ -240,9 +241,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def check_sigmas(args: argparse.Namespace, model: Any) -> None:
-    """--sigma-min/--sigma-max inside the model's stated noise range (or below MAX_SIGMA when it states none)."""
-    hi = getattr(model, "sigma_max", None)
-    limit = float(hi) if isinstance(hi, (int, float)) and math.isfinite(hi) else MAX_SIGMA
+    """--sigma-min/--sigma-max inside the model's stated noise range (``samplers.table.sigma_limit``)."""
+    limit = sigma_limit(model)
     for key in ("sigma_min", "sigma_max"):
         value = getattr(args, key)
         if value is not None and value > limit:

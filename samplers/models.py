@@ -99,14 +99,15 @@ def alphas_cumprod_of(config: Any) -> torch.Tensor:
     except Exception as err:  # noqa: BLE001 - diffusers/torch reject a value we did not foresee: one sentence
         raise ValueError(f"scheduler config: diffusers cannot build this noise schedule "
                          f"({' '.join(str(err).split())[:200]}).") from None
-    if abar.numel() < 2 or not (torch.isfinite(abar).all() and (abar > 0).all() and (abar < 1).all()
-                                and (abar[1:] < abar[:-1]).all()):
+    try:
+        check_alphas_cumprod(abar)  # VPDenoiser's rule: in (0, 1) (NaN fails), sigma_t strictly increasing
+    except ValueError:
         used = ("trained_betas" if keys.get("trained_betas") is not None else
                 f"beta_schedule={keys.get('beta_schedule', 'linear')!r}, "
                 f"beta_start={keys.get('beta_start', 0.0001)!r}, "
                 f"beta_end={keys.get('beta_end', 0.02)!r}")
         raise ValueError(f"scheduler config: {used} gives alphas_cumprod outside (0, 1) or not strictly decreasing; "
-                         f"every beta must lie in (0, 1), with a product that stays above 0 in float32.")
+                         f"every beta must lie in (0, 1), with a product that stays above 0 in float32.") from None
     return abar
 
 
@@ -244,15 +245,14 @@ def _unet_shape(unet_dir: Path, ucfg: dict) -> tuple[int, ...]:
 
 
 def _alphas_cumprod(sched_dir: Path, scfg: dict) -> torch.Tensor:
-    """abar_t of the scheduler config as ``load_diffusers`` uses it (``alphas_cumprod_of``,
-    which checks the schedule keys), checked usable by VPDenoiser's rule."""
+    """abar_t of the scheduler config as ``load_diffusers`` uses it (``alphas_cumprod_of``: the schedule keys checked,
+    the result usable by VPDenoiser)."""
     try:
         import diffusers  # noqa: F401 - optional dependency, only for diffusers folders
     except ImportError:
         raise ImportError("diffusers models need the diffusers package: pip install diffusers.") from None
     try:
         abar = alphas_cumprod_of(scfg)
-        check_alphas_cumprod(abar)
     except ValueError as err:
         raise ValueError(f"{sched_dir / 'scheduler_config.json'}: {str(err).removeprefix('scheduler config: ')}") from None
     except Exception as err:  # diffusers or torch rejecting a value nobody foresaw

@@ -39,6 +39,13 @@ def _as_float64(value: Any, name: str) -> torch.Tensor:
         raise TableError(f"table {name} must be numeric ({err}).") from None
 
 
+def sigma_limit(denoiser: Any) -> float:
+    """The largest noise level a denoiser supports: its ``sigma_max`` attribute when it states a finite one (VP and
+    diffusers models), else MAX_SIGMA."""
+    hi = getattr(denoiser, "sigma_max", None)
+    return float(hi) if isinstance(hi, (int, float)) and not isinstance(hi, bool) and np.isfinite(hi) else MAX_SIGMA
+
+
 class SolverTable:
     """A sampler as data: evaluation ``sigmas [N]``, ``coef [N+1, K+2N]`` and JSON ``metadata``.
 
@@ -167,8 +174,7 @@ class SolverTable:
         attributes, relative tolerance 1e-6; else at most MAX_SIGMA), and a one-step student (``max_nfe``
         attribute, from its network config) gets a table with at most that many evaluations."""
         sigmas = self.sigmas.detach().cpu().numpy()
-        hi = getattr(denoiser, "sigma_max", None)
-        hi = float(hi) if isinstance(hi, (int, float)) and np.isfinite(hi) else MAX_SIGMA
+        hi = sigma_limit(denoiser)
         if sigmas.max() > hi * (1 + 1e-6):
             raise TableError(f"the table evaluates sigma {sigmas.max():.6g}, above the largest noise level this model "
                              f"supports ({hi:.6g}).")
