@@ -19,18 +19,19 @@ def documented_keys(path: Path) -> list[tuple[str, str, str]]:
     """``(key, default, meaning)`` of each top-level scalar or list key of a yaml file, in file order; the meaning is
     the comment beside the key and the indented comment lines under it. Blocks (``method:``, ``hydra:``) are left out."""
     out: list[tuple[str, str, str]] = []
+    open_key = False  # the last line was a documented key or its continuation
     for line in path.read_text().splitlines():
         more = _MORE.match(line)
-        if more and out:
-            key, default, meaning = out[-1]
-            out[-1] = (key, default, f"{meaning} {more.group(1)}".strip())
+        if more:
+            if open_key:
+                key, default, meaning = out[-1]
+                out[-1] = (key, default, f"{meaning} {more.group(1)}".strip())
             continue
         m = _KEY_LINE.match(line)
-        if m and m.group(2) and m.group(1) != "defaults":
+        open_key = bool(m and m.group(2) and m.group(1) != "defaults")
+        if open_key:
             out.append((m.group(1), m.group(2), (m.group(3) or "").strip()))
-        elif not line.startswith((" ", "#")):
-            out.append(("", "", "")) if out and out[-1][0] else None  # a block or blank line ends a continuation
-    return [k for k in out if k[0]]
+    return out
 
 
 def summary(path: Path, width: int = 100) -> str:

@@ -529,16 +529,17 @@ class WatchedDenoiser(torch.nn.Module):
 
 
 # --- diffusers loader ------------------------------------------------------------------------
-def load_diffusers(folder: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> VPDenoiser:
+def load_diffusers(folder: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                   spec: DiffusersSpec | None = None) -> VPDenoiser:
     """A diffusers ``UNet2DModel`` and its scheduler config from a LOCAL folder as a VPDenoiser (with ``shape``, the
     shape of one sample).
 
     Layouts: ``folder/unet`` + ``folder/scheduler``, or one folder holding the UNet's
     ``config.json`` and ``scheduler_config.json``. ``abar_t`` comes from DDPMScheduler; no hub access.
-    Everything checkable comes first (``diffusers_spec``); any failure is a ValueError sentence
-    (ImportError without diffusers).
+    Everything checkable comes first (``diffusers_spec``, or ``spec`` when the caller already checked ``folder``);
+    any failure is a ValueError sentence (ImportError without diffusers).
     """
-    spec = diffusers_spec(folder)
+    spec = diffusers_spec(folder) if spec is None else spec
     from diffusers import UNet2DModel
 
     try:
@@ -768,9 +769,10 @@ def load(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = 
         shape, out_shape = tuple(den.shape), tuple(den.out_shape)
         base, den = den.fingerprint(), den.to(device=device, dtype=dtype)
     elif kind == "diffusers" and arg:
-        classes = check_diffusers(arg, where, names, **labels).classes
+        checked = check_diffusers(arg, where, names, **labels)
+        classes = checked.classes
         try:
-            den = load_diffusers(resolve_path(arg), device=device)
+            den = load_diffusers(resolve_path(arg), device=device, spec=checked)  # its folder checked once
         except (ValueError, OSError) as err:
             raise ValueError(f"{where}: {' '.join(str(err).split())[:300]}") from None
         shape = out_shape = tuple(den.shape)

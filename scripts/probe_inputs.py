@@ -262,15 +262,6 @@ def make_fixtures(root: Path) -> dict[str, str]:
     # learners: a model that is NaN below sigma 0.01, a ddss checkpoint with NaN table parameters
     from optimize.models import load_model
 
-
-    (root / "nanmodel.py").write_text(
-        "import torch\n\n"
-        "def make(threshold=0.01):\n"
-        "    def denoiser(x, sigma, cond=None):  # finite at the pre-check's sigmas (2.0, 0.5), NaN below threshold\n"
-        "        s = sigma.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)\n"
-        "        return torch.where(s < threshold, torch.full_like(x, float('nan')), x / (1 + s**2))\n"
-        "    return denoiser, (1, 4, 4)\n")
-    f["nan_model"] = str(root / "nanmodel.py")
     ncfg = compose_config(["method=ddss", "model=gmm", "nfe=4", "out_dir=unused"])
     nmod = ddss.build_module(ncfg)
     nstate = {k: v.clone() for k, v in nmod.state_dict().items()}
@@ -468,7 +459,7 @@ def probes(f: dict[str, str]) -> list[Probe]:
     o("ld3-resume-path", ["ld3", "model=gmm", "resume=outputs/ld3/old-run"], "rerun the same command; its result is bit-identical")
     o("ld3-resume-evil", ["ld3", "model=gmm", f"resume={f['evil_ckpt']}"], "ld3 has no resume")  # never read
     # a model that passes the pre-check but gives NaN at small sigma: one line naming the evaluation and its sigma
-    o("ld3-nan-small-sigma", ["ld3", "model=callable", f"model.target={f['nan_model']}:make", "model.features=raw", "nfe=3",
+    o("ld3-nan-small-sigma", ["ld3", "model=callable", f"model.target={f['targets']}:nan_small_sigma", "model.features=raw", "nfe=3",
                               "n_train=4", "n_valid=4", "rounds_v1=1", "rounds_v2=1", "evaluate=false", "hydra.run.dir=run"],
       "(sigma 0.00", run_folder="run")
     # resume= from a checkpoint whose table parameters are NaN: refused before work, naming the tensor and the step

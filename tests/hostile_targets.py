@@ -60,11 +60,11 @@ def sleeper():
     return den, (1, 4, 4)
 
 
-def nan_small_sigma():
-    """Finite at the pre-check's sigmas (2.0 and 0.5), NaN below sigma 0.01: found only during work."""
+def nan_small_sigma(threshold=0.01):
+    """Finite at the pre-check's sigmas (2.0 and 0.5), NaN below ``threshold``: found only during work."""
     def den(x, sigma, cond=None):
         out = _identity(x, sigma)
-        small = sigma.reshape(-1, *[1] * (x.ndim - 1)) < 0.01
+        small = sigma.reshape(-1, *[1] * (x.ndim - 1)) < threshold
         return torch.where(small, torch.full_like(out, float("nan")), out)
 
     return den, (1, 4, 4)

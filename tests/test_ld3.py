@@ -144,15 +144,7 @@ def test_iia_base_table_errors(tmp_path: Path) -> None:
 
 # --- no resume: a rerun is bit-identical; a model that leaves the finite numbers is one sentence -----------------------
 LD3_FAST = ["nfe=3", "n_train=4", "n_valid=4", "rounds_v1=1", "rounds_v2=1", "evaluate=false"]
-NAN_MODEL = """
-import torch
-
-def make(threshold=0.01):
-    def denoiser(x, sigma, cond=None):
-        s = sigma.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
-        return torch.where(s < threshold, torch.full_like(x, float("nan")), x / (1 + s**2))
-    return denoiser, (1, 4, 4)
-"""
+NAN_MODEL = Path(__file__).with_name("hostile_targets.py")  # nan_small_sigma: NaN below a threshold
 
 
 def test_a_rerun_gives_a_bit_identical_table(tmp_path: Path) -> None:
@@ -171,9 +163,8 @@ def test_model_nan_at_small_sigma_is_one_error_line_naming_the_sigma(tmp_path: P
     stops the run with one error line naming the evaluation, its sigma and the seed."""
     from optimize.cli import main
 
-    (tmp_path / "nanmodel.py").write_text(NAN_MODEL)
     with pytest.raises(SystemExit) as exc:
-        main(["ld3", "model=callable", f"model.target={tmp_path / 'nanmodel.py'}:make", "model.features=raw", *LD3_FAST,
+        main(["ld3", "model=callable", f"model.target={NAN_MODEL}:nan_small_sigma", "model.features=raw", *LD3_FAST,
               f"hydra.run.dir={tmp_path / 'run'}"])
     assert exc.value.code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
@@ -185,9 +176,9 @@ def test_model_nan_at_small_sigma_is_one_error_line_naming_the_sigma(tmp_path: P
 
 def test_nan_during_the_fit_names_the_iteration_and_the_sigma() -> None:
     """Targets are finite but the learned table evaluates where the model gives NaN (below sigma 0.1 here)."""
-    namespace: dict = {}
-    exec(NAN_MODEL, namespace)  # noqa: S102 - the test's own model source
-    den, shape = namespace["make"](0.1)
+    from hostile_targets import nan_small_sigma
+
+    den, shape = nan_small_sigma(0.1)
     e = _noise(range(4)).reshape(4, *SHAPE)[:, :, :4, :4].contiguous()
     fitter = ld3.LD3Fitter(den, "unipc", 3, train=(e, torch.zeros_like(e)), valid=(e, torch.zeros_like(e)),
                            sigma_min=0.002, sigma_max=80.0)
