@@ -17,23 +17,13 @@ from omegaconf import OmegaConf
 from optimize.cli import ConfigError, main
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
+from tiny_models import save_tiny  # noqa: E402 - the one tiny diffusers folder of the tests
 
 from samplers.models import load_diffusers  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def save_tiny(folder: Path, prediction_type: str = "epsilon", classes: int | None = None) -> Path:
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=classes)
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
-    DDPMScheduler(prediction_type=prediction_type).save_pretrained(folder / "scheduler")
-    return folder
 
 
 @pytest.fixture(scope="module")

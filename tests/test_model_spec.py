@@ -21,6 +21,7 @@ from samplers.__main__ import main as samplers_main
 from samplers.models import MAX_SAMPLE_ELEMENTS, WatchedDenoiser, check_sample_shape, check_timeout
 
 diffusers = pytest.importorskip("diffusers")
+from tiny_models import save_tiny  # noqa: E402 - the one tiny diffusers folder of the tests
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -29,13 +30,7 @@ TARGET = str(Path(__file__).with_name("hostile_targets.py"))  # user code that m
 
 
 def _save(folder: Path, width: tuple[int, int] = (8, 16), classes: int | None = None) -> Path:
-    torch.manual_seed(0)
-    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=width, layers_per_block=1,
-                          norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                          up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=classes
-                          ).save_pretrained(folder / "unet", safe_serialization=True)
-    diffusers.DDPMScheduler().save_pretrained(folder / "scheduler")
-    return folder
+    return save_tiny(folder, classes=classes, width=width)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from samplers.__main__ import main as samplers_main
 from samplers.models import SHIPPED, LabelDenoiser, load
 
 diffusers = pytest.importorskip("diffusers")
+from tiny_models import save_tiny  # noqa: E402 - the one tiny diffusers folder of the tests
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -30,14 +31,7 @@ QUIET = ["--no-progress"]
 @pytest.fixture(scope="module")
 def cond(tmp_path_factory) -> Path:
     """A tiny class-conditional UNet2DModel (3 classes; the last one serves as the null class) with its scheduler."""
-    folder = tmp_path_factory.mktemp("cond")
-    torch.manual_seed(0)
-    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                          norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                          up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=3
-                          ).save_pretrained(folder / "unet", safe_serialization=True)
-    diffusers.DDPMScheduler().save_pretrained(folder / "scheduler")
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("cond"), classes=3)
 
 
 def _mcfg(conf: str, **keys):
