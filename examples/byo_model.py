@@ -29,6 +29,6 @@ def digits(checkpoint: str = str(Path(__file__).parents[1] / "checkpoints/edm-di
 
 def features():
     """A feature map for features=[examples.byo_model:features] (here: the shipped digits classifier's features)."""
-    from optimize.classifier import load_classifier
+    from optimize.evaluation.classifier import load_classifier
 
     return load_classifier(str(Path(__file__).parents[1] / "checkpoints/classifier-digits.safetensors")).features

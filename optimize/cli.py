@@ -32,12 +32,13 @@ from omegaconf.errors import OmegaConfBaseException
 from samplers import nets
 from samplers.table import MAX_SIGMA
 
-from .base import CONF_DIR, ConfigError, SkipPoint, as_list, methods, models, resolve_path  # noqa: F401 - re-exported
-from .checkpoints import CheckpointUnreadable, _explicit_path, _flag, _is_true, readable_checkpoint
-from .keys import method_keys
-from .models import check_model_keys, check_model_spec, check_needs_data
-from .seeds import RANGE
-from .usage import help_text
+from optimize.base import CONF_DIR, ConfigError, SkipPoint, as_list, methods, models, resolve_path  # noqa: F401 - re-exported
+from optimize.base.seeds import RANGE
+from optimize.commands import check_needs_data, method_keys, method_module
+from optimize.data.models import check_model_keys, check_model_spec
+from optimize.evaluation.judge import check_features
+from optimize.training.checkpoints import CheckpointUnreadable, _explicit_path, _flag, _is_true, readable_checkpoint
+from optimize.usage import help_text
 
 MAX_CHECKED = 512  # sweep points composed and validated up front
 
@@ -94,10 +95,10 @@ def check_typed(cfg: DictConfig) -> None:
             spec.check(key, cfg[key])
     if "seed" in cfg:
         if cfg.seed >= RANGE:
-            raise ConfigError(f"seed must be below {RANGE} (each use has a 1e6-wide seed range, optimize/seeds.py), got {cfg.seed}.")
+            raise ConfigError(f"seed must be below {RANGE} (each use has a 1e6-wide seed range, optimize/base/seeds.py), got {cfg.seed}.")
         for key in ("n", "n_val", "tune_n"):
             if key in cfg and cfg.seed + cfg[key] > RANGE:
-                raise ConfigError(f"seed + {key} must be at most {RANGE} (a 1e6-wide seed range, optimize/seeds.py), "
+                raise ConfigError(f"seed + {key} must be at most {RANGE} (a 1e6-wide seed range, optimize/base/seeds.py), "
                                   f"got seed={cfg.seed} and {key}={cfg[key]}.")
     nfes = as_list(cfg.nfe)
     if not nfes:
@@ -190,10 +191,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown model {cfg.model.name!r}; valid models: {', '.join(models())}.")
 
     if cfg.model.get("kind") in ("diffusers", "callable") or str(cfg.model.get("data")).startswith("folder:"):
-        check_model_spec(cfg)  # a user's model, data or feature nets (fills the sigma range from a diffusers model)
+        check_model_spec(cfg)  # a user's model or data (fills the sigma range from a diffusers model)
+        feats = cfg.model.get("features")
+        if feats is not None and feats != "raw":
+            check_features(feats)  # a user's feature nets
     else:
         check_model_keys(cfg.model)
-        check_needs_data(cfg)
+    check_needs_data(cfg)
     check_typed(cfg)
     smin, smax = _check_number(cfg, "sigma_min"), _check_number(cfg, "sigma_max")
     if not 0 < smin < smax:
@@ -214,7 +218,7 @@ def validate(cfg: DictConfig) -> None:
             importlib.import_module("wandb")
         except ImportError:
             raise ConfigError("logger=wandb needs the wandb package (pip install -e .[wandb]).") from None
-    module = _method_module(name)
+    module = method_module(name)
     if getattr(module, "run", None) is None:
         raise ConfigError(f"method {name!r} has no command-line entry yet.")
     check = getattr(module, "validate", None)
@@ -222,17 +226,10 @@ def validate(cfg: DictConfig) -> None:
         check(cfg)
 
 
-def _method_module(name: str) -> Any:
-    try:
-        return importlib.import_module(f"optimize.{name}")
-    except ImportError as err:
-        raise ConfigError(f"method {name!r} cannot be imported ({err}).") from None
-
-
 def run_method(cfg: DictConfig) -> Any:
-    """Validate, then call ``optimize.<method>.run(cfg)``."""
+    """Validate, then call ``run(cfg)`` of the method's module (``optimize.commands.method_module``)."""
     validate(cfg)
-    entry: Callable[[DictConfig], Any] = getattr(_method_module(str(cfg.method.name)), "run")
+    entry: Callable[[DictConfig], Any] = getattr(method_module(str(cfg.method.name)), "run")
     return entry(cfg)
 
 

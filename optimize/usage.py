@@ -1,5 +1,5 @@
 """``python -m optimize --help`` and ``python -m optimize <method> --help``, built from the configuration files and
-the methods' ``KEYS``: each key with its default (the yaml value), its bounds (``optimize.keys``) and its meaning (the
+the methods' ``KEYS``: each key with its default (the yaml value), its bounds (``optimize.base.keys``) and its meaning (the
 yaml comment beside it). Nothing here names a method: a new method's help comes from its own files."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import base
-from .base import CONF_DIR
-from .keys import SHARED, inherited, method_keys
+from optimize import base
+from optimize.base import CONF_DIR
+from optimize.base.keys import SHARED, inherited
+from optimize.commands import method_keys
 
 _KEY_LINE = re.compile(r"^([A-Za-z_][\w]*):\s*(.*?)\s*(?:#\s?(.*))?$")
 _MORE = re.compile(r"^\s+#\s?(.*)$")  # a comment line continuing the key above

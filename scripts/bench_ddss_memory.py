@@ -32,9 +32,9 @@ def one(nfe: int, remat: bool, batch: int, family: str) -> dict:
     """Measure one training step in this process."""
     import torch
 
-    from optimize import ddss
+    from optimize.methods import ddss
     from optimize.cli import compose_config
-    from optimize.evaluate import Judge, load_model
+    from optimize.evaluation.evaluate import Judge, load_model
 
     torch.set_num_threads(1)
     cfg = compose_config(["method=ddss", "model=edm", f"nfe={nfe}", f"family={family}"])

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from optimize.cli import compose_config
-from optimize.evaluate import Judge, evaluate, load_model
+from optimize.evaluation.evaluate import Judge, evaluate, load_model
 from optimize.recipes import ddss_args, run_cli, write_bench_results
-from optimize.report import diff_text, pm
-from optimize.results import paired
+from optimize.evaluation.report import diff_text, pm
+from optimize.evaluation.results import paired
 from samplers import SolverTable
 
 REPO = Path(__file__).resolve().parents[1]

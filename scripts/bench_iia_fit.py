@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from optimize import iia
+from optimize.methods import iia
 from optimize.recipes import write_bench_results
 from samplers import baselines, make_noise, sample
 from samplers.nets import load_denoiser

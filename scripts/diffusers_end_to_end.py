@@ -16,8 +16,8 @@
    needs): ``TableScheduler`` with each learned table, against ``DPMSolverMultistepScheduler``,
    ``UniPCMultistepScheduler`` and ``EulerDiscreteScheduler`` (created with ``from_config(pipe.scheduler.config)``,
    their defaults) at the same NFE, from the same latents (paired). Quality: FD/KID against the training and
-   held-out digits on both digits feature nets with standard errors (``optimize.judge``) and paired differences
-   to the best diffusers scheduler (``optimize.results.paired``). Time per image: interleaved repeats of the same
+   held-out digits on both digits feature nets with standard errors (``optimize.evaluation.judge``) and paired differences
+   to the best diffusers scheduler (``optimize.evaluation.results.paired``). Time per image: interleaved repeats of the same
    batch, median. Writes ``docs/results/diffusers/{quality,timing,train}.csv`` and ``docs/results-diffusers.md``.
 """
 
@@ -224,9 +224,9 @@ def compare(n: int, batch: int, reps: int, time_batch: int) -> None:
     """Quality (paired, same latents) and time per image of every scheduler at every NFE, inside the pipeline."""
     from omegaconf import OmegaConf
 
-    from optimize.judge import Judge
-    from optimize.results import paired
-    from optimize.seeds import EVAL_SEED_OFFSET, seed_range
+    from optimize.evaluation.judge import Judge
+    from optimize.evaluation.results import paired
+    from optimize.base.seeds import EVAL_SEED_OFFSET, seed_range
     from samplers import baselines, make_noise
     from samplers.diffusers_scheduler import TableScheduler
 
@@ -295,7 +295,7 @@ def compare(n: int, batch: int, reps: int, time_batch: int) -> None:
         b = scaled(lat / ts.init_noise_sigma, nfe)
         checks.append({"check": "peer: dpmpp_2m table vs DPMSolverMultistepScheduler", "method": "dpmpp_2m", "nfe": nfe,
                        "max_abs_diff": float((a - b).abs().max()), "max_abs": float(a.abs().max())})
-    from optimize.results import public
+    from optimize.evaluation.results import public
 
     write_csv([public(r) for r in rows], RES_DIR / "quality.csv")
     write_csv(checks, RES_DIR / "checks.csv")
@@ -404,7 +404,7 @@ def _f(v: Any) -> float | None:
 
 def page() -> None:
     """docs/results-diffusers.md from the CSVs in docs/results/diffusers/ (every figure on the page is a CSV cell)."""
-    from optimize.report import NOTE, diff_text, fmt, table
+    from optimize.evaluation.report import NOTE, diff_text, fmt, table
 
     quality = read_csv(RES_DIR / "quality.csv")
     timing_rows = read_csv(RES_DIR / "timing.csv")
@@ -513,7 +513,7 @@ def page() -> None:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    from optimize.results import write_csv as _write
+    from optimize.evaluation.results import write_csv as _write
 
     _write(rows, str(path))
 

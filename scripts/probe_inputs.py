@@ -129,7 +129,9 @@ def make_fixtures(root: Path) -> dict[str, str]:
     import torch
     from omegaconf import OmegaConf
 
-    from optimize import ddss, teacher
+    from optimize.methods import ddss
+
+    from optimize.methods import teacher
     from optimize.cli import compose_config
     from samplers import baselines
 
@@ -260,7 +262,7 @@ def make_fixtures(root: Path) -> dict[str, str]:
     tset = teacher.run_settings(tcfg, int(OmegaConf.select(tcfg, "model.teacher.n_data")))
     f["teacher_other_batch"] = _fake_checkpoint(root / "teacher_bs.ckpt", thp, {**tset, "batch_size": tset["batch_size"] + 1})
     # learners: a model that is NaN below sigma 0.01, a ddss checkpoint with NaN table parameters
-    from optimize.models import load_model
+    from optimize.data.models import load_model
 
     ncfg = compose_config(["method=ddss", "model=gmm", "nfe=4", "out_dir=unused"])
     nmod = ddss.build_module(ncfg)

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from optimize.cli import ConfigError, compose_config, resolve_path
-from optimize.evaluate import Judge, evaluate, format_table, load_model, plot_quality, reference_solve, write_results
-from optimize.metrics import ReferenceCache, fd_estimate, kid
-from optimize.results import write_csv
-from optimize.report import NOTE, best, diff_cell, pivot, pm, table
+from optimize.evaluation.evaluate import Judge, evaluate, format_table, load_model, plot_quality, reference_solve, write_results
+from optimize.evaluation.metrics import ReferenceCache, fd_estimate, kid
+from optimize.evaluation.results import write_csv
+from optimize.evaluation.report import NOTE, best, diff_cell, pivot, pm, table
 from samplers import baselines
 
 REPO = Path(__file__).resolve().parents[1]

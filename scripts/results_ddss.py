@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from optimize.cli import compose_config
-from optimize.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, write_results
-from optimize.metrics import ReferenceCache
-from optimize.report import NOTE, best, diff_cell, fmt, pm, table
+from optimize.evaluation.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, write_results
+from optimize.evaluation.metrics import ReferenceCache
+from optimize.evaluation.report import NOTE, best, diff_cell, fmt, pm, table
 from samplers import SolverTable, baselines
 
 REPO = Path(__file__).resolve().parents[1]

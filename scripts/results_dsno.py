@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from optimize import dsno
+from optimize.methods import dsno
 from optimize.cli import compose_config
-from optimize.evaluate import Judge, evaluate, load_model, reference_solve, write_results
-from optimize.metrics import ReferenceCache
+from optimize.evaluation.evaluate import Judge, evaluate, load_model, reference_solve, write_results
+from optimize.evaluation.metrics import ReferenceCache
 from samplers import SolverTable, baselines
 from samplers.images import write_png_grid
 from samplers.nets import load_denoiser, read_net_header
@@ -121,7 +121,7 @@ def _pm(r: dict[str, Any], key: str) -> str:
 def paired_text(a: dict[str, Any], b: dict[str, Any], key: str = "fd_train_main") -> str:
     """``a - b`` on ``key`` with the paired standard error when the evaluation API provides it."""
     try:
-        from optimize.results import paired
+        from optimize.evaluation.results import paired
     except ImportError:
         return f"{a[key] - b[key]:+.3g}"
     try:

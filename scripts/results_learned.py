@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from optimize.cli import compose_config
-from optimize.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, tune, write_results
-from optimize.metrics import ReferenceCache
+from optimize.evaluation.evaluate import Judge, evaluate, load_model, reference_solve, start_sigma, tune, write_results
+from optimize.evaluation.metrics import ReferenceCache
 from optimize.recipes import LD3_BASES, best_ld3, fit_ddss, fit_iia, fit_ld3, fit_seconds, select, ship
-from optimize.report import NOTE, best, diff_cell, fmt, pm, table
+from optimize.evaluation.report import NOTE, best, diff_cell, fmt, pm, table
 from samplers import SolverTable, baselines
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimize.report import NOTE, best, diff_text, pm, table
-from optimize.results import read_results
+from optimize.evaluation.report import NOTE, best, diff_text, pm, table
+from optimize.evaluation.results import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ MODELS = [
 
 
 def read_rows(path: Path) -> list[Row]:
-    """The rows of a results CSV (``optimize.results.read_results``) with ``nfe`` as int (rows without an NFE are dropped)."""
+    """The rows of a results CSV (``optimize.evaluation.results.read_results``) with ``nfe`` as int (rows without an NFE are dropped)."""
     return [{**r, "nfe": int(r["nfe"]), "method": str(r.get("method") or "").strip()}
             for r in read_results(str(path)) if isinstance(r.get("nfe"), float)]
 

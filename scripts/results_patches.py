@@ -10,7 +10,7 @@
 Rows, all on evaluation seeds 0..n-1 (paired): the classic solvers (karras rho 7, sigma 0.002..80; CLASSIC_NFES: NFE
 3..50 for DPM-Solver++(2M), every NFE where a learned table is compared at N and 2N), the converged teacher
 (DPM-Solver++(2M) at NFE 50, checked against DPM-Solver++(3M) at NFE 30), tuned DPM-Solver++(2M) (rho x sigma_min x end on
-the tuning seeds, ``optimize.evaluate.tune``), LD3 over UniPC (the learned peer), IIA over the LD3 table and DDSS
+the tuning seeds, ``optimize.evaluation.evaluate.tune``), LD3 over UniPC (the learned peer), IIA over the LD3 table and DDSS
 (every causal coefficient, from the LD3 table, KID + teacher L2; selects on seeds 3,000,000+ against the training
 patches with the first feature net) as on the digits page (scripts/results_learned.py), and TADA (detail 1). Reference
 points: fresh training-region crops and the validation patches scored like samples (the real floor); ref-RMSE is the
@@ -37,12 +37,12 @@ import torch
 
 from optimize import data
 from optimize.cli import compose_config
-from optimize.evaluate import Judge, Model, load_model, read_results, write_results
-from optimize.metrics import ReferenceCache, reference_rmse
+from optimize.evaluation.evaluate import Judge, Model, load_model, read_results, write_results
+from optimize.evaluation.metrics import ReferenceCache, reference_rmse
 from optimize.recipes import (SHIPPED, cached_draw, fit_ddss, fit_iia, fit_ld3, fit_seconds, page_date, select, ship,
                               table_hash)
-from optimize.report import NOTE, best, diff_text, fmt, pivot, pm, table
-from optimize.results import add_paired_columns, plot_quality, public, write_csv
+from optimize.evaluation.report import NOTE, best, diff_text, fmt, pivot, pm, table
+from optimize.evaluation.results import add_paired_columns, plot_quality, public, write_csv
 from samplers import SolverTable, baselines
 from samplers.images import write_png_grid
 
@@ -72,7 +72,7 @@ NAMES = {"fd_train_main": "FD train", "fd_heldout_main": "FD held-out", "fd_trai
 GRID_NFES = (4, 8)
 # how the shipped teacher was trained (its file records the steps and the seconds of the last, resumed, leg only)
 TEACHER_TIME = ("Trained as one deterministic run in two legs (a resumed run continues exactly as the uninterrupted one, "
-                "``optimize.teacher``): steps 0-3,500 in 44 minutes on a CPU shared with other jobs (1 thread), steps 3,500-15,000 "
+                "``optimize.methods.teacher``): steps 0-3,500 in 44 minutes on a CPU shared with other jobs (1 thread), steps 3,500-15,000 "
                 "in 2,270 s on 2 threads (0.197 s per step, the file's train_seconds); at that rate the whole run from scratch "
                 "takes about 49 minutes on 2 uncontended cores.")
 DSNO_SETTINGS = ["n_data=2048", "steps=300", "batch_size=64", "max_minutes=20"]  # the digits default: 8192, 1000, 128
@@ -85,7 +85,7 @@ TABLE_KINDS = {"tuned": ("dpmpp_2m+tuned", "tuned"), "ld3": ("ld3-unipc", "peer"
 # --- learning (tables committed under docs/results/patches/tables) ---------------------------------
 def learn_tuned(nfes: list[int], tune_n: int) -> None:
     """Tuned DPM-Solver++(2M): rho x sigma_min grid on the tuning seeds, lowest FD against the training patches."""
-    from optimize.evaluate import tune
+    from optimize.evaluation.evaluate import tune
 
     cfg = compose_config(["method=evaluate", "model=patches", "out_dir=.", f"tune_n={tune_n}", "tune_end=[zero,sigma_min]"])
     model = load_model(cfg.model)
@@ -341,7 +341,7 @@ def goal1_rows(model: Any, judge: Judge, cache: ReferenceCache, cfg: Any, seeds:
 
 def time_one_table(model: Any, judge: Judge, seeds: list[int]) -> dict[str, Any]:
     """Wall seconds of one full evaluation (sampling 2,000 + scoring) of dpmpp_2m at NFE 10, uncached."""
-    from optimize.evaluate import evaluate
+    from optimize.evaluation.evaluate import evaluate
 
     t = baselines.build("dpmpp_2m", 10)
     t0, c0 = time.perf_counter(), time.process_time()

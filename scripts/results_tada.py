@@ -4,24 +4,24 @@
     python scripts/results_tada.py --n 500 --nfe 4 8 --details 1 2  # a quick look
     python scripts/results_tada.py --sample-only --shard 0 2        # fill the sample cache (half the work), no scoring
 
-Every row samples seeds 0..n-1 (optimize.seeds EVAL range, paired; TADA's first noise vector e_0 is the classic
+Every row samples seeds 0..n-1 (optimize.base.seeds EVAL range, paired; TADA's first noise vector e_0 is the classic
 solvers' noise, its second e_1 is the next draw of the same seed's generator) with the configs of conf/ (model=edm,
-karras schedule, rho 7, sigma 0.002..80). Scores (optimize.judge.Judge): FD and KID against the training and
+karras schedule, rho 7, sigma 0.002..80). Scores (optimize.evaluation.judge.Judge): FD and KID against the training and
 held-out digits on the two classifier feature nets, each ± its standard error (KID: full-set unbiased MMD^2 with a
 two-sample jackknife; FD: bootstrap of both sets), and ref-RMSE: for classic solvers the RMSE to the cached Heun-255
 solve of the probability-flow ODE from ``sigma_max e_0``; for TADA the RMSE to TADA's own converged solve (order 3
 at ``--own-ref-nfe``, same e_0 and e_1, cached beside it), because TADA integrates a different ODE whose limit is
 not the PF-ODE solution (the doc reports how far apart the two limits are). dpmpp_2m is also run at ceil(1.5 N)
 for the moonshot check. Every comparison on the page is a paired difference on the same seeds
-(optimize.results.paired) with its standard error and a verdict (beyond 2 se, or ≈).
+(optimize.evaluation.results.paired) with its standard error and a verdict (beyond 2 se, or ≈).
 
-The fixed TADA setting is chosen on the TUNE seed range (optimize.seeds.TUNE_SEED_OFFSET) against the training set
+The fixed TADA setting is chosen on the TUNE seed range (optimize.base.seeds.TUNE_SEED_OFFSET) against the training set
 with the first feature net only; the evaluation seeds, the held-out set and the second net play no part in it.
 
 Samples of every row are cached in ``<cache_dir>/../tada-samples`` (keyed by model fingerprint, a hash of the
 table's sigmas and coefficients, and the seeds), so a rerun only re-scores; ``--sample-only`` fills that cache
 (``--shard I N``: every N-th job from I, for parallel runs). Writes docs/results-tada.md,
-docs/results/tada/results.csv/.json (optimize.results.write_results), the quality-vs-NFE plot, one sample grid per
+docs/results/tada/results.csv/.json (optimize.evaluation.results.write_results), the quality-vs-NFE plot, one sample grid per
 detail value at NFE 10 and report.json (the numbers and tables of the doc). The summary at the top of the doc is
 hand-written in docs/results/tada/notes.md; after editing it, ``--render`` rewrites the doc from report.json
 without sampling.
@@ -43,12 +43,12 @@ import numpy as np
 import torch
 
 from optimize.cli import as_list, compose_config, resolve_path
-from optimize.evaluate import Judge, draw, load_model, reference_solve, write_results
-from optimize.metrics import ReferenceCache, fd_estimate, kid, reference_rmse
+from optimize.evaluation.evaluate import Judge, draw, load_model, reference_solve, write_results
+from optimize.evaluation.metrics import ReferenceCache, fd_estimate, kid, reference_rmse
 from optimize.recipes import cached_draw
-from optimize.report import NOTE, diff_cell, fmt, pm, table
-from optimize.results import Z, public
-from optimize.seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range
+from optimize.evaluation.report import NOTE, diff_cell, fmt, pm, table
+from optimize.evaluation.results import Z, public
+from optimize.base.seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range
 from samplers import SolverTable, baselines
 from samplers.artifact import atomic_write_bytes
 from samplers.images import write_png_grid
@@ -419,7 +419,7 @@ def main() -> None:
     print(f"rows scored, references ready ({(time.perf_counter() - t_start) / 60:.1f} min)", flush=True)
 
     # converged limits: the Heun reference and each TADA own reference, scored like a sampler
-    from optimize.classifier import load_classifier
+    from optimize.evaluation.classifier import load_classifier
 
     classifier = load_classifier(str(resolve_path(str(as_list(cfg.model.features)[0]))))
 
@@ -466,7 +466,7 @@ def main() -> None:
     fixed = min(tada_names, key=lambda m: tune_score[m][0])
     tune_text = (f"Fixed setting: **{fixed}**, the TADA setting with the lowest mean log FD (train set, main features only) over "
                  f"NFE {', '.join(map(str, args.nfe))} on {args.tune_n} separate tuning seeds ({tune_seeds[0]}..{tune_seeds[-1]}, "
-                 "`optimize.seeds.TUNE_SEED_OFFSET`); ranking by geometric-mean FD on those seeds (± bootstrap se): "
+                 "`optimize.base.seeds.TUNE_SEED_OFFSET`); ranking by geometric-mean FD on those seeds (± bootstrap se): "
                  + ", ".join(f"{m} {tune_score[m][0]:.3g} ± {tune_score[m][1]:.2g}" for m in sorted(tada_names, key=lambda m: tune_score[m][0]))
                  + ".")
 

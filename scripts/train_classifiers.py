@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from optimize.classifier import (accuracy, patch_accuracies, save_classifier, train_classifier,
+from optimize.evaluation.classifier import (accuracy, patch_accuracies, save_classifier, train_classifier,
                                  train_patch_features)
 from optimize.data import digits
 

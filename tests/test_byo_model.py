@@ -1,4 +1,4 @@
-"""Bring your own model (optimize/models.py kinds diffusers and callable, optimize/folder_data.py, feature nets given
+"""Bring your own model (optimize/data/models.py kinds diffusers and callable, optimize/data/folder.py, feature nets given
 as files or callables): the models load as the runtime loads them, and every bad spec is one `error:` line, exit 2,
 before any work."""
 
@@ -139,7 +139,7 @@ def gaussian(std: float = 1.0):
 
 # --- models load as the runtime loads them --------------------------------------------------------
 def test_diffusers_model_equals_load_diffusers_and_takes_its_sigma_range(tiny):
-    from optimize.models import check_model_spec, load_model
+    from optimize.data.models import check_model_spec, load_model
 
     cfg = OmegaConf.create({"method": {"name": "iia"}, "model": OmegaConf.to_container(_mcfg(conf="diffusers", path=str(tiny)))})
     check_model_spec(cfg)
@@ -152,7 +152,7 @@ def test_diffusers_model_equals_load_diffusers_and_takes_its_sigma_range(tiny):
 
 
 def test_class_conditional_label_distribution_and_guidance(tiny_cond):
-    from optimize.models import load_model
+    from optimize.data.models import load_model
 
     ref = load_diffusers(tiny_cond)
     x, s = torch.randn(4, 1, 8, 8) * 3, torch.tensor([3.0, 1.0, 0.1, 0.5])
@@ -167,7 +167,7 @@ def test_class_conditional_label_distribution_and_guidance(tiny_cond):
 
 
 def test_callable_model_and_example(capsys):
-    from optimize.models import load_model
+    from optimize.data.models import load_model
     from samplers.nets import load_denoiser
 
     m = load_model(_mcfg(conf="callable", target="examples.byo_model:digits"))
@@ -183,7 +183,7 @@ def test_callable_model_and_example(capsys):
 def test_folder_data_png_npy_npz(tmp_path):
     from PIL import Image
 
-    from optimize.folder_data import load_folder
+    from optimize.data.folder import load_folder
 
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(6, 8, 8), dtype=np.uint8)
@@ -208,7 +208,7 @@ def test_folder_data_png_npy_npz(tmp_path):
 
 def test_judge_from_folder_with_file_and_callable_features(tmp_path):
     from optimize.data import digits
-    from optimize.judge import Judge
+    from optimize.evaluation.judge import Judge
 
     x = digits("train")[0][:200]
     np.save(tmp_path / "digits.npy", x.numpy())

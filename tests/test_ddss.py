@@ -1,4 +1,4 @@
-"""DDSS over GGDM (optimize.ddss): exact DDIM initialisation, the parametrisation's constraints, the loss,
+"""DDSS over GGDM (optimize.methods.ddss): exact DDIM initialisation, the parametrisation's constraints, the loss,
 gradient rematerialisation, resume, a short GMM run with a loadable artifact, DDP and bad configs."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from optimize import ddss
+from optimize.methods import ddss
 from optimize.cli import ConfigError, main
-from optimize.evaluate import Judge, Model
-from optimize.metrics import mmd2_unbiased
-from optimize.runs import ticks
+from optimize.evaluation.evaluate import Judge, Model
+from optimize.evaluation.metrics import mmd2_unbiased
+from optimize.training.runs import ticks
 from samplers import SolverTable, baselines
 from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net
@@ -200,7 +200,7 @@ def test_default_compare_holds_the_best_classic_on_each_end_convention() -> None
     best classic on digits at NFE 8 (dpmpp_2m) and 10 (ipndm), docs/results-learned.md."""
     from omegaconf import OmegaConf
 
-    from optimize.runs import compare_entry, compare_tables
+    from optimize.training.runs import compare_entry, compare_tables
 
     cfg = OmegaConf.load(ROOT / "conf" / "method" / "ddss.yaml")
     ends = {end: {s for s, e, _ in map(compare_entry, cfg.compare) if e == end} for end in ("zero", "sigma_min")}
@@ -290,7 +290,7 @@ def test_bad_config_one_sentence(args: list[str], needle: str, capsys: pytest.Ca
 
 
 def test_resume_true_without_checkpoint_is_one_sentence(tmp_path: Path) -> None:
-    from optimize.checkpoints import resume_path
+    from optimize.training.checkpoints import resume_path
 
     with pytest.raises(ConfigError, match="resume=true found no lightning/last.ckpt"):
         resume_path(True, str(tmp_path / "fresh"))
@@ -450,7 +450,8 @@ def test_init_from_table_file_is_that_table_bit_for_bit(tmp_path: Path) -> None:
 
 def test_match_loss_pulls_samples_to_the_teacher(tmp_path: Path) -> None:
     """loss=match: 15 steps lower the same-noise L2 to the fine teacher solve on noises outside the pool."""
-    from optimize.ld3 import l2_per_sample, teacher_targets
+    from optimize.methods.ld3 import l2_per_sample
+    from optimize.training.distill import teacher_targets
 
     module = _tiny_module(3, family="full", loss="match", n_match=64, batch_size=16, lr=0.05, sigma_lr=0.05,
                           warmup_steps=0, steps=15, val_every=0, teacher_solver="heun", teacher_nfe=21)

@@ -1,4 +1,4 @@
-"""DSNO (optimize.dsno, samplers.nets.DSNOUNet): the student starts as the teacher, the temporal layer's algebra,
+"""DSNO (optimize.methods.dsno, samplers.nets.DSNOUNet): the student starts as the teacher, the temporal layer's algebra,
 the [B*M] layout, data from the executor's callback, a short run that overfits, export served by the unchanged
 runtime, resume, NaN stop and bad configs."""
 
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from optimize import dsno
+from optimize.methods import dsno
 from optimize.cli import main
-from optimize.runs import ticks
-from optimize.results import read_results
+from optimize.training.runs import ticks
+from optimize.evaluation.results import read_results
 from samplers import SolverTable, make_noise, sample
 from samplers.denoisers import EDMPrecond
 from samplers.nets import DSNOUNet, SpectralConv1d, TemporalBlock, build_net, load_denoiser, load_net

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimize.evaluate import Judge, evaluate, feature_maps, read_results, start_sigma
+from optimize.evaluation.evaluate import Judge, evaluate, feature_maps, read_results, start_sigma
 from samplers import baselines
 from samplers.denoisers import GaussianMixture
 
@@ -101,7 +101,7 @@ def test_tuned_baseline_picks_the_best_schedule_on_separate_seeds(tmp_path: Path
     assert [r["method"] for r in rows] == ["euler", "euler+tuned"]
     tuned = rows[1]
     assert tuned["rho"] in (2.0, 7.0) and tuned["sigma_min"] in (0.002, 0.05) and tuned["end"] in ("zero", "sigma_min")
-    from optimize.evaluate import TUNE_SEED_OFFSET
+    from optimize.evaluation.evaluate import TUNE_SEED_OFFSET
 
     gmm = GaussianMixture.random((1, 8, 8), components=6, seed=0)
     real = {"train": __import__("optimize.data", fromlist=["get"]).get("gmm")(2000, seed=0)}
@@ -115,7 +115,7 @@ def test_tuned_baseline_picks_the_best_schedule_on_separate_seeds(tmp_path: Path
 
 
 def test_results_csv_round_trips_labels_with_commas_and_quotes(tmp_path: Path) -> None:
-    from optimize.results import write_results
+    from optimize.evaluation.results import write_results
 
     rows = [{"method": "tada(detail=0.5,order=2)", "nfe": 6, "fd_train_main": 10.123456789012345, "ref_rmse": None},
             {"method": 'odd "quoted", label', "nfe": 8, "fd_train_main": 3.5, "ref_rmse": 0.25, "extra": "a\nb"}]
@@ -127,7 +127,7 @@ def test_results_csv_round_trips_labels_with_commas_and_quotes(tmp_path: Path) -
 
 
 def test_paired_rows_and_restricted_judge() -> None:
-    from optimize.results import format_table, paired, public, verdict
+    from optimize.evaluation.results import format_table, paired, public, verdict
 
     gmm = GaussianMixture.ring(8, radius=2.0, std=0.1)
     real = {"train": gmm.sample(300, torch.Generator().manual_seed(0)), "heldout": gmm.sample(300, torch.Generator().manual_seed(1))}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from optimize import iia
+from optimize.methods import iia
 from samplers import SolverTable, baselines, make_noise, sample
 from samplers.denoisers import GaussianMixture
 
@@ -272,7 +272,7 @@ def test_cli_writes_artifact_that_generate_runs(tmp_path: Path) -> None:
     table = SolverTable.load(str(path), fingerprint=GMM.fingerprint())
     meta = table.metadata["iia"]
     assert meta["substeps"] == 8 and meta["fine_solver"] == "heun" and table.metadata["n_fit"] == 32 and len(meta["residuals"]) == 4
-    assert table.metadata["seed"] == 2_000_000  # the fitting seed range (optimize.seeds.FIT_SEED_OFFSET)
+    assert table.metadata["seed"] == 2_000_000  # the fitting seed range (optimize.base.seeds.FIT_SEED_OFFSET)
     assert "iia-generic" in r.stdout and "euler" in r.stdout  # evaluated beside its base
     g = subprocess.run([sys.executable, "-m", "samplers", "generate", "--table", str(path), "--model", "gmm", "--n", "8",
                         "--dtype", "float64", "--no-progress", "--out", str(tmp_path / "gen")], capture_output=True, text=True, timeout=120)

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from optimize import iia, ld3
+from optimize.methods import iia
+
+from optimize.methods import ld3
 from samplers import SolverTable, baselines, make_noise, sample
 from samplers.denoisers import GaussianMixture
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from optimize import metrics
-from optimize.metrics import (
+from optimize.evaluation import metrics
+from optimize.evaluation.metrics import (
     ReferenceCache,
     frechet_distance,
     frechet_from_stats,

@@ -157,7 +157,7 @@ def test_class_conditioning_checked_by_both_clis(tmp_path, tiny, cond, capsys):
 def test_fingerprints_are_the_same_in_both_clis(tiny):
     """generate and optimize fingerprint an unlabelled diffusers model alike, and the shipped folder's value is pinned
     (tables shipped for it depend on it)."""
-    from optimize.models import load_model
+    from optimize.data.models import load_model
     from samplers.models import load
 
     base = OmegaConf.load(REPO / "conf" / "model" / "diffusers.yaml")
@@ -180,7 +180,7 @@ def test_sample_shape_limit():
 
 
 def test_gmm_shape_limit_before_allocation():
-    from optimize.models import load_model
+    from optimize.data.models import load_model
 
     with pytest.raises(ConfigError, match=r"model.shape: sample shape \[1, 100000, 100000\] has"):
         load_model(OmegaConf.merge(OmegaConf.load(REPO / "conf" / "model" / "gmm.yaml"), {"shape": [1, 100000, 100000]}))

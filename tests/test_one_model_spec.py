@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from optimize.cli import main as optimize_main
-from optimize.models import load_model
+from optimize.data.models import load_model
 from samplers import SolverTable, baselines, make_noise, nets, sample
 from samplers.__main__ import main as samplers_main
 from samplers.models import SHIPPED, LabelDenoiser, load

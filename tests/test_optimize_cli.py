@@ -23,13 +23,13 @@ def test_help_lists_methods_and_keys(argv: list[str], capsys: pytest.CaptureFixt
     main(argv)
     out = capsys.readouterr().out
     assert f"methods: {', '.join(methods())}" in out and {"evaluate", "teacher"} <= set(methods())
-    assert "  teacher   EDM training (optimize.teacher), EMA weights exported" in out  # each method's summary line
+    assert "  teacher   EDM training (optimize.methods.teacher), EMA weights exported" in out  # each method's summary line
     for key in ("model=NAME", "solver=dpmpp_2m", "nfe=8", "sigma_min=", "seed=0 [a non-negative integer]", "-m/--multirun"):
         assert key in out
 
 
 def test_method_help_lists_its_keys_with_default_bounds_and_meaning(capsys: pytest.CaptureFixture[str]) -> None:
-    """``python -m optimize ld3 --help``: ld3's own keys (declared in optimize/ld3.py KEYS and conf/method/ld3.yaml),
+    """``python -m optimize ld3 --help``: ld3's own keys (declared in optimize/methods/ld3.py KEYS and conf/method/ld3.yaml),
     then those of evaluate, whose config ld3's includes; no other method's keys."""
     main(["ld3", "--help"])
     out = capsys.readouterr().out
@@ -47,7 +47,8 @@ def test_method_help_lists_its_keys_with_default_bounds_and_meaning(capsys: pyte
 
 
 def test_keys_come_from_the_method_and_its_included_configs() -> None:
-    from optimize.keys import SHARED, inherited, method_keys
+    from optimize.base.keys import SHARED, inherited
+    from optimize.commands import method_keys
 
     assert inherited("iia") == ["evaluate", "iia"] and inherited("ddss") == ["ddss"]
     iia = method_keys("iia")

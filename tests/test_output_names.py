@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from optimize.cli import main
-from optimize.paths import MAX_SLUG, path_inside, slug
+from optimize.base.paths import MAX_SLUG, path_inside, slug
 from samplers import baselines
 
 HOSTILE = ["x/../../../../../../../tmp/ESCAPED", "/etc/passwd", "", "a\nb", "..", ".", "../x", "C:\\evil\\x",

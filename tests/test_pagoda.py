@@ -1,4 +1,4 @@
-"""PaGoDA (optimize.pagoda, samplers.nets.PaGoDAGenerator): latents by the teacher's ODE run up decode back to the
+"""PaGoDA (optimize.methods.pagoda, samplers.nets.PaGoDAGenerator): latents by the teacher's ODE run up decode back to the
 images, the base generator starts as the teacher's raw output at sigma_max, a grown stage starts as the
 nearest-upsampled smaller generator, frozen weights stay put, lambda stays in [0.01, 10], a generator whose output is
 larger than its noise is served by the unchanged runtime, and bad configs are one error line."""
@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from optimize import pagoda
+from optimize.methods import pagoda
 from optimize.data import gmm_model
-from optimize.runs import ticks
+from optimize.training.runs import ticks
 from samplers import SolverTable, make_noise, sample
 from samplers.nets import build_net, load_denoiser, load_net, output_shape, save_net
 
@@ -189,7 +189,7 @@ def _fast(teacher: Path, tmp_path: Path) -> list[str]:
 
 def test_command_exports_every_resolution_served_by_samplers_generate(tiny_teacher: Path, tmp_path: Path) -> None:
     from optimize.cli import main
-    from optimize.results import read_results
+    from optimize.evaluation.results import read_results
     from samplers.nets import read_net_header
 
     from safetensors.torch import load_file

@@ -109,8 +109,8 @@ def test_cells_and_mirrored_cells():
 
 
 def test_judge_branch_and_teacher_data():
-    from optimize.judge import REAL_N, Judge
-    from optimize.teacher import training_data
+    from optimize.evaluation.judge import REAL_N, Judge
+    from optimize.methods.teacher import training_data
 
     mcfg = OmegaConf.create({"name": "patches", "data": "patches", "features": "raw", "clip": True,
                              "teacher": {"n_data": 12, "net": {"resolution": 16}}})
@@ -127,8 +127,8 @@ def test_feature_nets_judge_other_sizes_resized_bicubically():
     """model=patches8: the shipped 32x32 feature nets see 8x8 samples and real sets resized bicubically to 32x32."""
     from torch.nn import functional as F
 
-    from optimize.classifier import load_classifier
-    from optimize.judge import feature_maps
+    from optimize.evaluation.classifier import load_classifier
+    from optimize.evaluation.judge import feature_maps
 
     repo = Path(__file__).resolve().parents[1]
     paths = [str(repo / "checkpoints" / f) for f in ("features-patches.safetensors", "features-patches-b.safetensors")]
@@ -157,7 +157,7 @@ def test_cli_exit_code_two_in_a_subprocess():
 
 
 def test_patch_feature_nets_train_and_round_trip(tmp_path: Path):
-    from optimize.classifier import load_classifier, patch_accuracies, save_classifier, train_patch_features
+    from optimize.evaluation.classifier import load_classifier, patch_accuracies, save_classifier, train_patch_features
 
     pos, flip = data.patch_positions("train", 64, seed=9)
     x, photo, cell = data.patches("train", 64, seed=9), torch.from_numpy(pos[:, 0].copy()), torch.from_numpy(data.patch_cells(pos, flip))

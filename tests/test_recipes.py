@@ -15,7 +15,7 @@ import pytest
 
 from optimize import recipes
 from optimize.recipes import ddss_args, fit_seconds, page_date, table_hash
-from optimize.results import read_results
+from optimize.evaluation.results import read_results
 from samplers import baselines
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from optimize.classifier import accuracy, build_classifier, load_classifier, random_shift, save_classifier
+from optimize.evaluation.classifier import accuracy, build_classifier, load_classifier, random_shift, save_classifier
 from optimize.data import digits
-from optimize.teacher import NaNLossError, TeacherModule, data_loader, edm_loss, edm_weight, sample_sigma
+from optimize.methods.teacher import NaNLossError, TeacherModule, data_loader, edm_loss, edm_weight, sample_sigma
 from samplers.nets import load_denoiser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +176,7 @@ class _LossLog(L.Callback):
 
 
 def _ticks():
-    from optimize.runs import ticks
+    from optimize.training.runs import ticks
 
     return ticks()
 
@@ -201,7 +201,7 @@ def test_resumed_loss_curve_equals_uninterrupted(tmp_path):
     for step in (3, 4, 5):
         assert math.isclose(resumed_log.losses[step], straight_log.losses[step], rel_tol=1e-6), step
     assert first.step_batch().shape == (16, 1, 8, 8)
-    # the EMA is updated before Lightning writes a step's checkpoint (optimize.runs.TrainingModule), so it resumes exactly
+    # the EMA is updated before Lightning writes a step's checkpoint (optimize.training.runs.TrainingModule), so it resumes exactly
     for name, value in straight.ema.state_dict().items():
         assert torch.equal(resumed.ema.state_dict()[name], value), name
 
@@ -213,7 +213,7 @@ def _toy_cfg(*overrides: str):
 
 
 def _fake_ckpt(path, cfg, **changes) -> str:
-    from optimize import teacher
+    from optimize.methods import teacher
 
     hp = dict(teacher.build_module(cfg).hparams)
     settings = {**teacher.run_settings(cfg, 64), **changes}
@@ -224,8 +224,8 @@ def _fake_ckpt(path, cfg, **changes) -> str:
 
 def test_resume_refuses_another_run_naming_the_first_difference(tmp_path):
     from optimize.cli import ConfigError
-    from optimize.checkpoints import pick_resume
-    from optimize import teacher
+    from optimize.training.checkpoints import pick_resume
+    from optimize.methods import teacher
 
     cfg = _toy_cfg()
     module = teacher.build_module(cfg)
@@ -278,7 +278,7 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path, capsys, monkeypatch)
 
 
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
-    from optimize.checkpoints import readable_checkpoint
+    from optimize.training.checkpoints import readable_checkpoint
 
     folder = tmp_path / "run" / "lightning"
     folder.mkdir(parents=True)

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import ConfigError, resolve_path
+from optimize.base import ConfigError, resolve_path
 
 SUFFIXES = (".png", ".npy", ".npz")
 SPLITS = (("train", "train"), ("heldout", "heldout"))

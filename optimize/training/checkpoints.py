@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .base import ConfigError, resolve_path
+from optimize.base import ConfigError, resolve_path
 
 KEEP_CHECKPOINTS = 2  # step checkpoints kept beside last.ckpt (the fallback when last.ckpt is truncated)
 

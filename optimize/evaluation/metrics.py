@@ -47,7 +47,7 @@ def _feats(x: Any) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cubic polynomial kernel ``k(x, y) = (x.y / d + 1)^3`` for all pairs."""
     return (a @ b.T / a.shape[1] + 1.0) ** 3
 
@@ -72,7 +72,7 @@ def mmd2_unbiased(feat_a: Any, feat_b: Any) -> torch.Tensor:
     a = _feats(feat_a)
     b = _feats(feat_b).to(a.device)
     _check_pair(a, b, "MMD")
-    return _mmd2_from_kernels(_poly_kernel(a, a), _poly_kernel(b, b), _poly_kernel(a, b))
+    return _mmd2_from_kernels(poly_kernel(a, a), poly_kernel(b, b), poly_kernel(a, b))
 
 
 BLOCK = 2048  # rows per kernel block: memory stays O(BLOCK * N) however large the sets
@@ -83,7 +83,7 @@ def _kernel_row_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
     computed in blocks of BLOCK rows."""
     rows, cols, diag = [], torch.zeros(b.shape[0], dtype=torch.float64), []
     for s in range(0, a.shape[0], BLOCK):
-        k = _poly_kernel(a[s:s + BLOCK], b)
+        k = poly_kernel(a[s:s + BLOCK], b)
         rows.append(k.sum(1))
         cols += k.sum(0)
         if a is b:

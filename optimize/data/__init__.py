@@ -1,4 +1,5 @@
-"""Datasets of the offline pipeline: real digits, natural-image patches, a 2-D toy, procedural shapes and the
+"""Data, the second layer (imports base; ``folder`` reads image folders, ``models`` turns a model config into a
+denoiser): the datasets of the offline pipeline: real digits, natural-image patches, a 2-D toy, procedural shapes and the
 analytic GMM.
 
 Every loader is deterministic (fixed split or explicit seed) and returns float32 CPU tensors; image

@@ -3,12 +3,12 @@
 For every feature net and every real split, ``Judge.score`` gives
 
 - ``kid_<split>_<net>`` and ``kid_se_<split>_<net>``: the unbiased MMD^2 (cubic kernel) on the whole sets and its
-  two-sample jackknife standard error (``optimize.metrics.kid_estimate``: it counts the sampling of the
+  two-sample jackknife standard error (``optimize.evaluation.metrics.kid_estimate``: it counts the sampling of the
   generated AND the real set, and errs on the large side);
 - ``fd_<split>_<net>`` and ``fd_se_<split>_<net>``: the Frechet distance and its bootstrap standard error
-  (``n_boot`` replicates resampling both sets, ``optimize.metrics.fd_estimate``);
+  (``n_boot`` replicates resampling both sets, ``optimize.evaluation.metrics.fd_estimate``);
 - ``sw_<split>`` for 2-D data (sliced Wasserstein, no interval);
-- ``_estimates``: the estimates behind those numbers, from which ``optimize.results.paired`` gives the paired
+- ``_estimates``: the estimates behind those numbers, from which ``optimize.evaluation.results.paired`` gives the paired
   difference of two rows scored on the same seeds (never written to results files).
 
 The resamples are fixed by (number of rows, ``n_boot``, ``boot_seed``), so every set of the same size meets the
@@ -26,11 +26,11 @@ from safetensors import safe_open
 
 from samplers.models import describe, import_target
 
-from . import data as datasets
-from .base import ConfigError, as_list, resolve_path
-from .classifier import CLASSIFIER_FORMAT, load_classifier
-from .folder_data import load_folder
-from .metrics import N_BOOT, FDReference, fd_estimate, kid_estimate, sliced_wasserstein
+from optimize import data as datasets
+from optimize.base import ConfigError, as_list, resolve_path
+from optimize.evaluation.classifier import CLASSIFIER_FORMAT, load_classifier
+from optimize.data.folder import load_folder
+from optimize.evaluation.metrics import N_BOOT, FDReference, fd_estimate, kid_estimate, sliced_wasserstein
 
 REAL_N = 2000  # draws of the reference distribution for synthetic data (gmm, toy2d, shapes)
 Features = Callable[[torch.Tensor], torch.Tensor]
@@ -151,7 +151,7 @@ def _feature_target(entry: Any, device: str) -> Features:
 
 
 def check_features(spec: Any) -> None:
-    """Every feature-net entry exists: a classifier file (optimize.classifier safetensors) or an importable callable."""
+    """Every feature-net entry exists: a classifier file (optimize.evaluation.classifier safetensors) or an importable callable."""
     for entry in as_list(spec):
         if _is_target(entry):
             _feature_target(entry, "cpu")
@@ -165,7 +165,7 @@ def check_features(spec: Any) -> None:
         except Exception:
             fmt = None
         if fmt != CLASSIFIER_FORMAT:
-            raise ConfigError(f"feature net {p} is not an optimize.classifier safetensors file (format {fmt!r}); "
+            raise ConfigError(f"feature net {p} is not an optimize.evaluation.classifier safetensors file (format {fmt!r}); "
                               f"wrap other nets as package.module:function.")
 
 

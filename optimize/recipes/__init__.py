@@ -1,4 +1,5 @@
-"""What the results scripts share: the recipe that makes the shipped tables, the selection rule, a sample cache keyed by
+"""Recipes, the top layer below the CLI (imports every layer; runs methods as their own processes). What the
+``best`` command and the results scripts share: the recipe that makes the shipped tables, the selection rule, a sample cache keyed by
 table and the benchmarks' output files.
 
 The recipe (``scripts/results_learned.py --fit``, ``scripts/results_patches.py --learn``/``--ship``): for each NFE
@@ -37,10 +38,10 @@ import torch
 
 from samplers import SolverTable
 
-from .base import REPO
-from .evaluate import Judge, draw, evaluate
-from .metrics import ReferenceCache
-from .seeds import VAL_SEED_OFFSET, seed_range
+from optimize.base import REPO
+from optimize.evaluation.evaluate import Judge, draw, evaluate
+from optimize.evaluation.metrics import ReferenceCache
+from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
 
 LD3_BASES = ["unipc", "dpmpp_2m"]  # the base solvers LD3 learns over; the chain starts from the better one
 SHIPPED = REPO / "checkpoints" / "tables"  # where ``ship`` puts <model>-best-nfe<N>.safetensors

@@ -46,14 +46,14 @@ Parametrisation (all float64). With ``C0``/``s0`` the initial table and ``theta0
 
 Both differences are exactly zero at theta = theta0, u = 0, so step 0 reproduces the initial table bit for bit.
 
-Loss: unbiased MMD^2 with the cubic polynomial kernel (the KID estimator, ``optimize.metrics``) between the
+Loss: unbiased MMD^2 with the cubic polynomial kernel (the KID estimator, ``optimize.evaluation.metrics``) between the
 features of a fresh batch of samples and of the whole training set (the real-real term is a constant computed
 once): the first feature net of the model (``model.features[0]``) for images, raw coordinates for gmm/toy2d.
 
 Optimiser: Adam (betas 0.9, 0.99), learning rate ``lr`` for u and ``sigma_lr`` for theta, linear warm-up over
 ``warmup_steps`` then cosine decay to ``min_lr_ratio`` x lr at ``steps``; gradient-norm clipping at
 ``grad_clip``. Validation every ``val_every`` steps (and before the first) samples ``n_val`` fixed seeds of the
-selection range (``optimize.seeds.VAL_SEED_OFFSET``, disjoint from the evaluation seeds) and scores KID/FD against
+selection range (``optimize.base.seeds.VAL_SEED_OFFSET``, disjoint from the evaluation seeds) and scores KID/FD against
 the TRAINING set with the first feature net only; the table with the best ``monitor`` is kept and exported. The
 held-out set and the second feature net are never seen by training or selection, so the reported held-out FD and
 FD-b are independent of every choice the learner made (training-set FD is not: the loss is KID against it).
@@ -75,18 +75,18 @@ from torch import nn
 from samplers import SolverTable, baselines, make_noise, sample
 from samplers.table import FORMAT_VERSION
 
-from .base import ConfigError, as_list, resolve_path
-from .checkpoints import pick_resume, resume_path
-from .evaluate import Judge, evaluate_jobs, load_model
-from .keys import Key, count, rate
-from .ld3 import check_teacher, teacher_targets
-from .metrics import _poly_kernel
-from .results import plot_sigmas
-from .runs import NaNLossError, TrainingModule, compare_tables, ticks, trainer_parts
-from .seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range
+from optimize.base import ConfigError, as_list, resolve_path
+from optimize.training.checkpoints import pick_resume, resume_path
+from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
+from optimize.base.keys import Key, count, rate
+from optimize.training.distill import check_teacher, teacher_targets
+from optimize.evaluation.metrics import poly_kernel
+from optimize.evaluation.results import plot_sigmas
+from optimize.training.runs import NaNLossError, TrainingModule, compare_tables, ticks, trainer_parts
+from optimize.base.seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range
 
-NEEDS_DATA = True  # learns against reference data: the model needs data= and features= (optimize.models)
-KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+NEEDS_DATA = True  # learns against reference data: the model needs data= and features= (optimize.data.models)
+KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "val_every": count(low=0), "n_val": count(10**8), "n_match": count(10**8), "match_weight": Key("num", 0),
     "sigma_lr": rate()}
 FAMILIES = ("ggdm", "ggdm_mc", "full")
@@ -313,15 +313,15 @@ def mmd_loss(gen: torch.Tensor, real: torch.Tensor, real_term: torch.Tensor | fl
     a = gen.reshape(gen.shape[0], -1).to(torch.float64)
     b = real.to(a.device, torch.float64)
     m = a.shape[0]
-    k_aa = _poly_kernel(a, a)
+    k_aa = poly_kernel(a, a)
     term_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))
-    return term_a + real_term - 2.0 * _poly_kernel(a, b).mean()
+    return term_a + real_term - 2.0 * poly_kernel(a, b).mean()
 
 
 def real_term(real: torch.Tensor) -> torch.Tensor:
     """``mean_{i != j} k(r_i, r_j)`` of the real features (the constant part of the loss)."""
     b = real.to(torch.float64)
-    k = _poly_kernel(b, b)
+    k = poly_kernel(b, b)
     return (k.sum() - k.diagonal().sum()) / (b.shape[0] * (b.shape[0] - 1))
 
 
@@ -337,9 +337,9 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
 class DDSSModule(TrainingModule):
     """A GGDM / full-table sampler trained with the KID loss through the whole sampling chain.
 
-    Call ``attach(model, judge)`` (an ``optimize.evaluate.Model`` and ``Judge``) before fitting; the denoiser and
+    Call ``attach(model, judge)`` (an ``optimize.evaluation.evaluate.Model`` and ``Judge``) before fitting; the denoiser and
     feature nets are kept outside the state dict (checkpoints hold only the table parameters and the best table).
-    Clock, NaN stop and the history in checkpoints come from ``optimize.runs.TrainingModule``.
+    Clock, NaN stop and the history in checkpoints come from ``optimize.training.runs.TrainingModule``.
     """
 
     method = "ddss"
@@ -673,7 +673,7 @@ def build_module(cfg: Any) -> DDSSModule:
 def _check_resume_matches(resume: Any, out_dir: str, module: DDSSModule) -> str | None:
     """The checkpoint ``resume=`` continues, or None: read with ``weights_only=True`` (a pickle that needs code is
     refused, never run) and only when its recorded settings (every hyper-parameter but ``remat``, the model and its
-    fingerprint) equal this run's; otherwise one ConfigError naming the first differing key (``optimize.runs``)."""
+    fingerprint) equal this run's; otherwise one ConfigError naming the first differing key (``optimize.training.runs``)."""
     current = {**dict(module.hparams), **getattr(module, "run_settings", {})}
     return pick_resume(resume, out_dir, current, ignore=("remat",), may_be_inf=("best_score",))
 

@@ -40,14 +40,14 @@ import torch
 
 from samplers import SolverTable, baselines, make_noise, sample
 
-from .base import ConfigError, SkipPoint, as_list, resolve_path
-from .evaluate import Judge, evaluate_jobs, load_model
-from .evaluate import validate as validate_evaluate
-from .keys import Key, count
-from .paths import path_inside, slug
-from .seeds import FIT_SEED_OFFSET, seed_range
+from optimize.base import ConfigError, SkipPoint, as_list, resolve_path
+from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
+from optimize.evaluation.evaluate import validate as validate_evaluate
+from optimize.base.keys import Key, count
+from optimize.base.paths import path_inside, slug
+from optimize.base.seeds import FIT_SEED_OFFSET, seed_range
 
-KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "substeps": count(10_000), "ridge": Key("num", 0), "n_fit": count(10**8), "fit_batch_size": count(10**6)}
 VARIANTS = {"edm": "heun", "ddim": "euler", "dpmpp": "dpmpp_2m", "generic": None, "full": None, "free": None}
 TARGETS = ("step", "trajectory")

@@ -27,13 +27,13 @@ from torch import nn
 from samplers.denoisers import EDMPrecond
 from samplers.nets import build_net, save_net
 
-from . import data
-from .base import ConfigError, resolve_path
-from .checkpoints import pick_resume, resume_path
-from .keys import Key, rate
-from .runs import NaNLossError, TrainingModule, step_batch_index, ticks, trainer_parts
+from optimize import data
+from optimize.base import ConfigError, resolve_path
+from optimize.training.checkpoints import pick_resume, resume_path
+from optimize.base.keys import Key, rate
+from optimize.training.runs import NaNLossError, TrainingModule, step_batch_index, ticks, trainer_parts
 
-KEYS = {"p_mean": Key("num"), "p_std": rate()}  # this method's typed keys (optimize.keys; shared ones are declared there)
+KEYS = {"p_mean": Key("num"), "p_std": rate()}  # this method's typed keys (optimize.base.keys; shared ones are declared there)
 
 
 def sample_sigma(n: int, p_mean: float = -1.2, p_std: float = 1.2, generator: torch.Generator | None = None,
@@ -66,7 +66,7 @@ class TeacherModule(TrainingModule):
     Everything random in a step (its noise levels, noise, flips and, after ``attach_data``, which training
     samples it sees) is drawn from a generator seeded by ``(seed, rank, global_step)``, so a run resumed from a
     checkpoint continues exactly as the uninterrupted run would (same batches, same loss curve). EMA, clock, NaN stop
-    and checkpointed settings come from ``optimize.runs.TrainingModule``.
+    and checkpointed settings come from ``optimize.training.runs.TrainingModule``.
     """
 
     method = "teacher"

@@ -18,16 +18,16 @@ from hydra.core.hydra_config import HydraConfig
 
 from samplers import SolverTable
 
-from .base import ConfigError, as_list
-from .evaluate import Judge, evaluate_jobs, load_model
-from .keys import count
-from .recipes import best_ld3, fit_ddss, fit_iia, fit_ld3, select, ship
-from .runs import compare_tables
+from optimize.base import ConfigError, as_list
+from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
+from optimize.base.keys import count
+from optimize.recipes import best_ld3, fit_ddss, fit_iia, fit_ld3, select, ship
+from optimize.training.runs import compare_tables
 
-KEYS = {"ddss_steps": count(10**6), "n_select": count(10**6, low=2)}  # this method's typed keys (optimize.keys)
+KEYS = {"ddss_steps": count(10**6), "n_select": count(10**6, low=2)}  # this method's typed keys (optimize.base.keys)
 
 
-NEEDS_DATA = True  # the chain ends in DDSS, which learns against reference data (checked in optimize.models)
+NEEDS_DATA = True  # the chain ends in DDSS, which learns against reference data (checked in optimize.data.models)
 
 
 def validate(cfg: Any) -> None:

@@ -22,7 +22,6 @@ timed (a ``note:`` line) and ``model.timeout_s`` (null: no limit) stops a call t
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +31,8 @@ from omegaconf import OmegaConf
 from samplers import models as spec_models
 from samplers.models import Names, WatchedDenoiser, check_diffusers, check_timeout
 
-from .base import ConfigError, as_list, resolve_path
-from .folder_data import check_folder
-from .judge import check_features
+from optimize.base import ConfigError, as_list, resolve_path
+from optimize.data.folder import check_folder
 
 
 @dataclass
@@ -109,7 +107,7 @@ def check_model_keys(m: Any) -> float | None:
 
 def check_model_spec(cfg: Any) -> None:
     """Checks of a model spec (``model.timeout_s``; a ``diffusers`` folder or a ``callable`` target, whose pre-check
-    calls the user's code once) and of the data a method needs, before any work."""
+    calls the user's code once) and of a ``data=folder:`` data set, before any work."""
     m = cfg.model
     check_model_keys(m)
     if m.kind == "diffusers":
@@ -127,21 +125,6 @@ def check_model_spec(cfg: Any) -> None:
     data = m.get("data")
     if data is not None and str(data).startswith("folder:"):
         check_folder(str(data)[len("folder:"):], key="data")
-    feats = m.get("features")
-    if feats is not None and feats != "raw":
-        check_features(feats)
-    check_needs_data(cfg)
-
-
-def check_needs_data(cfg: Any) -> None:
-    """A method whose module says ``NEEDS_DATA = True`` (it learns against reference data) gets a model with data and
-    feature nets."""
-    m, method = cfg.model, str(cfg.method.name)
-    data, feats = m.get("data"), m.get("features")
-    if getattr(importlib.import_module(f"optimize.{method}"), "NEEDS_DATA", False) and (data is None or not as_list(feats)):
-        raise ConfigError(f"{method} learns against reference data: model {m.name} needs data=folder:PATH (or digits) "
-                          f"and features=[a feature-net .safetensors file or package.module:function]; "
-                          f"IIA needs neither.")
 
 
 # --- diffusers folders ---------------------------------------------------------------------------

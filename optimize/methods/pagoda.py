@@ -52,16 +52,16 @@ from samplers.images import write_png_grid
 from samplers.nets import PaGoDAGenerator, build_net, load_denoiser, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from . import data
-from .base import ConfigError, as_list, resolve_path
-from .checkpoints import pick_resume, resume_path
-from .classifier import CLASSIFIER_FORMAT, load_classifier
-from .dsno import one_step_table as table
-from .evaluate import draw, evaluate, format_table, load_model, write_results
-from .judge import REAL_N, Judge, feature_maps
-from .keys import Key, count, rate
-from .results import add_paired_columns, verdict
-from .runs import (
+from optimize import data
+from optimize.base import ConfigError, as_list, resolve_path
+from optimize.training.checkpoints import pick_resume, resume_path
+from optimize.evaluation.classifier import CLASSIFIER_FORMAT, load_classifier
+from optimize.training.distill import one_step_table
+from optimize.evaluation.evaluate import draw, evaluate, format_table, load_model, write_results
+from optimize.evaluation.judge import REAL_N, Judge, feature_maps
+from optimize.base.keys import Key, count, rate
+from optimize.evaluation.results import add_paired_columns, verdict
+from optimize.training.runs import (
     NaNLossError,
     TrainingModule,
     ema_update,
@@ -70,7 +70,7 @@ from .runs import (
     trainer_parts,
 )
 
-KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "stages": count(8), "base_steps": count(10**8), "encode_steps": count(100_000, low=2), "d_lr": rate(),
     "pixel_weight": Key("num", 0)}
 PATCH_RESOLUTIONS = (8, 16, 32)  # optimize.data.patches
@@ -171,7 +171,7 @@ def load_or_encode(model: Any, cfg: Any, progress: bool = True) -> tuple[torch.T
 # --- losses and the discriminator ---------------------------------------------------------------------------------
 class FeatureDistance(nn.Module):
     """``d(a, b) = sum_l mean_{h,w} |n(f_l(a)) - n(f_l(b))|^2 + pixel_weight * mean (a - b)^2`` per image, with f_l the
-    ReLU outputs of a frozen feature net's convolutions (the patch feature net ``optimize.classifier.PatchCNN``, on
+    ReLU outputs of a frozen feature net's convolutions (the patch feature net ``optimize.evaluation.classifier.PatchCNN``, on
     inputs bilinearly resized to its 32x32) and n the unit normalisation over channels (LPIPS without its learned
     weights; PaGoDA's code uses the same normalised distance on frozen CNN/ViT features). ``features=None``: pixels only."""
 
@@ -266,7 +266,7 @@ class PaGoDAModule(TrainingModule):
 
     ``attach`` gives the latents ``[N, C, r, r]`` and the real images at every stage's resolution; each step's batch and
     noise are drawn from a generator seeded by (seed, step), so a resumed run continues exactly. Clock, NaN stop and the
-    loss history in checkpoints come from ``optimize.runs.TrainingModule``; the EMA (per stage, manual optimisation)
+    loss history in checkpoints come from ``optimize.training.runs.TrainingModule``; the EMA (per stage, manual optimisation)
     uses its ``ema_update``.
     """
 
@@ -413,11 +413,6 @@ class PaGoDAModule(TrainingModule):
         net.load_state_dict(state, strict=True)
         meta = {"trainer": "optimize.pagoda", **(extra_metadata or {})}
         return save_net(net, cfg, path, extra_metadata=meta)
-
-
-def one_step_table(sigma_max: float, metadata: dict[str, Any] | None = None) -> SolverTable:
-    """The generator's 1-NFE table: ``x_0 = sigma_max e_0``, output ``d_0`` (the output row reads only d)."""
-    return table(sigma_max, metadata)
 
 
 def write_history(history: list[list[float]], path: str) -> str:

@@ -1,6 +1,6 @@
 """Results of an evaluation: paired comparisons, the printed table, results.csv/json, sample grids and plots.
 
-A row is a dict from ``optimize.evaluate.evaluate`` (plus ``method``, ``model`` and extra columns). Keys that
+A row is a dict from ``optimize.evaluation.evaluate.evaluate`` (plus ``method``, ``model`` and extra columns). Keys that
 start with ``_`` (the estimates behind the intervals) live only in memory: ``paired`` uses them, the files never
 hold them.
 """
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from samplers.artifact import atomic_write_bytes
 from samplers.images import write_png_grid
 
-from .metrics import FDEstimate, KIDEstimate, paired_fd_difference, paired_kid_difference
+from optimize.evaluation.metrics import FDEstimate, KIDEstimate, paired_fd_difference, paired_kid_difference
 
 Z = 2.0  # "A beats B" when the paired difference is beyond Z standard errors
 

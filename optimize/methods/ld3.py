@@ -47,15 +47,16 @@ from torch import nn
 from samplers import SolverTable, baselines, make_noise, sample
 from samplers.table import first_nonfinite
 
-from .base import ConfigError, as_list
-from .evaluate import Judge, evaluate_jobs, load_model
-from .evaluate import validate as validate_evaluate
-from .keys import Key, count
-from .results import plot_sigmas
-from .runs import NaNLossError, compare_tables
-from .seeds import FIT_SEED_OFFSET, seed_range
+from optimize.base import ConfigError, as_list
+from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
+from optimize.evaluation.evaluate import validate as validate_evaluate
+from optimize.base.keys import Key, count
+from optimize.evaluation.results import plot_sigmas
+from optimize.training.distill import check_teacher, teacher_targets
+from optimize.training.runs import NaNLossError, compare_tables
+from optimize.base.seeds import FIT_SEED_OFFSET, seed_range
 
-KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "n_train": count(10**6), "n_valid": count(10**6), "rounds_v1": count(1000), "rounds_v2": count(1000, low=0),
     "ld3_batch_size": count(10**6), "patience": count(10**6), "window": Key("num", 0, 0.999)}
 BASES = ("unipc", "dpmpp_2m", "dpmpp_3m", "ipndm", "euler")  # one evaluation per step
@@ -271,33 +272,6 @@ class LD3Fitter:
                 break
         self._load(self.best_state, data=True)
         return self.table()
-
-
-def check_teacher(solver: str, nfe: Any) -> None:
-    """ValueError unless ``solver`` is a classic solver that can meet ``nfe`` exactly (the fine teacher solve)."""
-    if solver not in baselines.SOLVERS:
-        raise ValueError(f"unknown teacher_solver {solver!r}; valid: {', '.join(baselines.SOLVERS)}.")
-    baselines.check_nfe(solver, nfe)
-
-
-def teacher_targets(denoiser: Any, e: torch.Tensor, solver: str, nfe: int, sigma_min: float, sigma_max: float,
-                    batch_size: int = 500, cond: Any = None, seeds: Sequence[int] | None = None) -> torch.Tensor:
-    """The fine teacher solve from unit noises ``e [B, *shape]`` (LD3's data: a 20-NFE UniPC solve); NaNLossError
-    naming the evaluation, its sigma and the first bad noise (its seed when ``seeds`` are given) where it leaves the
-    finite numbers."""
-    end = "zero" if solver in ("heun", "tada") else "sigma_min"
-    table = baselines.build(solver, nfe, sigma_min=sigma_min, sigma_max=sigma_max, end=end)
-    out = []
-    with torch.no_grad():
-        for b, part in zip(range(0, len(e), batch_size), e.split(batch_size)):
-            y = sample(table, denoiser, part[None], cond)
-            if not torch.isfinite(y).all():
-                where, i = first_nonfinite(table, denoiser, part[None], cond)
-                first = f"seed {seeds[b + i]}" if seeds is not None else f"noise {b + i}"
-                raise NaNLossError(f"ld3 stopped before fitting: the teacher solve ({solver}, {nfe} NFE) gave NaN or "
-                                   f"infinite values at {where}, first for {first}; the model is unusable there.")
-            out.append(y)
-    return torch.cat(out)
 
 
 def fit(denoiser: Any, shape: Sequence[int], base: str, nfe: int, *, n_train: int = 50, n_valid: int = 50,

@@ -20,7 +20,7 @@ sigma_min. The data store the 8 times ``t_j = (j/8)^2`` (j = 7..0), so every M d
 
 Data: deterministic teacher solves (``data_solver``, default DPM-Solver++(2M) on ``data_steps`` Karras steps merged
 with the 8 stored sigmas) from ``sigma_max e`` through ``samplers.sample``; its callback keeps the x0-predictions
-``d_i`` at the stored sigmas. Noise seeds come from ``optimize.seeds.DATA_SEED_OFFSET`` (never the evaluation
+``d_i`` at the stored sigmas. Noise seeds come from ``optimize.base.seeds.DATA_SEED_OFFSET`` (never the evaluation
 seeds). Cached once as safetensors under ``data_cache_dir``, keyed by the teacher's fingerprint and settings.
 
 Loss (DSNO's "snr" weighting; SNR = 1/sigma^2 in EDM space, where ``x = x0 + sigma n``)::
@@ -56,11 +56,11 @@ from samplers.artifact import atomic_save, atomic_write_bytes
 from samplers.nets import DSNOUNet, build_net, load_denoiser, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
-from .base import ConfigError, as_list, resolve_path
-from .checkpoints import pick_resume, resume_path
-from .evaluate import Judge, evaluate_jobs
-from .keys import count
-from .runs import (
+from optimize.base import ConfigError, as_list, resolve_path
+from optimize.training.checkpoints import pick_resume, resume_path
+from optimize.evaluation.evaluate import Judge, evaluate_jobs
+from optimize.base.keys import count
+from optimize.training.runs import (
     NaNLossError,
     TrainingModule,
     compare_tables,
@@ -69,9 +69,10 @@ from .runs import (
     ticks,
     trainer_parts,
 )
-from .seeds import DATA_SEED_OFFSET, seed_range
+from optimize.base.seeds import DATA_SEED_OFFSET, seed_range
+from optimize.training.distill import one_step_table
 
-KEYS = {  # this method's typed keys (optimize.keys; shared ones are declared there)
+KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "M": count(4096), "modes": count(4096), "data_steps": count(100_000)}
 STORE_POINTS = 8  # stored data times t_j = (j/8)^2, j = 7..0: M must divide 8
 LOSSES = ("l1", "l2")
@@ -131,14 +132,6 @@ def data_table(solver: str, steps: int, sigma_min: float, sigma_max: float, rho:
         raise ValueError(f"data solver {solver} does not output its last x0-prediction d_{n - 1}; use a solver that does "
                          f"(euler, dpmpp_2m, dpmpp_3m, unipc).")
     return table, stored
-
-
-def one_step_table(sigma_max: float, metadata: dict[str, Any] | None = None) -> SolverTable:
-    """The student's 1-NFE table: ``x_0 = sigma_max e_0``, output ``d_0`` (columns e_0, x_0, d_0)."""
-    coef = torch.zeros(2, 3, dtype=torch.float64)
-    coef[0, 0] = sigma_max
-    coef[1, 2] = 1.0
-    return SolverTable(torch.tensor([sigma_max], dtype=torch.float64), coef, metadata)
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -229,7 +222,7 @@ class DSNOModule(TrainingModule):
     Batches are ``(noise [B, *shape], x0 [B, M, *shape])``: the student's input is ``sigma_max * noise``. After
     ``attach_data`` each step draws its own batch from (seed, global step), so a resumed run continues exactly as the
     uninterrupted one (same batches, same learning rates; tests/test_dsno.py compares the weights bit for bit). EMA,
-    clock, NaN stop and the loss history in checkpoints come from ``optimize.runs.TrainingModule``.
+    clock, NaN stop and the loss history in checkpoints come from ``optimize.training.runs.TrainingModule``.
     """
 
     method = "dsno"
@@ -250,7 +243,7 @@ class DSNOModule(TrainingModule):
 
     def attach_data(self, data: dict[str, torch.Tensor], index: Sequence[int], batch_size: int) -> "DSNOModule":
         """Train on ``data`` (noise and the stored x0 at positions ``index``): step t uses the batch
-        ``optimize.runs.step_batch_index`` gives for (seed, t)."""
+        ``optimize.training.runs.step_batch_index`` gives for (seed, t)."""
         self.data = (data["noise"], data["x0"][:, list(index)].contiguous())
         self.batch_size = min(int(batch_size), len(self.data[0]))
         return self

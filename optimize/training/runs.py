@@ -1,6 +1,6 @@
 """Pieces every training command shares: Lightning CSV (and optional offline wandb) logs, checkpoints, an optional
 time cap, step-seeded batches, the Lightning base of the training modules, and the classic solvers a learner is
-compared with (``compare`` entries ``SOLVER[:END]``). Safe resuming lives in ``optimize.checkpoints``."""
+compared with (``compare`` entries ``SOLVER[:END]``). Safe resuming lives in ``optimize.training.checkpoints``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from samplers import baselines
 from samplers.baselines import ENDS
 from samplers.nets import load_net
 
-from .base import ConfigError, resolve_path
-from .checkpoints import KEEP_CHECKPOINTS
-from .evaluate import load_model
+from optimize.base import ConfigError, resolve_path
+from optimize.training.checkpoints import KEEP_CHECKPOINTS
+from optimize.data.models import load_model
 
 
 def start_distillation(cfg: Any) -> tuple[str, Any, Any, dict[str, Any]]:
@@ -124,7 +124,7 @@ def ticks() -> torch.utils.data.DataLoader:
 def step_batch_index(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     """Indices of training step ``step``'s batch among ``n`` items: batch ``step mod E`` of epoch ``step // E``'s
     permutation seeded by (seed, epoch), E = n // batch_size. A pure function of the step, so a resumed run sees the
-    batches the uninterrupted run would (the rule of ``optimize.teacher.TeacherModule.step_batch``)."""
+    batches the uninterrupted run would (the rule of ``optimize.methods.teacher.TeacherModule.step_batch``)."""
     batch_size = min(int(batch_size), int(n))
     epoch, j = divmod(int(step), max(1, int(n) // batch_size))
     gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + epoch) % 2**63)

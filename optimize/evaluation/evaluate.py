@@ -3,12 +3,12 @@
 Every method is sampled from the same seeds (paired comparison). Measures: reference RMSE (distance
 to a cached high-accuracy solve from the same noise), KID and Frechet distance with standard errors that
 count the sampling of both sets, on each feature set (the shipped digits classifiers, or raw coordinates)
-against the training data and held-out data (``optimize.judge``), sliced Wasserstein for 2-D data, and wall
-seconds of sampling; paired differences between rows (``optimize.results.paired``) decide "beats".
+against the training data and held-out data (``optimize.evaluation.judge``), sliced Wasserstein for 2-D data, and wall
+seconds of sampling; paired differences between rows (``optimize.evaluation.results.paired``) decide "beats".
 
 From Python: ``evaluate(denoiser, table, judge=Judge.for_model(...), shape=..., seeds=range(2000)) -> dict``.
-Models live in ``optimize.models``, the judge in ``optimize.judge``, files and plots in ``optimize.results``,
-seed ranges in ``optimize.seeds``.
+Models live in ``optimize.data.models``, the judge in ``optimize.evaluation.judge``, files and plots in ``optimize.evaluation.results``,
+seed ranges in ``optimize.base.seeds``.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import torch
 from samplers import SolverTable, TableError, baselines, make_noise, sample
 from samplers.table import first_nonfinite
 
-from .base import ConfigError, SkipPoint, as_list, resolve_path
-from .judge import REAL_N, Features, Judge, feature_maps  # noqa: F401 - re-exported
-from .keys import count
-from .metrics import ReferenceCache, reference_rmse
-from .models import Model, load_model  # noqa: F401 - re-exported
-from .paths import path_inside, slug
-from .results import (  # noqa: F401
+from optimize.base import ConfigError, SkipPoint, as_list, resolve_path
+from optimize.evaluation.judge import REAL_N, Features, Judge, feature_maps  # noqa: F401 - re-exported
+from optimize.base.keys import count
+from optimize.evaluation.metrics import ReferenceCache, reference_rmse
+from optimize.data.models import Model, load_model  # noqa: F401 - re-exported
+from optimize.base.paths import path_inside, slug
+from optimize.evaluation.results import (  # noqa: F401
     format_table,
     log_wandb,
     plot_quality,
@@ -38,10 +38,10 @@ from .results import (  # noqa: F401
     save_samples,
     write_results,
 )
-from .seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range
+from optimize.base.seeds import EVAL_SEED_OFFSET, TUNE_SEED_OFFSET, seed_range
 
 # --- sampling and evaluation -----------------------------------------------------------------
-KEYS = {"tune_n": count(10**8)}  # this method's typed keys (optimize.keys; shared ones are declared there)
+KEYS = {"tune_n": count(10**8)}  # this method's typed keys (optimize.base.keys; shared ones are declared there)
 
 
 class NonFiniteSamples(FloatingPointError):
@@ -233,7 +233,7 @@ def evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, So
     """Score every (label, table, extra columns) on the evaluation seeds (paired), print the table and write
     results.csv/json, sample grids and (several NFE) the quality-vs-NFE plot to ``cfg.out_dir``. A job's extra columns
     may hold ``_denoiser``, another denoiser for that row (a distilled student beside its teacher's classics). Labels
-    become safe file names (``optimize.paths.slug``); a non-finite sample is one ConfigError naming where it appeared.
+    become safe file names (``optimize.base.paths.slug``); a non-finite sample is one ConfigError naming where it appeared.
     The one evaluation loop of every command (evaluate, iia, ld3, ddss, dsno)."""
     try:
         return _evaluate_jobs(cfg, model, judge, jobs, batch_size)

@@ -5,14 +5,13 @@ A base module: imports nothing of the project but ``optimize.base``."""
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from .base import CONF_DIR, ConfigError
+from optimize.base import CONF_DIR, ConfigError
 
 
 @dataclass(frozen=True)
@@ -81,16 +80,3 @@ def inherited(name: str) -> list[str]:
     defaults = OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml").get("defaults") or []
     parents = [str(d) for d in defaults if isinstance(d, str) and (CONF_DIR / "method" / f"{d}.yaml").is_file()]
     return [m for p in parents for m in inherited(p)] + [name]
-
-
-def method_keys(name: str) -> dict[str, Key]:
-    """The typed keys of method ``name``: SHARED, then the ``KEYS`` that the module ``optimize.<method>`` of each
-    method in ``inherited(name)`` declares (imported by name: a new method needs no edit here)."""
-    keys = dict(SHARED)
-    for method in inherited(name):
-        try:
-            module = importlib.import_module(f"optimize.{method}")
-        except ImportError as err:
-            raise ConfigError(f"method {method!r} cannot be imported ({err}).") from None
-        keys.update(getattr(module, "KEYS", {}))
-    return keys

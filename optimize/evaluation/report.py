@@ -1,7 +1,7 @@
 """Markdown pieces for the results pages (scripts/results_*.py): figures with their intervals and paired verdicts.
 
-Every cell that shows a FD or KID shows its standard error (``12.1 ± 0.8``; ``optimize.judge``), and a comparison of
-two samplers is the paired difference on the same seeds (``optimize.results.paired``) with a verdict: ``better`` /
+Every cell that shows a FD or KID shows its standard error (``12.1 ± 0.8``; ``optimize.evaluation.judge``), and a comparison of
+two samplers is the paired difference on the same seeds (``optimize.evaluation.results.paired``) with a verdict: ``better`` /
 ``worse`` when it is beyond ``Z`` standard errors, ``≈`` (within noise) otherwise.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Sequence
 
-from .results import Z, paired, verdict
+from optimize.evaluation.results import Z, paired, verdict
 
 
 def fmt(v: Any, digits: int = 3) -> str:
