@@ -5,6 +5,7 @@
     python -m samplers generate --table t.safetensors --model diffusers:DIR --label 1 --guidance 3 --out out/
     torchrun --nproc_per_node=4 -m samplers generate --solver heun --nfe 35 --model edm:PATH --num-samples 50000 --out out/
     python -m samplers info iia.safetensors
+    python -m samplers export ld3.safetensors --to diffusers --model diffusers:DIR --out schedule.json
 
 Seeds are ``seed .. seed+n-1`` and batch j is always ``seeds[j*bs:(j+1)*bs]``; under torchrun the batches
 are dealt round-robin over ranks and gathered on rank 0, so the output does not depend on the world
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import __version__, baselines, models, nets
+from . import __version__, baselines, export, models, nets
 from .artifact import atomic_write_bytes, read_header
 from .images import write_png_grid
 from .table import SolverTable, TableError, first_nonfinite, make_noise, sample, sigma_limit
@@ -96,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     info = sub.add_parser("info", help="print a table (or network) file's metadata and shape")
     info.add_argument("file")
+    exp = sub.add_parser("export", help="a classic-solver table's sigma list for diffusers / ComfyUI (samplers/export.py)")
+    exp.add_argument("table", metavar="TABLE", help="table file (.safetensors) that is a classic solver on its own sigmas")
+    exp.add_argument("--to", required=True, choices=export.FORMATS, help="diffusers | comfyui | json")
+    exp.add_argument("--model", default=None, metavar="diffusers:DIR",
+                     help="the model whose noise schedule gives timesteps (needed for DPMSolver / Heun in diffusers)")
+    exp.add_argument("--out", default=None, metavar="FILE", help="write the JSON there (atomically) instead of stdout")
     return parser
 
 
@@ -583,6 +590,35 @@ def info(path: str) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    """``export TABLE --to FORMAT``: the JSON of ``samplers.export`` on stdout or, atomically, in ``--out``."""
+    out = os.path.abspath(args.out) if args.out is not None else None
+    if out is not None and (not args.out.strip() or os.path.isdir(out)):
+        raise UserError(f"--out must name a file, got {args.out!r}.")
+    if out is not None and os.path.exists(out) and os.path.exists(args.table) and os.path.samefile(out, args.table):
+        raise UserError(f"--out {args.out} is the table file itself; give another file.")
+    try:
+        table = SolverTable.load(args.table)
+    except TableError as err:
+        raise UserError(str(err)) from None
+    try:
+        abar = export.model_schedule(args.model) if args.model is not None else None
+        text = export.render(export.export(table, args.to, abar))
+    except ImportError:
+        raise UserError("--model diffusers:DIR needs the diffusers package (pip install diffusers).") from None
+    except ValueError as err:
+        raise UserError(str(err) if str(err).startswith("--") else f"{args.table}: {err}") from None
+    if out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        atomic_write_bytes(out, text.encode())
+    except OSError as err:
+        raise UserError(f"writing --out {args.out} failed ({err.strerror or err}); nothing was written.") from None
+    print(args.out)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -591,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if args.command == "export":
+            return export_command(args)
         return generate(args, argv) if args.command == "generate" else info(args.file)
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
