@@ -337,13 +337,23 @@ class FlowDenoiser(torch.nn.Module):
     """Flow-matching velocity model as an EDM denoiser: ``x_t = (1-t) x0 + t n``, ``v = n - x0``.
 
     ``s = t/(1-t)`` so ``t = s/(1+s)``, ``x_t = x/(1+s)``; ``v = model(x_t, t * time_scale)``;
-    ``D = x_t - t v``.
+    ``D = x_t - t v``. Diffusers' flow models (SD3, FlowMatchEulerDiscreteScheduler) take ``time_scale`` =
+    num_train_timesteps. ``sigma_min``/``sigma_max``: the noise range the model states (None: none stated; a range
+    does not change the model, so it is not in the fingerprint).
     """
 
-    def __init__(self, model: Any, time_scale: float = 1.0):
+    def __init__(self, model: Any, time_scale: float = 1.0, *, sigma_min: float | None = None,
+                 sigma_max: float | None = None):
         super().__init__()
         self.model = model
         self.time_scale = float(time_scale)
+        self.sigma_min = None if sigma_min is None else float(sigma_min)
+        self.sigma_max = None if sigma_max is None else float(sigma_max)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The model's timestep for noise level sigma: ``t * time_scale`` with ``t = s/(1+s)`` (at least float32)."""
+        t = sigma / (1 + sigma)
+        return t.to(torch.promote_types(t.dtype, torch.float32)) * self.time_scale
 
     def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
         """``x_t - t model(x_t, t * time_scale[, cond])`` with ``t = s/(1+s)``, ``x_t = x/(1+s)``."""
@@ -351,7 +361,7 @@ class FlowDenoiser(torch.nn.Module):
         t = sigma / (1 + sigma)
         x_t = x / _bcast(1 + sigma, x)
         dtype = _model_dtype(self.model, x.dtype)
-        v = _call_model(self.model, x_t.to(dtype), t.to(torch.promote_types(t.dtype, torch.float32)) * self.time_scale, cond)
+        v = _call_model(self.model, x_t.to(dtype), self.sigma_to_t(sigma), cond)
         return x_t - _bcast(t, x) * v.to(x.dtype)
 
     def fingerprint(self) -> str:

@@ -15,7 +15,8 @@ wraps it into its own one-line error):
 - ``WatchedDenoiser``: times the first call (a ``note:`` line) and stops a call longer than ``timeout_s``.
 
 - ``alphas_cumprod_of`` and ``load_diffusers``: a scheduler config's noise schedule, and a diffusers folder as a
-  ``VPDenoiser`` (what ``load``'s ``diffusers:DIR`` and ``TableScheduler`` use).
+  ``VPDenoiser`` (what ``load``'s ``diffusers:DIR`` and ``TableScheduler`` use); ``flow_sigmas_of``: a flow-matching
+  config's (FlowMatchEulerDiscreteScheduler's) noise levels in sigma-space, which has no betas.
 
 Only torch, numpy and safetensors are imported at import time; diffusers (an optional dependency) is imported inside
 the functions that need it, and a callable target's module when it is loaded.
@@ -90,7 +91,11 @@ def check_timeout(value: Any, key: str = "model.timeout_s") -> float | None:
 def alphas_cumprod_of(config: Any) -> torch.Tensor:
     """float64 ``abar_t`` of a DDPM-family scheduler config, as ``load_diffusers`` makes it
     (a zero-terminal-SNR schedule's 0 becomes ``finite_alphas_cumprod``'s small positive value). A config diffusers
-    cannot build, or whose ``abar_t`` is not in (0, 1) and strictly decreasing, is a ValueError naming the key."""
+    cannot build, or whose ``abar_t`` is not in (0, 1) and strictly decreasing, is a ValueError naming the key; so is a
+    flow-matching config (``is_flow_config``: no betas, see ``flow_sigmas_of``)."""
+    if is_flow_config(config):
+        raise ValueError("scheduler config: a flow-matching schedule (x_t = (1-t) x0 + t n) has no alphas_cumprod; "
+                         "its noise levels are flow_sigmas_of(config).")
     keys = _schedule_keys(config)
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
@@ -109,6 +114,49 @@ def alphas_cumprod_of(config: Any) -> torch.Tensor:
         raise ValueError(f"scheduler config: {used} gives alphas_cumprod outside (0, 1) or not strictly decreasing; "
                          f"every beta must lie in (0, 1), with a product that stays above 0 in float32.") from None
     return abar
+
+
+FLOW_PREDICTION = "flow_prediction"  # diffusers' name for a rectified-flow velocity model (v = n - x0)
+
+
+def is_flow_config(config: Any) -> bool:
+    """A flow-matching scheduler config: a ``FlowMatch*`` class, ``prediction_type`` flow_prediction or
+    ``use_flow_sigmas`` (DPMSolver/UniPC for flow models), or a ``shift`` with no betas (a FlowMatchEuler config
+    dict, which carries no class name until saved)."""
+    name = str(config.get("_class_name", "") or "")
+    betas = any(k in config for k in ("beta_start", "beta_end", "beta_schedule", "trained_betas"))
+    return (name.startswith("FlowMatch") or config.get("prediction_type") == FLOW_PREDICTION
+            or config.get("use_flow_sigmas") is True or ("shift" in config and not betas))
+
+
+def flow_shift_of(config: Any) -> float:
+    """The static time shift of a flow config (``shift``, or ``flow_shift`` of DPMSolver/UniPC; 1 without one)."""
+    shift = config.get("shift", config.get("flow_shift", 1.0))
+    shift = 1.0 if shift is None else shift
+    if isinstance(shift, bool) or not isinstance(shift, (int, float, np.floating, np.integer)) or not 0 < shift < math.inf:
+        raise ValueError(f"scheduler config: shift must be a positive finite number, got {shift!r}.")
+    return float(shift)
+
+
+def flow_sigmas_of(config: Any) -> torch.Tensor:
+    """float64 EDM sigmas ``s = t / (1 - t)`` of a flow-matching config's training times, increasing: FlowMatchEuler's
+    grid ``t_k = k / N`` (k = 1..N-1; t = 1 is pure noise, sigma infinite), shifted ``shift t / (1 + (shift - 1) t)``
+    unless ``use_dynamic_shifting`` (then the shift depends on the resolution at sampling time). A flow sample is
+    ``x_t = x / (1 + s)`` and the net takes timestep ``t N``. ValueError naming the key for a bad value."""
+    steps = config.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"scheduler config: num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}], "
+                         f"got {steps!r}.")
+    for key in ("use_dynamic_shifting", "invert_sigmas"):
+        if not isinstance(config.get(key, False), (bool, np.bool_)):
+            raise ValueError(f"scheduler config: {key} must be true or false, got {config[key]!r}.")
+    if config.get("invert_sigmas", False):
+        raise ValueError("scheduler config: invert_sigmas=true (a model that reads t = 1 - sigma) is not supported.")
+    t = torch.arange(1, int(steps), dtype=torch.float64) / int(steps)
+    if not config.get("use_dynamic_shifting", False):
+        shift = flow_shift_of(config)
+        t = shift * t / (1 + (shift - 1) * t)
+    return t / (1 - t)
 
 
 def _schedule_keys(config: Any) -> dict[str, Any]:
