@@ -3,6 +3,7 @@
     python -m samplers generate --solver dpmpp_2m --nfe 10 --model gmm --n 64 --out out/
     python -m samplers generate --table iia.safetensors --model edm:teacher.safetensors --out out/
     python -m samplers generate --table t.safetensors --model diffusers:DIR --label 1 --guidance 3 --out out/
+    python -m samplers generate --table t.safetensors --model diffusers:SD_DIR --prompts prompts.txt --guidance 7.5 --out out/
     torchrun --nproc_per_node=4 -m samplers generate --solver heun --nfe 35 --model edm:PATH --num-samples 50000 --out out/
     python -m samplers info iia.safetensors
     python -m samplers export ld3.safetensors --to diffusers --model diffusers:DIR --out schedule.json
@@ -41,9 +42,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import __version__, baselines, export, models, nets
+from . import __version__, baselines, export, models, nets, t2i
 from .artifact import atomic_write_bytes, read_header
-from .images import write_png_grid
+from .images import encode_png, to_uint8, write_png_grid
 from .table import SolverTable, TableError, first_nonfinite, make_noise, sample, sigma_limit
 
 
@@ -85,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="classifier-free guidance scale w: D_u + w (D_c - D_u) towards the label")
     mod.add_argument("--null-label", type=int, default=None, metavar="K",
                      help="the net's null (unconditional) class for --guidance (default: its last class)")
+    mod.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                     help="text-to-image pipelines: a prompt (repeat for several; sample i gets prompt (seed+i) mod P)")
+    mod.add_argument("--prompts", default=None, metavar="FILE", help="... or a text file with one prompt per line")
+    mod.add_argument("--any-guidance", action="store_true",
+                     help="run a table learned at another --guidance scale (checked against the model at that scale)")
+    mod.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                     help="the unconditional side of --guidance for text-to-image pipelines (default \"\")")
     gen.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
                      help="number of samples (default 64); under torchrun spell it --num-samples (torchrun rejects --n)")
     gen.add_argument("--batch-size", type=int, default=256, help="samples per batch (default 256)")
@@ -130,9 +138,13 @@ def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     """The ``--model`` spec with its label, guidance and keyword options, as ``python -m optimize`` loads the same
     model (``samplers.models.load``: the same checks, denoiser and fingerprint). The fingerprint is taken before the
     weights are cast to ``dtype``, so a table fitted to a model is accepted whatever dtype it is later run in."""
+    if args.prompt is not None and args.prompts is not None:
+        raise UserError("give --prompt (repeated) or --prompts FILE, not both.")
     try:
         return models.load(args.model, device=device, dtype=dtype, label=args.label, label_weights=args.label_weights,
-                           guidance=args.guidance, null_label=args.null_label, kwargs=args.model_kwargs)
+                           guidance=args.guidance, null_label=args.null_label, kwargs=args.model_kwargs,
+                           prompts=args.prompt if args.prompts is None else args.prompts,
+                           negative_prompt=args.negative_prompt)
     except ValueError as err:
         raise UserError(" ".join(str(err).split())) from None
 
@@ -155,10 +167,17 @@ def _table_of(args: argparse.Namespace, model: Any, fingerprint: str | None) -> 
         extras = [k for k in options if getattr(args, k) is not None]
         if extras:
             raise UserError(f"--table fixes the solver; drop --{extras[0].replace('_', '-')}.")
+        hint = ""
+        if fingerprint is not None and isinstance(model, t2i.PromptDenoiser):
+            try:
+                fingerprint, hint = t2i.expected_fingerprint(SolverTable.load(args.table).metadata, model, fingerprint,
+                                                             args.any_guidance)
+            except TableError as err:
+                raise UserError(str(err)) from None
         try:
             return SolverTable.load(args.table, fingerprint=fingerprint)
         except TableError as err:
-            raise UserError(str(err)) from None
+            raise UserError(str(err) + hint) from None
     if args.nfe is None:
         raise UserError(f"--solver {args.solver} needs --nfe N.")
     lo, hi = getattr(model, "sigma_min", None), getattr(model, "sigma_max", None)
@@ -281,7 +300,7 @@ def check_memory(n: int, batch: int, shape: Sequence[int], table: SolverTable, d
 
 
 # --- outputs -----------------------------------------------------------------------------------
-RESULT_FILES = ("samples.npz", "grid.png")
+RESULT_FILES = ("samples.npz", "grid.png", "images")  # images/: one PNG per sample of a text-to-image model
 
 
 def partial_dir(out: str) -> str:
@@ -336,10 +355,12 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(out: str, samples: np.ndarray, seeds: np.ndarray, metadata: dict, overwrite: bool = False) -> list[str]:
-    """``out/samples.npz`` (samples, seeds, metadata JSON) and ``out/grid.png`` for [C, H, W] images, written into a
-    temporary sibling folder that is then renamed to ``out`` (an existing results folder is replaced only with
-    ``overwrite``), so a reader never sees a mix of two runs."""
+def write_outputs(out: str, samples: np.ndarray, seeds: np.ndarray, metadata: dict, overwrite: bool = False,
+                  pngs: bool = False) -> list[str]:
+    """``out/samples.npz`` (samples, seeds, metadata JSON) and ``out/grid.png`` for [C, H, W] images (with ``pngs``
+    also ``out/images/<seed>.png``, one per sample), written into a temporary sibling folder that is then renamed to
+    ``out`` (an existing results folder is replaced only with ``overwrite``), so a reader never sees a mix of two
+    runs."""
     final = os.path.abspath(out)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
@@ -349,6 +370,10 @@ def write_outputs(out: str, samples: np.ndarray, seeds: np.ndarray, metadata: di
         atomic_write_bytes(os.path.join(tmp, "samples.npz"), data)
         if samples.ndim == 4 and samples.shape[1] in (1, 3):
             write_png_grid(samples[:256], os.path.join(tmp, "grid.png"))
+            if pngs:
+                os.mkdir(os.path.join(tmp, "images"))
+                for seed, image in zip(seeds, to_uint8(samples)):
+                    atomic_write_bytes(os.path.join(tmp, "images", f"{int(seed):08d}.png"), encode_png(image))
         os.chmod(tmp, 0o777 & ~_umask())
         _replace_dir(tmp, final, overwrite)
     except BaseException:
@@ -469,6 +494,8 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
     check_memory(args.n, min(args.batch_size, args.n), max(shape, out_shape, key=math.prod), table, dtype, device,
                  out_parent, rank)
     identity = run_identity(args, table, fingerprint, shape, device)
+    if loaded.prompts is not None:  # the prompts decide the samples too (the fingerprint holds guidance, not prompts)
+        identity["prompts_sha256"] = hashlib.sha256(json.dumps(loaded.prompts).encode()).hexdigest()[:16]
     partial = partial_dir(args.out)
     shards = open_partial(partial, identity, args.resume, args.overwrite, rank)
     cond_label = args.label  # recorded; the denoiser applies the label (and guidance) itself
@@ -494,9 +521,12 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
         with torch.inference_mode():
             for j in bar:
                 noise = make_noise(table, shape, batches[j], dtype=dtype, device=device)
-                x = sample(table, model, noise)
+                cond = None if loaded.cond_of is None else loaded.cond_of(batches[j]).to(device)
+                x = sample(table, model, noise, cond)
+                if loaded.decode is not None and bool(torch.isfinite(x).all()):
+                    x = loaded.decode(x)  # latents to images
                 if not bool(torch.isfinite(x).all()):  # one check per batch, after the loop
-                    where, b = first_nonfinite(table, model, noise)
+                    where, b = first_nonfinite(table, model, noise, cond)
                     failure = (f"samples became NaN or infinite at {where}, first for seed {batches[j][b]} (batch of seeds "
                                f"{batches[j][0]}..{batches[j][-1]}); "
                                f"the table, its sigma range or the network is unusable here (nothing of this batch was written).")
@@ -532,12 +562,15 @@ def generate(args: argparse.Namespace, command: Sequence[str]) -> int:
                 "shape": list(out_shape),
                 "dtype": args.dtype,
                 "label": cond_label,
+                **({"prompts": loaded.prompts, "guidance": args.guidance, "negative_prompt": args.negative_prompt}
+                   if loaded.prompts is not None else {}),
                 "world_size": world,
                 "command": " ".join(["python -m samplers", *_command_of(command)]),
                 "package_version": __version__,
             }
             try:
-                written = write_outputs(args.out, samples, np.asarray(seeds, dtype=np.int64), metadata, args.overwrite)
+                written = write_outputs(args.out, samples, np.asarray(seeds, dtype=np.int64), metadata, args.overwrite,
+                                        pngs=loaded.decode is not None)
             except OSError as err:
                 raise UserError(f"writing {args.out} failed ({err.strerror or err}); nothing was written there and all "
                                 f"{len(batches)} batches are kept in {partial}: free space and rerun the same command "

@@ -58,8 +58,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .denoisers import PREDICTION_TYPES, FlowDenoiser, VPDenoiser
-from .models import (FLOW_PREDICTION, SCHEDULE_KEYS, alphas_cumprod_of, flow_shift_of, flow_sigmas_of,
-                     is_flow_config)
+from .schedule_config import (FLOW_PREDICTION, SCHEDULE_KEYS, alphas_cumprod_of, flow_shift_of, flow_sigmas_of,
+                              is_flow_config)
 from .table import SolverTable, TableRun
 
 SIGMA_RTOL = 1e-6  # a table's sigma may exceed the schedule's sigma_max by this much (float rounding)

@@ -38,7 +38,8 @@ import torch
 
 from . import baselines
 from .denoisers import VPDenoiser
-from .models import MAX_CONFIG_BYTES, alphas_cumprod_of, diffusers_folders
+from .models import MAX_CONFIG_BYTES, diffusers_folders
+from .schedule_config import alphas_cumprod_of
 from .table import SolverTable
 
 FORMATS = ("diffusers", "comfyui", "json")

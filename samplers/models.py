@@ -14,9 +14,8 @@ wraps it into its own one-line error):
 - ``call_target``: a user's ``function(**kwargs) -> (denoiser, shape)``, imported, called and test-called once;
 - ``WatchedDenoiser``: times the first call (a ``note:`` line) and stops a call longer than ``timeout_s``.
 
-- ``alphas_cumprod_of`` and ``load_diffusers``: a scheduler config's noise schedule, and a diffusers folder as a
-  ``VPDenoiser`` (what ``load``'s ``diffusers:DIR`` and ``TableScheduler`` use); ``flow_sigmas_of``: a flow-matching
-  config's (FlowMatchEulerDiscreteScheduler's) noise levels in sigma-space, which has no betas.
+- ``load_diffusers``: a diffusers folder as a ``VPDenoiser`` (what ``load``'s ``diffusers:DIR`` uses; its noise schedule
+  from ``samplers.schedule_config``); text-to-image pipeline folders go to ``samplers.t2i``.
 
 Only torch, numpy and safetensors are imported at import time; diffusers (an optional dependency) is imported inside
 the functions that need it, and a callable target's module when it is loaded.
@@ -36,15 +35,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from safetensors import safe_open
 
 from .artifact import short_error
+from . import t2i
 from .denoisers import (PREDICTION_TYPES, CFGDenoiser, GaussianMixture, InnerRange, VPDenoiser, _module_fingerprint,
-                        check_alphas_cumprod, finite_alphas_cumprod, fingerprint_tensors)
+                        finite_alphas_cumprod, fingerprint_tensors)
+from .schedule_config import alphas_cumprod_of, quiet_diffusers
 from .nets import load_denoiser
 
 # Numbers in ONE sample: 2^26 (64 Mi, 256 MiB in float32). A batch of a few such samples plus a network's activations
@@ -53,11 +53,6 @@ MAX_SAMPLE_ELEMENTS = 2**26
 # config.json / scheduler_config.json are small (a trained_betas list of 100,000 numbers is ~2 MB).
 MAX_CONFIG_BYTES = 2**24
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-# keys of a diffusers (DDPM-family) scheduler config that define the training noise schedule
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                 "rescale_betas_zero_snr")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")  # DDPMScheduler's
-MAX_TRAIN_TIMESTEPS = 100_000  # a sanity bound before diffusers allocates the schedule
 REPO = Path(__file__).resolve().parents[1]  # a repository checkout: shipped checkpoints, examples
 
 
@@ -85,112 +80,6 @@ def check_timeout(value: Any, key: str = "model.timeout_s") -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{key} must be a positive number of seconds or null (no limit), got {value!r}.")
     return float(value)
-
-
-# --- diffusers noise schedules -------------------------------------------------------------------
-def alphas_cumprod_of(config: Any) -> torch.Tensor:
-    """float64 ``abar_t`` of a DDPM-family scheduler config, as ``load_diffusers`` makes it
-    (a zero-terminal-SNR schedule's 0 becomes ``finite_alphas_cumprod``'s small positive value). A config diffusers
-    cannot build, or whose ``abar_t`` is not in (0, 1) and strictly decreasing, is a ValueError naming the key; so is a
-    flow-matching config (``is_flow_config``: no betas, see ``flow_sigmas_of``)."""
-    if is_flow_config(config):
-        raise ValueError("scheduler config: a flow-matching schedule (x_t = (1-t) x0 + t n) has no alphas_cumprod; "
-                         "its noise levels are flow_sigmas_of(config).")
-    keys = _schedule_keys(config)
-    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-
-    try:
-        abar = finite_alphas_cumprod(DDPMScheduler(**keys).alphas_cumprod)
-    except Exception as err:  # noqa: BLE001 - diffusers/torch reject a value we did not foresee: one sentence
-        raise ValueError(f"scheduler config: diffusers cannot build this noise schedule "
-                         f"({' '.join(str(err).split())[:200]}).") from None
-    try:
-        check_alphas_cumprod(abar)  # VPDenoiser's rule: in (0, 1) (NaN fails), sigma_t strictly increasing
-    except ValueError:
-        used = ("trained_betas" if keys.get("trained_betas") is not None else
-                f"beta_schedule={keys.get('beta_schedule', 'linear')!r}, "
-                f"beta_start={keys.get('beta_start', 0.0001)!r}, "
-                f"beta_end={keys.get('beta_end', 0.02)!r}")
-        raise ValueError(f"scheduler config: {used} gives alphas_cumprod outside (0, 1) or not strictly decreasing; "
-                         f"every beta must lie in (0, 1), with a product that stays above 0 in float32.") from None
-    return abar
-
-
-FLOW_PREDICTION = "flow_prediction"  # diffusers' name for a rectified-flow velocity model (v = n - x0)
-
-
-def is_flow_config(config: Any) -> bool:
-    """A flow-matching scheduler config: a ``FlowMatch*`` class, ``prediction_type`` flow_prediction or
-    ``use_flow_sigmas`` (DPMSolver/UniPC for flow models), or a ``shift`` with no betas (a FlowMatchEuler config
-    dict, which carries no class name until saved)."""
-    name = str(config.get("_class_name", "") or "")
-    betas = any(k in config for k in ("beta_start", "beta_end", "beta_schedule", "trained_betas"))
-    return (name.startswith("FlowMatch") or config.get("prediction_type") == FLOW_PREDICTION
-            or config.get("use_flow_sigmas") is True or ("shift" in config and not betas))
-
-
-def flow_shift_of(config: Any) -> float:
-    """The static time shift of a flow config (``shift``, or ``flow_shift`` of DPMSolver/UniPC; 1 without one)."""
-    shift = config.get("shift", config.get("flow_shift", 1.0))
-    shift = 1.0 if shift is None else shift
-    if isinstance(shift, bool) or not isinstance(shift, (int, float, np.floating, np.integer)) or not 0 < shift < math.inf:
-        raise ValueError(f"scheduler config: shift must be a positive finite number, got {shift!r}.")
-    return float(shift)
-
-
-def flow_sigmas_of(config: Any) -> torch.Tensor:
-    """float64 EDM sigmas ``s = t / (1 - t)`` of a flow-matching config's training times, increasing: FlowMatchEuler's
-    grid ``t_k = k / N`` (k = 1..N-1; t = 1 is pure noise, sigma infinite), shifted ``shift t / (1 + (shift - 1) t)``
-    unless ``use_dynamic_shifting`` (then the shift depends on the resolution at sampling time). A flow sample is
-    ``x_t = x / (1 + s)`` and the net takes timestep ``t N``. ValueError naming the key for a bad value."""
-    steps = config.get("num_train_timesteps", 1000)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= MAX_TRAIN_TIMESTEPS:
-        raise ValueError(f"scheduler config: num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}], "
-                         f"got {steps!r}.")
-    for key in ("use_dynamic_shifting", "invert_sigmas"):
-        if not isinstance(config.get(key, False), (bool, np.bool_)):
-            raise ValueError(f"scheduler config: {key} must be true or false, got {config[key]!r}.")
-    if config.get("invert_sigmas", False):
-        raise ValueError("scheduler config: invert_sigmas=true (a model that reads t = 1 - sigma) is not supported.")
-    t = torch.arange(1, int(steps), dtype=torch.float64) / int(steps)
-    if not config.get("use_dynamic_shifting", False):
-        shift = flow_shift_of(config)
-        t = shift * t / (1 + (shift - 1) * t)
-    return t / (1 - t)
-
-
-def _schedule_keys(config: Any) -> dict[str, Any]:
-    """The noise-schedule keys of ``config`` (no ``prediction_type``), types and sizes checked before diffusers
-    sees them: a bad value is a ValueError naming the key and the value."""
-    keys = {k: config[k] for k in SCHEDULE_KEYS if k in config and k != "prediction_type"}
-    steps = keys.get("num_train_timesteps", 1000)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= MAX_TRAIN_TIMESTEPS:
-        raise ValueError(f"scheduler config: num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}], "
-                         f"got {steps!r}.")
-    if not isinstance(keys.get("rescale_betas_zero_snr", False), (bool, np.bool_)):
-        raise ValueError(f"scheduler config: rescale_betas_zero_snr must be true or false, "
-                         f"got {keys['rescale_betas_zero_snr']!r}.")
-    betas = keys.get("trained_betas")
-    if betas is not None:
-        try:
-            arr = np.asarray(betas.detach().cpu() if isinstance(betas, torch.Tensor) else betas, dtype=np.float64)
-        except (TypeError, ValueError):
-            arr = np.zeros((0, 0))
-        if arr.ndim != 1 or not np.isfinite(arr).all() or ("num_train_timesteps" in keys and arr.size != steps):
-            got = f"a list of length {arr.size}" if arr.ndim == 1 and np.isfinite(arr).all() else repr(betas)[:80]
-            raise ValueError(f"scheduler config: trained_betas must be a list of num_train_timesteps = {steps} finite "
-                             f"numbers, got {got}.")
-        keys["trained_betas"] = arr.tolist()
-        return keys
-    schedule = keys.get("beta_schedule", "linear")
-    if schedule not in BETA_SCHEDULES:
-        raise ValueError(f"scheduler config: beta_schedule {schedule!r} is not supported; use one of "
-                         f"{', '.join(BETA_SCHEDULES)} (or trained_betas).")
-    for key in ("beta_start", "beta_end"):
-        v = keys.get(key, 0.0)
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
-            raise ValueError(f"scheduler config: {key} must be a finite number, got {v!r}.")
-    return keys
 
 
 # --- diffusers folders ---------------------------------------------------------------------------
@@ -306,19 +195,6 @@ def _alphas_cumprod(sched_dir: Path, scfg: dict) -> torch.Tensor:
     except Exception as err:  # diffusers or torch rejecting a value nobody foresaw
         raise ValueError(f"{sched_dir / 'scheduler_config.json'}: scheduler config not usable ({short_error(err)}).") from None
     return abar
-
-
-@contextlib.contextmanager
-def quiet_diffusers() -> Iterator[None]:
-    """diffusers' logger at error level (its warnings about weights or accelerate become our own errors or nothing)."""
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
 
 
 def check_diffusers_weights(unet_dir: Path, ucfg: dict) -> None:
@@ -763,26 +639,33 @@ GMM_KWARGS: dict[str, dict[str, tuple[str, Any]]] = {
 @dataclass
 class Loaded:
     """A model spec turned into a denoiser: the shape of one input sample, of one output sample (a generator may
-    grow it: PaGoDA 8 -> 32 px) and the ONE fingerprint both CLIs record in and check against tables (taken before
-    any dtype cast; a label or guidance is part of it, ``LabelDenoiser``)."""
+    grow it: PaGoDA 8 -> 32 px; a text-to-image model decodes latents to images) and the ONE fingerprint both CLIs
+    record in and check against tables (taken before any dtype cast; a label or guidance is part of it,
+    ``LabelDenoiser``, ``samplers.t2i.PromptDenoiser``). A text-to-image model also gives ``cond_of(seeds)``, the prompt
+    index of each seed's sample, ``decode`` and its ``prompts``."""
 
     denoiser: Any
     shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     fingerprint: str
+    cond_of: Callable[[Sequence[int]], Any] | None = None  # the cond of the samples of some seeds (prompt indices)
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents to images (a text-to-image VAE)
+    prompts: list[str] | None = None
 
 
 def load(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, label: Any = None,
          label_weights: Sequence[Any] | None = None, guidance: Any = None, null_label: Any = None,
          kwargs: dict[str, Any] | None = None, timeout_s: float | None = None, names: Names = Names(),
-         where: str | None = None) -> Loaded:
+         where: str | None = None, prompts: str | Sequence[str] | None = None, negative_prompt: str | None = None) -> Loaded:
     """The model of a spec, as ``python -m samplers generate --model SPEC`` and ``python -m optimize model=...``
     both load it:
 
     - ``gmm`` / ``gmm-ring``: the analytic mixtures (``kwargs``: ``GaussianMixture.random``'s shape / components /
       seed, ``GaussianMixture.ring``'s components / radius / std);
     - ``edm:PATH``: a network file of ``samplers.nets`` in its preconditioning;
-    - ``diffusers:DIR``: a LOCAL diffusers ``UNet2DModel`` folder (``load_diffusers``);
+    - ``diffusers:DIR``: a LOCAL diffusers ``UNet2DModel`` folder (``load_diffusers``), or a text-to-image pipeline
+      folder (Stable Diffusion, SD3, ``samplers.t2i.load_t2i``) with its ``prompts`` (a list or a text file),
+      ``negative_prompt`` and ``guidance``;
     - ``callable:package.module:function`` or ``callable:path/file.py:function``: ``function(**kwargs)`` returning
       ``(denoiser, shape)`` (``call_target``; its test call limited to ``timeout_s``);
     - a shipped name (``SHIPPED``; ``edm`` is the digits teacher).
@@ -799,6 +682,11 @@ def load(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = 
     if kw and kind not in ("gmm", "gmm-ring", "callable"):
         raise ValueError(f"{where}: {names.kwargs.strip()} applies to gmm, gmm-ring and callable: models only.")
     labels = {"label": label, "label_weights": label_weights, "guidance": guidance, "null_label": null_label}
+    is_t2i = kind == "diffusers" and bool(arg) and t2i.pipeline_class(resolve_path(arg)) is not None
+    for key, value in (("prompts", prompts), ("negative_prompt", negative_prompt)):
+        if value is not None and not is_t2i:
+            raise ValueError(f"{where}: {names(key)} applies to text-to-image pipeline folders (diffusers:DIR with a "
+                             f"StableDiffusion / SD3 model_index.json) only.")
     if kind in GMM_KWARGS and not arg:
         _check_labels(where, None, labels, names, net="this model")
         gmm = _gmm(kind, kw, names)
@@ -816,6 +704,8 @@ def load(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = 
         _check_labels(where, classes, labels, names, required=False)
         shape, out_shape = tuple(den.shape), tuple(den.out_shape)
         base, den = den.fingerprint(), den.to(device=device, dtype=dtype)
+    elif kind == "diffusers" and arg and t2i.pipeline_class(resolve_path(arg)) is not None:
+        return _load_t2i(arg, where, names, labels, prompts, negative_prompt, device, dtype)
     elif kind == "diffusers" and arg:
         checked = check_diffusers(arg, where, names, **labels)
         classes = checked.classes
@@ -830,6 +720,39 @@ def load(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = 
     if classes:
         den = conditioned(den, int(classes), **labels)
     return Loaded(den, shape, out_shape, den.fingerprint() if isinstance(den, LabelDenoiser) else base)
+
+
+def check_t2i(folder: str | os.PathLike, where: str, names: Names, labels: dict[str, Any], prompts: Any) -> tuple[float, float]:
+    """The checks of a text-to-image pipeline folder that need no net built (prompts given and readable, no class
+    labels, the scheduler config usable); its (sigma_min, sigma_max). One ValueError sentence starting with ``where``."""
+    for key in ("label", "label_weights", "null_label"):
+        if labels.get(key) is not None:
+            raise ValueError(f"{where}: {names(key)} is set, but a text-to-image pipeline is conditioned on prompts "
+                             f"({names('prompts')}).")
+    if prompts is None:
+        raise ValueError(f"{where}: a text-to-image pipeline needs {names('prompts')} (a list of prompts or a text "
+                         f"file with one per line).")
+    try:
+        t2i.read_prompts(prompts if isinstance(prompts, str) else list(prompts))
+        return t2i.sigma_range(resolve_path(folder))
+    except ValueError as err:
+        raise ValueError(f"{where}: {' '.join(str(err).split())[:300]}") from None
+
+
+def _load_t2i(folder: str, where: str, names: Names, labels: dict[str, Any], prompts: Any, negative_prompt: str | None,
+              device: torch.device | str, dtype: torch.dtype) -> Loaded:
+    """A text-to-image pipeline folder (``samplers.t2i``): prompts required, no class labels, guidance w >= 0."""
+    check_t2i(folder, where, names, labels, prompts)
+    try:
+        den = t2i.load_t2i(resolve_path(folder), prompts if isinstance(prompts, str) else list(prompts),
+                           guidance=labels["guidance"], negative_prompt=negative_prompt or "", device=device, dtype=dtype)
+    except ImportError:
+        raise ValueError(f"{where}: text-to-image pipelines need diffusers and transformers (pip install -e .[diffusers]).") from None
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{where}: {' '.join(str(err).split())[:300]}") from None
+    n = len(den.prompts)
+    return Loaded(den, tuple(den.shape), tuple(den.image_shape), den.fingerprint(),
+                  cond_of=lambda seeds: t2i.prompt_indices(seeds, n), decode=den.decode, prompts=den.prompts)
 
 
 def check_diffusers(folder: str | os.PathLike, where: str, names: Names = Names(), **labels: Any) -> DiffusersSpec:

@@ -28,7 +28,7 @@ from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedu
 
 from samplers.denoisers import FlowDenoiser, VPDenoiser  # noqa: E402
 from samplers.diffusers_scheduler import TableScheduler, sigma_range  # noqa: E402
-from samplers.models import alphas_cumprod_of, flow_sigmas_of  # noqa: E402
+from samplers.schedule_config import alphas_cumprod_of, flow_sigmas_of  # noqa: E402
 from tiny_t2i import MAX_TOKENS, save_tiny_sd, save_tiny_sd3  # noqa: E402
 
 pytestmark = [

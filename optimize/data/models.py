@@ -23,13 +23,14 @@ timed (a ``note:`` line) and ``model.timeout_s`` (null: no limit) stops a call t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
 from samplers import models as spec_models
-from samplers.models import Names, WatchedDenoiser, check_diffusers, check_timeout
+from samplers import t2i
+from samplers.models import Names, WatchedDenoiser, check_diffusers, check_t2i, check_timeout
 
 from optimize.base import ConfigError, as_list, resolve_path
 from optimize.data.folder import check_folder
@@ -44,6 +45,15 @@ class Model:
     shape: tuple[int, ...]
     fingerprint: str
     dtype: torch.dtype
+    cond_of: Callable[[Sequence[int]], Any] | None = None  # the cond of the samples of some seeds (prompt indices)
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents to images, before the judge (a VAE)
+    any_guidance: bool = False  # model.any_guidance: tables learned at another guidance scale are accepted
+
+    def table_fingerprint(self, metadata: dict[str, Any]) -> tuple[str, str]:
+        """(the fingerprint a table with ``metadata`` must match, a hint for the error): a text-to-image model's table
+        learned at another guidance scale is refused unless ``model.any_guidance`` (``samplers.t2i.expected_fingerprint``)."""
+        inner = getattr(self.denoiser, "denoiser", self.denoiser)  # under the WatchedDenoiser
+        return t2i.expected_fingerprint(metadata, inner, self.fingerprint, self.any_guidance, "model.any_guidance=true")
 
 
 KINDS = ("net", "gmm", "diffusers", "callable")
@@ -63,7 +73,8 @@ def load_model(mcfg: Any, device: str = "cpu") -> Model:
     except ValueError as err:
         raise ConfigError(" ".join(str(err).split())) from None
     denoiser = WatchedDenoiser(loaded.denoiser, timeout, error=ConfigError)
-    return Model(str(mcfg.name), denoiser, loaded.shape, loaded.fingerprint, dtype)
+    return Model(str(mcfg.name), denoiser, loaded.shape, loaded.fingerprint, dtype, loaded.cond_of, loaded.decode,
+                 bool(mcfg.get("any_guidance", False)))
 
 
 def model_spec(m: Any) -> tuple[str, dict[str, Any], str]:
@@ -83,7 +94,10 @@ def model_spec(m: Any) -> tuple[str, dict[str, Any], str]:
     if m.kind == "diffusers":
         if m.get("path") in (None, ""):
             raise ConfigError(f"model {m.name}: set model.path=DIR (a local diffusers folder with unet/ and scheduler/).")
-        return f"diffusers:{resolve_path(str(m.path))}", labels, f"model.path={m.path}"
+        text = {key: _plain(m.get(key)) for key in ("prompts", "negative_prompt") if m.get(key) is not None}
+        if isinstance(text.get("prompts"), str):
+            text["prompts"] = str(resolve_path(text["prompts"]))  # a file of prompts, one per line
+        return f"diffusers:{resolve_path(str(m.path))}", {**labels, **text}, f"model.path={m.path}"
     if m.kind == "callable":
         if m.get("target") in (None, ""):
             raise ConfigError(f"model {m.name}: set model.target=package.module:function (returning a denoiser and its "
@@ -134,8 +148,12 @@ def diffusers_range(m: Any) -> tuple[float, float]:
     the folder, class conditioning against label / label_weights / guidance / null_label."""
     spec, options, where = model_spec(m)
     options.pop("kwargs", None)
+    folder = spec.partition(":")[2]
     try:
-        info = check_diffusers(spec.partition(":")[2], where, NAMES, **options)
+        if t2i.pipeline_class(folder) is not None:  # a text-to-image pipeline: prompts, no labels
+            options.pop("negative_prompt", None)
+            return check_t2i(folder, where, NAMES, options, options.pop("prompts", None))
+        info = check_diffusers(folder, where, NAMES, **options)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     sigmas = info.sigmas

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,17 +49,18 @@ class NonFiniteSamples(FloatingPointError):
 
 
 def draw(table: SolverTable, denoiser: Any, shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32,
-         device: str = "cpu", batch_size: int = 500) -> torch.Tensor:
-    """Samples for ``seeds`` (in batches; each sample depends only on its seed), on the CPU; NonFiniteSamples when a
-    batch leaves the finite numbers (checked once per batch)."""
+         device: str = "cpu", batch_size: int = 500, cond_of: Callable[[Sequence[int]], Any] | None = None) -> torch.Tensor:
+    """Samples for ``seeds`` (in batches; each sample depends only on its seed, and on ``cond_of(seed)``, e.g. its
+    prompt), on the CPU; NonFiniteSamples when a batch leaves the finite numbers (checked once per batch)."""
     out = []
     with torch.no_grad():
         for b in range(0, len(seeds), batch_size):
             batch = list(seeds[b:b + batch_size])
             noise = make_noise(table, shape, batch, dtype=dtype, device=device)
-            x = sample(table, denoiser, noise)
+            cond = None if cond_of is None else cond_of(batch).to(device)
+            x = sample(table, denoiser, noise, cond)
             if not bool(torch.isfinite(x).all()):
-                where, i = first_nonfinite(table, denoiser, noise)
+                where, i = first_nonfinite(table, denoiser, noise, cond)
                 raise NonFiniteSamples(f"{table.metadata.get('method', 'table')} at NFE {table.nfe} gave NaN or infinite "
                                        f"samples at {where}, first for seed {batch[i]}")
             out.append(x.cpu())
@@ -80,20 +81,33 @@ def reference_solve(model: Model, sigma_max: float, sigma_min: float, seeds: Seq
     table = baselines.build(solver, nfe, sigma_min=sigma_min, sigma_max=sigma_max)
     key = f"{solver}-karras7-{sigma_min:g}-{sigma_max:g}"
     return cache.get_or_compute(model.fingerprint, key, nfe, list(seeds), model.shape, model.dtype,
-                                lambda: draw(table, model.denoiser, model.shape, list(seeds), model.dtype, device, batch_size))
+                                lambda: draw(table, model.denoiser, model.shape, list(seeds), model.dtype, device, batch_size,
+                                             model.cond_of))
 
 
 def evaluate(denoiser: Any, table: SolverTable, *, judge: Judge, shape: Sequence[int], seeds: Sequence[int],
              reference: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-             batch_size: int = 500) -> dict[str, Any]:
-    """Sample ``table`` on ``seeds`` and score it: ``nfe``, ``seconds``, ``ref_rmse`` (None without a
-    reference), ``kid_*``/``kid_se_*``/``fd_*``/``sw_*`` (see Judge.score) and ``samples`` (a CPU tensor)."""
+             batch_size: int = 500, cond_of: Callable[[Sequence[int]], Any] | None = None,
+             decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Sample ``table`` on ``seeds`` (with ``cond_of(seeds)``, e.g. their prompts) and score it: ``nfe``, ``seconds``,
+    ``ref_rmse`` (None without a reference), ``kid_*``/``kid_se_*``/``fd_*``/``sw_*`` (see Judge.score) and
+    ``samples`` (a CPU tensor). A latent model's ``decode`` turns samples and reference into images first: the judge,
+    the RMSE and the returned samples are of decoded images."""
     seeds = list(seeds)
     t0 = time.perf_counter()
-    x = draw(table, denoiser, shape, seeds, dtype, device, batch_size)
+    x = draw(table, denoiser, shape, seeds, dtype, device, batch_size, cond_of)
     seconds = time.perf_counter() - t0
+    if decode is not None:
+        x = decoded(decode, x, batch_size)
+        reference = None if reference is None else decoded(decode, reference, batch_size)
     rmse = reference_rmse(x, reference) if reference is not None else None
     return {"nfe": table.nfe, "ref_rmse": rmse, **judge.score(x), "seconds": seconds, "samples": x}
+
+
+def decoded(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """``decode`` (a latent model's VAE) over ``latents`` in batches, on the CPU."""
+    with torch.no_grad():
+        return torch.cat([decode(part).cpu() for part in latents.split(batch_size)])
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -120,9 +134,9 @@ def _check_solver_options(solver: str, options: dict[str, Any]) -> None:
                           f"(its options: {valid}); set it to null or use a solver that takes it.")
 
 
-def _tables(cfg: Any, fingerprint: str | None = None) -> list[tuple[str, SolverTable]]:
-    """(label, table) pairs of the run: the artifact of ``table=PATH`` (checked against the model ``fingerprint``
-    when given) or every solver x nfe (with ``solver_options``)."""
+def _tables(cfg: Any, model: Model | None = None) -> list[tuple[str, SolverTable]]:
+    """(label, table) pairs of the run: the artifact of ``table=PATH`` (checked against the ``model``'s fingerprint
+    when given, ``Model.table_fingerprint``) or every solver x nfe (with ``solver_options``)."""
     options = _solver_options(cfg)
     if cfg.table:
         if options:
@@ -130,10 +144,13 @@ def _tables(cfg: Any, fingerprint: str | None = None) -> list[tuple[str, SolverT
         path = resolve_path(str(cfg.table))
         if not path.is_file():
             raise ConfigError(f"table file {path} does not exist.")
+        fingerprint, hint = None, ""
         try:
+            if model is not None:
+                fingerprint, hint = model.table_fingerprint(SolverTable.load(str(path)).metadata)
             table = SolverTable.load(str(path), fingerprint=fingerprint)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(str(err) + hint) from None
         return [(slug(str(table.metadata.get("method", path.stem))), table)]  # a label from a file: never a path
     out = []
     for solver in as_list(cfg.solver):
@@ -194,7 +211,8 @@ def tune(cfg: Any, model: Model, judge: Judge, solver: str, nfe: int) -> tuple[S
             for smin in m.tune_sigma_min:
                 table = baselines.build(solver, nfe, **_schedule(cfg, float(rho), float(smin), end), **_solver_options(cfg))
                 r = evaluate(model.denoiser, table, judge=judge, shape=model.shape, seeds=seeds, dtype=model.dtype,
-                             device=str(cfg.device), batch_size=int(m.batch_size))
+                             device=str(cfg.device), batch_size=int(m.batch_size), cond_of=model.cond_of,
+                             decode=model.decode)
                 fd = _main_fd(r)
                 if best is None or fd < best[0]:
                     best = (fd, table, {"rho": float(rho), "sigma_min": float(smin), "end": end, "tune_fd": fd})
@@ -208,7 +226,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     model = load_model(cfg.model, device)
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(m.n_boot))
     jobs: list[tuple[str, SolverTable, dict[str, Any]]] = []
-    for label, table in _tables(cfg, model.fingerprint):
+    for label, table in _tables(cfg, model):
         check_table_for(table, model.denoiser, str(cfg.table or label))
         if m.table:
             jobs.append((label, table, {}))
@@ -265,7 +283,8 @@ def _evaluate_jobs(cfg: Any, model: Model, judge: Judge, jobs: list[tuple[str, S
             except NonFiniteSamples as err:
                 raise NonFiniteSamples(f"the reference solve ({m.ref_solver}, {m.ref_nfe} NFE): {err}") from None
         r = evaluate(info.get("_denoiser", model.denoiser), table, judge=judge, shape=model.shape, seeds=seeds,
-                     reference=refs.get(s0), dtype=model.dtype, device=device, batch_size=batch)
+                     reference=refs.get(s0), dtype=model.dtype, device=device, batch_size=batch, cond_of=model.cond_of,
+                     decode=model.decode)
         samples = r.pop("samples")
         row = {"method": label, "model": model.name, **r, **public(info)}
         rows.append(row)
