@@ -64,10 +64,10 @@ def test_gmm_model_and_registry():
     m = data.gmm_model((1, 8, 8), components=4, seed=1)
     assert isinstance(m, GaussianMixture) and m.shape == (1, 8, 8) and m.means.shape[0] == 4
     assert m.fingerprint() == GaussianMixture.random((1, 8, 8), components=4, seed=1).fingerprint()
-    assert set(data.DATASETS) == {"digits", "toy2d", "shapes", "gmm", "patches"}
+    assert set(data.DATASETS) == {"digits", "toy2d", "shapes", "gmm", "patches", "captioned-digits"}
     g = data.get("gmm")(16, seed=0)
     assert g.shape == (16, 1, 8, 8) and g.dtype == torch.float32
     assert torch.equal(g, data.get("gmm")(16, seed=0))
     assert data.get("shapes") is data.shapes
-    with pytest.raises(ValueError, match="unknown dataset 'cifar'; valid datasets are digits, gmm, patches, shapes, toy2d."):
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'; valid datasets are captioned-digits, digits, gmm, patches, shapes, toy2d."):
         data.get("cifar")

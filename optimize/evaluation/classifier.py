@@ -10,6 +10,9 @@ the other:
 Inputs are ``[B, 1, 8, 8]`` in [-1, 1]. Training minimises cross-entropy with Adam, augmenting each
 image by a random integer shift of at most ``max_shift`` pixels (background value -1 filled in).
 Files are safetensors with ``{"format": "optimize.classifier", "config": JSON}`` in the header.
+
+Below them: the RGB patches' feature nets (``patch_cnn``, ``patch_strided``) and the captioned digits' multi-head nets
+(``captioned_cnn``, ``captioned_strided``: one head per label, e.g. digit, colour and background).
 """
 
 from __future__ import annotations
@@ -272,5 +275,65 @@ def train_patch_features(config: dict[str, Any], x: torch.Tensor, photo: torch.T
         inp, heads = patch_targets(model, x[idx], photo[idx], cell[idx], gen)
         logits = model(inp)
         return sum(F.cross_entropy(logits[:, sl], y) for sl, y in heads)
+
+    return _train(config, len(x), loss_of, epochs, batch_size, lr, weight_decay, seed)
+
+
+# --- the judge and feature nets of the captioned digits (optimize.data.captioned): supervised, one head per label -----
+class CaptionedCNN(PatchCNN):
+    """PatchCNN's VGG-style trunk on ``[B, 3, 32, 32]``; its last linear layer gives the logits of several labels,
+    concatenated (``heads``: the class count of each, e.g. (10, 6, 5) for digit, colour and background)."""
+
+    def __init__(self, channels: int = 16, feat: int = 128, heads: tuple[int, ...] = (10, 6, 5)):
+        super().__init__(channels, feat, photos=sum(heads), cells=0)  # head: linear(feat, sum(heads))
+        self.heads = tuple(int(h) for h in heads)
+
+
+class CaptionedStrided(PatchStrided):
+    """PatchStrided's strided trunk (mean/std pooling) on ``[B, 3, 32, 32]`` with the concatenated logits of
+    ``heads`` as CaptionedCNN."""
+
+    def __init__(self, channels: int = 32, feat: int = 128, heads: tuple[int, ...] = (10, 6, 5)):
+        super().__init__(channels, feat, photos=sum(heads) - 4)  # head: linear(feat, 4 + photos) = sum(heads)
+        self.heads = tuple(int(h) for h in heads)
+
+
+ARCHS.update({"captioned_cnn": CaptionedCNN, "captioned_strided": CaptionedStrided})
+DEFAULTS.update({"captioned_cnn": {"channels": 16, "feat": 128, "heads": [10, 6, 5]},
+                 "captioned_strided": {"channels": 32, "feat": 128, "heads": [10, 6, 5]}})
+
+
+def head_slices(heads: tuple[int, ...]) -> list[slice]:
+    """The logit columns of each head: ``(10, 6, 5) -> [0:10, 10:16, 16:21]``."""
+    ends = torch.tensor(heads).cumsum(0).tolist()
+    return [slice(e - h, e) for h, e in zip(heads, ends)]
+
+
+def predict_heads(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The argmax of every head of a multi-head net, ``[N, len(model.heads)]`` int64."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i:i + batch_size])
+            out.append(torch.stack([logits[:, s].argmax(1) for s in head_slices(model.heads)], dim=1))
+    return torch.cat(out) if out else torch.empty((0, len(model.heads)), dtype=torch.int64)
+
+
+def head_accuracies(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, names: tuple[str, ...]) -> dict[str, float]:
+    """Per head ``<name>_accuracy`` (fraction of argmax == label) and ``all_accuracy`` (every head right at once)."""
+    hits = predict_heads(model, x) == labels
+    return {**{f"{n}_accuracy": float(hits[:, j].double().mean()) for j, n in enumerate(names)},
+            "all_accuracy": float(hits.all(1).double().mean())}
+
+
+def train_multihead(config: dict[str, Any], x: torch.Tensor, labels: torch.Tensor, epochs: int = 4, batch_size: int = 128,
+                    lr: float = 2e-3, weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
+    """A multi-head net trained with the sum of its heads' cross-entropies on ``labels [N, heads]`` (AdamW, cosine
+    decay; no augmentation beyond the variety the data carries)."""
+
+    def loss_of(model: nn.Module, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        logits = model(x[idx])
+        return sum(F.cross_entropy(logits[:, s], labels[idx, j]) for j, s in enumerate(head_slices(model.heads)))
 
     return _train(config, len(x), loss_of, epochs, batch_size, lr, weight_decay, seed)
