@@ -164,3 +164,18 @@ def test_feature_nets_load_as_judge_features():
 def test_bad_arguments_are_one_clear_error(call, message):
     with pytest.raises(ConfigError, match=message):
         call()
+
+
+def test_judge_for_a_captioned_model_uses_both_image_and_prompt_splits() -> None:
+    """data=captioned-digits: the judge's real sets are training images of training prompts and held-out images of
+    held-out prompts (what a text-to-image model is evaluated on), 32x32 RGB whatever the latent shape."""
+    from omegaconf import OmegaConf
+
+    from optimize.evaluation.judge import REAL_N, Judge
+
+    m = OmegaConf.create({"name": "sd-tiny", "data": "captioned-digits", "features": [], "clip": True})
+    judge = Judge.for_model(m, (4, 8, 8), n_boot=0)
+    train, heldout = judge.real["train"], judge.real["heldout"]
+    assert train.shape == heldout.shape == (REAL_N, 3, 32, 32)
+    assert torch.equal(heldout, cap.captioned_digits(REAL_N, seed=1, images="heldout", prompts="heldout").x)
+    assert torch.equal(train, cap.captioned_digits(REAL_N, seed=1, images="train", prompts="train").x)

@@ -122,8 +122,12 @@ class Judge:
             res = int(shape[-1])
             real = {"train": datasets.patches("train", REAL_N, seed=1, resolution=res),
                     "heldout": datasets.patches("heldout", resolution=res)}
+        elif mcfg.data == "captioned-digits":  # images of the prompts a text-to-image model is evaluated on (held out)
+            real = {"train": datasets.captioned_digits(REAL_N, seed=1, images="train", prompts="train").x,
+                    "heldout": datasets.captioned_digits(REAL_N, seed=1, images="heldout", prompts="heldout").x}
         else:
-            raise ConfigError(f"model {mcfg.name}: unknown data {mcfg.data!r}; valid: digits, gmm, toy2d, shapes, patches.")
+            raise ConfigError(f"model {mcfg.name}: unknown data {mcfg.data!r}; valid: digits, gmm, toy2d, shapes, "
+                              f"patches, captioned-digits.")
         return cls(features=feature_maps(mcfg.features, device), real=real, clip=bool(mcfg.get("clip", False)), **kw)
 
 
