@@ -5,6 +5,8 @@
 #   3. a short DDSS fit on CUDA (Lightning, accelerator=gpu) and an IIA fit on CUDA
 #   4. `samplers generate` under torchrun with the NCCL backend (one rank per GPU, at most 2), byte-compared with a
 #      single-process run
+#   5. text-to-image: the stock StableDiffusionPipeline with TableScheduler vs samplers.sample on the latent denoiser,
+#      guidance 7.5 (checkpoints/sd-tiny, else a random tiny pipeline), generate --prompt and optimize evaluate
 # Usage: bash scripts/check_gpu.sh [OUT_DIR]     (PYTHON=... to pick the interpreter; default .venv/bin/python)
 # Without a CUDA device it stops at once with one error line and exit code 2.
 # CHECK_GPU_DRY_RUN=1 runs the same steps on the CPU (gloo, small batch) to test this script on a machine without GPU.
@@ -69,7 +71,7 @@ print(f"float32 {dev.type} vs CPU, digits teacher, {len(seeds)} samples: max |di
       f"(max |x| {float(a.abs().max()):.3g})")
 try:
     from diffusers import DDPMScheduler, UNet2DModel
-    from samplers.denoisers import load_diffusers
+    from samplers.models import load_diffusers
     folder = "checkpoints/diffusers-digits"
     if not os.path.isdir(folder):
         folder = tempfile.mkdtemp()
@@ -115,6 +117,48 @@ print(f"generate: torchrun {'NCCL' if dev == 'cuda' else 'gloo'} with {nproc} ra
 sys.exit(0 if same else 1)
 EOF
 [ "$DEV" = cuda ] && echo "(samplers generate initialises torch.distributed with the NCCL backend on CUDA devices)"
+
+step "5. text-to-image on $DEV: stock pipeline + TableScheduler vs the executor; generate --prompt; optimize evaluate"
+SD=checkpoints/sd-tiny
+if [ ! -f "$SD/model_index.json" ]; then
+    SD="$OUT/sd-random"
+    "$PY" -c "import sys; sys.path.insert(0, 'tests'); from tiny_t2i import save_tiny_sd; save_tiny_sd('$SD')" \
+        || { echo "error: building a tiny text-to-image pipeline failed (diffusers and transformers installed?)" >&2; exit 1; }
+fi
+timeout $T "$PY" - "$SD" "$DEV" <<'EOF'
+import sys, warnings
+import torch
+warnings.filterwarnings("ignore")
+from diffusers import DiffusionPipeline
+from samplers import baselines, sample
+from samplers.diffusers_scheduler import TableScheduler
+from samplers.t2i import load_t2i, prompt_indices
+
+folder, dev = sys.argv[1], torch.device(sys.argv[2])
+prompts = ["a red seven on a black background", "a blue two on a grass background"] * 4
+den = load_t2i(folder, prompts, guidance=7.5, device=dev)
+table = baselines.build("dpmpp_2m", 6, sigma_min=den.sigma_min, sigma_max=min(80.0, den.sigma_max))
+e0 = torch.randn(len(prompts), *den.shape, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    ours = sample(table, den, e0[None].to(dev), prompt_indices(range(len(prompts)), len(prompts)).to(dev))
+pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True).to(dev)
+pipe.set_progress_bar_config(disable=True)
+pipe.scheduler = TableScheduler.from_table(table, pipe.scheduler.config)
+with torch.no_grad():
+    stock = pipe(prompts, num_inference_steps=table.nfe, guidance_scale=7.5, latents=e0.to(dev), output_type="latent").images
+rel = float((ours - stock).abs().max() / stock.abs().max())
+print(f"text-to-image ({folder}, {dev.type}): stock StableDiffusionPipeline + TableScheduler vs samplers.sample, "
+      f"guidance 7.5, dpmpp_2m NFE 6, {len(prompts)} prompts: max relative difference {rel:.3g}")
+sys.exit(0 if rel < 1e-3 else 1)
+EOF
+timeout $T "$PY" -m samplers generate --solver dpmpp_2m --nfe 6 --model "diffusers:$SD" --prompt "a red seven on a black background" \
+    --prompt "a blue two on a grass background" --guidance 7.5 --n 64 --device $DEV --no-progress --out "$OUT/gen-t2i" \
+    > "$OUT/gen-t2i.log" 2>&1 || { cat "$OUT/gen-t2i.log"; echo "error: text-to-image generate on $DEV failed" >&2; exit 1; }
+echo "generate --prompt on $DEV: $(ls "$OUT/gen-t2i/images" | wc -l) decoded PNGs in $OUT/gen-t2i"
+timeout $T "$PY" -m optimize evaluate model=diffusers "model.path=$SD" "model.prompts=[a red seven on a black background]" \
+    model.guidance=7.5 solver=dpmpp_2m nfe=6 n=64 ref_nfe=21 device=$DEV "hydra.run.dir=$OUT/eval-t2i" > "$OUT/eval-t2i.log" 2>&1 \
+    || { cat "$OUT/eval-t2i.log"; echo "error: optimize evaluate of a text-to-image pipeline on $DEV failed" >&2; exit 1; }
+tail -2 "$OUT/eval-t2i.log"
 
 echo
 echo "check_gpu: all checks ran in $(( $(date +%s) - START )) s"
