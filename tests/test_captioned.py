@@ -179,3 +179,11 @@ def test_judge_for_a_captioned_model_uses_both_image_and_prompt_splits() -> None
     assert train.shape == heldout.shape == (REAL_N, 3, 32, 32)
     assert torch.equal(heldout, cap.captioned_digits(REAL_N, seed=1, images="heldout", prompts="heldout").x)
     assert torch.equal(train, cap.captioned_digits(REAL_N, seed=1, images="train", prompts="train").x)
+
+
+@pytest.mark.parametrize("split", ["train", "selection", "heldout"])
+def test_prompt_files_are_the_prompt_split(split: str) -> None:
+    """conf/prompts/captioned-<split>.txt (model.prompts of the text-to-image teachers) hold exactly the split's
+    captions, in the split's order."""
+    lines = (REPO / "conf" / "prompts" / f"captioned-{split}.txt").read_text().splitlines()
+    assert lines == [cap.caption(*map(int, c)) for c in cap.prompt_split(split)]
