@@ -182,3 +182,20 @@ def test_optimize_evaluate_decodes_before_the_judge(folders, tmp_path, capsys) -
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err.startswith("error: ") and "needs model.prompts" in err and "\n" not in err
     assert isinstance(model.denoiser, PromptDenoiser)
+
+
+def test_learned_tables_record_guidance_and_latent_shape(folders) -> None:
+    """optimize's Model.table_metadata (what ld3, iia and ddss write beside the fingerprint): a text-to-image model adds
+    its guidance scale, negative prompt and latent shape; any other model records its name and fingerprint only."""
+    from omegaconf import OmegaConf
+
+    from optimize.base import REPO
+    from optimize.data.models import load_model
+
+    base = OmegaConf.load(REPO / "conf" / "model" / "diffusers.yaml")
+    m = load_model(OmegaConf.merge(base, {"path": str(folders["sd"]), "prompts": PROMPTS, "guidance": 7.5}))
+    meta = m.table_metadata()
+    assert meta == {"model": "diffusers", "model_fingerprint": m.fingerprint, "guidance": 7.5, "negative_prompt": "",
+                    "latent_shape": [4, 8, 8]}
+    gmm = load_model(OmegaConf.load(REPO / "conf" / "model" / "gmm.yaml"))
+    assert gmm.table_metadata() == {"model": "gmm", "model_fingerprint": gmm.fingerprint}

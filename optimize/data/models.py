@@ -49,6 +49,13 @@ class Model:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents to images, before the judge (a VAE)
     any_guidance: bool = False  # model.any_guidance: tables learned at another guidance scale are accepted
 
+    def table_metadata(self) -> dict[str, Any]:
+        """What a table learned on this model records about it: its name and fingerprint; for a text-to-image model
+        also the guidance scale, the negative prompt and the latent shape (``samplers.t2i.PromptDenoiser``)."""
+        inner = getattr(self.denoiser, "denoiser", self.denoiser)  # under the WatchedDenoiser
+        extra = {**inner.table_metadata(), "latent_shape": list(self.shape)} if isinstance(inner, t2i.PromptDenoiser) else {}
+        return {"model": self.name, "model_fingerprint": self.fingerprint, **extra}
+
     def table_fingerprint(self, metadata: dict[str, Any]) -> tuple[str, str]:
         """(the fingerprint a table with ``metadata`` must match, a hint for the error): a text-to-image model's table
         learned at another guidance scale is refused unless ``model.any_guidance`` (``samplers.t2i.expected_fingerprint``)."""

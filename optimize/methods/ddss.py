@@ -700,8 +700,7 @@ def run(cfg: Any) -> dict[str, Any]:
     module = build_module(cfg).attach(model, judge)
     loss_tag = "" if str(cfg.loss) == "kid" else "-" + str(cfg.loss).replace("+", "-")
     module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}{loss_tag}-nfe{int(cfg.nfe)}.safetensors")
-    module.export_metadata = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint,
-                              "run_config": OmegaConf.to_container(cfg, resolve=True)}
+    module.export_metadata = {**model.table_metadata(), "run_config": OmegaConf.to_container(cfg, resolve=True)}
     module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint}
     ckpt_path = _check_resume_matches(cfg.get("resume"), out_dir, module)
     parts = trainer_parts(cfg, out_dir)

@@ -523,7 +523,7 @@ def run(cfg: Any) -> list[str]:
                 print(f"  row {info['row']:>3}  sigma {info['sigma']:<9.4g} rms {info['rms_base']:.4g} -> {info['rms_fit']:.4g}", flush=True)
 
         table = fit_lightning(trainer, fitter, seeds, model.shape, int(cfg.fit_batch_size), model.dtype, on_row=report)
-        table.metadata.update({"model": model.name, "model_fingerprint": model.fingerprint})
+        table.metadata.update(model.table_metadata())
         if not trainer.is_global_zero:
             continue
         stem = f"iia-{variant}" + ("" if given is None else f"-{base_label}")

@@ -352,7 +352,7 @@ def run(cfg: Any) -> list[str]:
                            window=float(cfg.window), batch_size=int(cfg.ld3_batch_size), patience=int(cfg.patience))
         except NaNLossError as err:
             raise ConfigError(f"nfe {nfe}: {err}") from None
-        table.metadata.update({"model": model.name, "model_fingerprint": model.fingerprint})
+        table.metadata.update(model.table_metadata())
         path = os.path.join(out_dir, f"ld3-{base}-{model.name}-nfe{nfe}.safetensors")
         table.save(path)
         plain = baselines.build(base, nfe, sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max), end="sigma_min")
