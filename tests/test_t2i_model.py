@@ -31,14 +31,16 @@ TOL = 2e-5  # relative to the largest |value| (float32 rounding through a few ne
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("t2i")
-    return {"sd": save_tiny_sd(root / "sd"), "sd3": save_tiny_sd3(root / "sd3")}
+    return {"sd": save_tiny_sd(root / "sd"), "sd3": save_tiny_sd3(root / "sd3"),  # other sizes, same code path:
+            "sd-wide": save_tiny_sd(root / "sd-wide", seed=1, width=(32, 64), text_width=32, scheduler="ddim"),
+            "sd3-wide": save_tiny_sd3(root / "sd3-wide", seed=1, width=32, shift=1.0)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", "sd3", "sd-wide", "sd3-wide"])
 @pytest.mark.parametrize("w", [1.0, 7.5])
 def test_prompt_denoiser_gives_the_stock_pipelines_latents(folders, kind: str, w: float) -> None:
     """samplers.sample on load_t2i's denoiser with cond = prompt indices equals the stock pipeline with the same
@@ -51,7 +53,7 @@ def test_prompt_denoiser_gives_the_stock_pipelines_latents(folders, kind: str, w
     pipe = DiffusionPipeline.from_pretrained(str(folders[kind]), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = TableScheduler.from_table(table, pipe.scheduler.config)
-    latents = e0 if kind == "sd" else e0 * pipe.scheduler.init_noise_sigma  # SD3 does not scale its latents
+    latents = e0 if kind.startswith("sd-") or kind == "sd" else e0 * pipe.scheduler.init_noise_sigma  # SD3 does not scale its latents
     with torch.no_grad():
         stock = pipe(PROMPTS, num_inference_steps=4, guidance_scale=w, latents=latents, output_type="latent").images
     assert den.shape == (4, 8, 8) and den.image_shape == (3, 32, 32)
