@@ -1,6 +1,7 @@
 """The base layer of ``optimize``: errors, repository paths and small helpers every layer uses. It imports nothing of
 ``optimize`` above it (only the runtime's path rule), so any module may import it. Beside it: seed ranges
-(``base.seeds``), safe output names (``base.paths``) and typed configuration keys (``base.keys``)."""
+(``base.seeds``), the per-sample conds that follow them (``base.conds``), safe output names (``base.paths``) and
+typed configuration keys (``base.keys``)."""
 
 from __future__ import annotations
 

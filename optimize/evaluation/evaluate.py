@@ -25,6 +25,7 @@ from samplers.table import first_nonfinite
 
 from optimize.base import ConfigError, SkipPoint, as_list, resolve_path
 from optimize.evaluation.judge import REAL_N, Features, Judge, feature_maps  # noqa: F401 - re-exported
+from optimize.base.conds import cond_of_seeds
 from optimize.base.keys import count
 from optimize.evaluation.metrics import ReferenceCache, reference_rmse
 from optimize.data.models import Model, load_model  # noqa: F401 - re-exported
@@ -57,7 +58,7 @@ def draw(table: SolverTable, denoiser: Any, shape: Sequence[int], seeds: Sequenc
         for b in range(0, len(seeds), batch_size):
             batch = list(seeds[b:b + batch_size])
             noise = make_noise(table, shape, batch, dtype=dtype, device=device)
-            cond = None if cond_of is None else cond_of(batch).to(device)
+            cond = cond_of_seeds(cond_of, batch, device)
             x = sample(table, denoiser, noise, cond)
             if not bool(torch.isfinite(x).all()):
                 where, i = first_nonfinite(table, denoiser, noise, cond)

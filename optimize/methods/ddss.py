@@ -57,6 +57,10 @@ selection range (``optimize.base.seeds.VAL_SEED_OFFSET``, disjoint from the eval
 the TRAINING set with the first feature net only; the table with the best ``monitor`` is kept and exported. The
 held-out set and the second feature net are never seen by training or selection, so the reported held-out FD and
 FD-b are independent of every choice the learner made (training-set FD is not: the loss is KID against it).
+
+Text-to-image models (``loss=match`` only: the KID loss would need a differentiable decode before the features): the
+teacher pool, the training rows drawn from it and the validation set each carry their seed's cond (``Model.cond_of``,
+``optimize.base.conds``), and validation samples are decoded (``Model.decode``) before the judge.
 """
 
 from __future__ import annotations
@@ -73,12 +77,15 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from samplers import SolverTable, baselines, make_noise, sample
+from samplers.t2i import pipeline_class
 from samplers.table import FORMAT_VERSION
 
 from optimize.base import ConfigError, as_list, resolve_path
 from optimize.training.checkpoints import pick_resume, resume_path
-from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
+from optimize.evaluation.evaluate import Judge, decoded, evaluate_jobs, load_model
+from optimize.evaluation.judge import check_features
 from optimize.base.keys import Key, count, rate
+from optimize.base.conds import cond_of_seeds, cond_rows
 from optimize.training.distill import check_teacher, teacher_targets
 from optimize.evaluation.metrics import poly_kernel
 from optimize.evaluation.results import plot_sigmas
@@ -381,14 +388,17 @@ class DDSSModule(TrainingModule):
             self._ext["pool"] = self.match_pool(model)
         return self
 
-    def match_pool(self, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unit noises [n_match, *shape], the fine teacher solve from each) on the FIT seed range: the targets of the
-        match loss (same-noise distance to the teacher, as LD3)."""
+    def match_pool(self, model: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(unit noises [n_match, *shape], the fine teacher solve from each, their per-row cond or None) on the FIT seed
+        range: the targets of the match loss (same-noise distance to the teacher, as LD3); a text-to-image model's
+        noise of seed s is solved with prompt ``cond_of`` (s)."""
         hp = self.hparams
-        e = make_noise(1, model.shape, seed_range(FIT_SEED_OFFSET, int(hp.seed), int(hp.n_match)), dtype=model.dtype)[0]
+        seeds = seed_range(FIT_SEED_OFFSET, int(hp.seed), int(hp.n_match))
+        e = make_noise(1, model.shape, seeds, dtype=model.dtype)[0]
+        cond = cond_of_seeds(model.cond_of, seeds, self.device)
         y = teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
-                            float(hp.sigma_min), float(hp.sigma_max))
-        return e, y
+                            float(hp.sigma_min), float(hp.sigma_max), cond=cond, seeds=seeds)
+        return e, y, cond
 
     @property
     def model(self) -> Any:
@@ -403,10 +413,11 @@ class DDSSModule(TrainingModule):
         m = self.model
         return torch.randn((self.sampler.n_noise, batch, *m.shape), generator=gen, dtype=m.dtype).to(self.device)
 
-    def generate(self, noise: torch.Tensor, remat: bool | None = None) -> torch.Tensor:
-        """Samples of the current (differentiable) table from ``noise``."""
+    def generate(self, noise: torch.Tensor, remat: bool | None = None, cond: Any = None) -> torch.Tensor:
+        """Samples of the current (differentiable) table from ``noise`` (with its per-row ``cond``, if any)."""
         remat = bool(self.hparams.remat) if remat is None else remat
-        return sample(self.sampler.table(), self.model.denoiser, noise, support=self.sampler.support, checkpoint=remat)
+        return sample(self.sampler.table(), self.model.denoiser, noise, cond, support=self.sampler.support,
+                      checkpoint=remat)
 
     def loss_of(self, x: torch.Tensor) -> torch.Tensor:
         """KID loss (unbiased MMD^2, cubic kernel) of samples ``x`` against the training-set features."""
@@ -422,14 +433,15 @@ class DDSSModule(TrainingModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         hp, step, rank = self.hparams, int(self.global_step), int(self.global_rank)
         noise = self.noise(int(hp.batch_size), step, rank)
-        target = None
+        target = cond = None
         if "match" in str(hp.loss):  # e_0 from the teacher pool (fresh e_1.. stay fresh), target = the teacher's sample
-            pool_e, pool_y = self._ext["pool"]
+            pool_e, pool_y, pool_c = self._ext["pool"]
             gen = torch.Generator().manual_seed((int(hp.seed) * 1_000_003 + rank) * 1_000_000_009 + step)
             idx = torch.randperm(pool_e.shape[0], generator=gen)[: int(hp.batch_size)]
             noise[0] = pool_e[idx].to(noise)
             target = pool_y[idx].to(noise)
-        x = self.generate(noise)
+            cond = cond_rows(pool_c, idx)  # the prompts of the pool rows drawn
+        x = self.generate(noise, cond=cond)
         loss = self.loss_of(x) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
         if target is not None:
             loss = loss + float(hp.match_weight) * (x - target).pow(2).flatten(1).mean(1).mean()
@@ -450,20 +462,28 @@ class DDSSModule(TrainingModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # validation: fixed seeds, best table kept -----------------------------------------------------
+    def val_seeds(self) -> range:
+        first = VAL_SEED_OFFSET + int(self.hparams.seed)
+        return range(first, first + int(self.hparams.n_val))
+
     def val_noise(self) -> torch.Tensor:
         m = self.model
-        first = VAL_SEED_OFFSET + int(self.hparams.seed)
-        return make_noise(self.sampler.n_noise, m.shape, range(first, first + int(self.hparams.n_val)), dtype=m.dtype,
-                          device=self.device)
+        return make_noise(self.sampler.n_noise, m.shape, self.val_seeds(), dtype=m.dtype, device=self.device)
 
     def validate_now(self, log: bool = True) -> dict[str, float]:
-        """Score the current table on the validation seeds (VAL_SEED_OFFSET.., never evaluated) against the training
-        set with the first feature net; keep it when its ``monitor`` is the best so far."""
+        """Score the current table on the validation seeds (VAL_SEED_OFFSET.., never evaluated; with their cond, and
+        decoded first for a latent model) against the training set with the first feature net; keep it when its
+        ``monitor`` is the best so far."""
         judge = self._ext["judge"]
+        m = self.model
         with torch.no_grad():
             table = self.sampler.frozen()
             noise = self.val_noise()
-            x = torch.cat([sample(table, self.model.denoiser, nz) for nz in noise.split(500, dim=1)]).cpu()
+            cond = cond_of_seeds(m.cond_of, self.val_seeds(), self.device)
+            x = torch.cat([sample(table, m.denoiser, nz, cond_rows(cond, slice(b, b + 500)))
+                           for b, nz in zip(range(0, noise.shape[1], 500), noise.split(500, dim=1))]).cpu()
+            if m.decode is not None and torch.isfinite(x).all():
+                x = decoded(m.decode, x)
         if not torch.isfinite(x).all():
             scores = {"finite": 0.0}
             score = float("inf")
@@ -610,6 +630,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"family {cfg.family} starts from DDIM (init=euler); init={cfg.init} needs family=full.")
     if str(cfg.loss) not in LOSSES:
         raise ConfigError(f"unknown ddss loss {cfg.loss!r}; valid: {', '.join(LOSSES)}.")
+    if "kid" in str(cfg.loss) and text_to_image(cfg.model):
+        raise ConfigError(f"ddss loss={cfg.loss} on the text-to-image model at {cfg.model.path}: the KID loss would score "
+                          f"latents against images (no differentiable decode yet); use loss=match.")
     if "match" in str(cfg.loss):
         _positive(cfg, "match_weight")  # (n_match is a typed key: KEYS above)
         if int(cfg.batch_size) > int(cfg.n_match):
@@ -644,12 +667,15 @@ def validate(cfg: Any) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if cfg.model.features != "raw":
-        for path in as_list(cfg.model.features):
-            if not resolve_path(str(path)).is_file():
-                raise ConfigError(f"feature net {resolve_path(str(path))} does not exist (train it with scripts/train_teachers.sh).")
+        check_features(cfg.model.features)  # classifier files or package.module:function entries
     path = resume_path(cfg.get("resume"))  # resume=true is looked up once the run folder exists
     if path is not None and not os.path.isfile(path):
         raise ConfigError(f"resume checkpoint {path} does not exist.")
+
+
+def text_to_image(m: Any) -> bool:
+    """Whether model config ``m`` is a text-to-image pipeline folder (``samplers.t2i.pipeline_class``; no net built)."""
+    return m.kind == "diffusers" and m.get("path") not in (None, "") and pipeline_class(resolve_path(str(m.path))) is not None
 
 
 def resolved_init(cfg: Any) -> str:

@@ -27,6 +27,9 @@ Variants (``variant=``):
 Targets (``target=``): ``step`` is the paper's: the base solver run over the step's interval with
 ``substeps`` uniform sub-steps from the IIA state; ``trajectory`` is the base solver's whole solve on
 the grid refined ``substeps`` times, from the same initial noise, read at the coarse sigmas.
+
+Text-to-image models: every solve of a fitting batch gives each row the cond of its seed (``Model.cond_of``, the
+prompt of seed s is s mod P); models without a cond are unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from optimize.evaluation.evaluate import validate as validate_evaluate
 from optimize.base.keys import Key, count
 from optimize.base.paths import path_inside, slug
 from optimize.base.seeds import FIT_SEED_OFFSET, seed_range
+from optimize.base.conds import cond_of_seeds
 
 KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "substeps": count(10_000), "ridge": Key("num", 0), "n_fit": count(10**8), "fit_batch_size": count(10**6)}
@@ -207,8 +211,10 @@ class NormalEquations:
 class IIAFitter:
     """The state of a fit: the table fitted so far, every batch's basis vectors, and the next row to fit.
 
-    Drive it with ``for row in fitter.rows(): for each batch: fitter.accumulate(batch_id, noise); fitter.solve()``;
-    the normal equations may be summed across processes before ``solve`` (``fitter.equations.tensors()``).
+    Drive it with ``for row in fitter.rows(): for each batch: fitter.accumulate(batch_id, noise, cond); fitter.solve()``;
+    the normal equations may be summed across processes before ``solve`` (``fitter.equations.tensors()``). A batch's
+    per-row ``cond`` (its seeds' ``Model.cond_of``, e.g. prompt indices) goes with its noise into every solve of that
+    batch; ``cond`` of the fitter is one cond for every batch that has none (None: the model takes none).
     """
 
     def __init__(self, denoiser: Any, base: SolverTable, *, variant: str = "generic", target: str = "step",
@@ -276,7 +282,7 @@ class IIAFitter:
             v[k + start + i], v[k + n + start + i] = x, d
 
         with torch.no_grad():
-            base = sample(cont, self.denoiser, torch.stack([v[c] for c in cols]), self.cond, callback=keep)
+            base = sample(cont, self.denoiser, torch.stack([v[c] for c in cols]), b["cond"], callback=keep)
         b["done"] = row
         return base
 
@@ -295,9 +301,9 @@ class IIAFitter:
         else:
             sub = _build_base(self.fine_solver, grid[:-1], self.fine_config, final=s1)
         with torch.no_grad():
-            return sample(sub, self.denoiser, (x0 / s0)[None], self.cond)
+            return sample(sub, self.denoiser, (x0 / s0)[None], b["cond"])
 
-    def _fine_states(self, e: torch.Tensor) -> list[torch.Tensor]:
+    def _fine_states(self, e: torch.Tensor, cond: Any = None) -> list[torch.Tensor]:
         """The base solver on the grid refined ``substeps`` times, read at every coarse state row."""
         m = self.substeps
         grid = np.concatenate([np.linspace(a, b, m + 1)[:-1] for a, b in zip(self.steps, [*self.steps[1:], self.final])])
@@ -311,15 +317,18 @@ class IIAFitter:
                 got[want[i]] = x.clone()
 
         with torch.no_grad():
-            out = sample(fine, self.denoiser, e[None], self.cond, callback=keep)
+            out = sample(fine, self.denoiser, e[None], cond, callback=keep)
         return [got[j] for j in range(len(self.steps))] + [out]
 
-    def accumulate(self, batch_id: Any, e: torch.Tensor) -> None:
-        """Add one batch (its initial noise ``e [B, *shape]``, the same tensor on every call) to the current row's sums."""
+    def accumulate(self, batch_id: Any, e: torch.Tensor, cond: Any = None) -> None:
+        """Add one batch (its initial noise ``e [B, *shape]`` and per-row ``cond``, the same on every call) to the
+        current row's sums."""
         if batch_id not in self.batches:
-            self.batches[batch_id] = {"v": {0: e}, "done": 0}  # v: column -> vector (e, x_i, d_i) of the IIA trajectory
+            cond = self.cond if cond is None else cond
+            # v: column -> vector (e, x_i, d_i) of the IIA trajectory; cond: the batch's rows' cond in every solve
+            self.batches[batch_id] = {"v": {0: e}, "done": 0, "cond": cond}
             if self.target == "trajectory":
-                self.batches[batch_id]["fine"] = self._fine_states(e)
+                self.batches[batch_id]["fine"] = self._fine_states(e, cond)
         b = self.batches[batch_id]
         base = self._advance(b)
         y = self._target(b)
@@ -357,10 +366,12 @@ def fit(denoiser: Any, base_table: SolverTable, shape: Sequence[int], n_fit: int
         cond: Any = None, *, variant: str = "generic", target: str = "step", ridge: float = 0.0, fine_solver: str | None = None,
         batch_size: int = 512,
         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-        progress: Callable[[dict[str, float]], Any] | None = None) -> SolverTable:
+        progress: Callable[[dict[str, float]], Any] | None = None,
+        cond_of: Callable[[Sequence[int]], Any] | None = None) -> SolverTable:
     """Fit IIA corrections to ``base_table`` on ``n_fit`` noises (seeds ``seed`` ..) and return the new table.
 
-    One process, every batch kept in memory; ``IIAModule`` does the same fit under Lightning (DDP).
+    Each noise gets its seed's cond ``cond_of(seeds)`` when given (a text-to-image model's prompt index), else the
+    fixed ``cond``. One process, every batch kept in memory; ``IIAModule`` does the same fit under Lightning (DDP).
     """
     if int(n_fit) < 1:
         raise ValueError(f"n_fit must be a positive integer, got {n_fit}.")
@@ -369,11 +380,12 @@ def fit(denoiser: Any, base_table: SolverTable, shape: Sequence[int], n_fit: int
     seeds = list(range(int(seed), int(seed) + int(n_fit)))
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     noise = {j: make_noise(1, shape, s, dtype=dtype, device=device)[0] for j, s in enumerate(batches)}
+    conds = {j: cond_of_seeds(cond_of, s, device) for j, s in enumerate(batches)}
     t0 = time.perf_counter()
     for row in fitter.rows():
         fitter.begin(row)
         for j in noise:
-            fitter.accumulate(j, noise[j])
+            fitter.accumulate(j, noise[j], conds[j])
         info = fitter.solve()
         if progress is not None:
             progress(info)
@@ -382,8 +394,9 @@ def fit(denoiser: Any, base_table: SolverTable, shape: Sequence[int], n_fit: int
 
 # --- Lightning (one or many processes) ---------------------------------------------------------------
 def lightning_module(fitter: IIAFitter, seeds: Sequence[int], shape: Sequence[int], batch_size: int = 512,
-                     dtype: torch.dtype = torch.float32) -> Any:
-    """A LightningModule that runs ``fitter`` with ``trainer.validate`` once per fitted row.
+                     dtype: torch.dtype = torch.float32, cond_of: Callable[[Sequence[int]], Any] | None = None) -> Any:
+    """A LightningModule that runs ``fitter`` with ``trainer.validate`` once per fitted row (each batch's noise with
+    its seeds' ``cond_of`` when given).
 
     Batches of seeds are dealt round-robin to the processes; before each row is solved its normal
     equations are summed over processes (``all_reduce``), so any world size gives the same table
@@ -396,6 +409,7 @@ def lightning_module(fitter: IIAFitter, seeds: Sequence[int], shape: Sequence[in
             self.fitter = fitter
             self.batches = [list(seeds[i:i + batch_size]) for i in range(0, len(seeds), batch_size)]
             self.noise: dict[int, torch.Tensor] = {}
+            self.conds: dict[int, Any] = {}
 
         def val_dataloader(self) -> Any:
             world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -405,7 +419,8 @@ def lightning_module(fitter: IIAFitter, seeds: Sequence[int], shape: Sequence[in
             j = int(batch_id)
             if j not in self.noise:
                 self.noise[j] = make_noise(1, shape, self.batches[j], dtype=dtype, device=self.device)[0]
-            self.fitter.accumulate(j, self.noise[j])
+                self.conds[j] = cond_of_seeds(cond_of, self.batches[j], self.device)
+            self.fitter.accumulate(j, self.noise[j], self.conds[j])
 
         def on_validation_epoch_end(self) -> None:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -420,9 +435,11 @@ def lightning_module(fitter: IIAFitter, seeds: Sequence[int], shape: Sequence[in
 
 
 def fit_lightning(trainer: Any, fitter: IIAFitter, seeds: Sequence[int], shape: Sequence[int], batch_size: int = 512,
-                  dtype: torch.dtype = torch.float32, on_row: Callable[[dict[str, float]], Any] | None = None) -> SolverTable:
-    """Fit every row with ``trainer.validate`` (a progress bar per row); returns the fitted table on every rank."""
-    module = lightning_module(fitter, seeds, shape, batch_size, dtype)
+                  dtype: torch.dtype = torch.float32, on_row: Callable[[dict[str, float]], Any] | None = None,
+                  cond_of: Callable[[Sequence[int]], Any] | None = None) -> SolverTable:
+    """Fit every row with ``trainer.validate`` (a progress bar per row; each seed's noise with its ``cond_of``, e.g.
+    its prompt); returns the fitted table on every rank."""
+    module = lightning_module(fitter, seeds, shape, batch_size, dtype, cond_of)
     t0 = time.perf_counter()
     for row in fitter.rows():
         fitter.begin(row)
@@ -522,7 +539,8 @@ def run(cfg: Any) -> list[str]:
             if trainer.is_global_zero:
                 print(f"  row {info['row']:>3}  sigma {info['sigma']:<9.4g} rms {info['rms_base']:.4g} -> {info['rms_fit']:.4g}", flush=True)
 
-        table = fit_lightning(trainer, fitter, seeds, model.shape, int(cfg.fit_batch_size), model.dtype, on_row=report)
+        table = fit_lightning(trainer, fitter, seeds, model.shape, int(cfg.fit_batch_size), model.dtype, on_row=report,
+                              cond_of=model.cond_of)
         table.metadata.update(model.table_metadata())
         if not trainer.is_global_zero:
             continue

@@ -28,6 +28,10 @@ The coefficients of the base solver are a function of the step sigmas computed b
 their derivative is its central difference in log sigma (``_compile``), so the runtime's one set of compilers serves
 both sampling and learning. Sampling runs through ``samplers.sample``.
 
+Text-to-image models: the noise of seed s is solved (teacher and fit) with the model's cond of s (its prompt,
+``Model.cond_of``), which follows that noise through the train/valid split, the shuffled batches and the soft-teacher
+moves (``optimize.base.conds``); models without a cond are unchanged.
+
 No resume: a fit is a pure function of its settings (seeded noises, fixed data order, no wall-clock limit), so a
 killed run is rerun with the same command and gives a bit-identical table (tests/test_ld3.py). A model that leaves the
 finite numbers (teacher solve or fit) stops the run with one sentence naming the evaluation and its sigma.
@@ -38,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +56,7 @@ from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
 from optimize.evaluation.evaluate import validate as validate_evaluate
 from optimize.base.keys import Key, count
 from optimize.evaluation.results import plot_sigmas
+from optimize.base.conds import cond_of_seeds, cond_rows
 from optimize.training.distill import check_teacher, teacher_targets
 from optimize.training.runs import NaNLossError, compare_tables
 from optimize.base.seeds import FIT_SEED_OFFSET, seed_range
@@ -125,7 +130,11 @@ def soft_teacher_bound(shape: Sequence[int], nfe: int) -> float:
 
 
 class LD3Fitter:
-    """One LD3 fit: the parameters, the (soft) noises and teacher targets, LD3's rounds, patience and decays."""
+    """One LD3 fit: the parameters, the (soft) noises and teacher targets, LD3's rounds, patience and decays.
+
+    ``train`` and ``valid`` are ``(noises, targets)`` or ``(noises, targets, cond)`` with a per-row cond (row i of the
+    noises has cond row i: a text-to-image sample's prompt index, ``Model.cond_of``), which follows its noise through
+    every batch and move; ``cond`` is one cond for every row of a split that has none (None: the model takes none)."""
 
     def __init__(self, denoiser: Any, base: str, nfe: int, *, train: tuple[torch.Tensor, torch.Tensor],
                  valid: tuple[torch.Tensor, torch.Tensor], sigma_min: float, sigma_max: float, window: float = 0.5,
@@ -147,7 +156,8 @@ class LD3Fitter:
         self.min_lr1, self.min_lr2, self.lr_decay = min_lr_time_1, min_lr_time_2, lr_decay
         self.batch_size, self.patience, self.lr2_patience = int(batch_size), int(patience), int(lr2_patience)
         # (original noise, current noise, target) per split; noises are unit normal, x_0 = sigma_max e
-        self.data = {name: {"orig": e.clone(), "cur": e.clone(), "target": y} for name, (e, y) in
+        self.data = {name: {"orig": split[0].clone(), "cur": split[0].clone(), "target": split[1],
+                            "cond": split[2] if len(split) > 2 else None} for name, split in
                      (("train", train), ("valid", valid))}
         self.gen = torch.Generator().manual_seed(int(seed))
         self.best_loss, self.count_worse, self.min_lr2_hits, self.iterations = math.inf, 0, 0, 0
@@ -162,13 +172,15 @@ class LD3Fitter:
                 step, ev = step.detach(), ev.detach()
             return _compile(self.base, self.options, step, ev, metadata)
 
-    def losses(self, table: SolverTable, e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-sample L2 of ``table``'s samples from ``e`` to ``target``; NaNLossError where a sample is not finite."""
+    def losses(self, table: SolverTable, e: torch.Tensor, target: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """Per-sample L2 of ``table``'s samples from ``e`` (with the per-row ``cond``, else the fitter's) to
+        ``target``; NaNLossError where a sample is not finite."""
         noise = e.to(target.dtype)[None]
-        x = sample(table, self.denoiser, noise, self.cond)
+        cond = self.cond if cond is None else cond
+        x = sample(table, self.denoiser, noise, cond)
         if not torch.isfinite(x).all():
             with torch.no_grad():
-                where, i = first_nonfinite(table, self.denoiser, noise.detach(), self.cond)
+                where, i = first_nonfinite(table, self.denoiser, noise.detach(), cond)
             raise NaNLossError(f"ld3 stopped at iteration {self.iterations}: the {self.base} table gave NaN or infinite "
                                f"samples at {where}, first in noise {i} of the batch; the model is unusable there.")
         return l2_per_sample(x, target)
@@ -189,7 +201,7 @@ class LD3Fitter:
     def validation_loss(self) -> float:
         d = self.data["valid"]
         with torch.no_grad():
-            return float(self.losses(self.table(), d["cur"], d["target"]).mean())
+            return float(self.losses(self.table(), d["cur"], d["target"], d["cond"]).mean())
 
     def _examine(self, v1: bool) -> bool:
         """LD3's _examine_checkpoint: keep the best, reload it and decay after ``patience`` worse checks. True = stop."""
@@ -221,7 +233,7 @@ class LD3Fitter:
         scale = torch.where(norm > self.bound, self.bound / norm.clamp_min(1e-300), torch.ones_like(norm))
         e_new = orig + (diff * scale[:, None]).reshape(orig.shape)
         with torch.no_grad():
-            better = self.losses(self.table(), e_new, d["target"][idx]) < ref
+            better = self.losses(self.table(), e_new, d["target"][idx], cond_rows(d["cond"], idx)) < ref
         cur = d["cur"]
         cur[idx[better]] = e_new[better].to(cur.dtype)
 
@@ -235,7 +247,7 @@ class LD3Fitter:
             train = split == "train"
             self.steps.logits.requires_grad_(train)
             self.steps.offsets.requires_grad_(train and not v1)
-            vec = self.losses(self.table(grad=train), e, d["target"][idx])
+            vec = self.losses(self.table(grad=train), e, d["target"][idx], cond_rows(d["cond"], idx))
             vec.mean().backward()
             ref = vec.detach()
             e_new = (e - self.shift_lr * e.grad).detach() if e.grad is not None else None
@@ -277,15 +289,21 @@ class LD3Fitter:
 def fit(denoiser: Any, shape: Sequence[int], base: str, nfe: int, *, n_train: int = 50, n_valid: int = 50,
         seed: int = 0, teacher_solver: str = "unipc", teacher_nfe: int = 20, sigma_min: float = 0.002,
         sigma_max: float = 80.0, dtype: torch.dtype = torch.float32, rounds_v1: int = 2, rounds_v2: int = 5,
-        progress: Any = None, **kw: Any) -> tuple[SolverTable, LD3Fitter]:
-    """Fit LD3 on the FIT seed range (``n_train`` then ``n_valid`` noises from ``seed``); returns (table, fitter)."""
+        progress: Any = None, cond_of: Callable[[Sequence[int]], Any] | None = None,
+        **kw: Any) -> tuple[SolverTable, LD3Fitter]:
+    """Fit LD3 on the FIT seed range (``n_train`` then ``n_valid`` noises from ``seed``; each noise with its seed's
+    cond ``cond_of(seeds)`` when the model has one, e.g. its prompt); returns (table, fitter)."""
     seeds = seed_range(FIT_SEED_OFFSET, int(seed), int(n_train) + int(n_valid))
     e = make_noise(1, shape, seeds, dtype=torch.float64)[0]
+    cond = cond_of_seeds(cond_of, seeds)
     t0 = time.perf_counter()
-    y = teacher_targets(denoiser, e.to(dtype), teacher_solver, int(teacher_nfe), sigma_min, sigma_max, seeds=seeds).to(dtype)
+    y = teacher_targets(denoiser, e.to(dtype), teacher_solver, int(teacher_nfe), sigma_min, sigma_max, cond=cond,
+                        seeds=seeds).to(dtype)
     teacher_seconds = time.perf_counter() - t0
-    fitter = LD3Fitter(denoiser, base, nfe, train=(e[:n_train], y[:n_train]), valid=(e[n_train:], y[n_train:]),
-                       sigma_min=sigma_min, sigma_max=sigma_max, seed=seed, **kw)
+    train, valid = slice(None, n_train), slice(n_train, None)
+    fitter = LD3Fitter(denoiser, base, nfe, train=(e[train], y[train], cond_rows(cond, train)),
+                       valid=(e[valid], y[valid], cond_rows(cond, valid)), sigma_min=sigma_min, sigma_max=sigma_max,
+                       seed=seed, **kw)
     fitter.fit(rounds_v1, rounds_v2, progress)
     seconds = time.perf_counter() - t0
     step, _ = fitter.steps.sigmas()
@@ -349,7 +367,8 @@ def run(cfg: Any) -> list[str]:
                            seed=int(cfg.fit_seed), teacher_solver=str(cfg.teacher_solver), teacher_nfe=int(cfg.teacher_nfe),
                            sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max), dtype=model.dtype,
                            rounds_v1=int(cfg.rounds_v1), rounds_v2=int(cfg.rounds_v2), progress=report,
-                           window=float(cfg.window), batch_size=int(cfg.ld3_batch_size), patience=int(cfg.patience))
+                           window=float(cfg.window), batch_size=int(cfg.ld3_batch_size), patience=int(cfg.patience),
+                           cond_of=model.cond_of)
         except NaNLossError as err:
             raise ConfigError(f"nfe {nfe}: {err}") from None
         table.metadata.update(model.table_metadata())

@@ -10,6 +10,7 @@ import torch
 from samplers import SolverTable, baselines, sample
 from samplers.table import first_nonfinite
 
+from optimize.base.conds import cond_rows
 from optimize.training.runs import NaNLossError
 
 
@@ -22,17 +23,18 @@ def check_teacher(solver: str, nfe: Any) -> None:
 
 def teacher_targets(denoiser: Any, e: torch.Tensor, solver: str, nfe: int, sigma_min: float, sigma_max: float,
                     batch_size: int = 500, cond: Any = None, seeds: Sequence[int] | None = None) -> torch.Tensor:
-    """The fine teacher solve from unit noises ``e [B, *shape]`` (LD3's data: a 20-NFE UniPC solve); NaNLossError
-    naming the evaluation, its sigma and the first bad noise (its seed when ``seeds`` are given) where it leaves the
-    finite numbers."""
+    """The fine teacher solve from unit noises ``e [B, *shape]`` (LD3's data: a 20-NFE UniPC solve), row i with the
+    cond of row i (``cond``: per-row, ``Model.cond_of(seeds)``, or None); NaNLossError naming the evaluation, its sigma
+    and the first bad noise (its seed when ``seeds`` are given) where it leaves the finite numbers."""
     end = "zero" if solver in ("heun", "tada") else "sigma_min"
     table = baselines.build(solver, nfe, sigma_min=sigma_min, sigma_max=sigma_max, end=end)
     out = []
     with torch.no_grad():
         for b, part in zip(range(0, len(e), batch_size), e.split(batch_size)):
-            y = sample(table, denoiser, part[None], cond)
+            c = cond_rows(cond, slice(b, b + batch_size))
+            y = sample(table, denoiser, part[None], c)
             if not torch.isfinite(y).all():
-                where, i = first_nonfinite(table, denoiser, part[None], cond)
+                where, i = first_nonfinite(table, denoiser, part[None], c)
                 first = f"seed {seeds[b + i]}" if seeds is not None else f"noise {b + i}"
                 raise NaNLossError(f"ld3 stopped before fitting: the teacher solve ({solver}, {nfe} NFE) gave NaN or "
                                    f"infinite values at {where}, first for {first}; the model is unusable there.")
