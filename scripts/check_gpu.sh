@@ -6,7 +6,8 @@
 #   4. `samplers generate` under torchrun with the NCCL backend (one rank per GPU, at most 2), byte-compared with a
 #      single-process run
 #   5. text-to-image: the stock StableDiffusionPipeline with TableScheduler vs samplers.sample on the latent denoiser,
-#      guidance 7.5 (checkpoints/sd-tiny, else a random tiny pipeline), generate --prompt and optimize evaluate
+#      guidance 7.5 (checkpoints/sd-tiny, else a random tiny pipeline), generate --prompt, optimize evaluate and a short
+#      LD3 fit on the pipeline
 # Usage: bash scripts/check_gpu.sh [OUT_DIR]     (PYTHON=... to pick the interpreter; default .venv/bin/python)
 # Without a CUDA device it stops at once with one error line and exit code 2.
 # CHECK_GPU_DRY_RUN=1 runs the same steps on the CPU (gloo, small batch) to test this script on a machine without GPU.
@@ -159,6 +160,10 @@ timeout $T "$PY" -m optimize evaluate model=diffusers "model.path=$SD" "model.pr
     model.guidance=7.5 solver=dpmpp_2m nfe=6 n=64 ref_nfe=21 device=$DEV "hydra.run.dir=$OUT/eval-t2i" > "$OUT/eval-t2i.log" 2>&1 \
     || { cat "$OUT/eval-t2i.log"; echo "error: optimize evaluate of a text-to-image pipeline on $DEV failed" >&2; exit 1; }
 tail -2 "$OUT/eval-t2i.log"
+timeout $T "$PY" -m optimize ld3 model=diffusers "model.path=$SD" "model.prompts=[a red seven on a black background,a blue two on a grass background]" \
+    model.guidance=7.5 nfe=4 n_train=16 n_valid=16 rounds_v1=1 rounds_v2=1 evaluate=false device=$DEV "hydra.run.dir=$OUT/ld3-t2i" \
+    > "$OUT/ld3-t2i.log" 2>&1 || { cat "$OUT/ld3-t2i.log"; echo "error: LD3 on a text-to-image pipeline on $DEV failed" >&2; exit 1; }
+grep -E "^wrote" "$OUT/ld3-t2i.log"
 
 echo
 echo "check_gpu: all checks ran in $(( $(date +%s) - START )) s"
