@@ -2,13 +2,12 @@
 ``StableDiffusionPipeline`` folder and ``save_tiny_sd3`` a ``StableDiffusion3Pipeline`` folder, both in diffusers' and
 transformers' own classes, saved with ``save_pretrained`` (safetensors) and loadable offline with
 ``from_pretrained(DIR, use_safetensors=True)``. The tokenizers are written from a small word list (no download):
-CLIP's byte-level BPE ``vocab.json``/``merges.txt`` and a unigram vocabulary for T5. Weights are random (seeded): the
-folders exercise the pipelines' code paths, not image quality. Each builds in about a second on a CPU.
+CLIP's byte-level BPE files and a unigram vocabulary for T5, both by ``optimize.data.tokenizer``. Weights are random
+(seeded): the folders exercise the pipelines' code paths, not image quality. Each builds in about a second on a CPU.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,9 @@ from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteSched
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5Tokenizer)
 
+from optimize.data.tokenizer import clip_tokenizer as package_clip_tokenizer
+from optimize.data.tokenizer import t5_tokenizer as package_t5_tokenizer
+
 WORDS = ("a an the on of in with digit zero one two three four five six seven eight nine red green blue yellow "
          "white black orange purple grey background plain wood stone grass sky picture photo small large").split()
 MAX_TOKENS = 16  # the tokenizers' model_max_length: short prompts keep the text encoders and attention tiny
@@ -24,50 +26,14 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                    prediction_type="epsilon")  # Stable Diffusion 1.x/2.x base
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character map (the base alphabet of a byte-level BPE)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
-def clip_tokenizer_files(folder: Path, words: tuple[str, ...] = tuple(WORDS)) -> Path:
-    """``vocab.json`` + ``merges.txt`` of a CLIP BPE whose vocabulary is the 256 byte characters (alone and as a
-    word end ``c</w>``), every prefix of every word in ``words`` (so each word is one token) and CLIP's two specials."""
-    base = list(_bytes_to_unicode().values())
-    vocab = base + [c + "</w>" for c in base]
-    merges: list[str] = []
-    for w in sorted(words, key=len, reverse=True):  # longer words' merge chains first: each word stays one token
-        left = w[0]
-        for i, c in enumerate(w[1:], 1):
-            right = c + "</w>" if i == len(w) - 1 else c
-            merge = f"{left} {right}"
-            left = left + right
-            if merge not in merges:
-                merges.append(merge)
-                vocab.append(left)
-    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
-
-
 def clip_tokenizer(folder: Path) -> CLIPTokenizer:
-    files = clip_tokenizer_files(folder)
-    return CLIPTokenizer(vocab=str(files / "vocab.json"), merges=str(files / "merges.txt"), model_max_length=MAX_TOKENS)
+    """A CLIPTokenizer over WORDS (the package's tokenizer files, ``optimize.data.tokenizer``), MAX_TOKENS long."""
+    return package_clip_tokenizer(folder, WORDS, MAX_TOKENS)
 
 
 def t5_tokenizer() -> T5Tokenizer:
-    """A unigram T5 tokenizer over ``▁word`` pieces of WORDS plus single letters (unknown words still tokenize)."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_TOKENS)
+    """A unigram T5 tokenizer over WORDS plus single letters (``optimize.data.tokenizer``; unknown words still tokenize)."""
+    return package_t5_tokenizer(WORDS, MAX_TOKENS)
 
 
 def _clip_config(tok: CLIPTokenizer, hidden: int, projection: int) -> CLIPTextConfig:
