@@ -704,7 +704,7 @@ def load(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = 
         _check_labels(where, classes, labels, names, required=False)
         shape, out_shape = tuple(den.shape), tuple(den.out_shape)
         base, den = den.fingerprint(), den.to(device=device, dtype=dtype)
-    elif kind == "diffusers" and arg and t2i.pipeline_class(resolve_path(arg)) is not None:
+    elif is_t2i:
         return _load_t2i(arg, where, names, labels, prompts, negative_prompt, device, dtype)
     elif kind == "diffusers" and arg:
         checked = check_diffusers(arg, where, names, **labels)

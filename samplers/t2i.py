@@ -203,10 +203,10 @@ def encode(pipe: Any, prompts: list[str], negative_prompt: str, batch: int = 64)
     return Encoded(torch.cat(rows), torch.cat(pooled_rows) if pooled_rows else None)
 
 
-def _encoders_fingerprint(pipe: Any) -> str:
-    """Hash of every text encoder's weights (the prompts' meaning)."""
+def _encoders_fingerprint(pipe: Any, names: Sequence[str]) -> str:
+    """Hash of the weights of the text encoders ``names`` the pipeline has (the prompts' meaning)."""
     named = {}
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+    for name in names:
         enc = pipe.components.get(name)
         if enc is not None:
             named.update({f"{name}.{k}": v for k, v in enc.state_dict().items()})
@@ -219,7 +219,7 @@ def load_t2i(folder: str | Path, prompts: str | Sequence[str], *, guidance: floa
     sample; ``.decode``: latents to images in [-1, 1]). ValueError with one sentence for a folder or prompts that
     cannot be used (ImportError without diffusers)."""
     from diffusers import DiffusionPipeline
-
+    from transformers.utils import logging as tlog
 
     folder = Path(folder)
     cls = pipeline_class(folder)
@@ -229,8 +229,6 @@ def load_t2i(folder: str | Path, prompts: str | Sequence[str], *, guidance: floa
     texts = read_prompts(prompts)
     if guidance is not None and (isinstance(guidance, bool) or not math.isfinite(float(guidance)) or guidance < 0):
         raise ValueError(f"guidance must be a non-negative number (the CFG scale w) or null, got {guidance!r}.")
-    from transformers.utils import logging as tlog
-
     extra = {"safety_checker": None} if cls == "StableDiffusionPipeline" else {}
     level = tlog.get_verbosity()
     try:
@@ -247,9 +245,9 @@ def load_t2i(folder: str | Path, prompts: str | Sequence[str], *, guidance: floa
     pipe.to(device or "cpu")
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
-    net_name = PIPELINES[cls][0]
+    net_name, encoder_names = PIPELINES[cls]
     net = pipe.components[net_name].eval().requires_grad_(False)
-    for name in PIPELINES[cls][1]:
+    for name in encoder_names:
         if pipe.components.get(name) is not None:
             pipe.components[name].eval().requires_grad_(False)
     encoded = encode(pipe, texts, negative_prompt)
@@ -277,4 +275,4 @@ def load_t2i(folder: str | Path, prompts: str | Sequence[str], *, guidance: floa
             z = latents.to(next(vae.parameters()).device, vae.dtype) / scale + shift
             return vae.decode(z, return_dict=False)[0].clamp(-1, 1).to(latents.dtype)
 
-    return PromptDenoiser(base, texts, guidance, negative_prompt, _encoders_fingerprint(pipe), decode, shape, image_shape, cls)
+    return PromptDenoiser(base, texts, guidance, negative_prompt, _encoders_fingerprint(pipe, encoder_names), decode, shape, image_shape, cls)

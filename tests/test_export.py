@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from samplers import SolverTable, baselines, make_noise, sample
-from samplers.__main__ import main
+from test_cli import run_main  # noqa: E402 - the samplers CLI run in this process, as test_cli runs it
 from samplers.denoisers import GaussianMixture
 from samplers.export import identify
 from samplers.models import load_diffusers
@@ -39,15 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 GMM = GaussianMixture.random(shape=(1, 4, 4), components=5, seed=3)
 OFF_GRID = [60.0, 12.0, 3.1, 0.7, 0.09]  # LD3-style learned step sigmas: no training timestep's
 TOL = 2e-5  # relative to the largest |value|: float32 rounding, amplified a little by a random net
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def exported(table: SolverTable, tmp_path: Path, capsys, to: str, *extra: str) -> dict:
