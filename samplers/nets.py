@@ -8,7 +8,8 @@ so the runtime rebuilds it without pickles or project code outside this module:
     {"arch": "mlp", "in_dim": 2, "hidden": 128, "depth": 3, "precond": "edm", "sigma_data": 0.5}
 
 Raw nets are called as ``net(x_in, c_noise)`` or ``net(x_in, c_noise, cond)`` (EDM's F); the EDM
-preconditioning (c_skip, c_out, c_in, c_noise = log(sigma)/4) lives in ``denoisers.EDMPrecond``.
+preconditioning (c_skip, c_out, c_in, c_noise = log(sigma)/4) lives in ``denoisers.EDMPrecond``, the consistency
+model's (``precond: consistency`` with ``sigma_min``, f(x, sigma_min) = x) in ``ConsistencyPrecond`` below.
 ``cond`` is integer class labels ``[B]`` or a float ``[B, num_classes]`` (one-hot or zeros for the
 unconditional branch of classifier-free guidance); ``cond=None`` adds no class embedding.
 """
@@ -27,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .artifact import atomic_save, package_version, read_header, short_error
-from .denoisers import EDMPrecond, InputScaled
+from .denoisers import EDMPrecond, InputScaled, _bcast, _module_fingerprint, _sigma_like
 
 NET_FORMAT = "samplers.net"
 NET_FORMAT_VERSION = 1
@@ -371,10 +372,47 @@ class PaGoDAGenerator(UNet):
         return y
 
 
+# --- consistency models (Song, Dhariwal, Chen, Sutskever 2023, "Consistency models"; code openai/consistency_models) --
+class ConsistencyPrecond(EDMPrecond):
+    """Raw net F as a consistency function (the paper's appendix C; ``get_scalings_for_boundary_condition`` of
+    openai/consistency_models), with ``sd = sigma_data`` and ``s_min = sigma_min``::
+
+        f(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)),
+        c_skip = sd^2 / ((s - s_min)^2 + sd^2),   c_out = sd (s - s_min) / sqrt(s^2 + sd^2),
+        c_in = 1 / sqrt(s^2 + sd^2),              c_noise = log(s) / 4 (EDMPrecond's, so a teacher's F starts it),
+
+    so ``f(x, s_min) = x`` exactly (c_skip = 1, c_out = 0). A network file says ``precond: consistency`` and gives
+    ``sigma_min``; ``sigma_min`` is also the lowest noise level the model is defined at."""
+
+    adapter = "consistency"
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002):
+        super().__init__(net, sigma_data=sigma_data)
+        if isinstance(sigma_min, bool) or not isinstance(sigma_min, (int, float)) or not 0 < sigma_min < float("inf"):
+            raise ValueError(f"sigma_min must be a positive finite number, got {sigma_min!r}.")
+        self.sigma_min = float(sigma_min)
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_skip, c_out)`` at ``sigma`` (any shape; elementwise)."""
+        sd, lo = self.sigma_data, self.sigma_min
+        return sd**2 / ((sigma - lo) ** 2 + sd**2), sd * (sigma - lo) / (sigma**2 + sd**2).sqrt()
+
+    def forward(self, x: torch.Tensor, sigma: Any, cond: Any = None) -> torch.Tensor:
+        """``c_skip x + c_out F(c_in x, c_noise[, cond])`` with the boundary-condition scalings."""
+        sigma = _sigma_like(sigma, x)
+        c_skip, c_out = self.scalings(_bcast(sigma, x))
+        return c_skip * x + c_out * self.raw(x, sigma, cond)
+
+    def fingerprint(self) -> str:
+        """Hash of the net's state dict, sigma_data and sigma_min."""
+        return _module_fingerprint(self.net, {}, {"adapter": self.adapter, "sigma_data": self.sigma_data,
+                                                  "sigma_min": self.sigma_min})
+
+
 ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {"unet": (UNet, UNET_DEFAULTS), "mlp": (MLP, MLP_DEFAULTS)}
 ARCHS["dsno_unet"] = (DSNOUNet, DSNO_UNET_DEFAULTS)  # one-step student: a network file like any teacher
 ARCHS["pagoda_generator"] = (PaGoDAGenerator, PAGODA_DEFAULTS)  # one-step generator whose output grows past its input
-_NON_ARCH_KEYS = {"arch", "precond", "sigma_data", "shape"}
+_NON_ARCH_KEYS = {"arch", "precond", "sigma_data", "sigma_min", "shape"}  # sigma_min: precond consistency only
 # architectures that are one-step students: their config's arch says they serve 1-NFE tables only (a classic or
 # learned multi-step table would feed them their own outputs, a use they were never trained for)
 ONE_STEP_ARCHS = ("dsno_unet", "pagoda_generator")
@@ -404,7 +442,7 @@ def _check_values(cfg: dict) -> None:
     if not isinstance(mult, (list, tuple)) or not 1 <= len(mult) <= 10 or \
             any(isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 64 for m in mult):
         raise NetError(f"{arch} network config channel_mult must be a list of 1 to 10 integers in 1..64, got {mult!r}.")
-    for key in ("max_freq", "sigma_data"):
+    for key in ("max_freq", "sigma_data", "sigma_min"):
         value = cfg.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise NetError(f"{arch} network config {key} must be a positive finite number, got {value!r}.")
@@ -539,7 +577,8 @@ def load_net(path: str) -> tuple[nn.Module, dict]:
 
 
 def load_denoiser(path: str, device: torch.device | str | None = None) -> nn.Module:
-    """The network at ``path`` wrapped in its preconditioning (``precond: edm``) as a sigma-space denoiser.
+    """The network at ``path`` wrapped in its preconditioning (``precond``: ``edm``, ``input`` or ``consistency``) as a
+    sigma-space denoiser.
 
     The returned module carries ``config``, ``shape`` (one input sample's shape), ``out_shape`` (one output's:
     the same but for a generator that grows, ``output_shape``) and ``max_nfe`` (1 for a one-step student's
@@ -547,10 +586,15 @@ def load_denoiser(path: str, device: torch.device | str | None = None) -> nn.Mod
     """
     net, config = load_net(path)
     precond = config.get("precond", "edm")
-    wrappers = {"edm": EDMPrecond, "input": InputScaled}
+    wrappers = {"edm": EDMPrecond, "input": InputScaled, "consistency": ConsistencyPrecond}
     if precond not in wrappers:
         raise NetError(f"{path}: unknown preconditioning {precond!r}; valid: {', '.join(wrappers)}.")
-    denoiser = wrappers[precond](net, sigma_data=float(config.get("sigma_data", 0.5)))
+    options = {"sigma_data": float(config.get("sigma_data", 0.5))}
+    if precond == "consistency":
+        if "sigma_min" not in config:
+            raise NetError(f"{path}: a network with precond consistency must give sigma_min in its config.")
+        options["sigma_min"] = float(config["sigma_min"])
+    denoiser = wrappers[precond](net, **options)
     denoiser.config = config
     denoiser.shape = data_shape(config)
     denoiser.out_shape = output_shape(config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -257,6 +257,21 @@ DATASETS: dict[str, Callable[..., object]] = {
     "gmm": _gmm_data,
     "captioned-digits": captioned_digits,
 }
+
+
+def training_data(mcfg: Any) -> torch.Tensor | None:
+    """The training set a model config's teacher learns from: the digits train split, or ``teacher.n_data`` draws
+    (seed 0) of toy2d / shapes / patches at the teacher's resolution; None for a model without one."""
+    if mcfg.data == "digits":
+        return digits("train")[0]
+    if mcfg.data not in ("toy2d", "shapes", "patches"):
+        return None
+    n = int(mcfg.teacher.n_data)
+    if mcfg.data == "toy2d":
+        return toy2d(n, seed=0)
+    if mcfg.data == "shapes":
+        return shapes(n, seed=0, resolution=int(mcfg.teacher.net.resolution))
+    return patches("train", n, seed=0, resolution=int(mcfg.teacher.net.resolution))
 
 
 def get(name: str) -> Callable[..., object]:

@@ -142,18 +142,12 @@ def data_loader(x: torch.Tensor, batch_size: int, seed: int = 0) -> torch.utils.
 
 # --- the command ----------------------------------------------------------------------------------
 def training_data(mcfg: Any) -> torch.Tensor:
-    """The training set of a model config: digits train split, or ``teacher.n_data`` draws (seed 0) of toy2d / shapes."""
-    if mcfg.data == "digits":
-        return data.digits("train")[0]
-    n = int(mcfg.teacher.n_data)
-    if mcfg.data == "toy2d":
-        return data.toy2d(n, seed=0)
-    if mcfg.data == "shapes":
-        return data.shapes(n, seed=0, resolution=int(mcfg.teacher.net.resolution))
-    if mcfg.data == "patches":
-        return data.patches("train", n, seed=0, resolution=int(mcfg.teacher.net.resolution))
-
-    raise ConfigError(f"model {mcfg.name}: no teacher training for data {mcfg.data!r} (valid: digits, toy2d, shapes).")
+    """The training set of a model config (``optimize.data.training_data``); one ConfigError for a model without one."""
+    x = data.training_data(mcfg)
+    if x is None:
+        raise ConfigError(f"model {mcfg.name}: no teacher training for data {mcfg.data!r} (valid: digits, toy2d, shapes, "
+                          f"patches).")
+    return x
 
 
 def validate(cfg: Any) -> None:
