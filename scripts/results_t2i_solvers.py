@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
 
 from samplers.t2i import prompt_indices, read_prompts
 from samplers.table import make_noise
@@ -41,7 +39,8 @@ from samplers.table import make_noise
 from optimize.base import REPO
 from optimize.base.seeds import EVAL_SEED_OFFSET, seed_range
 from optimize.data import captioned as cap
-from optimize.evaluation.classifier import load_classifier, predict_heads
+from optimize.evaluation import t2i
+from optimize.evaluation.classifier import load_classifier
 from optimize.evaluation.judge import Judge
 from optimize.evaluation.results import paired, verdict, write_csv
 
@@ -50,75 +49,13 @@ PROMPTS = REPO / "conf" / "prompts" / "captioned-heldout.txt"
 FEATURES = [str(REPO / "checkpoints" / "features-captioned-a.safetensors"),
             str(REPO / "checkpoints" / "features-captioned-b.safetensors")]
 JUDGE = REPO / "checkpoints" / "features-captioned-judge.safetensors"
-REFERENCE_STEPS = 50
+REFERENCE_STEPS = t2i.REFERENCE_STEPS
 
 
-def pipeline(folder: Path) -> Any:
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def few_step_scheduler(pipe: Any) -> Any:
+def few_step_scheduler(pipe: Any) -> tuple[str, Any]:
     """The stock few-step scheduler a user picks: DPMSolverMultistep (dpmsolver++, order 2) for SD, FlowMatchEuler
     (the pipeline's own) for SD3."""
-    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-
-    if "unet" in pipe.components:
-        return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-
-
-def run(pipe: Any, scheduler: Any, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float,
-        batch: int) -> torch.Tensor:
-    """Decoded images in [-1, 1] of the stock pipeline with ``scheduler`` from ``latents`` (the pipeline's own draw,
-    before any init_noise_sigma scaling)."""
-    pipe.scheduler = scheduler
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch):
-            img = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                       latents=latents[i:i + batch], output_type="pt").images
-            out.append(img * 2 - 1)
-    return torch.cat(out).clamp(-1, 1)
-
-
-def reference(pipe: Any, teacher: str, prompts: list[str], latents: torch.Tensor, guidance: float, batch: int,
-              cache: Path) -> torch.Tensor:
-    """The stock pipeline's 50-step decoded images of these latents and prompts, read from ``cache`` when a run with the
-    same teacher, guidance, prompts and latents wrote them."""
-    path = cache / f"{teacher}-w{guidance:g}-n{len(prompts)}-steps{REFERENCE_STEPS}.safetensors"
-    if path.is_file():
-        got = load_file(str(path))
-        if torch.equal(got["latents"], latents) and got["prompts"].tolist() == [hash_prompt(p) for p in prompts]:
-            return got["images"]
-    images = run(pipe, type(pipe.scheduler).from_config(pipe.scheduler.config), prompts, latents, REFERENCE_STEPS,
-                 guidance, batch)
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file({"images": images.contiguous(), "latents": latents.contiguous(),
-               "prompts": torch.tensor([hash_prompt(p) for p in prompts])}, str(path))
-    return images
-
-
-def hash_prompt(prompt: str) -> int:
-    """A stable 31-bit number per prompt (zlib.crc32), to check a cached reference's prompts."""
-    return zlib.crc32(prompt.encode()) & 0x7FFFFFFF
-
-
-def distance(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """Mean per-sample RMSE and PSNR (peak-to-peak 2) to ``ref``, each with its standard error."""
-    mse = (x - ref).double().pow(2).flatten(1).mean(1)
-    rmse, psnr = mse.sqrt(), 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
-    n = len(x)
-    return {"rmse": float(rmse.mean()), "rmse_se": float(rmse.std() / math.sqrt(n)),
-            "psnr": float(psnr.mean()), "psnr_se": float(psnr.std() / math.sqrt(n))}
-
-
-def adherence(judge_net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """1.0 where the judge reads the prompt's digit, colour and background all right, else 0.0."""
-    return (predict_heads(judge_net, x) == labels).all(1).double()
+    return "DPM++2M" if getattr(pipe, "unet", None) is not None else "FlowMatchEuler"
 
 
 def main() -> None:
@@ -145,32 +82,31 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     real = cap.captioned_digits(args.n, seed=7, images="heldout", prompts="heldout")  # the floor: real vs real
     floor = {"teacher": "real", "scheduler": "real held-out images (another draw)", "nfe": 0, **judge.score(real.x),
-             "adherence": float(adherence(judge_net, real.x, real.labels).mean())}
+             "adherence": float(t2i.adherence(judge_net, real.x, real.labels).mean())}
     rows.append(floor)
     for teacher in args.teachers:
-        pipe = pipeline(args.root / teacher)
-        shape = (pipe.vae.config.latent_channels, *([pipe.components["unet" if "unet" in pipe.components else "transformer"]
-                                                     .config.sample_size] * 2))
-        latents = make_noise(1, shape, seeds)[0]
+        pipe = t2i.pipeline(args.root / teacher)
+        latents = make_noise(1, t2i.latent_shape(pipe), seeds)[0]
         t0 = time.perf_counter()
-        ref = reference(pipe, teacher, prompts, latents, args.guidance, args.batch, args.cache)
-        hits_ref = adherence(judge_net, ref, labels)
+        ref = t2i.reference_images(pipe, teacher, prompts, latents, args.guidance, args.batch, args.cache)
+        hits_ref = t2i.adherence(judge_net, ref, labels)
         base = {"teacher": teacher, "scheduler": f"{type(pipe.scheduler).__name__} (stock)", "nfe": REFERENCE_STEPS,
                 **judge.score(ref), "adherence": float(hits_ref.mean()), "_hits": hits_ref,
                 "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(base)
         for nfe in args.nfe:
-            sched = few_step_scheduler(pipe)
+            label = few_step_scheduler(pipe)
+            sched, call = t2i.stock_schedulers(pipe)[label](nfe)
             t0 = time.perf_counter()
-            x = run(pipe, sched, prompts, latents, nfe, args.guidance, args.batch)
-            hits = adherence(judge_net, x, labels)
-            row = {"teacher": teacher, "scheduler": type(sched).__name__, "nfe": nfe, **distance(x, ref),
+            x, calls = t2i.pipeline_images(pipe, sched, prompts, latents, args.guidance, args.batch, **call)
+            assert calls == nfe, (label, nfe, calls)
+            hits = t2i.adherence(judge_net, x, labels)
+            row = {"teacher": teacher, "scheduler": type(sched).__name__, "nfe": nfe, **t2i.distance(x, ref),
                    **judge.score(x), "adherence": float(hits.mean()), "_hits": hits,
                    "seconds": round(time.perf_counter() - t0, 1)}
             for key in ("fd_heldout_main", "fd_heldout_b"):
                 row[f"d{key}_vs_50"], row[f"d{key}_vs_50_se"] = paired(row, base, key)
-            d = hits - hits_ref
-            row["dadherence_vs_50"], row["dadherence_vs_50_se"] = float(d.mean()), float(d.std() / math.sqrt(len(d)))
+            row["dadherence_vs_50"], row["dadherence_vs_50_se"] = t2i.paired_mean(hits, hits_ref)
             rows.append(row)
             print(f"{teacher} {row['scheduler']} NFE {nfe}: RMSE to {REFERENCE_STEPS} steps {row['rmse']:.4f} ± "
                   f"{row['rmse_se']:.2g}, PSNR {row['psnr']:.2f}; FD held-out {row['fd_heldout_main']:.2f} "

@@ -1,0 +1,245 @@
+"""Learned tables against every few-step peer on the tiny text-to-image teachers, on held-out prompts (issue 26).
+
+For one teacher (``checkpoints/sd-tiny`` or ``checkpoints/sd3-tiny``) and guidance scale, the sample of evaluation
+seed s (s = 0..n-1) starts from the unit latents ``make_noise`` gives that seed and gets held-out prompt ``s mod 60``.
+Every row is decoded by the VAE and scored on the same seeds (paired):
+
+- peers inside the stock pipeline (``optimize.evaluation.t2i.stock_schedulers``): DPM-Solver++(2M) with and without
+  Karras sigmas, UniPC, Euler, DDIM, PNDM and Align Your Steps (SD's betas only) for the U-Net; FlowMatchEuler,
+  DPM-Solver++(2M) and UniPC on flow sigmas for the flow transformer; each run's net calls are counted;
+- tables (``--tables``: OSS and LD3, the learned peers; the project's own) through ``samplers.sample`` with the
+  project's prompt denoiser and decoded by the same VAE (the same image as the table inside the stock pipeline, to
+  float32 rounding: tests/test_t2i_scheduler.py);
+- the 50-step solve of the pipeline's own scheduler (the reference; cached by ``optimize.evaluation.t2i``).
+
+Columns: RMSE and PSNR of decoded images to the 50-step solve of the same seed; FD of decoded images against real
+held-out images on both feature nets (``main`` = features-captioned-a, which learners may use; ``b``, which none
+uses) with bootstrap standard errors over both sets; prompt adherence (digit, colour and background all read right
+by the judge); and per row the paired difference to the best peer at the same NFE (the peer with the lowest RMSE;
+``peer`` rows are every row but the ``project`` ones). Writes ``docs/results/t2i/methods-<teacher>-w<g>.csv`` and
+grids ``docs/results/t2i/grid-<teacher>-w<g>-nfe<N>.png`` (rows: methods, columns: seeds 0..7), then renders
+``docs/results-t2i.md`` from every such CSV.
+
+    python scripts/results_t2i.py --teacher sd-tiny --tables docs/results/t2i/tables/sd-tiny-*.safetensors
+    python scripts/results_t2i.py --render-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from samplers import SolverTable, make_noise, sample
+from samplers.images import write_png_grid
+from samplers.t2i import prompt_indices, read_prompts
+
+from optimize.base import REPO
+from optimize.base.seeds import EVAL_SEED_OFFSET, seed_range
+from optimize.data import captioned as cap
+from optimize.data.models import load_model
+from optimize.evaluation import t2i
+from optimize.evaluation.classifier import load_classifier
+from optimize.evaluation.judge import Judge
+from optimize.evaluation.results import paired, write_csv
+
+OUT = REPO / "docs" / "results" / "t2i"
+PAGE = REPO / "docs" / "results-t2i.md"
+PROMPTS = REPO / "conf" / "prompts" / "captioned-heldout.txt"
+FEATURES = [str(REPO / "checkpoints" / "features-captioned-a.safetensors"),
+            str(REPO / "checkpoints" / "features-captioned-b.safetensors")]
+JUDGE = REPO / "checkpoints" / "features-captioned-judge.safetensors"
+GRID_NFE = (4, 8)
+GRID_SEEDS = 8
+PROJECT = ("best", "iia", "ddss")  # table methods that are the project's own; every other row is a peer
+
+
+def table_images(model: Any, table: SolverTable, seeds: list[int], batch: int) -> torch.Tensor:
+    """Decoded images in [-1, 1] of ``table`` run by ``samplers.sample`` from the seeds' noises and prompts."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(seeds), batch):
+            part = seeds[i:i + batch]
+            x = sample(table, model.denoiser, make_noise(table.n_noise, model.shape, part), model.cond_of(part))
+            out.append(model.decode(x))
+    return torch.cat(out).clamp(-1, 1)
+
+
+def table_label(path: Path, table: SolverTable) -> str:
+    """A row's method name: the table's ``method`` (with its base solver for LD3), e.g. ``ld3-unipc``, ``oss``."""
+    method = str(table.metadata.get("method", path.stem))
+    base = table.metadata.get("base_solver")
+    return f"{method}-{base}" if method == "ld3" and base else method
+
+
+def score(name: str, kind: str, nfe: int, x: torch.Tensor, ref: torch.Tensor, judge: Judge, judge_net: Any,
+          labels: torch.Tensor, seconds: float) -> dict[str, Any]:
+    """One CSV row with the per-sample values kept (``_``-prefixed) for paired differences."""
+    hits = t2i.adherence(judge_net, x, labels)
+    n = len(hits)
+    return {"method": name, "kind": kind, "nfe": nfe, **t2i.distance(x, ref), **judge.score(x),
+            "adherence": float(hits.mean()), "adherence_se": float(hits.std() / n**0.5), "_hits": hits,
+            "_images": x[:GRID_SEEDS], "seconds": round(seconds, 1)}
+
+
+def add_paired(rows: list[dict[str, Any]]) -> None:
+    """Per NFE: the best peer (lowest RMSE), and every row's paired difference to it (RMSE, FD on both nets,
+    adherence); ``best_peer`` names it."""
+    for nfe in sorted({r["nfe"] for r in rows if r["kind"] != "reference"}):
+        at = [r for r in rows if r["nfe"] == nfe and r["kind"] != "reference"]
+        peers = [r for r in at if r["kind"] == "peer"]
+        if not peers:
+            continue
+        best = min(peers, key=lambda r: r["rmse"])
+        for r in at:
+            r["best_peer"] = best["method"]
+            r["drmse_vs_peer"], r["drmse_vs_peer_se"] = t2i.paired_mean(r["_rmse"], best["_rmse"])
+            for key in ("fd_heldout_main", "fd_heldout_b"):
+                r[f"d{key}_vs_peer"], r[f"d{key}_vs_peer_se"] = paired(r, best, key)
+            r["dadherence_vs_peer"], r["dadherence_vs_peer_se"] = t2i.paired_mean(r["_hits"], best["_hits"])
+
+
+def write_grids(rows: list[dict[str, Any]], stem: str, out: Path) -> None:
+    """One PNG per NFE in GRID_NFE: a row of the first GRID_SEEDS samples per method (the reference first)."""
+    ref = [r for r in rows if r["kind"] == "reference"]
+    for nfe in GRID_NFE:
+        at = [r for r in rows if r["nfe"] == nfe]
+        if at:
+            images = torch.cat([r["_images"] for r in ref + at])
+            write_png_grid(images, str(out / f"grid-{stem}-nfe{nfe}.png"), nrow=GRID_SEEDS, scale=2)
+            print(f"grid rows ({out / f'grid-{stem}-nfe{nfe}.png'}): {', '.join(r['method'] for r in ref + at)}")
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    prompts_all = read_prompts(str(PROMPTS))
+    seeds = seed_range(EVAL_SEED_OFFSET, 0, args.n)
+    prompts = [prompts_all[i] for i in prompt_indices(seeds, len(prompts_all)).tolist()]
+    labels = torch.tensor([cap.parse_caption(p) for p in prompts])
+    judge = Judge.for_model(OmegaConf.create({"name": "captioned", "data": "captioned-digits", "features": FEATURES,
+                                             "clip": True}), (3, 32, 32), n_boot=args.n_boot)
+    judge_net = load_classifier(str(JUDGE))
+    folder = args.root / args.teacher
+    pipe = t2i.pipeline(folder)
+    latents = make_noise(1, t2i.latent_shape(pipe), seeds)[0]
+    t0 = time.perf_counter()
+    ref = t2i.reference_images(pipe, args.teacher, prompts, latents, args.guidance, args.batch, args.cache)
+    rows = [score(f"{type(pipe.scheduler).__name__}, {t2i.REFERENCE_STEPS} steps", "reference", t2i.REFERENCE_STEPS,
+                  ref, ref, judge, judge_net, labels, time.perf_counter() - t0)]
+    for key in ("rmse", "rmse_se", "psnr", "psnr_se"):  # the reference's distance to itself says nothing
+        rows[0].pop(key)
+    peers = t2i.stock_schedulers(pipe)
+    model = load_model(OmegaConf.create({"name": args.teacher, "kind": "diffusers", "path": str(folder),
+                                         "prompts": str(PROMPTS), "guidance": args.guidance, "dtype": "float32"}))
+    tables = [(p, SolverTable.load(str(p))) for p in args.tables]
+    for nfe in args.nfe:
+        for label in args.peers or list(peers):
+            sched, call = peers[label](nfe)
+            t0 = time.perf_counter()
+            x, calls = t2i.pipeline_images(pipe, sched, prompts, latents, args.guidance, args.batch, **call)
+            if calls != nfe:
+                raise RuntimeError(f"{label} at NFE {nfe} called the net {calls} times")
+            rows.append(score(label, "peer", nfe, x, ref, judge, judge_net, labels, time.perf_counter() - t0))
+            print(f"{args.teacher} {label} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
+                  flush=True)
+        for path, table in tables:
+            if table.nfe != nfe:
+                continue
+            if table.metadata.get("guidance") is not None and float(table.metadata["guidance"]) != args.guidance:
+                print(f"note: {path.name} was learned at guidance {table.metadata['guidance']}, run at {args.guidance}")
+            name = table_label(path, table)
+            t0 = time.perf_counter()
+            x = table_images(model, table, seeds, args.batch)
+            kind = "project" if name.split("-")[0] in PROJECT else "peer"
+            rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels, time.perf_counter() - t0))
+            rows[-1]["fit_seconds"] = table.metadata.get("fit_seconds")
+            rows[-1]["table"] = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+            print(f"{args.teacher} {name} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
+                  flush=True)
+    add_paired(rows)
+    stem = f"{args.teacher}-w{args.guidance:g}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_grids(rows, stem, args.out)
+    for r in rows:
+        r.update(teacher=args.teacher, guidance=args.guidance, n=args.n)
+    write_csv([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], str(args.out / f"methods-{stem}.csv"))
+    print(f"wrote {args.out / f'methods-{stem}.csv'}")
+
+
+def _f(row: dict[str, str], key: str, digits: int = 3) -> str:
+    v = row.get(key, "")
+    return "" if v in ("", None) else f"{float(v):.{digits}f}"
+
+
+def _pm(row: dict[str, str], key: str, se: str, digits: int = 3) -> str:
+    return f"{_f(row, key, digits)} ± {_f(row, se, digits)}" if row.get(key, "") != "" else ""
+
+
+def render(out: Path = OUT, page: Path = PAGE) -> None:
+    """docs/results-t2i.md from every docs/results/t2i/methods-*.csv (``out``)."""
+    lines = ["# Text-to-image: learned tables against the few-step peers",
+             "",
+             "Written by `scripts/results_t2i.py` from `docs/results/t2i/methods-*.csv`; do not edit by hand. Held-out",
+             "prompts (combinations never used for learning or selection), paired seeds; RMSE/PSNR to the 50-step solve",
+             "of the same seed and prompt (decoded images, peak-to-peak 2); FD of decoded images to real held-out images",
+             "on `main` (a feature net learners may use) and `b` (one no learner uses); adherence: the judge reads the",
+             "digit, the colour and the background all right. `Δ vs best peer`: paired difference to the peer with the",
+             "lowest RMSE at that NFE (± one standard error; beyond two counts). Stock peers run inside the stock",
+             "pipeline, tables through `samplers.sample` (the same images as `TableScheduler` in the pipeline).", ""]
+    for path in sorted(out.glob("methods-*.csv")):
+        rows = list(csv.DictReader(path.open()))
+        if not rows:
+            continue
+        head = rows[0]
+        lines += [f"## {head['teacher']}, guidance {head['guidance']} ({head['n']} samples)", "",
+                  "| method | NFE | RMSE | PSNR | FD main | FD b | adherence | Δ RMSE vs best peer | Δ FD b vs best peer "
+                  "| Δ adherence vs best peer | fit s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            name = f"**{r['method']}**" if r["kind"] == "project" else r["method"]
+            best = r.get("best_peer", "")
+            tag = " (best peer)" if best and best == r["method"] else ""
+            lines.append(f"| {name}{tag} | {r['nfe']} | {_pm(r, 'rmse', 'rmse_se', 4)} | {_f(r, 'psnr', 2)} | "
+                         f"{_pm(r, 'fd_heldout_main', 'fd_se_heldout_main', 1)} | {_pm(r, 'fd_heldout_b', 'fd_se_heldout_b', 1)} | "
+                         f"{_pm(r, 'adherence', 'adherence_se')} | {_pm(r, 'drmse_vs_peer', 'drmse_vs_peer_se', 4)} | "
+                         f"{_pm(r, 'dfd_heldout_b_vs_peer', 'dfd_heldout_b_vs_peer_se', 1)} | "
+                         f"{_pm(r, 'dadherence_vs_peer', 'dadherence_vs_peer_se')} | {_f(r, 'fit_seconds', 0)} |")
+        stem = path.stem.removeprefix("methods-")
+        grids = [f"![NFE {n}](results/t2i/grid-{stem}-nfe{n}.png)" for n in GRID_NFE
+                 if (out / f"grid-{stem}-nfe{n}.png").is_file()]
+        if grids:
+            lines += ["", "Grids: the 50-step solve, then one row per method in the table's order at that NFE "
+                      "(seeds 0-7).", "", *grids]
+        lines.append("")
+    page.write_text("\n".join(lines))
+    print(f"wrote {page}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", default="sd-tiny")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 8, 10])
+    ap.add_argument("--n", type=int, default=2000, help="samples (evaluation seeds 0..n-1)")
+    ap.add_argument("--tables", type=Path, nargs="*", default=[], help="table files to score beside the peers")
+    ap.add_argument("--peers", nargs="*", default=None, help="stock peers to run (default: all for the pipeline)")
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--n-boot", type=int, default=200)
+    ap.add_argument("--root", type=Path, default=REPO / "checkpoints", help="folder holding the teachers' folders")
+    ap.add_argument("--cache", type=Path, default=REPO / "out" / "t2i-cache", help="where the 50-step images are kept")
+    ap.add_argument("--out", type=Path, default=OUT, help="folder of the CSVs and grids")
+    ap.add_argument("--page", type=Path, default=PAGE, help="the page rendered from the CSVs in --out")
+    ap.add_argument("--render-only", action="store_true", help="only rewrite docs/results-t2i.md from the CSVs")
+    args = ap.parse_args()
+    if not args.render_only:
+        run(args)
+    render(args.out, args.page)
+
+
+if __name__ == "__main__":
+    main()
