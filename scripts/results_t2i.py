@@ -180,6 +180,70 @@ def _pm(row: dict[str, str], key: str, se: str, digits: int = 3) -> str:
     return f"{_f(row, key, digits)} ± {_f(row, se, digits)}" if row.get(key, "") != "" else ""
 
 
+def teacher_section(out: Path) -> list[str]:
+    """The teachers at 50 steps (``teachers.csv``, scripts/results_t2i_teachers.py) and the judge (``judge.csv``)."""
+    lines: list[str] = []
+    judge = out / "judge.csv"
+    if judge.is_file():
+        lines += ["## The judge", "", "Accuracy of the prompt-adherence judge on real held-out images (`judge.csv`, "
+                  "`scripts/train_captioned_judges.py`):", "",
+                  *_csv_table(list(csv.DictReader(judge.open()))), ""]
+    teachers = out / "teachers.csv"
+    if teachers.is_file():
+        lines += ["## The teachers at 50 steps", "", "Held-out prompts, the pipeline's own scheduler (`teachers.csv`, "
+                  "`scripts/results_t2i_teachers.py`; grids `results/t2i/grid-<teacher>-w<scale>.png`). `all`: digit, "
+                  "colour and background all read right.", "",
+                  *_csv_table(list(csv.DictReader(teachers.open()))), ""]
+    return lines
+
+
+def _csv_table(rows: list[dict[str, str]]) -> list[str]:
+    """A CSV's rows as a markdown table, numbers to 4 significant digits."""
+    if not rows:
+        return []
+
+    def cell(v: str) -> str:
+        try:
+            return f"{float(v):.4g}"
+        except ValueError:
+            return v
+
+    keys = list(rows[0])
+    return ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys),
+            *["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]]
+
+
+def solver_section(out: Path) -> list[str]:
+    """The page's first section, from ``solvers.csv`` (scripts/results_t2i_solvers.py): the stock few-step scheduler
+    against the 50-step solve, and the real-vs-real floor."""
+    path = out / "solvers.csv"
+    if not path.is_file():
+        return []
+    rows = list(csv.DictReader(path.open()))
+    real = next((r for r in rows if r["teacher"] == "real"), None)
+    lines = ["## Does sampling matter on these teachers?", "",
+             "The stock few-step scheduler of each pipeline against its own 50-step solve (`solvers.csv`, "
+             "`scripts/results_t2i_solvers.py`, guidance 7.5). `Δ vs 50`: paired difference on the same seeds "
+             "(± one standard error)."]
+    if real is not None:
+        main, b = _pm(real, "fd_heldout_main", "fd_se_heldout_main", 1), _pm(real, "fd_heldout_b", "fd_se_heldout_b", 1)
+        lines += ["", f"Floor: a second draw of real held-out images scores FD main {main}, FD b {b}, adherence "
+                  f"{_f(real, 'adherence')}."]
+    lines += ["", "| teacher | scheduler | NFE | RMSE to 50 steps | PSNR | FD main | Δ FD main vs 50 | FD b | Δ FD b vs 50 "
+              "| adherence | Δ adherence vs 50 |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["teacher"] == "real":
+            continue
+        lines.append(f"| {r['teacher']} | {r['scheduler']} | {r['nfe']} | {_pm(r, 'rmse', 'rmse_se', 4)} | "
+                     f"{_f(r, 'psnr', 2)} | {_pm(r, 'fd_heldout_main', 'fd_se_heldout_main', 1)} | "
+                     f"{_pm(r, 'dfd_heldout_main_vs_50', 'dfd_heldout_main_vs_50_se', 1)} | "
+                     f"{_pm(r, 'fd_heldout_b', 'fd_se_heldout_b', 1)} | "
+                     f"{_pm(r, 'dfd_heldout_b_vs_50', 'dfd_heldout_b_vs_50_se', 1)} | {_pm(r, 'adherence', 'adherence_se')} | "
+                     f"{_pm(r, 'dadherence_vs_50', 'dadherence_vs_50_se')} |")
+    return lines + [""]
+
+
 def render(out: Path = OUT, page: Path = PAGE) -> None:
     """docs/results-t2i.md from every docs/results/t2i/methods-*.csv (``out``)."""
     lines = ["# Text-to-image: learned tables against the few-step peers",
@@ -191,6 +255,7 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
              "digit, the colour and the background all right. `Δ vs best peer`: paired difference to the peer with the",
              "lowest RMSE at that NFE (± one standard error; beyond two counts). Stock peers run inside the stock",
              "pipeline, tables through `samplers.sample` (the same images as `TableScheduler` in the pipeline).", ""]
+    lines += teacher_section(out) + solver_section(out)
     for path in sorted(out.glob("methods-*.csv")):
         rows = list(csv.DictReader(path.open()))
         if not rows:
