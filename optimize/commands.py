@@ -1,7 +1,7 @@
 """The commands of ``python -m optimize``: each ``conf/method/<name>.yaml`` is run by the module of that name in
 ``optimize.methods`` (learners), ``optimize.recipes`` (chains of them) or ``optimize.evaluation`` (``evaluate``),
 found in that order. A module gives ``run(cfg)`` and may give ``KEYS`` (its typed keys), ``validate(cfg)`` and
-``NEEDS_DATA``; a new method is its file plus its conf file, nothing else."""
+``NEEDS_DATA`` (or ``needs_data(cfg)``); a new method is its file plus its conf file, nothing else."""
 
 from __future__ import annotations
 
@@ -38,11 +38,13 @@ def method_keys(name: str) -> dict[str, Key]:
 
 
 def check_needs_data(cfg: Any) -> None:
-    """A method whose module says ``NEEDS_DATA = True`` (it learns against reference data) gets a model with data and
-    feature nets."""
+    """A method whose module says ``NEEDS_DATA = True`` or whose ``needs_data(cfg)`` is true for this run (it learns
+    against reference data) gets a model with data and feature nets."""
     m, method = cfg.model, str(cfg.method.name)
     data, feats = m.get("data"), m.get("features")
-    if getattr(method_module(method), "NEEDS_DATA", False) and (data is None or not as_list(feats)):
+    module = method_module(method)
+    needs = module.needs_data(cfg) if hasattr(module, "needs_data") else getattr(module, "NEEDS_DATA", False)
+    if needs and (data is None or not as_list(feats)):
         raise ConfigError(f"{method} learns against reference data: model {m.name} needs data=folder:PATH (or digits) "
                           f"and features=[a feature-net .safetensors file or package.module:function]; "
                           f"IIA needs neither.")

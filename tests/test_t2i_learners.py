@@ -223,3 +223,29 @@ def test_ddss_match_gives_every_row_its_seeds_prompt(model3):
     rec.check()
     assert {s for s, _ in rec.seen} == set(pool) | set(val)
     assert module.history["val"][0]["fd_train_main"] >= 0  # scored on decoded 3x32x32 images against the real ones
+
+
+def test_ddss_learns_from_prompts_alone_and_keeps_the_table_nearest_the_teacher(sd, model, tmp_path, capsys):
+    """loss=match monitor=match needs no data and no feature nets: validation is the mean squared distance to the
+    teacher's solve on the validation seeds (each with its prompt), and the exported table is the best validated one."""
+    optimize_main(["ddss", "model=diffusers", f"model.path={sd}", f"model.prompts=[{PROMPTS[0]},{PROMPTS[1]}]",
+                   f"model.guidance={W}", "nfe=3", f"hydra.run.dir={tmp_path / 'run'}", "loss=match", "monitor=match",
+                   "family=full", "init=dpmpp_2m", "n_match=6", "batch_size=4", "steps=3", "n_val=4", "val_every=1",
+                   "teacher_nfe=8", "evaluate_at_end=false", "progress_bar=false"])
+    capsys.readouterr()
+    [path] = sorted((tmp_path / "run").glob("ddss-*.safetensors"))
+    table = SolverTable.load(str(path), fingerprint=model.fingerprint)
+    meta, cfg = table.metadata, table.metadata["run_config"]
+    assert meta["objective"] == "match" and len(meta["validation"]) == 4  # before step 1, then after steps 1..3
+    seeds = list(range(VAL_SEED_OFFSET, VAL_SEED_OFFSET + 4))
+    e = make_noise(1, model.shape, seeds)[0]
+    with torch.no_grad():  # the monitor, recomputed independently for the exported table
+        target = teacher_targets(model.denoiser, e, "unipc", 8, float(cfg["sigma_min"]), float(cfg["sigma_max"]),
+                                 cond=model.cond_of(seeds))
+        x = sample(table, model.denoiser, make_noise(table, model.shape, seeds), model.cond_of(seeds))
+    score = float((x - target).double().pow(2).flatten(1).mean(1).mean())
+    best = min(v["match"] for v in meta["validation"])
+    assert meta["selection_metrics"]["match"] == best and score == pytest.approx(best, rel=1e-4)
+    with pytest.raises(SystemExit):
+        optimize_main(["ddss", "model=gmm", "nfe=3", "loss=kid", "monitor=match", f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert "monitor=match selects by the teacher match" in capsys.readouterr().err

@@ -68,7 +68,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
@@ -92,7 +92,14 @@ from optimize.evaluation.results import plot_sigmas
 from optimize.training.runs import NaNLossError, TrainingModule, compare_tables, ticks, trainer_parts
 from optimize.base.seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range
 
-NEEDS_DATA = True  # learns against reference data: the model needs data= and features= (optimize.data.models)
+
+
+def needs_data(cfg: Any) -> bool:
+    """Reference data and feature nets are needed unless the loss and the monitor are both the teacher match (a
+    text-to-image model learns from prompts alone: loss=match monitor=match)."""
+    return "kid" in str(cfg.loss) or str(cfg.monitor) != "match"
+
+
 KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "val_every": count(low=0), "n_val": count(10**8), "n_match": count(10**8), "match_weight": Key("num", 0),
     "sigma_lr": rate()}
@@ -100,7 +107,8 @@ FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
 TABLE_PREFIX = "table:"  # init=table:PATH starts from a table file (an LD3 schedule, an earlier learned table)
 LOSSES = ("kid", "match", "kid+match")
-MONITORS = ("fd_train", "kid_train")  # selection sees only the training set: held-out data and FD-b stay independent
+MONITORS = ("fd_train", "kid_train", "match")  # selection sees only the training set (held-out data and FD-b stay
+# independent) or, with match, the mean squared distance to the teacher's solve on the validation seeds
 SLACK_FLOOR = 1e-3  # initial share of the slack bucket (log sigma span below the last sigma) when it is ~0
 
 
@@ -375,18 +383,31 @@ class DDSSModule(TrainingModule):
 
     # outside objects ------------------------------------------------------------------------------
     def attach(self, model: Any, judge: Any) -> "DDSSModule":
-        """Use ``model`` (an evaluate.Model) and ``judge`` (an evaluate.Judge) for sampling, loss and validation."""
+        """Use ``model`` (an evaluate.Model) and ``judge`` (an evaluate.Judge; None with loss=match monitor=match, which
+        need no data) for sampling, loss and validation."""
         den = model.denoiser
         if isinstance(den, nn.Module):
             den.requires_grad_(False).eval()
-        name = next(iter(judge.features))
-        real = judge.real_feats("train", name)
-        # training and selection see the training set and the first feature net only (no held-out data, no FD-b)
-        val_judge = judge.restricted(splits=["train"], features=[name], n_boot=0)
-        self._ext = {"model": model, "judge": val_judge, "feature": name, "real": real, "real_term": real_term(real)}
+        self._ext = {"model": model}
+        if "kid" in str(self.hparams.loss) or str(self.hparams.monitor) != "match":
+            name = next(iter(judge.features))
+            real = judge.real_feats("train", name)
+            # training and selection see the training set and the first feature net only (no held-out data, no FD-b)
+            val_judge = judge.restricted(splits=["train"], features=[name], n_boot=0)
+            self._ext.update(judge=val_judge, feature=name, real=real, real_term=real_term(real))
         if "match" in str(self.hparams.loss):
             self._ext["pool"] = self.match_pool(model)
+        if str(self.hparams.monitor) == "match":
+            self._ext["val_targets"] = self.match_targets(model, self.val_seeds())
         return self
+
+    def match_targets(self, model: Any, seeds: Sequence[int]) -> torch.Tensor:
+        """The fine teacher solve (teacher_solver at teacher_nfe) from the unit noise e_0 of each seed, with its cond."""
+        hp = self.hparams
+        e = make_noise(1, model.shape, seeds, dtype=model.dtype)[0]
+        return teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
+                               float(hp.sigma_min), float(hp.sigma_max), cond=cond_of_seeds(model.cond_of, seeds, self.device),
+                               seeds=list(seeds))
 
     def match_pool(self, model: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(unit noises [n_match, *shape], the fine teacher solve from each, their per-row cond or None) on the FIT seed
@@ -471,10 +492,10 @@ class DDSSModule(TrainingModule):
         return make_noise(self.sampler.n_noise, m.shape, self.val_seeds(), dtype=m.dtype, device=self.device)
 
     def validate_now(self, log: bool = True) -> dict[str, float]:
-        """Score the current table on the validation seeds (VAL_SEED_OFFSET.., never evaluated; with their cond, and
-        decoded first for a latent model) against the training set with the first feature net; keep it when its
-        ``monitor`` is the best so far."""
-        judge = self._ext["judge"]
+        """Score the current table on the validation seeds (VAL_SEED_OFFSET.., never evaluated; with their cond):
+        ``monitor=match``: the mean squared distance of its samples to the teacher's solve from the same noises (in the
+        model's own space, as the match loss); otherwise the decoded samples against the training set with the first
+        feature net. Keep it when its ``monitor`` is the best so far."""
         m = self.model
         with torch.no_grad():
             table = self.sampler.frozen()
@@ -482,13 +503,18 @@ class DDSSModule(TrainingModule):
             cond = cond_of_seeds(m.cond_of, self.val_seeds(), self.device)
             x = torch.cat([sample(table, m.denoiser, nz, cond_rows(cond, slice(b, b + 500)))
                            for b, nz in zip(range(0, noise.shape[1], 500), noise.split(500, dim=1))]).cpu()
-            if m.decode is not None and torch.isfinite(x).all():
+            if str(self.hparams.monitor) == "match":
+                target = self._ext["val_targets"].to(x)
+            elif m.decode is not None and torch.isfinite(x).all():
                 x = decoded(m.decode, x)
         if not torch.isfinite(x).all():
             scores = {"finite": 0.0}
             score = float("inf")
+        elif str(self.hparams.monitor) == "match":
+            scores = {"match": float((x - target).double().pow(2).flatten(1).mean(1).mean())}
+            score = scores["match"]
         else:
-            scores = judge.score(x)
+            scores = self._ext["judge"].score(x)
             score = scores[f"{self.hparams.monitor}_{self._ext['feature']}"]
         step = int(self.global_step)
         scores = {k: v for k, v in scores.items() if not k.startswith(("kid_se", "_"))}
@@ -498,8 +524,10 @@ class DDSSModule(TrainingModule):
             self.best_step.fill_(step)
             self.best_coef.copy_(table.coef.to(self.best_coef))
             self.best_sigmas.copy_(table.sigmas.to(self.best_sigmas))
-        feat = self._ext["feature"]
-        if log and "finite" not in scores:
+        feat = self._ext.get("feature")
+        if log and "finite" not in scores and "match" in scores:
+            self.log("val_match", scores["match"], prog_bar=True, on_step=True, on_epoch=False)
+        elif log and "finite" not in scores:
             # on_step only: an epoch-level entry would be the mean of every validation so far
             self.log_dict({"val_kid": scores[f"kid_train_{feat}"], "val_fd": scores[f"fd_train_{feat}"]}, prog_bar=True,
                           on_step=True, on_epoch=False)
@@ -656,6 +684,9 @@ def validate(cfg: Any) -> None:
                           f"and {cfg.val_every}.")
     if cfg.monitor not in MONITORS:
         raise ConfigError(f"unknown monitor {cfg.monitor!r}; valid: {', '.join(MONITORS)}.")
+    if cfg.monitor == "match" and "match" not in str(cfg.loss):
+        raise ConfigError(f"monitor=match selects by the teacher match: it needs loss=match or kid+match, got "
+                          f"loss={cfg.loss}.")
     if cfg.max_minutes is not None and float(cfg.max_minutes) <= 0:
         raise ConfigError(f"max_minutes must be positive or null, got {cfg.max_minutes}.")
     compare_tables(cfg, as_list(cfg.compare), int(nfes[0]))
@@ -666,7 +697,7 @@ def validate(cfg: Any) -> None:
         baselines.build(str(cfg.ref_solver), int(cfg.ref_nfe), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.model.features != "raw":
+    if cfg.model.features != "raw" and needs_data(cfg):
         check_features(cfg.model.features)  # classifier files or package.module:function entries
     path = resume_path(cfg.get("resume"))  # resume=true is looked up once the run folder exists
     if path is not None and not os.path.isfile(path):
@@ -723,7 +754,7 @@ def run(cfg: Any) -> dict[str, Any]:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
-    module = build_module(cfg).attach(model, judge)
+    module = build_module(cfg).attach(model, judge if needs_data(cfg) else None)
     loss_tag = "" if str(cfg.loss) == "kid" else "-" + str(cfg.loss).replace("+", "-")
     module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}{loss_tag}-nfe{int(cfg.nfe)}.safetensors")
     module.export_metadata = {**model.table_metadata(), "run_config": OmegaConf.to_container(cfg, resolve=True)}
