@@ -219,6 +219,8 @@ class SpectralConv1d(nn.Module):
 
     the lowest ``modes`` frequencies of every pixel's channel vector are mixed by complex matrices, the
     rest are dropped. Weights are stored real ``[C, C, modes, 2]``; the FFT runs in float32 at least.
+    A new layer's weights are uniform in ``[0, init_scale)``, by default ``1/C^2`` (DSNO's code), so it starts
+    small, not at zero; ``init_scale=0`` gives exact zeros (a network file's weights replace either when loaded).
     """
 
     def __init__(self, channels: int, modes: int, init_scale: float | None = None):
@@ -237,12 +239,14 @@ class SpectralConv1d(nn.Module):
 
 
 class TemporalBlock(nn.Module):
-    """``h + LeakyReLU(SpectralConv1d(h))`` on ``[B*M, C, H, W]`` viewed as ``[B, M, C, H, W]``: identity at zero weights."""
+    """``h + LeakyReLU(SpectralConv1d(h))`` on ``[B*M, C, H, W]`` viewed as ``[B, M, C, H, W]``: identity at zero
+    weights, near it at the default small random init (``SpectralConv1d``). Zero weights still get a gradient:
+    PyTorch's LeakyReLU has slope 0.01 at 0, so ``dL/dW`` there is 0.01 times that of ``SpectralConv1d`` alone."""
 
-    def __init__(self, channels: int, modes: int, num_times: int):
+    def __init__(self, channels: int, modes: int, num_times: int, init_scale: float | None = None):
         super().__init__()
         self.num_times = int(num_times)
-        self.conv = SpectralConv1d(channels, modes)
+        self.conv = SpectralConv1d(channels, modes, init_scale)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         bm, *rest = h.shape
@@ -260,7 +264,9 @@ class DSNOUNet(UNet):
     returns the last time (the sample), so ``EDMPrecond`` serves it as a denoiser: the preconditioning uses the
     noise level of the input (sigma_max in the 1-NFE table) and the ``c_noise`` argument is not used, since the
     output times are fixed by ``sigmas``. With zero temporal weights, time m is the teacher's net at
-    ``(x_in, c_noise(sigma_m))``.
+    ``(x_in, c_noise(sigma_m))``. A freshly built net's temporal weights are small and random (``SpectralConv1d``),
+    so with the teacher's weights copied it is near the teacher, not equal to it; ``optimize.methods.dsno``'s
+    ``temporal_init=zero`` zeroes them. A loaded file's weights are used as stored.
     """
 
     def __init__(self, sigmas: Any = (80.0,), modes: int = 2, temporal: bool = True, **unet: Any):

@@ -11,8 +11,14 @@ block, and the EDM preconditioning of the input's noise level::
 
     S_m(x) = c_skip(sigma_max) x + c_out(sigma_max) F_m(c_in(sigma_max) x),     m = 1..M
 
-With zero temporal weights, ``F_m`` is the teacher's net at ``(c_in x, c_noise(sigma_m))``; evaluated at an input
-whose noise level is sigma_m it is exactly the teacher's denoiser ``D(x, sigma_m)`` (tests/test_dsno.py).
+With zero temporal weights every block is the identity and ``F_m`` is the teacher's net at
+``(c_in x, c_noise(sigma_m))``; evaluated at an input whose noise level is sigma_m it is exactly the teacher's
+denoiser ``D(x, sigma_m)`` (tests/test_dsno.py). Where training starts is ``temporal_init``: ``random`` (the
+default, DSNO's code) draws W uniform in [0, 1/C^2) (C the block's channels), which on the digits teacher leaves the
+slices within about 0.02 of the teacher's (largest pixel difference, data in [-1, 1]); ``zero`` starts exactly at
+the teacher. Zero weights still learn: PyTorch's LeakyReLU has slope 0.01 at 0, so ``dL/dW`` at W = 0 is 0.01 times
+that of the linear map ``irfft(W . rfft(h))``, nonzero, and Adam's first step is about lr per weight whatever the
+gradient's scale.
 
 Times (DSNO's "quad" spacing): ``t_m = (1 - m/M)^2`` of the cosine schedule, ``sigma(t) = tan(pi t / 2)`` in EDM
 space (logSNR = -2 log tan(pi t/2)), clamped to [sigma_min, sigma_max]; M = 4 gives sigma = 1.22, 0.414, 0.098 and
@@ -23,14 +29,30 @@ with the 8 stored sigmas) from ``sigma_max e`` through ``samplers.sample``; its 
 ``d_i`` at the stored sigmas. Noise seeds come from ``optimize.base.seeds.DATA_SEED_OFFSET`` (never the evaluation
 seeds). Cached once as safetensors under ``data_cache_dir``, keyed by the teacher's fingerprint and settings.
 
-Loss (DSNO's "snr" weighting; SNR = 1/sigma^2 in EDM space, where ``x = x0 + sigma n``)::
+Loss::
 
-    L = mean_m  w_m * mean_{b, pixels} dist(S_m(x_b), x0_hat(sigma_m; x_b)),   w_m = clamp(sqrt(SNR_m), 1, 1e4)
-                                                                                    = clamp(1/sigma_m, 1, 1e4)
+    L = mean_m  w_m d_m,     d_m = mean_{b, pixels} dist(S_m(x_b), x0_hat(sigma_m; x_b))
 
-with dist = |.| (``loss=l1``, the paper's ImageNet choice) or (.)^2 (``l2``). Adam, linear warm-up then cosine
-decay, EMA weights exported. The served artifact is the EMA student (a network file) plus a 1-NFE table
-(``x_0 = sigma_max e_0``, output ``d_0``): one network call, whose cost is about M teacher forwards.
+with dist = |.| (``loss=l1``, the paper's ImageNet choice) or (.)^2 (``l2``) and the weights of ``weighting``:
+
+- ``snr`` (DSNO's, the default): ``w_m = clamp(sqrt(SNR_m), 1, 1e4) = clamp(1/sigma_m, 1, 1e4)`` (SNR = 1/sigma^2 in
+  EDM space, where ``x = x0 + sigma n``). At M = 4, w = 1, 2.41, 10.2, 500: the sample's slice has 97% of the weight.
+- ``uniform``: weight 1 on each slice's distance measured in units of the EDM output scaling at its noise level,
+  ``w_m = 1 / c_out(sigma_m)^p`` with ``c_out(sigma) = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)``, p = 1 for
+  l1 and p = 2 for l2 (EDM's lambda(sigma)). As c_out ~ sigma for small sigma, it stays close to snr: at M = 4,
+  w = 2.16, 3.13, 10.4, 500 for l1 (97% on the last slice) and their squares for l2 (99.9%).
+- ``normalised``: every slice's term is divided by a running estimate of its own size, ``w_m = 1 / s_m``, where
+  ``s_m`` is an exponential moving average (decay ``NORM_DECAY`` = 0.99) of the detached ``d_m`` over the training
+  batches, started at the first batch and including the current one: ``s_m = d_m`` at the first step, then
+  ``s_m <- 0.99 s_m + 0.01 d_m``. Each term ``w_m d_m`` is then about 1 (exactly 1 at the first step), so all slices
+  contribute equally; the gradient is ``mean_m grad(d_m) / s_m``, about that of ``mean_m log d_m``. ``s`` is kept in
+  the checkpoint (exact resume).
+
+The module tracks ``s`` under every weighting (a record of the per-slice distances); only ``normalised`` uses it.
+Adam, linear warm-up then cosine decay, EMA weights exported. The served artifact is the EMA student (a network
+file, whose metadata records ``weighting``, ``loss_weights`` at the end and ``temporal_init``) plus a 1-NFE table
+(``x_0 = sigma_max e_0``, output ``d_0``; the same keys in its metadata): one network call, whose cost is about M
+teacher forwards.
 """
 
 from __future__ import annotations
@@ -76,6 +98,9 @@ KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declar
     "M": count(4096), "modes": count(4096), "data_steps": count(100_000)}
 STORE_POINTS = 8  # stored data times t_j = (j/8)^2, j = 7..0: M must divide 8
 LOSSES = ("l1", "l2")
+WEIGHTINGS = ("snr", "uniform", "normalised")  # per-slice loss weights (module docstring)
+NORM_DECAY = 0.99  # EMA decay of the per-slice distance estimate s_m of weighting=normalised
+TEMPORAL_INITS = ("random", "zero")  # where the temporal weights start (module docstring)
 
 
 # --- times, weights, tables ---------------------------------------------------------------------------
@@ -106,9 +131,38 @@ def store_index(m: int, points: int = STORE_POINTS) -> list[int]:
     return [points - 1 - points * (m - k) // m for k in range(1, m + 1)]
 
 
-def loss_weights(sigmas: Sequence[float]) -> torch.Tensor:
-    """``w_m = clamp(sqrt(SNR_m), 1, 1e4)`` with ``SNR = 1/sigma^2`` (EDM space)."""
-    return (1.0 / torch.as_tensor(list(sigmas), dtype=torch.float64)).clamp(1.0, 1e4).to(torch.float32)
+def c_out(sigma: float, sigma_data: float = 0.5) -> float:
+    """EDM's output scaling ``c_out(sigma) = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)``."""
+    return sigma * sigma_data / math.sqrt(sigma**2 + sigma_data**2)
+
+
+def loss_weights(sigmas: Sequence[float], weighting: str = "snr", loss: str = "l1", sigma_data: float = 0.5,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-slice weights ``w_m`` of ``L = mean_m w_m d_m`` (float32 ``[M]``):
+
+    - ``snr``: ``clamp(sqrt(SNR_m), 1, 1e4)`` with ``SNR = 1/sigma^2`` (EDM space);
+    - ``uniform``: ``1 / c_out(sigma_m)^p``, p = 1 for ``l1`` and 2 for ``l2``;
+    - ``normalised``: ``1 / s_m`` for the running per-slice distances ``scale`` (``update_scale``), floored at 1e-12.
+    """
+    sig = torch.as_tensor(list(sigmas), dtype=torch.float64)
+    if weighting == "snr":
+        return (1.0 / sig).clamp(1.0, 1e4).to(torch.float32)
+    if weighting == "uniform":
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}.")
+        power = LOSSES.index(loss) + 1  # l1: c_out, l2: c_out^2
+        return torch.tensor([c_out(float(s), sigma_data) ** -power for s in sig], dtype=torch.float32)
+    if weighting == "normalised":
+        if scale is None:
+            raise ValueError("weighting normalised needs the running per-slice distances (scale).")
+        return 1.0 / scale.detach().to(torch.float32).clamp_min(1e-12)
+    raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}.")
+
+
+def update_scale(scale: torch.Tensor, dist: torch.Tensor, first: bool, decay: float = NORM_DECAY) -> torch.Tensor:
+    """The running per-slice distance: ``s = d`` at the first step, else ``s <- decay s + (1 - decay) d`` (d detached)."""
+    d = dist.detach().to(scale.dtype)
+    return d.clone() if first else decay * scale + (1 - decay) * d
 
 
 def data_table(solver: str, steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
@@ -200,12 +254,19 @@ def student_config(teacher_config: dict[str, Any], sigmas: Sequence[float], mode
             "shape": [int(s) for s in shape]}
 
 
-def make_student(teacher_net: nn.Module, config: dict[str, Any]) -> DSNOUNet:
-    """A DSNOUNet with the teacher's weights copied (temporal blocks keep their small random init)."""
+def make_student(teacher_net: nn.Module, config: dict[str, Any], temporal_init: str = "random") -> DSNOUNet:
+    """A DSNOUNet with the teacher's weights copied; its temporal blocks keep their init (``random``: uniform in
+    [0, 1/C^2), ``samplers.nets.SpectralConv1d``) or are set to zero (``zero``: every slice is the teacher's net)."""
+    if temporal_init not in TEMPORAL_INITS:
+        raise ValueError(f"temporal_init must be one of {', '.join(TEMPORAL_INITS)}, got {temporal_init!r}.")
     net = build_net({k: v for k, v in config.items() if k not in ("precond", "sigma_data")})
     missing, unexpected = net.load_state_dict(teacher_net.state_dict(), strict=False)
     if unexpected or any(not k.startswith("temporal.") for k in missing):
         raise ValueError(f"teacher weights do not fit the student (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    if temporal_init == "zero" and net.temporal is not None:
+        with torch.no_grad():
+            for p in net.temporal.parameters():
+                p.zero_()
     return net
 
 
@@ -222,22 +283,31 @@ class DSNOModule(TrainingModule):
     Batches are ``(noise [B, *shape], x0 [B, M, *shape])``: the student's input is ``sigma_max * noise``. After
     ``attach_data`` each step draws its own batch from (seed, global step), so a resumed run continues exactly as the
     uninterrupted one (same batches, same learning rates; tests/test_dsno.py compares the weights bit for bit). EMA,
-    clock, NaN stop and the loss history in checkpoints come from ``optimize.training.runs.TrainingModule``.
+    clock, NaN stop and the loss history in checkpoints come from ``optimize.training.runs.TrainingModule``. The
+    running per-slice distances ``dist_scale`` (``update_scale``; the weights of ``weighting=normalised``) are a
+    persistent buffer, so they are in the checkpoint too.
     """
 
     method = "dsno"
 
     def __init__(self, config: dict[str, Any], sigma_max: float = 80.0, sigma_data: float = 0.5, loss: str = "l1",
                  lr: float = 1e-3, warmup_steps: int = 100, steps: int = 1000, min_lr_ratio: float = 0.05,
-                 ema_decay: float = 0.995, seed: int = 0):
+                 ema_decay: float = 0.995, seed: int = 0, weighting: str = "snr", temporal_init: str = "random"):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}.")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}.")
+        if temporal_init not in TEMPORAL_INITS:
+            raise ValueError(f"temporal_init must be one of {', '.join(TEMPORAL_INITS)}, got {temporal_init!r}.")
         self.save_hyperparameters()
         self.config = dict(config)
         self.student = build_net({k: v for k, v in config.items() if k not in ("precond", "sigma_data")})
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
-        self.register_buffer("weights", loss_weights(config["sigmas"]), persistent=False)
+        m = len(config["sigmas"])
+        fixed = loss_weights(config["sigmas"], weighting, loss, sigma_data) if weighting != "normalised" else torch.ones(m)
+        self.register_buffer("weights", fixed, persistent=False)
+        self.register_buffer("dist_scale", torch.zeros(m))  # s_m (update_scale); all zero: no training step yet
         self.data: tuple[torch.Tensor, torch.Tensor] | None = None  # set by attach_data
         self.batch_size = 0
 
@@ -255,8 +325,8 @@ class DSNOModule(TrainingModule):
         return self.data[0][idx].to(self.device), self.data[1][idx].to(self.device)
 
     def init_from(self, teacher_net: nn.Module) -> "DSNOModule":
-        """Copy the teacher's weights into the student and its EMA."""
-        self.student = make_student(teacher_net, self.config)
+        """Copy the teacher's weights into the student and its EMA (temporal weights as ``temporal_init``)."""
+        self.student = make_student(teacher_net, self.config, str(self.hparams.temporal_init))
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
         return self
 
@@ -264,23 +334,46 @@ class DSNOModule(TrainingModule):
         net = self.ema if ema else self.student
         return trajectory(net, self.hparams.sigma_max * noise, self.hparams.sigma_max, self.hparams.sigma_data)
 
-    def losses(self, noise: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(L, per-time distances [M])`` with ``L = mean_m w_m dist_m``."""
+    def distances(self, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The per-time distances ``d_m = mean_{b, pixels} dist(S_m, x0_m)``: ``[M]``."""
         diff = self(noise) - x0
-        dist = (diff.abs() if self.hparams.loss == "l1" else diff.pow(2)).transpose(0, 1).flatten(1).mean(1)
-        return (self.weights * dist).mean(), dist
+        return (diff.abs() if self.hparams.loss == "l1" else diff.pow(2)).transpose(0, 1).flatten(1).mean(1)
+
+    def slice_weights(self, dist: torch.Tensor | None = None) -> torch.Tensor:
+        """The current ``w_m``: fixed for snr and uniform; ``1 / s_m`` for normalised (before any training step,
+        ``s = dist``, this batch's own distances)."""
+        if self.hparams.weighting != "normalised":
+            return self.weights
+        fresh = not bool(self.dist_scale.any())
+        if fresh and dist is None:
+            raise ValueError("weighting normalised has no distance estimate before its first step; pass dist.")
+        return loss_weights(self.config["sigmas"], "normalised", scale=dist if fresh else self.dist_scale)
+
+    def losses(self, noise: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, per-time distances [M])`` with ``L = mean_m w_m d_m`` at the current weights (no update)."""
+        dist = self.distances(noise, x0)
+        return (self.slice_weights(dist) * dist).mean(), dist
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """One weighted distance on this step's batch (the attached data's, else the loader's); raises NaNLossError
-        on a non-finite loss."""
+        """One weighted distance on this step's batch (the attached data's, else the loader's), after folding the
+        batch's distances into ``s`` (``update_scale``); raises NaNLossError on a non-finite loss."""
         noise, x0 = self.step_batch() if self.data is not None else batch
-        loss, dist = self.losses(noise, x0)
+        dist = self.distances(noise, x0)
+        if bool(torch.isfinite(dist).all()):  # a non-finite batch is stopped below, without spoiling s
+            self.dist_scale = update_scale(self.dist_scale, dist, first=not bool(self.dist_scale.any()))
+        loss = (self.slice_weights(dist) * dist).mean()
         self.check_loss(loss)
         self.log("train_loss", loss, prog_bar=True, on_step=True)
         for m, v in enumerate(dist):
             self.log(f"dist_t{m + 1}", v, on_step=True)
         self.history.append([int(self.global_step), float(loss.detach()), *[float(v) for v in dist.detach()]])  # step, loss, loss_1..M
         return loss
+
+    def final_weights(self) -> list[float] | None:
+        """The weights ``w_m`` now, as a list (None for normalised before any step)."""
+        if self.hparams.weighting == "normalised" and not bool(self.dist_scale.any()):
+            return None
+        return [float(w) for w in self.slice_weights()]
 
     def ema_pairs(self) -> tuple[Any, Any]:
         return self.ema.parameters(), self.student.parameters()
@@ -300,7 +393,8 @@ class DSNOModule(TrainingModule):
 
     def export(self, path: str, extra_metadata: dict | None = None) -> str:
         """Save the EMA student as a network file (``samplers.nets.load_denoiser`` serves it)."""
-        meta = {"trainer": "optimize.dsno", "global_step": int(self.global_step), **(extra_metadata or {})}
+        meta = {"trainer": "optimize.dsno", "global_step": int(self.global_step), "weighting": str(self.hparams.weighting),
+                "loss_weights": self.final_weights(), "temporal_init": str(self.hparams.temporal_init), **(extra_metadata or {})}
         return save_net(self.ema, self.config, path, extra_metadata=meta)
 
 
@@ -354,6 +448,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(str(err)) from None
     if cfg.loss not in LOSSES:
         raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}.")
+    if cfg.weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {cfg.weighting!r}.")
+    if cfg.temporal_init not in TEMPORAL_INITS:
+        raise ConfigError(f"temporal_init must be one of {', '.join(TEMPORAL_INITS)}, got {cfg.temporal_init!r}.")
     for key in ("n_data", "data_steps", "data_batch_size", "steps", "batch_size", "n", "eval_batch_size"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}.")
@@ -389,7 +487,8 @@ def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int])
     config = student_config(teacher_config, sigmas, int(cfg.modes), bool(cfg.temporal), shape)
     return DSNOModule(config, sigma_max=float(cfg.sigma_max), sigma_data=float(teacher_config.get("sigma_data", 0.5)),
                       loss=str(cfg.loss), lr=float(cfg.lr), warmup_steps=int(cfg.warmup_steps), steps=int(cfg.steps),
-                      min_lr_ratio=float(cfg.min_lr_ratio), ema_decay=float(cfg.ema), seed=int(cfg.seed))
+                      min_lr_ratio=float(cfg.min_lr_ratio), ema_decay=float(cfg.ema), seed=int(cfg.seed),
+                      weighting=str(cfg.weighting), temporal_init=str(cfg.temporal_init))
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -416,7 +515,8 @@ def run(cfg: Any) -> dict[str, Any]:
     sigmas = module.config["sigmas"]
     n_temporal = sum(p.numel() for n, p in module.student.named_parameters() if n.startswith("temporal."))
     print(f"dsno student: M={cfg.M} times (sigmas {', '.join(f'{s:.3g}' for s in sigmas)}), modes={cfg.modes}, "
-          f"temporal={bool(cfg.temporal)} ({n_temporal:,} temporal parameters), {cfg.steps} steps of batch {cfg.batch_size}", flush=True)
+          f"temporal={bool(cfg.temporal)} ({n_temporal:,} temporal parameters, init {cfg.temporal_init}), "
+          f"{cfg.loss} loss weighted {cfg.weighting}, {cfg.steps} steps of batch {cfg.batch_size}", flush=True)
     t1 = time.perf_counter()
     try:
         trainer.fit(module, ticks(), ckpt_path=ckpt_path, weights_only=True)
@@ -433,6 +533,7 @@ def run(cfg: Any) -> dict[str, Any]:
     meta = {"format_version": FORMAT_VERSION, "method": "dsno", "base_solver": "dsno", "nfe": 1,
             "model_fingerprint": student.fingerprint(), "teacher_fingerprint": model.fingerprint,
             "student": os.path.basename(student_path), "M": int(cfg.M), "output_sigmas": sigmas,
+            "weighting": str(cfg.weighting), "loss_weights": module.final_weights(), "temporal_init": str(cfg.temporal_init),
             "cost_note": f"1 network call that runs {cfg.M} time slices (about {cfg.M} teacher forwards)",
             "config": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if not isinstance(v, (dict, list))}}
     one_step_table(float(cfg.sigma_max), meta).save(table_path)
