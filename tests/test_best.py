@@ -40,3 +40,47 @@ def test_best_runs_the_chain_and_picks_on_the_selection_seeds(tmp_path: Path, mo
     assert {p.name for p in (tmp_path / "run" / "tables").glob("*.safetensors")} == {
         "ld3-unipc-nfe3.safetensors", "ld3-dpmpp_2m-nfe3.safetensors", "iia-ld3-nfe3.safetensors", "ddss-match-nfe3.safetensors"}
     assert "best=" in (tmp_path / "run" / "results.csv").read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["best", "model=gmm", "select_by=fid"], "select_by must be one of fd, match"),
+    (["best", "model=gmm", "ddss_loss=kid"], "ddss_loss must be kid+match or match"),
+    (["best", "model=gmm", "select_prompts=[a dog]"], "select_prompts is for text-to-image models"),
+    (["best", "model=edm", "model.data=null", "ddss_loss=match"], "best learns against reference data"),
+])
+def test_bad_prompt_only_settings_are_one_error_line(cli_error, argv: list[str], needle: str) -> None:
+    assert needle in cli_error(argv)
+
+
+def test_match_selection_scores_each_table_by_its_distance_to_the_teacher() -> None:
+    """select_by=match: each candidate's mean squared distance to the teacher's solve from the same selection noises,
+    recomputed here sample by sample with samplers.sample."""
+    import torch
+
+    from optimize.data.models import load_model
+    from optimize.recipes import match_scores
+    from optimize.training.distill import teacher_targets
+    from omegaconf import OmegaConf
+    from samplers import baselines, make_noise, sample
+
+    m = load_model(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "gmm.yaml"))
+    seeds = list(range(3_000_000, 3_000_012))
+    e = make_noise(1, m.shape, seeds, dtype=m.dtype)[0]
+    target = teacher_targets(m.denoiser, e, "unipc", 20, 0.002, 80.0)
+    tables = [(s, baselines.build(s, 4, sigma_min=0.002, sigma_max=80.0)) for s in ("euler", "dpmpp_2m")]
+    scores = match_scores(m, tables, seeds, target)
+    for label, t in tables:
+        x = torch.stack([sample(t, m.denoiser, make_noise(1, m.shape, [s], dtype=m.dtype))[0] for s in seeds])
+        assert scores[label] == pytest.approx(float((x - target).double().pow(2).flatten(1).mean(1).mean()), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_best_from_the_teacher_alone_needs_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompt-only chain (ddss_loss=match select_by=match) on the mixture with its data switched off."""
+    monkeypatch.chdir(tmp_path)
+    main(["best", "model=gmm", "model.data=null", "nfe=3", "n=200", "n_select=100", "ddss_steps=20", "ddss_loss=match",
+          "select_by=match", "ld3_bases=[unipc]", "hydra.run.dir=run"])
+    picked = SolverTable.load(str(tmp_path / "run" / "gmm-best-nfe3.safetensors"))
+    scores = picked.metadata["selected_from"]
+    assert scores[picked.metadata["selected"]] == min(scores.values())
+    assert picked.metadata["selection"].startswith("teacher match (unipc@20")

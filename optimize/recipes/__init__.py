@@ -88,22 +88,24 @@ def fit_iia(model: str, nfe: int, ld3: Path, tables: Path, extra: tuple[str, ...
     return dest
 
 
-def ddss_args(model: str, nfe: int, ld3: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+def ddss_args(model: str, nfe: int, ld3: Path, steps: int, extra: tuple[str, ...] = (), loss: str = "kid+match") -> list[str]:
     """The DDSS command of the chain: every causal coefficient and the sigmas from the LD3 table, KID + teacher L2
-    (``extra``: more ``key=value`` settings, e.g. a CPU budget's batch size)."""
-    return ["ddss", f"model={model}", f"nfe={nfe}", "family=full", f"init=table:{ld3}", "loss=kid+match", f"steps={steps}",
-            "val_every=50", "max_minutes=null", "evaluate_at_end=false", "progress_bar=false", *extra]
+    (``loss=match``: the teacher L2 alone, selected by it: no data needed; ``extra``: more ``key=value`` settings,
+    e.g. a CPU budget's batch size)."""
+    monitor = ["monitor=match"] if loss == "match" else []
+    return ["ddss", f"model={model}", f"nfe={nfe}", "family=full", f"init=table:{ld3}", f"loss={loss}", *monitor,
+            f"steps={steps}", "val_every=50", "max_minutes=null", "evaluate_at_end=false", "progress_bar=false", *extra]
 
 
 def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int, extra: tuple[str, ...] = (),
-             runs: Path | None = None) -> Path:
+             runs: Path | None = None, loss: str = "kid+match") -> Path:
     """``tables/ddss-match-nfe<N>.safetensors`` (and its plots): ``ddss_args`` from the LD3 table, unless already there."""
     dest = tables / f"ddss-match-nfe{nfe}.safetensors"
     if not dest.exists():
         run = _run_dir(model, f"ddss-match-nfe{nfe}", runs)
-        run_cli(ddss_args(model, nfe, ld3, steps, extra), run)
+        run_cli(ddss_args(model, nfe, ld3, steps, extra, loss), run)
         for suffix in (".safetensors", "-sigmas.png", "-coef.png"):
-            shutil.copyfile(run / f"ddss-full-kid-match-nfe{nfe}{suffix}", tables / f"ddss-match-nfe{nfe}{suffix}")
+            shutil.copyfile(run / f"ddss-full-{loss.replace('+', '-')}-nfe{nfe}{suffix}", tables / f"ddss-match-nfe{nfe}{suffix}")
     return dest
 
 
@@ -134,23 +136,41 @@ def selection_scores(judge: Judge, n_select: int, candidates: list[tuple[str, An
     return scores
 
 
-def select(m: Any, judge: Judge, nfe: int, n_select: int, candidates: list[tuple[str, Path]]) -> tuple[str, Path, dict[str, float]]:
-    """The candidate table of the model ``m`` at NFE ``nfe`` that ``selection_scores`` picks."""
-    scores = selection_scores(judge, n_select, [(label, m.denoiser, SolverTable.load(str(path), fingerprint=m.fingerprint))
-                                                for label, path in candidates], m.shape, m.dtype)
+def match_scores(m: Any, candidates: list[tuple[str, SolverTable]], seeds: list[int], target: torch.Tensor
+                 ) -> dict[str, float]:
+    """The selection rule without data (``select_by=match``): each table's mean squared distance to the teacher's solve
+    ``target`` from the same noises on the selection seeds (with their cond: a text-to-image model's selection
+    prompts); the lowest is picked."""
+    scores = {}
+    for label, t in candidates:
+        x = draw(t, m.denoiser, m.shape, seeds, m.dtype, cond_of=m.cond_of)
+        scores[label] = float((x - target.to(x)).double().pow(2).flatten(1).mean(1).mean())
+        print(f"select {label}: teacher match on {len(seeds)} selection seeds {scores[label]:.4g}", flush=True)
+    return scores
+
+
+def select(m: Any, judge: Judge, nfe: int, n_select: int, candidates: list[tuple[str, Path]],
+           target: torch.Tensor | None = None) -> tuple[str, Path, dict[str, float]]:
+    """The candidate table of the model ``m`` at NFE ``nfe`` that ``selection_scores`` picks, or ``match_scores``
+    against the teacher's solve ``target`` of the selection seeds when given."""
+    tables = [(label, SolverTable.load(str(path), fingerprint=m.fingerprint)) for label, path in candidates]
+    if target is not None:
+        scores = match_scores(m, tables, seed_range(VAL_SEED_OFFSET, 0, n_select), target)
+    else:
+        scores = selection_scores(judge, n_select, [(label, m.denoiser, t) for label, t in tables], m.shape, m.dtype)
     label = min(scores, key=scores.get)
     return label, dict(candidates)[label], scores
 
 
 def ship(m: Any, model: str, nfe: int, label: str, path: Path, scores: dict[str, float], data: str,
-         folder: Path = SHIPPED) -> Path:
+         folder: Path = SHIPPED, selection: str | None = None) -> Path:
     """Copy the selected table to <folder>/<model>-best-nfe<N>.safetensors (default checkpoints/tables) with how it
-    was chosen."""
+    was chosen (``selection``; default: FD against the training ``data``)."""
     t = SolverTable.load(str(path), fingerprint=m.fingerprint)
     source = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    how = selection or f"FD vs training {data}, main features, seeds {VAL_SEED_OFFSET}.."
     t.metadata.update({"model": model, "model_fingerprint": m.fingerprint, "shipped_as": f"{model}-best-nfe{nfe}",
-                       "selected_from": scores, "selected": label, "selection": f"FD vs training {data}, main features, "
-                       f"seeds {VAL_SEED_OFFSET}..", "source_table": str(source)})
+                       "selected_from": scores, "selected": label, "selection": how, "source_table": str(source)})
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / f"{model}-best-nfe{nfe}.safetensors"
     t.save(str(dest))

@@ -1,8 +1,11 @@
 """``python -m optimize best model=edm nfe=4``: the recipe that makes the shipped tables, as one command.
 
 For each NFE: LD3 over each of ``ld3_bases`` (the chain starts from the table with the lower validation L2 of its own
-fit), IIA over that LD3 table, DDSS from it (every causal coefficient, KID + teacher L2); the candidate with the lowest
-training-set FD (first feature net) on the selection seeds 3,000,000.. is written to the run folder as
+fit), IIA over that LD3 table, DDSS from it (every causal coefficient, ``ddss_loss``: KID + teacher L2, or the teacher
+L2 alone); the candidate with the lowest training-set FD (first feature net) on the selection seeds 3,000,000.. (or,
+``select_by=match``, the lowest mean squared distance to the teacher's solve there, which needs no data: with
+``ddss_loss=match`` a text-to-image model learns from prompts alone, its selection seeds taking ``select_prompts``) is
+written to the run folder as
 ``<model>-best-nfe<N>.safetensors`` (``ship=true``: also to checkpoints/tables), then every table of the chain is
 evaluated beside the ``compare`` classics on the evaluation seeds. Each step runs ``python -m optimize`` in its own
 process (``optimize.recipes``), with this run's model overrides.
@@ -15,25 +18,40 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
-from samplers import SolverTable
+from samplers import SolverTable, make_noise
 
-from optimize.base import ConfigError, as_list
+from optimize.base import ConfigError, as_list, resolve_path
+from optimize.base.conds import cond_of_seeds
+from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
 from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
 from optimize.base.keys import count
 from optimize.recipes import best_ld3, fit_ddss, fit_iia, fit_ld3, select, ship
+from optimize.training.distill import teacher_targets
 from optimize.training.runs import compare_tables
 
 KEYS = {"ddss_steps": count(10**6), "n_select": count(10**6, low=2)}  # this method's typed keys (optimize.base.keys)
 
 
-NEEDS_DATA = True  # the chain ends in DDSS, which learns against reference data (checked in optimize.data.models)
+SELECT_BY = ("fd", "match")
+
+
+def needs_data(cfg: Any) -> bool:
+    """Data and feature nets are needed unless DDSS learns by the teacher match alone and selection is by it too."""
+    return "kid" in str(cfg.ddss_loss) or str(cfg.select_by) != "match"
 
 
 def validate(cfg: Any) -> None:
     """The solvers of the chain and of the final comparison."""
     if not as_list(cfg.ld3_bases):
         raise ConfigError("ld3_bases must name at least one solver (unipc, dpmpp_2m, ...).")
+    if str(cfg.ddss_loss) not in ("kid+match", "match"):
+        raise ConfigError(f"ddss_loss must be kid+match or match, got {cfg.ddss_loss!r}.")
+    if str(cfg.select_by) not in SELECT_BY:
+        raise ConfigError(f"select_by must be one of {', '.join(SELECT_BY)}, got {cfg.select_by!r}.")
+    if cfg.get("select_prompts") is not None and cfg.model.get("prompts") is None:
+        raise ConfigError("select_prompts is for text-to-image models (model.prompts): this model takes no prompts.")
     compare_tables(cfg, as_list(cfg.compare), int(as_list(cfg.nfe)[0]))
 
 
@@ -55,16 +73,28 @@ def run(cfg: Any) -> list[str]:
     extra = _model_overrides()
     model = load_model(cfg.model, device)
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
+    chooser, target, how = model, None, None
+    if str(cfg.select_by) == "match":
+        if cfg.get("select_prompts") is not None:  # the selection seeds' prompts (a text-to-image model)
+            chooser = load_model(OmegaConf.merge(cfg.model, {"prompts": str(resolve_path(str(cfg.select_prompts)))}), device)
+        seeds = seed_range(VAL_SEED_OFFSET, 0, int(cfg.n_select))
+        e = make_noise(1, model.shape, seeds, dtype=model.dtype)[0]
+        target = teacher_targets(chooser.denoiser, e, str(cfg.teacher_solver), int(cfg.teacher_nfe), float(cfg.sigma_min),
+                                 float(cfg.sigma_max), cond=cond_of_seeds(chooser.cond_of, seeds), seeds=seeds)
+        how = (f"teacher match ({cfg.teacher_solver}@{cfg.teacher_nfe}, mean squared distance), seeds {VAL_SEED_OFFSET}.."
+               + (f", prompts {cfg.select_prompts}" if cfg.get("select_prompts") is not None else ""))
+    ddss_extra = tuple(str(a) for a in as_list(cfg.get("ddss_extra") or []))
     picked, jobs = [], []
     for nfe in (int(n) for n in as_list(cfg.nfe)):
         ld3 = best_ld3([fit_ld3(name, nfe, str(b), tables, extra, runs) for b in as_list(cfg.ld3_bases)])
         chain = [("iia(ld3)", fit_iia(name, nfe, ld3, tables, extra, runs)),
-                 ("ddss(ld3)", fit_ddss(name, nfe, ld3, tables, int(cfg.ddss_steps), extra, runs))]
-        label, path, scores = select(model, judge, nfe, int(cfg.n_select), chain)
+                 ("ddss(ld3)", fit_ddss(name, nfe, ld3, tables, int(cfg.ddss_steps), extra + ddss_extra, runs,
+                                        str(cfg.ddss_loss)))]
+        label, path, scores = select(chooser, judge, nfe, int(cfg.n_select), chain, target)
         data = str(cfg.model.get("data"))
-        best = ship(model, name, nfe, label, path, scores, data, folder=out)
+        best = ship(model, name, nfe, label, path, scores, data, folder=out, selection=how)
         if cfg.ship:
-            ship(model, name, nfe, label, path, scores, data)
+            ship(model, name, nfe, label, path, scores, data, selection=how)
         print(f"best at nfe {nfe}: {label} ({', '.join(f'{k} {v:.4g}' for k, v in scores.items())}) -> {best}", flush=True)
         picked.append(str(best))
         ld3_table = SolverTable.load(str(ld3), fingerprint=model.fingerprint)
