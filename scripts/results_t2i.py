@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from samplers import SolverTable, make_noise, sample
 from samplers.images import write_png_grid
@@ -47,6 +47,7 @@ from optimize.evaluation import t2i
 from optimize.evaluation.classifier import load_classifier
 from optimize.evaluation.judge import Judge
 from optimize.evaluation.results import paired, write_csv
+from optimize.recipes import table_hash
 
 OUT = REPO / "docs" / "results" / "t2i"
 PAGE = REPO / "docs" / "results-t2i.md"
@@ -70,6 +71,17 @@ def table_images(model: Any, table: SolverTable, seeds: list[int], batch: int) -
     return torch.cat(out).clamp(-1, 1)
 
 
+def cached(path: Path, compute: Any) -> torch.Tensor:
+    """Decoded images kept in ``path`` (safetensors) so a rerun with more tables scores the peers without sampling them
+    again; the key (teacher, guidance, n, method, table hash, NFE) is the file name."""
+    if path.is_file():
+        return load_file(str(path))["images"]
+    x = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": x.contiguous()}, str(path))
+    return x
+
+
 def table_label(path: Path, table: SolverTable) -> str:
     """A row's method name: the table's ``method`` (with its base solver for LD3), e.g. ``ld3-unipc``, ``oss``."""
     method = str(table.metadata.get("method", path.stem))
@@ -78,13 +90,13 @@ def table_label(path: Path, table: SolverTable) -> str:
 
 
 def score(name: str, kind: str, nfe: int, x: torch.Tensor, ref: torch.Tensor, judge: Judge, judge_net: Any,
-          labels: torch.Tensor, seconds: float) -> dict[str, Any]:
+          labels: torch.Tensor) -> dict[str, Any]:
     """One CSV row with the per-sample values kept (``_``-prefixed) for paired differences."""
     hits = t2i.adherence(judge_net, x, labels)
     n = len(hits)
     return {"method": name, "kind": kind, "nfe": nfe, **t2i.distance(x, ref), **judge.score(x),
             "adherence": float(hits.mean()), "adherence_se": float(hits.std() / n**0.5), "_hits": hits,
-            "_images": x[:GRID_SEEDS], "seconds": round(seconds, 1)}
+            "_images": x[:GRID_SEEDS]}
 
 
 def add_paired(rows: list[dict[str, Any]]) -> None:
@@ -127,24 +139,29 @@ def run(args: argparse.Namespace) -> None:
     folder = args.root / args.teacher
     pipe = t2i.pipeline(folder)
     latents = make_noise(1, t2i.latent_shape(pipe), seeds)[0]
-    t0 = time.perf_counter()
     ref = t2i.reference_images(pipe, args.teacher, prompts, latents, args.guidance, args.batch, args.cache)
     rows = [score(f"{type(pipe.scheduler).__name__}, {t2i.REFERENCE_STEPS} steps", "reference", t2i.REFERENCE_STEPS,
-                  ref, ref, judge, judge_net, labels, time.perf_counter() - t0)]
+                  ref, ref, judge, judge_net, labels)]
     for key in ("rmse", "rmse_se", "psnr", "psnr_se"):  # the reference's distance to itself says nothing
         rows[0].pop(key)
     peers = t2i.stock_schedulers(pipe)
     model = load_model(OmegaConf.create({"name": args.teacher, "kind": "diffusers", "path": str(folder),
                                          "prompts": str(PROMPTS), "guidance": args.guidance, "dtype": "float32"}))
     tables = [(p, SolverTable.load(str(p))) for p in args.tables]
+    stem = f"{args.teacher}-w{args.guidance:g}"
     for nfe in args.nfe:
         for label in args.peers or list(peers):
             sched, call = peers[label](nfe)
-            t0 = time.perf_counter()
-            x, calls = t2i.pipeline_images(pipe, sched, prompts, latents, args.guidance, args.batch, **call)
-            if calls != nfe:
-                raise RuntimeError(f"{label} at NFE {nfe} called the net {calls} times")
-            rows.append(score(label, "peer", nfe, x, ref, judge, judge_net, labels, time.perf_counter() - t0))
+
+            def stock() -> torch.Tensor:
+                x, calls = t2i.pipeline_images(pipe, sched, prompts, latents, args.guidance, args.batch, **call)
+                if calls != nfe:
+                    raise RuntimeError(f"{label} at NFE {nfe} called the net {calls} times")
+                return x
+
+            slug = "".join(c if c.isalnum() else "-" for c in label)
+            x = cached(args.cache / f"{stem}-n{args.n}-{slug}-nfe{nfe}.safetensors", stock)
+            rows.append(score(label, "peer", nfe, x, ref, judge, judge_net, labels))
             print(f"{args.teacher} {label} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
                   flush=True)
         for path, table in tables:
@@ -153,16 +170,15 @@ def run(args: argparse.Namespace) -> None:
             if table.metadata.get("guidance") is not None and float(table.metadata["guidance"]) != args.guidance:
                 print(f"note: {path.name} was learned at guidance {table.metadata['guidance']}, run at {args.guidance}")
             name = table_label(path, table)
-            t0 = time.perf_counter()
-            x = table_images(model, table, seeds, args.batch)
+            x = cached(args.cache / f"{stem}-n{args.n}-table-{table_hash(table)}.safetensors",
+                       lambda: table_images(model, table, seeds, args.batch))
             kind = "project" if name.split("-")[0] in PROJECT else "peer"
-            rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels, time.perf_counter() - t0))
+            rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels))
             rows[-1]["fit_seconds"] = table.metadata.get("fit_seconds")
             rows[-1]["table"] = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
             print(f"{args.teacher} {name} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
                   flush=True)
     add_paired(rows)
-    stem = f"{args.teacher}-w{args.guidance:g}"
     args.out.mkdir(parents=True, exist_ok=True)
     write_grids(rows, stem, args.out)
     for r in rows:
