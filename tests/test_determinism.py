@@ -49,3 +49,25 @@ def test_conv_teacher_world_size_one_and_two_byte_identical(tmp_path: Path) -> N
                            env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert three.returncode == 0, three.stderr[-3000:]
     np.testing.assert_allclose(_samples(tmp_path / "b7"), a, rtol=0, atol=1e-4)
+
+
+def test_text_to_image_world_size_one_and_two_byte_identical(tmp_path: Path) -> None:
+    """The shipped tiny Stable Diffusion folder with prompts and guidance: the same decoded images (npz and PNGs) from one
+    process and from two."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = ["generate", "--solver", "dpmpp_2m", "--nfe", "3", "--model", f"diffusers:{REPO / 'checkpoints' / 'sd-tiny'}",
+            "--prompt", "a red seven on a blue background", "--prompt", "a green two on a wood background",
+            "--guidance", "7.5", "--num-samples", "5", "--seed", "11", "--batch-size", "2", "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "samplers", *args, "--out", str(tmp_path / "one")],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", "-m", "samplers"]
+    two = subprocess.run([*launcher, *args, "--out", str(tmp_path / "two")],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _samples(tmp_path / "one"), _samples(tmp_path / "two")
+    assert a.shape == (5, 3, 32, 32) and a.tobytes() == b.tobytes()
+    pngs = sorted(p.name for p in (tmp_path / "one" / "images").glob("*.png"))
+    assert pngs == [f"{s:08d}.png" for s in range(11, 16)]
+    assert all((tmp_path / "one" / "images" / p).read_bytes() == (tmp_path / "two" / "images" / p).read_bytes() for p in pngs)
