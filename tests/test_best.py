@@ -6,9 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from optimize.cli import main
-from samplers import SolverTable
+from optimize.data.models import load_model
+from optimize.recipes import match_scores
+from optimize.training.distill import teacher_targets
+from samplers import SolverTable, baselines, make_noise, sample
 
 
 def test_best_is_a_method_with_its_own_keys(capsys: pytest.CaptureFixture[str]) -> None:
@@ -55,14 +60,6 @@ def test_bad_prompt_only_settings_are_one_error_line(cli_error, argv: list[str],
 def test_match_selection_scores_each_table_by_its_distance_to_the_teacher() -> None:
     """select_by=match: each candidate's mean squared distance to the teacher's solve from the same selection noises,
     recomputed here sample by sample with samplers.sample."""
-    import torch
-
-    from optimize.data.models import load_model
-    from optimize.recipes import match_scores
-    from optimize.training.distill import teacher_targets
-    from omegaconf import OmegaConf
-    from samplers import baselines, make_noise, sample
-
     m = load_model(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "gmm.yaml"))
     seeds = list(range(3_000_000, 3_000_012))
     e = make_noise(1, m.shape, seeds, dtype=m.dtype)[0]
