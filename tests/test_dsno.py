@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 
 from optimize.methods import dsno
 from optimize.cli import main
-from optimize.training.runs import ticks
+from optimize.training.runs import NaNLossError, ticks
 from optimize.evaluation.results import read_results
 from samplers import SolverTable, make_noise, sample
 from samplers.denoisers import EDMPrecond
-from samplers.nets import DSNOUNet, SpectralConv1d, TemporalBlock, build_net, load_denoiser, load_net, read_net_header
+from samplers.nets import DSNOUNet, SpectralConv1d, TemporalBlock, load_denoiser, load_net, read_net_header
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "checkpoints" / "edm-digits.safetensors"
@@ -242,7 +242,7 @@ def test_short_run_overfits_a_handful_of_trajectories(teacher) -> None:
 def test_nan_loss_stops_with_a_sentence(teacher) -> None:
     module = dsno.DSNOModule(dsno.student_config(teacher[1], SIGMAS, 2, True, (1, 8, 8)))
     bad = torch.full((2, 4, 1, 8, 8), float("nan"))
-    with pytest.raises(dsno.NaNLossError, match="non-finite loss"):
+    with pytest.raises(NaNLossError, match="non-finite loss"):
         module.training_step((torch.randn(2, 1, 8, 8), bad), 0)
 
 

@@ -41,7 +41,6 @@ import os
 import time
 from typing import Any, Sequence
 
-import lightning as L
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -57,16 +56,15 @@ from optimize.base import ConfigError, as_list, resolve_path
 from optimize.base.keys import Key, count
 from optimize.base.seeds import DATA_SEED_OFFSET, seed_range
 from optimize.evaluation.evaluate import Judge, evaluate_jobs
-from optimize.training.checkpoints import pick_resume, resume_path
+from optimize.training.checkpoints import resume_path
 from optimize.training.distill import one_step_table
 from optimize.training.runs import (
     NaNLossError,
     TrainingModule,
     compare_tables,
+    fit_student,
     start_distillation,
     step_batch_index,
-    ticks,
-    trainer_parts,
 )
 
 KEYS = {  # this method's typed keys (optimize.base.keys; steps, lr, ema, n_data, ... are SHARED)
@@ -355,22 +353,11 @@ def run(cfg: Any) -> dict[str, Any]:
     module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint,
                            "x0_source": str(cfg.x0_source), "n_x0": len(x0),
                            "teacher_nfe": int(cfg.teacher_nfe) if cfg.x0_source == "teacher" else None}
-    # resume= is read with weights_only (never unpickles code) and continues only a run with the same settings;
-    # steps may differ (extending a run: the learning rate is constant after the warm-up)
-    ckpt_path = pick_resume(cfg.get("resume"), out_dir, {**dict(module.hparams), **module.run_settings}, ignore=("steps",))
-    trainer = L.Trainer(accelerator=str(cfg.accelerator), devices=1, max_steps=int(cfg.steps), **trainer_parts(cfg, out_dir),
-                        gradient_clip_val=float(cfg.grad_clip) or None, log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)),
-                        enable_model_summary=False, default_root_dir=out_dir, enable_progress_bar=bool(cfg.progress_bar))
     sig = module.sigmas.tolist()
     print(f"cd: {len(x0)} x0 ({cfg.x0_source}, {data_seconds:.0f} s), N={cfg.N} Karras boundaries {sig[0]:g} .. "
           f"{sig[-1]:g}, target EMA {cfg.target_ema}, export EMA {cfg.ema}, loss {cfg.loss}, {cfg.steps} steps of "
           f"batch {module.batch_size}", flush=True)
-    t1 = time.perf_counter()
-    try:
-        trainer.fit(module, ticks(), ckpt_path=ckpt_path, weights_only=True)
-    except NaNLossError as err:
-        raise ConfigError(str(err)) from None
-    train_seconds = module.train_seconds() if module.global_step else time.perf_counter() - t1
+    train_seconds = fit_student(cfg, module, out_dir)
     tag = f"cd-{cfg.model.name}"
     student_path = str(resolve_path(str(cfg.export))) if cfg.export else os.path.join(out_dir, f"{tag}.safetensors")
     stem = os.path.splitext(student_path)[0]

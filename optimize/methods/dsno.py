@@ -65,7 +65,6 @@ import os
 import time
 from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -79,17 +78,15 @@ from samplers.nets import DSNOUNet, build_net, load_denoiser, read_net_header, s
 from samplers.table import FORMAT_VERSION
 
 from optimize.base import ConfigError, as_list, resolve_path
-from optimize.training.checkpoints import pick_resume, resume_path
+from optimize.training.checkpoints import resume_path
 from optimize.evaluation.evaluate import Judge, evaluate_jobs
 from optimize.base.keys import count
 from optimize.training.runs import (
-    NaNLossError,
     TrainingModule,
     compare_tables,
+    fit_student,
     start_distillation,
     step_batch_index,
-    ticks,
-    trainer_parts,
 )
 from optimize.base.seeds import DATA_SEED_OFFSET, seed_range
 from optimize.training.distill import one_step_table
@@ -505,24 +502,13 @@ def run(cfg: Any) -> dict[str, Any]:
           f"in {data_path} ({data_seconds:.0f} s)", flush=True)
     module = build_module(cfg, teacher_config, model.shape).init_from(teacher_net)
     module.attach_data(data, store_index(int(cfg.M)), int(cfg.batch_size))
-    # resume= is read with weights_only (never unpickles code) and continues only a run with the same settings;
-    # steps may differ (extending a run: the cosine decay follows the new total from the resumed step on)
     module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint}
-    ckpt_path = pick_resume(cfg.get("resume"), out_dir, {**dict(module.hparams), **module.run_settings}, ignore=("steps",))
-    trainer = L.Trainer(accelerator=str(cfg.accelerator), devices=1, max_steps=int(cfg.steps), **trainer_parts(cfg, out_dir),
-                        gradient_clip_val=float(cfg.grad_clip) or None, log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)),
-                        enable_model_summary=False, default_root_dir=out_dir, enable_progress_bar=bool(cfg.progress_bar))
     sigmas = module.config["sigmas"]
     n_temporal = sum(p.numel() for n, p in module.student.named_parameters() if n.startswith("temporal."))
     print(f"dsno student: M={cfg.M} times (sigmas {', '.join(f'{s:.3g}' for s in sigmas)}), modes={cfg.modes}, "
           f"temporal={bool(cfg.temporal)} ({n_temporal:,} temporal parameters, init {cfg.temporal_init}), "
           f"{cfg.loss} loss weighted {cfg.weighting}, {cfg.steps} steps of batch {cfg.batch_size}", flush=True)
-    t1 = time.perf_counter()
-    try:
-        trainer.fit(module, ticks(), ckpt_path=ckpt_path, weights_only=True)
-    except NaNLossError as err:
-        raise ConfigError(str(err)) from None
-    train_seconds = module.train_seconds() if module.global_step else time.perf_counter() - t1
+    train_seconds = fit_student(cfg, module, out_dir)
     tag = f"dsno-{cfg.model.name}"
     student_path = str(resolve_path(str(cfg.export))) if cfg.export else os.path.join(out_dir, f"{tag}.safetensors")
     table_path = (os.path.splitext(student_path)[0] + "-1nfe.safetensors")

@@ -16,8 +16,24 @@ from samplers.baselines import ENDS
 from samplers.nets import load_net
 
 from optimize.base import ConfigError, resolve_path
-from optimize.training.checkpoints import KEEP_CHECKPOINTS
+from optimize.training.checkpoints import KEEP_CHECKPOINTS, pick_resume
 from optimize.data.models import load_model
+
+
+def fit_student(cfg: Any, module: L.LightningModule, out_dir: str) -> float:
+    """Train a student (DSNO, CD) on one device for ``cfg.steps``: ``resume=`` is read with weights_only (never unpickles
+    code) and continues only a run with the same settings (``module.hparams`` and ``module.run_settings``; steps may
+    differ, to extend a run); a NaN loss is one ConfigError. Returns the training seconds."""
+    ckpt_path = pick_resume(cfg.get("resume"), out_dir, {**dict(module.hparams), **module.run_settings}, ignore=("steps",))
+    trainer = L.Trainer(accelerator=str(cfg.accelerator), devices=1, max_steps=int(cfg.steps), **trainer_parts(cfg, out_dir),
+                        gradient_clip_val=float(cfg.grad_clip) or None, log_every_n_steps=max(1, min(10, int(cfg.steps) // 2)),
+                        enable_model_summary=False, default_root_dir=out_dir, enable_progress_bar=bool(cfg.progress_bar))
+    t1 = time.perf_counter()
+    try:
+        trainer.fit(module, ticks(), ckpt_path=ckpt_path, weights_only=True)
+    except NaNLossError as err:
+        raise ConfigError(str(err)) from None
+    return module.train_seconds() if module.global_step else time.perf_counter() - t1
 
 
 def start_distillation(cfg: Any) -> tuple[str, Any, Any, dict[str, Any]]:
