@@ -35,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from samplers import SolverTable, make_noise, sample
+from samplers import SolverTable, make_noise
 from samplers.images import write_png_grid
 from samplers.t2i import prompt_indices, read_prompts
 
@@ -45,6 +45,7 @@ from optimize.data import captioned as cap
 from optimize.data.models import load_model
 from optimize.evaluation import t2i
 from optimize.evaluation.classifier import load_classifier
+from optimize.evaluation.evaluate import decoded, draw
 from optimize.evaluation.judge import Judge
 from optimize.evaluation.results import paired, write_csv
 from optimize.recipes import table_hash
@@ -62,13 +63,8 @@ PROJECT = ("best", "iia", "ddss")  # table methods that are the project's own; e
 
 def table_images(model: Any, table: SolverTable, seeds: list[int], batch: int) -> torch.Tensor:
     """Decoded images in [-1, 1] of ``table`` run by ``samplers.sample`` from the seeds' noises and prompts."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(seeds), batch):
-            part = seeds[i:i + batch]
-            x = sample(table, model.denoiser, make_noise(table.n_noise, model.shape, part), model.cond_of(part))
-            out.append(model.decode(x))
-    return torch.cat(out).clamp(-1, 1)
+    x = draw(table, model.denoiser, model.shape, seeds, model.dtype, batch_size=batch, cond_of=model.cond_of)
+    return decoded(model.decode, x, batch).clamp(-1, 1)
 
 
 def cached(path: Path, compute: Any) -> torch.Tensor:
