@@ -50,6 +50,7 @@ def test_best_runs_the_chain_and_picks_on_the_selection_seeds(tmp_path: Path, mo
 @pytest.mark.parametrize("argv, needle", [
     (["best", "model=gmm", "select_by=fid"], "select_by must be one of fd, match"),
     (["best", "model=gmm", "ddss_loss=kid"], "ddss_loss must be kid+match or match"),
+    (["best", "model=gmm", "start=iia"], "start must be one of ld3, oss"),
     (["best", "model=gmm", "select_prompts=[a dog]"], "select_prompts is for text-to-image models"),
     (["best", "model=edm", "model.data=null", "ddss_loss=match"], "best learns against reference data"),
 ])
@@ -73,11 +74,15 @@ def test_match_selection_scores_each_table_by_its_distance_to_the_teacher() -> N
 
 @pytest.mark.slow
 def test_best_from_the_teacher_alone_needs_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The prompt-only chain (ddss_loss=match select_by=match) on the mixture with its data switched off."""
+    """The prompt-only chain (ddss_loss=match select_by=match) on the mixture with its data switched off, started from
+    OSS's search (start=oss, the text-to-image recipe)."""
     monkeypatch.chdir(tmp_path)
     main(["best", "model=gmm", "model.data=null", "nfe=3", "n=200", "n_select=100", "ddss_steps=20", "ddss_loss=match",
-          "select_by=match", "ld3_bases=[unipc]", "hydra.run.dir=run"])
+          "select_by=match", "start=oss", "hydra.run.dir=run"])
+    assert {p.name for p in (tmp_path / "run" / "tables").glob("*.safetensors")} == {
+        "oss-nfe3.safetensors", "iia-oss-nfe3.safetensors", "ddss-match-nfe3.safetensors"}
     picked = SolverTable.load(str(tmp_path / "run" / "gmm-best-nfe3.safetensors"))
+    assert picked.metadata["selected"] in ("iia(oss)", "ddss(oss)")
     scores = picked.metadata["selected_from"]
     assert scores[picked.metadata["selected"]] == min(scores.values())
     assert picked.metadata["selection"].startswith("teacher match (unipc@20")

@@ -77,14 +77,27 @@ def best_ld3(paths: list[Path]) -> Path:
     return min(paths, key=lambda p: SolverTable.load(str(p)).metadata["ld3"]["best_valid_l2"])
 
 
-def fit_iia(model: str, nfe: int, ld3: Path, tables: Path, extra: tuple[str, ...] = (), runs: Path | None = None) -> Path:
-    """``tables/iia-ld3-nfe<N>.safetensors``: IIA's defaults over the LD3 table ``ld3``, unless already there."""
-    dest = tables / f"iia-ld3-nfe{nfe}.safetensors"
+def fit_oss(model: str, nfe: int, tables: Path, extra: tuple[str, ...] = (), runs: Path | None = None) -> Path:
+    """``tables/oss-nfe<N>.safetensors``: OSS's search with its defaults (an Euler schedule nearest a 200-step teacher
+    on the fit seeds), unless already there: the chain's start where LD3 is weak (the text-to-image teachers)."""
+    dest = tables / f"oss-nfe{nfe}.safetensors"
     if not dest.exists():
-        run = _run_dir(model, f"iia-ld3-nfe{nfe}", runs)
+        run = _run_dir(model, f"oss-nfe{nfe}", runs)
+        run_cli(["oss", f"model={model}", f"nfe={nfe}", "evaluate=false", *extra], run)
+        shutil.copyfile(run / f"oss-{model}-nfe{nfe}.safetensors", dest)
+    return dest
+
+
+def fit_iia(model: str, nfe: int, ld3: Path, tables: Path, extra: tuple[str, ...] = (), runs: Path | None = None) -> Path:
+    """``tables/iia-<start>-nfe<N>.safetensors``: IIA's defaults over the start table ``ld3`` (LD3's or OSS's, named
+    by its ``method``), unless already there."""
+    method = str(SolverTable.load(str(ld3)).metadata["method"])  # ld3-unipc, oss, ...
+    start = method.split("-")[0]
+    dest = tables / f"iia-{start}-nfe{nfe}.safetensors"
+    if not dest.exists():
+        run = _run_dir(model, f"iia-{start}-nfe{nfe}", runs)
         run_cli(["iia", f"model={model}", f"nfe={nfe}", f"base=table:{ld3}", "evaluate=false", *extra], run)
-        label = SolverTable.load(str(ld3)).metadata["method"]
-        shutil.copyfile(run / f"iia-generic-{label}-{model}-nfe{nfe}.safetensors", dest)
+        shutil.copyfile(run / f"iia-generic-{method}-{model}-nfe{nfe}.safetensors", dest)
     return dest
 
 
@@ -110,14 +123,15 @@ def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int, extra: t
 
 
 def fit_seconds(path: Path) -> float:
-    """Wall seconds of a table's fit, including the LD3 fit a chained method started from."""
+    """Wall seconds of a table's fit, including the LD3 (or OSS) fit a chained method started from."""
     meta = SolverTable.load(str(path)).metadata
     own = float(meta.get("fit_seconds") or meta.get("train_seconds") or 0.0)
-    if path.name.startswith("ld3-"):
+    if path.name.startswith(("ld3-", "oss-")):
         return own
     start = Path(str(meta.get("init", "")).removeprefix("table:")) if meta.get("method") == "ddss" else None
-    if start is None or not start.name:
-        start = path.parent / f"ld3-{meta.get('base_solver')}-nfe{meta['nfe']}.safetensors"
+    if start is None or not start.name:  # IIA over the chain's start (its metadata carries the start's own keys)
+        first = "oss" if "oss" in meta else f"ld3-{meta.get('base_solver')}"
+        start = path.parent / f"{first}-nfe{meta['nfe']}.safetensors"
     return own + (fit_seconds(path.parent / start.name) if (path.parent / start.name).exists() else 0.0)
 
 

@@ -1,7 +1,8 @@
 """``python -m optimize best model=edm nfe=4``: the recipe that makes the shipped tables, as one command.
 
 For each NFE: LD3 over each of ``ld3_bases`` (the chain starts from the table with the lower validation L2 of its own
-fit), IIA over that LD3 table, DDSS from it (every causal coefficient, ``ddss_loss``: KID + teacher L2, or the teacher
+fit; ``start=oss``: OSS's step search instead, the better start on the text-to-image teachers), IIA over that
+table, DDSS from it (every causal coefficient, ``ddss_loss``: KID + teacher L2, or the teacher
 L2 alone); the candidate with the lowest training-set FD (first feature net) on the selection seeds 3,000,000.. (or,
 ``select_by=match``, the lowest mean squared distance to the teacher's solve there, which needs no data: with
 ``ddss_loss=match`` a text-to-image model learns from prompts alone, its selection seeds taking ``select_prompts``) is
@@ -27,7 +28,7 @@ from optimize.base.conds import cond_of_seeds
 from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
 from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
 from optimize.base.keys import count
-from optimize.recipes import best_ld3, fit_ddss, fit_iia, fit_ld3, select, ship
+from optimize.recipes import best_ld3, fit_ddss, fit_iia, fit_ld3, fit_oss, select, ship
 from optimize.training.distill import teacher_targets
 from optimize.training.runs import compare_tables
 
@@ -35,6 +36,7 @@ KEYS = {"ddss_steps": count(10**6), "n_select": count(10**6, low=2)}  # this met
 
 
 SELECT_BY = ("fd", "match")
+STARTS = ("ld3", "oss")
 
 
 def needs_data(cfg: Any) -> bool:
@@ -44,7 +46,9 @@ def needs_data(cfg: Any) -> bool:
 
 def validate(cfg: Any) -> None:
     """The solvers of the chain and of the final comparison."""
-    if not as_list(cfg.ld3_bases):
+    if str(cfg.start) not in STARTS:
+        raise ConfigError(f"start must be one of {', '.join(STARTS)}, got {cfg.start!r}.")
+    if str(cfg.start) == "ld3" and not as_list(cfg.ld3_bases):
         raise ConfigError("ld3_bases must name at least one solver (unipc, dpmpp_2m, ...).")
     if str(cfg.ddss_loss) not in ("kid+match", "match"):
         raise ConfigError(f"ddss_loss must be kid+match or match, got {cfg.ddss_loss!r}.")
@@ -84,12 +88,16 @@ def run(cfg: Any) -> list[str]:
         how = (f"teacher match ({cfg.teacher_solver}@{cfg.teacher_nfe}, mean squared distance), seeds {VAL_SEED_OFFSET}.."
                + (f", prompts {cfg.select_prompts}" if cfg.get("select_prompts") is not None else ""))
     ddss_extra = tuple(str(a) for a in as_list(cfg.get("ddss_extra") or []))
+    start_name = str(cfg.start)
     picked, jobs = [], []
     for nfe in (int(n) for n in as_list(cfg.nfe)):
-        ld3 = best_ld3([fit_ld3(name, nfe, str(b), tables, extra, runs) for b in as_list(cfg.ld3_bases)])
-        chain = [("iia(ld3)", fit_iia(name, nfe, ld3, tables, extra, runs)),
-                 ("ddss(ld3)", fit_ddss(name, nfe, ld3, tables, int(cfg.ddss_steps), extra + ddss_extra, runs,
-                                        str(cfg.ddss_loss)))]
+        if start_name == "oss":
+            start = fit_oss(name, nfe, tables, extra, runs)
+        else:
+            start = best_ld3([fit_ld3(name, nfe, str(b), tables, extra, runs) for b in as_list(cfg.ld3_bases)])
+        chain = [(f"iia({start_name})", fit_iia(name, nfe, start, tables, extra, runs)),
+                 (f"ddss({start_name})", fit_ddss(name, nfe, start, tables, int(cfg.ddss_steps), extra + ddss_extra,
+                                                  runs, str(cfg.ddss_loss)))]
         label, path, scores = select(chooser, judge, nfe, int(cfg.n_select), chain, target)
         data = str(cfg.model.get("data"))
         best = ship(model, name, nfe, label, path, scores, data, folder=out, selection=how)
@@ -97,8 +105,8 @@ def run(cfg: Any) -> list[str]:
             ship(model, name, nfe, label, path, scores, data, selection=how)
         print(f"best at nfe {nfe}: {label} ({', '.join(f'{k} {v:.4g}' for k, v in scores.items())}) -> {best}", flush=True)
         picked.append(str(best))
-        ld3_table = SolverTable.load(str(ld3), fingerprint=model.fingerprint)
-        jobs += [(str(ld3_table.metadata.get("method", "ld3")), ld3_table, {}),
+        start_table = SolverTable.load(str(start), fingerprint=model.fingerprint)
+        jobs += [(str(start_table.metadata.get("method", start_name)), start_table, {}),
                  *[(lab, SolverTable.load(str(p), fingerprint=model.fingerprint), {}) for lab, p in chain],
                  (f"best={label}", SolverTable.load(str(best), fingerprint=model.fingerprint), {}),
                  *[(lab, t, {}) for lab, t in compare_tables(cfg, as_list(cfg.compare), nfe)]]
