@@ -83,7 +83,7 @@ def _check_number(cfg: DictConfig, key: str) -> float:
 
 DTYPES = ("float32", "float64")
 # keys naming folders the run writes into (a file there, or above them, fails late otherwise)
-DIR_KEYS = ("cache_dir", "ref_cache_dir", "data_cache_dir")
+DIR_KEYS = ("cache_dir", "ref_cache_dir", "data_cache_dir", "tables_dir")
 FILE_KEYS = ("export", "export_table")
 
 

@@ -611,6 +611,7 @@ SHIPPED = {
     "patches8": "edm:checkpoints/edm-patches8.safetensors",
     "toy2d": "edm:checkpoints/edm-toy2d.safetensors",
     "dsno-digits": "edm:checkpoints/dsno-digits.safetensors",
+    "cd-digits": "edm:checkpoints/cd-digits.safetensors",
     "pagoda-patches8": "edm:checkpoints/pagoda-patches8.safetensors",
     "pagoda-patches16": "edm:checkpoints/pagoda-patches16.safetensors",
     "pagoda-patches32": "edm:checkpoints/pagoda-patches32.safetensors",

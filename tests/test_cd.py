@@ -188,7 +188,10 @@ FAST = ["model=edm", "batch_size=8", "N=6", "warmup_steps=1", "evaluate_at_end=f
 def test_export_served_by_samplers_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     """Stopped at step 2 and resumed to 4 gives the uninterrupted student bit for bit; the exported network and its two
     tables load with the student's fingerprint and run in `python -m samplers generate` (no new sampling code)."""
-    main(["cd", *FAST, "steps=4", f"hydra.run.dir={tmp_path / 'a'}"])
+    main(["cd", *FAST, "steps=4", f"hydra.run.dir={tmp_path / 'a'}", f"tables_dir={tmp_path / 'tables'}"])
+    shipped = SolverTable.load(str(tmp_path / "tables" / "cd-edm-2nfe.safetensors"))  # tables_dir: the tables go there
+    assert shipped.metadata["student"] == str(tmp_path / "a" / "cd-edm.safetensors")
+    assert not (tmp_path / "a" / "cd-edm-1nfe.safetensors").exists()
     main(["cd", *FAST, "steps=2", f"hydra.run.dir={tmp_path / 'b'}"])
     main(["cd", *FAST, "steps=4", f"hydra.run.dir={tmp_path / 'b'}", f"resume={tmp_path / 'b'}"])
     a, b = (load_file(str(tmp_path / r / "cd-edm.safetensors")) for r in "ab")
