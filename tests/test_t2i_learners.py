@@ -249,3 +249,40 @@ def test_ddss_learns_from_prompts_alone_and_keeps_the_table_nearest_the_teacher(
     with pytest.raises(SystemExit):
         optimize_main(["ddss", "model=gmm", "nfe=3", "loss=kid", "monitor=match", f"hydra.run.dir={tmp_path / 'bad'}"])
     assert "monitor=match selects by the teacher match" in capsys.readouterr().err
+
+
+def test_ddp_processes_share_out_the_teacher_pool_by_seed(model3):
+    """Under DDP process r of N solves the pool seeds i = r mod N with their prompts: the shares partition the
+    single-process pool row for row (noise, teacher solve, prompt)."""
+    module = ddss.DDSSModule(3, "full", loss="match", n_match=5, batch_size=2, n_val=4, teacher_solver="euler",
+                             teacher_nfe=3, sigma_min=model3.denoiser.sigma_min, sigma_max=model3.denoiser.sigma_max)
+    m = Model("sd", model3.denoiser, tuple(model3.shape), "fp", torch.float32, model3.cond_of, model3.decode)
+    e, y, c = module.match_pool(m)
+    shares = [module.match_pool(m, r, 2) for r in range(2)]
+    assert [len(s[0]) for s in shares] == [3, 2]
+    for r, (e_r, y_r, c_r) in enumerate(shares):
+        assert torch.equal(e_r, e[r::2]) and torch.equal(c_r, c[r::2])
+        assert torch.allclose(y_r, y[r::2], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddss_on_a_text_to_image_pipeline_under_two_process_ddp(sd, model, tmp_path):
+    """devices=2 strategy=ddp (gloo on CPU): two processes, each on its share of the seeds and prompts, write one table
+    that records the world size and serves the model."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "optimize", "ddss", "model=diffusers", f"model.path={sd}",
+                           f"model.prompts=[{PROMPTS[0]},{PROMPTS[1]}]", f"model.guidance={W}", "nfe=3", "loss=match",
+                           "monitor=match", "family=full", "init=dpmpp_2m", "n_match=8", "batch_size=4", "steps=2", "n_val=4",
+                           "val_every=1", "teacher_nfe=6", "evaluate_at_end=false", "progress_bar=false", "accelerator=cpu",
+                           "devices=2", "strategy=ddp", f"hydra.run.dir={run}"], cwd=str(tmp_path),
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = sorted(run.glob("ddss-*.safetensors"))
+    table = SolverTable.load(str(path), fingerprint=model.fingerprint)
+    assert table.metadata["world_size"] == 2 and table.metadata["steps"] == 2

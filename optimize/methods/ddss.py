@@ -60,7 +60,9 @@ FD-b are independent of every choice the learner made (training-set FD is not: t
 
 Text-to-image models (``loss=match`` only: the KID loss would need a differentiable decode before the features): the
 teacher pool, the training rows drawn from it and the validation set each carry their seed's cond (``Model.cond_of``,
-``optimize.base.conds``), and validation samples are decoded (``Model.decode``) before the judge.
+``optimize.base.conds``), and validation samples are decoded (``Model.decode``) before the judge. Under DDP
+(``devices=N strategy=ddp``) the teacher pool is sharded: process r solves and trains on the pool seeds i = r mod N
+(with their prompts), so the pool's cost and the rows of each step are split over the processes.
 """
 
 from __future__ import annotations
@@ -395,8 +397,6 @@ class DDSSModule(TrainingModule):
             # training and selection see the training set and the first feature net only (no held-out data, no FD-b)
             val_judge = judge.restricted(splits=["train"], features=[name], n_boot=0)
             self._ext.update(judge=val_judge, feature=name, real=real, real_term=real_term(real))
-        if "match" in str(self.hparams.loss):
-            self._ext["pool"] = self.match_pool(model)
         if str(self.hparams.monitor) == "match":
             self._ext["val_targets"] = self.match_targets(model, self.val_seeds())
         return self
@@ -409,12 +409,13 @@ class DDSSModule(TrainingModule):
                                float(hp.sigma_min), float(hp.sigma_max), cond=cond_of_seeds(model.cond_of, seeds, self.device),
                                seeds=list(seeds))
 
-    def match_pool(self, model: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(unit noises [n_match, *shape], the fine teacher solve from each, their per-row cond or None) on the FIT seed
-        range: the targets of the match loss (same-noise distance to the teacher, as LD3); a text-to-image model's
-        noise of seed s is solved with prompt ``cond_of`` (s)."""
+    def match_pool(self, model: Any, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(unit noises [n, *shape], the fine teacher solve from each, their per-row cond or None) on this process's
+        share of the FIT seeds (seed i of the n_match goes to process i mod world_size: under DDP each process solves
+        and trains on its own seeds and prompts): the targets of the match loss (same-noise distance to the teacher, as
+        LD3); a text-to-image model's noise of seed s is solved with prompt ``cond_of`` (s)."""
         hp = self.hparams
-        seeds = seed_range(FIT_SEED_OFFSET, int(hp.seed), int(hp.n_match))
+        seeds = seed_range(FIT_SEED_OFFSET, int(hp.seed), int(hp.n_match))[rank::world_size]
         e = make_noise(1, model.shape, seeds, dtype=model.dtype)[0]
         cond = cond_of_seeds(model.cond_of, seeds, self.device)
         y = teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
@@ -456,6 +457,12 @@ class DDSSModule(TrainingModule):
         noise = self.noise(int(hp.batch_size), step, rank)
         target = cond = None
         if "match" in str(hp.loss):  # e_0 from the teacher pool (fresh e_1.. stay fresh), target = the teacher's sample
+            if "pool" not in self._ext:  # solved on first use, when the process's rank is known
+                world = int(self.trainer.world_size) if self._trainer is not None else 1
+                self._ext["pool"] = self.match_pool(self.model, rank, world)
+                if self._ext["pool"][0].shape[0] < int(hp.batch_size):
+                    raise ConfigError(f"batch_size ({hp.batch_size}) exceeds this process's share of the teacher pool "
+                                      f"(n_match={hp.n_match} over {world} processes); raise n_match or lower batch_size.")
             pool_e, pool_y, pool_c = self._ext["pool"]
             gen = torch.Generator().manual_seed((int(hp.seed) * 1_000_003 + rank) * 1_000_000_009 + step)
             idx = torch.randperm(pool_e.shape[0], generator=gen)[: int(hp.batch_size)]
@@ -663,9 +670,10 @@ def validate(cfg: Any) -> None:
                           f"latents against images (no differentiable decode yet); use loss=match.")
     if "match" in str(cfg.loss):
         _positive(cfg, "match_weight")  # (n_match is a typed key: KEYS above)
-        if int(cfg.batch_size) > int(cfg.n_match):
+        procs = cfg.get("devices") if isinstance(cfg.get("devices"), int) and not isinstance(cfg.get("devices"), bool) else 1
+        if int(cfg.batch_size) * procs > int(cfg.n_match):
             raise ConfigError(f"batch_size ({cfg.batch_size}) cannot exceed n_match ({cfg.n_match}), the teacher pool it "
-                              f"draws from.")
+                              f"draws from" + (f", shared by {procs} processes." if procs > 1 else "."))
         try:
             check_teacher(str(cfg.teacher_solver), cfg.teacher_nfe)
         except ValueError as err:
