@@ -162,7 +162,8 @@ def expected_fingerprint(metadata: dict[str, Any], denoiser: Any, fingerprint: s
                          option: str = "--any-guidance") -> tuple[str, str]:
     """(the fingerprint a table with ``metadata`` must match on this model, a hint for the error when it does not).
     A table learned on a text-to-image model at another guidance scale (``metadata["guidance"]``) is refused with a
-    hint naming both scales, unless ``any_guidance`` asks to run it at this one: then it must match the model's
+    hint naming both scales, unless ``any_guidance`` asks to run it at this one or the table lists this scale among
+    ``metadata["checked_guidance"]`` (the scales it was measured at and shipped for): then it must match the model's
     fingerprint at the table's scale (``option``: how the caller spells that request)."""
     if not isinstance(denoiser, PromptDenoiser) or "guidance" not in metadata:
         return fingerprint, ""
@@ -170,10 +171,12 @@ def expected_fingerprint(metadata: dict[str, Any], denoiser: Any, fingerprint: s
     same = (learned or 0) <= 1 and (now or 0) <= 1 or learned == now
     if same:
         return fingerprint, ""
-    if any_guidance:
+    checked = [float(w) for w in metadata.get("checked_guidance") or []]
+    if any_guidance or (now is not None and any(abs(float(now) - w) < 1e-9 for w in checked)):
         return denoiser.fingerprint_at(learned), ""
-    return fingerprint, (f" It was learned at guidance {learned} and this run uses {now}: use guidance {learned}, or "
-                         f"ask for another scale explicitly ({option}).")
+    also = f" (checked at {', '.join(f'{w:g}' for w in checked)})" if checked else ""
+    return fingerprint, (f" It was learned at guidance {learned}{also} and this run uses {now}: use guidance {learned}, "
+                         f"or ask for another scale explicitly ({option}).")
 
 
 @dataclass(frozen=True)

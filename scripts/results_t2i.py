@@ -79,7 +79,10 @@ def cached(path: Path, compute: Any) -> torch.Tensor:
 
 
 def table_label(path: Path, table: SolverTable) -> str:
-    """A row's method name: the table's ``method`` (with its base solver for LD3), e.g. ``ld3-unipc``, ``oss``."""
+    """A row's method name: ``best`` for a shipped best table, else the table's ``method`` (with its base solver for
+    LD3), e.g. ``ld3-unipc``, ``oss``."""
+    if "shipped_as" in table.metadata:
+        return f"best ({table.metadata.get('selected', '?')})"
     method = str(table.metadata.get("method", path.stem))
     base = table.metadata.get("base_solver")
     return f"{method}-{base}" if method == "ld3" and base else method
@@ -168,9 +171,10 @@ def run(args: argparse.Namespace) -> None:
             name = table_label(path, table)
             x = cached(args.cache / f"{stem}-n{args.n}-table-{table_hash(table)}.safetensors",
                        lambda: table_images(model, table, seeds, args.batch))
-            kind = "project" if name.split("-")[0] in PROJECT else "peer"
+            kind = "project" if name.split("-")[0].split(" ")[0] in PROJECT else "peer"
             rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels))
-            rows[-1]["fit_seconds"] = table.metadata.get("fit_seconds")
+            meta = table.metadata
+            rows[-1]["fit_seconds"] = meta.get("chain_fit_seconds", meta.get("fit_seconds", meta.get("train_seconds")))
             rows[-1]["table"] = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
             print(f"{args.teacher} {name} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
                   flush=True)

@@ -51,6 +51,7 @@ def test_best_runs_the_chain_and_picks_on_the_selection_seeds(tmp_path: Path, mo
     (["best", "model=gmm", "select_by=fid"], "select_by must be one of fd, match"),
     (["best", "model=gmm", "ddss_loss=kid"], "ddss_loss must be kid+match or match"),
     (["best", "model=gmm", "start=iia"], "start must be one of ld3, oss"),
+    (["best", "model=gmm", "iia=maybe"], "iia must be true or false, got 'maybe'"),
     (["best", "model=gmm", "select_prompts=[a dog]"], "select_prompts is for text-to-image models"),
     (["best", "model=edm", "model.data=null", "ddss_loss=match"], "best learns against reference data"),
 ])

@@ -83,6 +83,10 @@ def test_guidance_mismatch_is_one_clear_error_unless_asked(folders) -> None:
     assert fp == den.fingerprint() and "learned at guidance 7.5" in hint and "uses 3.0" in hint
     assert expected_fingerprint(meta, den, den.fingerprint(), any_guidance=True) == (den.fingerprint_at(7.5), "")
     assert expected_fingerprint({"guidance": 3.0}, den, "x") == ("x", "")  # same scale: the plain check
+    checked = {**meta, "checked_guidance": [3.0, 7.5, 10.0]}  # shipped for 3 and 10 too: accepted at 3 without asking
+    assert expected_fingerprint(checked, den, den.fingerprint()) == (den.fingerprint_at(7.5), "")
+    fp, hint = expected_fingerprint({**meta, "checked_guidance": [7.5, 10.0]}, den, den.fingerprint())
+    assert fp == den.fingerprint() and "learned at guidance 7.5 (checked at 7.5, 10) and this run uses 3.0" in hint
 
 
 def test_load_errors_are_one_sentence(folders, tmp_path) -> None:

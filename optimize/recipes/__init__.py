@@ -184,7 +184,8 @@ def ship(m: Any, model: str, nfe: int, label: str, path: Path, scores: dict[str,
     source = path.relative_to(REPO) if path.is_relative_to(REPO) else path
     how = selection or f"FD vs training {data}, main features, seeds {VAL_SEED_OFFSET}.."
     t.metadata.update({"model": model, "model_fingerprint": m.fingerprint, "shipped_as": f"{model}-best-nfe{nfe}",
-                       "selected_from": scores, "selected": label, "selection": how, "source_table": str(source)})
+                       "selected_from": scores, "selected": label, "selection": how, "source_table": str(source),
+                       "chain_fit_seconds": round(fit_seconds(path), 1)})  # with the fit of the chain's start
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / f"{model}-best-nfe{nfe}.safetensors"
     t.save(str(dest))

@@ -2,7 +2,7 @@
 
 For each NFE: LD3 over each of ``ld3_bases`` (the chain starts from the table with the lower validation L2 of its own
 fit; ``start=oss``: OSS's step search instead, the better start on the text-to-image teachers), IIA over that
-table, DDSS from it (every causal coefficient, ``ddss_loss``: KID + teacher L2, or the teacher
+table (``iia=false``: skipped), DDSS from it (every causal coefficient, ``ddss_loss``: KID + teacher L2, or the teacher
 L2 alone); the candidate with the lowest training-set FD (first feature net) on the selection seeds 3,000,000.. (or,
 ``select_by=match``, the lowest mean squared distance to the teacher's solve there, which needs no data: with
 ``ddss_loss=match`` a text-to-image model learns from prompts alone, its selection seeds taking ``select_prompts``) is
@@ -48,6 +48,8 @@ def validate(cfg: Any) -> None:
     """The solvers of the chain and of the final comparison."""
     if str(cfg.start) not in STARTS:
         raise ConfigError(f"start must be one of {', '.join(STARTS)}, got {cfg.start!r}.")
+    if not isinstance(cfg.iia, bool):
+        raise ConfigError(f"iia must be true or false, got {cfg.iia!r}.")
     if str(cfg.start) == "ld3" and not as_list(cfg.ld3_bases):
         raise ConfigError("ld3_bases must name at least one solver (unipc, dpmpp_2m, ...).")
     if str(cfg.ddss_loss) not in ("kid+match", "match"):
@@ -95,9 +97,9 @@ def run(cfg: Any) -> list[str]:
             start = fit_oss(name, nfe, tables, extra, runs)
         else:
             start = best_ld3([fit_ld3(name, nfe, str(b), tables, extra, runs) for b in as_list(cfg.ld3_bases)])
-        chain = [(f"iia({start_name})", fit_iia(name, nfe, start, tables, extra, runs)),
-                 (f"ddss({start_name})", fit_ddss(name, nfe, start, tables, int(cfg.ddss_steps), extra + ddss_extra,
-                                                  runs, str(cfg.ddss_loss)))]
+        chain = [(f"iia({start_name})", fit_iia(name, nfe, start, tables, extra, runs))] if cfg.iia else []
+        chain.append((f"ddss({start_name})", fit_ddss(name, nfe, start, tables, int(cfg.ddss_steps), extra + ddss_extra,
+                                                      runs, str(cfg.ddss_loss))))
         label, path, scores = select(chooser, judge, nfe, int(cfg.n_select), chain, target)
         data = str(cfg.model.get("data"))
         best = ship(model, name, nfe, label, path, scores, data, folder=out, selection=how)
