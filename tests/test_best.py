@@ -84,6 +84,9 @@ def test_best_from_the_teacher_alone_needs_no_data(tmp_path: Path, monkeypatch: 
         "oss-nfe3.safetensors", "iia-oss-nfe3.safetensors", "ddss-match-nfe3.safetensors"}
     picked = SolverTable.load(str(tmp_path / "run" / "gmm-best-nfe3.safetensors"))
     assert picked.metadata["selected"] in ("iia(oss)", "ddss(oss)")
+    start = picked.metadata["chain_start"]  # the shipped file says what the chain started from and what it cost
+    assert start["method"] == "oss" and start["oss"]["teacher_steps"] == 200 and picked.metadata["n_select"] == 100
+    assert picked.metadata["chain_fit_seconds"] >= start["fit_seconds"] > 0
     scores = picked.metadata["selected_from"]
     assert scores[picked.metadata["selected"]] == min(scores.values())
     assert picked.metadata["selection"].startswith("teacher match (unipc@20")

@@ -177,10 +177,18 @@ def select(m: Any, judge: Judge, nfe: int, n_select: int, candidates: list[tuple
 
 
 def ship(m: Any, model: str, nfe: int, label: str, path: Path, scores: dict[str, float], data: str,
-         folder: Path = SHIPPED, selection: str | None = None) -> Path:
+         folder: Path = SHIPPED, selection: str | None = None, start: Path | None = None,
+         n_select: int | None = None) -> Path:
     """Copy the selected table to <folder>/<model>-best-nfe<N>.safetensors (default checkpoints/tables) with how it
-    was chosen (``selection``; default: FD against the training ``data``)."""
+    was chosen (``selection``; default: FD against the training ``data``) and what the chain started from (``start``:
+    its method, fit seconds and settings, so the shipped file alone says what it cost)."""
     t = SolverTable.load(str(path), fingerprint=m.fingerprint)
+    if n_select is not None:
+        t.metadata["n_select"] = int(n_select)
+    if start is not None:
+        first = SolverTable.load(str(start)).metadata
+        t.metadata["chain_start"] = {"method": first.get("method"), "fit_seconds": first.get("fit_seconds"),
+                                     **{k: first[k] for k in ("oss", "ld3") if k in first}}
     source = path.relative_to(REPO) if path.is_relative_to(REPO) else path
     how = selection or f"FD vs training {data}, main features, seeds {VAL_SEED_OFFSET}.."
     t.metadata.update({"model": model, "model_fingerprint": m.fingerprint, "shipped_as": f"{model}-best-nfe{nfe}",

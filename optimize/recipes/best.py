@@ -102,9 +102,10 @@ def run(cfg: Any) -> list[str]:
                                                       runs, str(cfg.ddss_loss))))
         label, path, scores = select(chooser, judge, nfe, int(cfg.n_select), chain, target)
         data = str(cfg.model.get("data"))
-        best = ship(model, name, nfe, label, path, scores, data, folder=out, selection=how)
+        best = ship(model, name, nfe, label, path, scores, data, folder=out, selection=how, start=start,
+                    n_select=int(cfg.n_select))
         if cfg.ship:
-            ship(model, name, nfe, label, path, scores, data, selection=how)
+            ship(model, name, nfe, label, path, scores, data, selection=how, start=start, n_select=int(cfg.n_select))
         print(f"best at nfe {nfe}: {label} ({', '.join(f'{k} {v:.4g}' for k, v in scores.items())}) -> {best}", flush=True)
         picked.append(str(best))
         start_table = SolverTable.load(str(start), fingerprint=model.fingerprint)
