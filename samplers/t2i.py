@@ -272,9 +272,10 @@ def load_t2i(folder: str | Path, prompts: str | Sequence[str], *, guidance: floa
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling
     image_shape = (int(vae.config.out_channels), shape[1] * factor, shape[2] * factor)
 
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from latents (the pipeline's VAE)."""
-        with torch.no_grad():
+    def decode(latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """Images in [-1, 1] from latents (the pipeline's VAE; ``grad``: differentiable in the latents, for a loss in
+        image space)."""
+        with torch.set_grad_enabled(grad):
             z = latents.to(next(vae.parameters()).device, vae.dtype) / scale + shift
             return vae.decode(z, return_dict=False)[0].clamp(-1, 1).to(latents.dtype)
 

@@ -277,6 +277,7 @@ def test_two_process_cpu_ddp(tmp_path: Path) -> None:
         (["resume=/nonexistent/last.ckpt"], "resume checkpoint /nonexistent/last.ckpt does not exist"),
         (["loss=lpips"], "unknown ddss loss 'lpips'; valid: kid, match, kid+match"),
         (["loss=match", "family=full", "n_match=16", "batch_size=32"], "batch_size (32) cannot exceed n_match (16)"),
+        (["loss=match", "family=full", "match_space=pixels"], "match_space must be one of latent, decoded, got 'pixels'"),
         (["loss=match", "family=full", "n_match=16", "batch_size=16", "devices=2", "strategy=ddp"],
          "batch_size (16) cannot exceed n_match (16), the teacher pool it draws from, shared by 2 processes."),
         (["loss=match", "family=full", "teacher_solver=heun", "teacher_nfe=4"], "teacher: heun needs an odd NFE"),

@@ -286,3 +286,34 @@ def test_ddss_on_a_text_to_image_pipeline_under_two_process_ddp(sd, model, tmp_p
     [path] = sorted(run.glob("ddss-*.safetensors"))
     table = SolverTable.load(str(path), fingerprint=model.fingerprint)
     assert table.metadata["world_size"] == 2 and table.metadata["steps"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a training step outside a Trainer
+def test_ddss_match_in_decoded_space_backpropagates_through_the_vae(model3):
+    """match_space=decoded: the pool and validation targets are the teacher's solves decoded by the VAE, the training
+    loss is the squared distance of the decoded samples to them (gradient through the VAE into the table), and the
+    monitor equals that distance recomputed from samplers.sample and the pipeline's decode."""
+    den, shape = model3.denoiser, model3.shape
+    m = Model("sd", den, tuple(shape), "fp", torch.float32, model3.cond_of, model3.decode)
+    kw = dict(loss="match", monitor="match", n_match=4, batch_size=4, n_val=3, teacher_solver="euler", teacher_nfe=3,
+              sigma_min=den.sigma_min, sigma_max=den.sigma_max, match_weight=1.0)
+    module = ddss.DDSSModule(3, "full", "dpmpp_2m", match_space="decoded", **kw).attach(m, None)
+    scores = module.validate_now(log=False)
+    seeds = seed_range(VAL_SEED_OFFSET, 0, 3)
+    e = make_noise(1, shape, seeds)[0]
+    with torch.no_grad():
+        target = model3.decode(teacher_targets(den, e, "euler", 3, den.sigma_min, den.sigma_max, cond=model3.cond_of(seeds)))
+        table = module.sampler.frozen()
+        x = model3.decode(sample(table, den, make_noise(table, shape, seeds), model3.cond_of(seeds)))
+    assert x.shape[1:] == (3, 32, 32)
+    assert scores["match"] == pytest.approx(float((x - target).double().pow(2).flatten(1).mean(1).mean()), rel=1e-4)
+    loss = module.training_step(None, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and module.sampler.u.grad is not None and module.sampler.u.grad.abs().sum() > 0
+    latent = ddss.DDSSModule(3, "full", "dpmpp_2m", **kw).attach(m, None).validate_now(log=False)
+    assert latent["match"] != pytest.approx(scores["match"], rel=1e-3)  # the latent monitor is another distance
+
+
+def test_match_space_decoded_needs_a_latent_model(cli_error):
+    assert "match_space=decoded compares images decoded by a VAE" in cli_error(
+        ["ddss", "model=gmm", "loss=match", "monitor=match", "family=full", "match_space=decoded"])

@@ -109,6 +109,7 @@ FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
 TABLE_PREFIX = "table:"  # init=table:PATH starts from a table file (an LD3 schedule, an earlier learned table)
 LOSSES = ("kid", "match", "kid+match")
+MATCH_SPACES = ("latent", "decoded")  # where the match loss and monitor compare: the model's space, or the VAE's images
 MONITORS = ("fd_train", "kid_train", "match")  # selection sees only the training set (held-out data and FD-b stay
 # independent) or, with match, the mean squared distance to the teacher's solve on the validation seeds
 SLACK_FLOOR = 1e-3  # initial share of the slack bucket (log sigma span below the last sigma) when it is ~0
@@ -367,11 +368,13 @@ class DDSSModule(TrainingModule):
                  warmup_steps: int = 20, min_lr_ratio: float = 0.05, steps: int = 500, remat: bool = True,
                  val_every: int = 100, n_val: int = 500, monitor: str = "fd_train", seed: int = 0, end: str = "zero",
                  loss: str = "kid", match_weight: float = 1e4, teacher_solver: str = "unipc", teacher_nfe: int = 20,
-                 n_match: int = 1024):
+                 n_match: int = 1024, match_space: str = "latent"):
         super().__init__()
         self.save_hyperparameters()
         if loss not in LOSSES:
             raise ValueError(f"unknown ddss loss {loss!r}; valid: {', '.join(LOSSES)}.")
+        if match_space not in MATCH_SPACES:
+            raise ValueError(f"unknown match_space {match_space!r}; valid: {', '.join(MATCH_SPACES)}.")
         self.sampler = GGDMTable(nfe, family, init, learn_sigmas=learn_sigmas, learn_noise=learn_noise, sigma_min=sigma_min,
                                  sigma_max=sigma_max, schedule=schedule, rho=rho, sigma_data=sigma_data, end=end)
         self.register_buffer("best_coef", self.sampler.coef0.clone())
@@ -402,12 +405,23 @@ class DDSSModule(TrainingModule):
         return self
 
     def match_targets(self, model: Any, seeds: Sequence[int]) -> torch.Tensor:
-        """The fine teacher solve (teacher_solver at teacher_nfe) from the unit noise e_0 of each seed, with its cond."""
+        """The fine teacher solve (teacher_solver at teacher_nfe) from the unit noise e_0 of each seed, with its cond
+        (decoded by the VAE with ``match_space=decoded``)."""
         hp = self.hparams
         e = make_noise(1, model.shape, seeds, dtype=model.dtype)[0]
-        return teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
-                               float(hp.sigma_min), float(hp.sigma_max), cond=cond_of_seeds(model.cond_of, seeds, self.device),
-                               seeds=list(seeds))
+        y = teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
+                            float(hp.sigma_min), float(hp.sigma_max), cond=cond_of_seeds(model.cond_of, seeds, self.device),
+                            seeds=list(seeds))
+        return self.in_match_space(y)
+
+    def in_match_space(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """``x`` where the match loss compares: as is (``match_space=latent``) or decoded by the model's VAE
+        (``decoded``; ``grad``: differentiable, for the training loss)."""
+        if str(self.hparams.get("match_space", "latent")) == "latent":
+            return x
+        if grad:
+            return self.model.decode(x, grad=True)
+        return decoded(self.model.decode, x).to(x.device)
 
     def match_pool(self, model: Any, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(unit noises [n, *shape], the fine teacher solve from each, their per-row cond or None) on this process's
@@ -420,7 +434,7 @@ class DDSSModule(TrainingModule):
         cond = cond_of_seeds(model.cond_of, seeds, self.device)
         y = teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
                             float(hp.sigma_min), float(hp.sigma_max), cond=cond, seeds=seeds)
-        return e, y, cond
+        return e, self.in_match_space(y), cond
 
     @property
     def model(self) -> Any:
@@ -472,7 +486,7 @@ class DDSSModule(TrainingModule):
         x = self.generate(noise, cond=cond)
         loss = self.loss_of(x) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
         if target is not None:
-            loss = loss + float(hp.match_weight) * (x - target).pow(2).flatten(1).mean(1).mean()
+            loss = loss + float(hp.match_weight) * (self.in_match_space(x, grad=True) - target).pow(2).flatten(1).mean(1).mean()
         self.check_loss(loss, hint="try a smaller lr or sigma_lr")
         self.history["loss"].append(float(loss.detach()))
         self.log("loss", loss.detach().float(), prog_bar=True, on_step=True)
@@ -512,6 +526,8 @@ class DDSSModule(TrainingModule):
                            for b, nz in zip(range(0, noise.shape[1], 500), noise.split(500, dim=1))]).cpu()
             if str(self.hparams.monitor) == "match":
                 target = self._ext["val_targets"].to(x)
+                if torch.isfinite(x).all():
+                    x = self.in_match_space(x)
             elif m.decode is not None and torch.isfinite(x).all():
                 x = decoded(m.decode, x)
         if not torch.isfinite(x).all():
@@ -668,6 +684,11 @@ def validate(cfg: Any) -> None:
     if "kid" in str(cfg.loss) and text_to_image(cfg.model):
         raise ConfigError(f"ddss loss={cfg.loss} on the text-to-image model at {cfg.model.path}: the KID loss would score "
                           f"latents against images (no differentiable decode yet); use loss=match.")
+    if str(cfg.get("match_space", "latent")) not in MATCH_SPACES:
+        raise ConfigError(f"match_space must be one of {', '.join(MATCH_SPACES)}, got {cfg.match_space!r}.")
+    if str(cfg.get("match_space", "latent")) == "decoded" and not text_to_image(cfg.model):
+        raise ConfigError("match_space=decoded compares images decoded by a VAE: it needs a latent text-to-image model "
+                          "(model=diffusers with a pipeline folder); this model's samples are already images.")
     if "match" in str(cfg.loss):
         _positive(cfg, "match_weight")  # (n_match is a typed key: KEYS above)
         procs = cfg.get("devices") if isinstance(cfg.get("devices"), int) and not isinstance(cfg.get("devices"), bool) else 1
@@ -732,7 +753,8 @@ def build_module(cfg: Any) -> DDSSModule:
         warmup_steps=int(cfg.warmup_steps), min_lr_ratio=float(cfg.min_lr_ratio), steps=int(cfg.steps), remat=bool(cfg.remat),
         val_every=int(cfg.val_every), n_val=int(cfg.n_val), monitor=str(cfg.monitor), seed=int(cfg.seed),
         end=str(cfg.get("end", "zero")), loss=str(cfg.loss), match_weight=float(cfg.match_weight),
-        teacher_solver=str(cfg.teacher_solver), teacher_nfe=int(cfg.teacher_nfe), n_match=int(cfg.n_match))
+        teacher_solver=str(cfg.teacher_solver), teacher_nfe=int(cfg.teacher_nfe), n_match=int(cfg.n_match),
+        match_space=str(cfg.get("match_space", "latent")))
 
 
 def _check_resume_matches(resume: Any, out_dir: str, module: DDSSModule) -> str | None:
