@@ -260,6 +260,33 @@ def solver_section(out: Path) -> list[str]:
     return lines + [""]
 
 
+def cost_section(out: Path) -> list[str]:
+    """The recipe's fit cost: measured CPU seconds and counted evaluations (``fit-cost-<teacher>.csv``,
+    scripts/t2i_fit_cost.py), with its SD 1.5 GPU estimate."""
+    lines: list[str] = []
+    for path in sorted(out.glob("fit-cost-*.csv")):
+        rows = list(csv.DictReader(path.open()))
+        if not rows:
+            continue
+        rate = rows[0]["assumed_sd15_evals_per_s"]
+        lines += [f"## What the recipe costs ({rows[0]['teacher']})", "",
+                  "`python -m optimize best start=oss iia=false ddss_loss=match select_by=match ...` per NFE "
+                  f"(`{path.name}`, `scripts/t2i_fit_cost.py`): wall seconds measured on this machine's 2 CPU cores "
+                  "(shared with other jobs while they ran), and the guided denoiser evaluations the chain needs, "
+                  "counted from its settings (OSS's search; DDSS's teacher pool, training steps at 3 evaluations each "
+                  "for the rematerialised backward pass, validations; the selection). The last column is an ESTIMATE "
+                  f"for Stable Diffusion 1.5 at 512x512 on one GPU: the count over an assumed {float(rate):g} guided "
+                  "evaluations per second (fp16, A100-class, batched); no GPU was lent to measure it.", "",
+                  "| NFE | pick | OSS s | DDSS s | chain s | evaluations | SD 1.5 GPU minutes (estimate) |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r['nfe']} | {r['selected']} | {_f(r, 'cpu_seconds_oss', 0)} | {_f(r, 'cpu_seconds_ddss', 0)} "
+                         f"| {_f(r, 'cpu_seconds_chain', 0)} | {float(r['total_evals']):,.0f} | "
+                         f"{_f(r, 'sd15_gpu_minutes_estimate', 0)} |")
+        lines.append("")
+    return lines
+
+
 def render(out: Path = OUT, page: Path = PAGE) -> None:
     """docs/results-t2i.md from every docs/results/t2i/methods-*.csv (``out``)."""
     lines = ["# Text-to-image: learned tables against the few-step peers",
@@ -297,6 +324,7 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
             lines += ["", "Grids: the 50-step solve, then one row per method in the table's order at that NFE "
                       "(seeds 0-7).", "", *grids]
         lines.append("")
+    lines += cost_section(out)
     page.write_text("\n".join(lines))
     print(f"wrote {page}")
 

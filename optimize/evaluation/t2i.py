@@ -95,6 +95,7 @@ def stock_schedulers(pipe: Any) -> dict[str, Callable[[int], tuple[Any, dict[str
             "UniPC": plain(d.UniPCMultistepScheduler),
             "Euler": plain(d.EulerDiscreteScheduler),
             "DDIM": plain(d.DDIMScheduler),
+            "DDIM trailing": plain(d.DDIMScheduler, timestep_spacing="trailing"),  # starts at t = 999 (Lin et al. 2024)
             "PNDM": lambda nfe: (d.PNDMScheduler.from_config(config, skip_prk_steps=True), {"num_inference_steps": nfe - 1}),
             "AYS (DPM++2M)": lambda nfe: (d.DPMSolverMultistepScheduler.from_config(config),
                                           {"timesteps": ays_timesteps(nfe, config)}),

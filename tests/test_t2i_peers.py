@@ -1,0 +1,64 @@
+"""The text-to-image peers of docs/results-t2i.md (optimize.evaluation.t2i): every stock scheduler configuration spends
+exactly the NFE it is reported at inside the stock pipeline, Align Your Steps at 10 steps is the published list, and
+the distance / paired statistics match their formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+from tiny_t2i import save_tiny_sd, save_tiny_sd3  # noqa: E402
+
+from optimize.evaluation import t2i  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i-peers")
+    return {"sd": t2i.pipeline(save_tiny_sd(root / "sd")), "sd3": t2i.pipeline(save_tiny_sd3(root / "sd3"))}
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("nfe", [3, 5])
+def test_every_stock_peer_spends_exactly_its_nfe(pipes, kind: str, nfe: int) -> None:
+    pipe = pipes[kind]
+    latents = torch.randn(2, *t2i.latent_shape(pipe), generator=torch.Generator().manual_seed(0))
+    peers = t2i.stock_schedulers(pipe)
+    assert ("AYS (DPM++2M)" in peers and "DDIM trailing" in peers) if kind == "sd" else ("FlowMatchEuler" in peers)
+    for label, make in peers.items():
+        sched, call = make(nfe)
+        x, calls = t2i.pipeline_images(pipe, sched, ["a red seven", "a blue two"], latents, 3.0, 2, **call)
+        assert calls == nfe, label
+        assert x.shape[0] == 2 and bool(torch.isfinite(x).all()) and float(x.abs().max()) <= 1.0
+
+
+def test_align_your_steps_at_ten_is_the_published_list() -> None:
+    """At 10 steps on SD's betas the AYS timesteps are diffusers' AysSchedules["StableDiffusionTimesteps"]; other step
+    counts interpolate log-linearly (ComfyUI) and keep the end points."""
+    from diffusers.schedulers import AysSchedules
+
+    config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+    assert t2i.ays_timesteps(10, config) == list(AysSchedules["StableDiffusionTimesteps"])
+    s4 = t2i.ays_sigmas(4)
+    assert len(s4) == 5 and s4[0] == pytest.approx(t2i.AYS_SD1[0]) and s4[-1] == 0.0
+    inner = np.exp(np.interp(0.75, np.linspace(0, 1, 11), np.log(t2i.AYS_SD1)))  # log-linear at 3/4 of the way
+    assert s4[-2] == pytest.approx(inner) and bool(np.all(np.diff(s4) < 0))
+
+
+def test_distance_and_paired_mean_against_their_formulas() -> None:
+    g = torch.Generator().manual_seed(0)
+    ref, x = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1, torch.rand(6, 3, 4, 4, generator=g) * 2 - 1
+    d = t2i.distance(x, ref)
+    per = [math.sqrt(float(((x[i] - ref[i]) ** 2).mean())) for i in range(6)]
+    assert d["rmse"] == pytest.approx(np.mean(per)) and d["rmse_se"] == pytest.approx(np.std(per, ddof=1) / math.sqrt(6))
+    assert d["psnr"] == pytest.approx(np.mean([10 * math.log10(4 / p**2) for p in per]))
+    a, b = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, 2.5, 3.0])
+    m, se = t2i.paired_mean(a, b)
+    assert m == pytest.approx(1 / 3) and se == pytest.approx(np.std([0.5, -0.5, 1.0], ddof=1) / math.sqrt(3))
