@@ -115,6 +115,28 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
             r["dadherence_vs_peer"], r["dadherence_vs_peer_se"] = t2i.paired_mean(r["_hits"], best["_hits"])
 
 
+def mark_checked(rows: list[dict[str, Any]], guidance: float) -> None:
+    """Ship what works across scales: a shipped table (``shipped_as``) scored here at ``guidance`` gets the scale added
+    to its ``checked_guidance`` (accepted there by the runtime without --any-guidance) when its RMSE to the 50-step
+    solve beats the best peer's beyond two paired standard errors, else the scale is removed from that list."""
+    for r in rows:
+        path = r.get("table")
+        if r["kind"] != "project" or not path:
+            continue
+        file = REPO / path if not Path(path).is_absolute() else Path(path)
+        table = SolverTable.load(str(file))
+        if "shipped_as" not in table.metadata:
+            continue
+        checked = {float(w) for w in table.metadata.get("checked_guidance") or [float(table.metadata["guidance"])]}
+        wins = r["drmse_vs_peer"] + 2 * r["drmse_vs_peer_se"] < 0
+        checked = checked | {guidance} if wins else checked - {guidance}
+        table.metadata["checked_guidance"] = sorted(checked)
+        table.save(str(file))
+        print(f"{file.name}: guidance {guidance:g} {'checked' if wins else 'not shipped'} "
+              f"(RMSE vs {r['best_peer']}: {r['drmse_vs_peer']:+.4f} ± {r['drmse_vs_peer_se']:.4f}); "
+              f"checked_guidance {table.metadata['checked_guidance']}")
+
+
 def write_grids(rows: list[dict[str, Any]], stem: str, out: Path) -> None:
     """One PNG per NFE in GRID_NFE: a row of the first GRID_SEEDS samples per method (the reference first)."""
     ref = [r for r in rows if r["kind"] == "reference"]
@@ -179,6 +201,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"{args.teacher} {name} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
                   flush=True)
     add_paired(rows)
+    if args.mark_checked:
+        mark_checked(rows, args.guidance)
     args.out.mkdir(parents=True, exist_ok=True)
     write_grids(rows, stem, args.out)
     for r in rows:
@@ -344,6 +368,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT, help="folder of the CSVs and grids")
     ap.add_argument("--page", type=Path, default=PAGE, help="the page rendered from the CSVs in --out")
     ap.add_argument("--render-only", action="store_true", help="only rewrite docs/results-t2i.md from the CSVs")
+    ap.add_argument("--mark-checked", action="store_true", help="record in each shipped table scored here whether it "
+                    "beats the best peer at this guidance (its checked_guidance list)")
     args = ap.parse_args()
     if not args.render_only:
         run(args)
