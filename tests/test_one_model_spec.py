@@ -142,15 +142,21 @@ def test_class_conditional_edm_net_takes_labels_and_guidance(tmp_path, capsys):
 
 def test_every_shipped_table_loads_with_its_shipped_model():
     """Each table in checkpoints/tables is accepted (fingerprint and range) for its model named as a shipped spec."""
-    model_of = {"dsno-digits": "dsno-digits", "cd-digits": "cd-digits", "edm-best": "edm", "patches-best": "patches", "pagoda-patches8": "pagoda-patches8",
+    model_of = {"dsno-digits": "dsno-digits", "cd-digits": "cd-digits", "edm-best": "edm", "sd-tiny-best": "sd-tiny",
+                "sd3-tiny-best": "sd3-tiny", "patches-best": "patches", "pagoda-patches8": "pagoda-patches8",
                 "pagoda-patches16": "pagoda-patches16", "pagoda-patches32": "pagoda-patches32"}
     files = sorted((REPO / "checkpoints" / "tables").glob("*.safetensors"))
     assert len(files) >= 14
     for f in files:
         name = next(model_of[k] for k in sorted(model_of, key=len, reverse=True) if f.name.startswith(k))
-        loaded = load(name)
+        if name.endswith("-tiny"):  # a text-to-image teacher: its training prompts, at the table's guidance scale
+            guidance = SolverTable.load(str(f)).metadata["guidance"]
+            loaded = load(f"diffusers:{REPO / 'checkpoints' / name}", prompts=str(REPO / "conf" / "prompts" /
+                          "captioned-train.txt"), guidance=guidance)
+        else:
+            loaded = load(name)
         SolverTable.load(str(f), fingerprint=loaded.fingerprint).check_for(loaded.denoiser)
-    assert set(SHIPPED) >= set(model_of.values())
+    assert set(SHIPPED) >= {v for v in model_of.values() if not v.endswith("-tiny")}
 
 
 # --- every option is checked: one error line ---------------------------------------------------------------
