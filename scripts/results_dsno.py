@@ -33,6 +33,7 @@ import torch
 
 from optimize.methods import dsno
 from optimize.cli import compose_config
+from optimize.evaluation.cost import flops_per_sample
 from optimize.evaluation.evaluate import Judge, evaluate, load_model, reference_solve, write_results
 from optimize.evaluation.metrics import ReferenceCache
 from samplers import SolverTable, baselines
@@ -59,15 +60,6 @@ def train(name: str, overrides: list[str], out: Path) -> Path:
     print(f"{name}: training {' '.join(overrides)}", flush=True)
     dsno.run(cfg)
     return out
-
-
-def flops_per_sample(fn: Any, x: torch.Tensor) -> float:
-    """Forward FLOPs of ``fn(x)`` per sample of the batch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(x)
-    return counter.get_total_flops() / x.shape[0]
 
 
 def loss_log(run: Path) -> list[tuple[int, float]]:

@@ -1,0 +1,221 @@
+"""One-step and two-step students at equal cost on the digits teacher -> docs/results-students-digits.md and
+docs/results/students/.
+
+    python scripts/results_students.py                       # the shipped students (DSNO, CD 1- and 2-step)
+    python scripts/results_students.py --student "dsno M=1=RUN/dsno-edm.safetensors,RUN/dsno-edm-1nfe.safetensors"
+    python scripts/results_students.py --render-only          # rewrite the page from the CSVs
+
+Every student (a network file and its table) is costed in teacher forwards per sample: its table's calls times the
+FLOPs of one student call over one teacher call (``optimize.evaluation.cost``), and sits in the bucket of the NFE that
+costs the same, round(forwards). Each bucket holds the project's best table of that NFE
+(``checkpoints/tables/edm-best-nfe<N>``, where shipped) and the classic solvers euler, dpmpp_2m, ipndm and unipc on
+both end conventions (``zero``: EDM's last step to 0; ``sigma_min``: landing on sigma_min unevaluated, as DPM-Solver
+and LD3); the best classic of a bucket is the one with the lowest FD train on these very seeds (a choice that favours
+the peer). All rows use seeds 0..n-1 (paired); FD on the CNN features (``main``) against the 1,497 training and the
+300 held-out digits, FD-b on the MLP features (no learner and no selection uses it) against the training digits, with
+bootstrap standard errors; paired differences (student minus other row, same seeds) with their standard errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from samplers import SolverTable, baselines
+from samplers.images import write_png_grid
+from samplers.nets import load_denoiser, read_net_header
+
+from optimize.base import REPO
+from optimize.evaluation.cost import teacher_forwards
+from optimize.evaluation.evaluate import Judge, evaluate, load_model
+from optimize.evaluation.results import Z, paired, write_csv
+
+DOCS = REPO / "docs" / "results" / "students"
+PAGE = REPO / "docs" / "results-students-digits.md"
+TABLES = REPO / "checkpoints" / "tables"
+CLASSICS = ("euler", "dpmpp_2m", "ipndm", "unipc")
+ENDS = ("zero", "sigma_min")
+KEYS = ("fd_train_main", "fd_heldout_main", "fd_train_b")
+SHIPPED = [("dsno", "checkpoints/dsno-digits.safetensors", "checkpoints/tables/dsno-digits-1nfe.safetensors"),
+           ("cd", "checkpoints/cd-digits.safetensors", "checkpoints/tables/cd-digits-1nfe.safetensors"),
+           ("cd 2-step", "checkpoints/cd-digits.safetensors", "checkpoints/tables/cd-digits-2nfe.safetensors")]
+GRID = 64
+
+
+def parse_student(text: str) -> tuple[str, str, str]:
+    """``LABEL=NET,TABLE`` -> (label, net path, table path)."""
+    label, sep, rest = text.rpartition("=")
+    net, comma, table = rest.partition(",")
+    if not sep or not comma or not label:
+        raise SystemExit(f"error: --student takes LABEL=NET,TABLE, got {text!r}")
+    return label, net, table
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    cfg = OmegaConf.load(REPO / "conf" / "model" / "edm.yaml")
+    model = load_model(cfg, "cpu")
+    judge = Judge.for_model(cfg, model.shape, "cpu", n_boot=args.n_boot)
+    seeds = list(range(args.n))
+    x1 = 80.0 * torch.randn(16, *model.shape, generator=torch.Generator().manual_seed(0))
+    rows: list[dict[str, Any]] = []
+    grids: dict[str, torch.Tensor] = {}
+
+    def add(label: str, kind: str, bucket: int, forwards: float, denoiser: Any, table: SolverTable, **extra: Any) -> None:
+        r = evaluate(denoiser, table, judge=judge, shape=model.shape, seeds=seeds, dtype=model.dtype)
+        grids[label] = r.pop("samples")[:GRID]
+        rows.append({"method": label, "kind": kind, "bucket": bucket, "nfe": table.nfe, "teacher_forwards": forwards,
+                     **r, **extra})
+        print(f"{label} (bucket {bucket}): FD train {r['fd_train_main']:.3g}, FD-b {r['fd_train_b']:.3g}", flush=True)
+
+    students = SHIPPED + [parse_student(s) for s in args.student]
+    buckets = set(args.nfe)
+    for label, net, table_path in students:
+        den = load_denoiser(str(REPO / net))
+        table = SolverTable.load(str(REPO / table_path), fingerprint=den.fingerprint())
+        forwards = teacher_forwards(den, model.denoiser, x1, 80.0, calls=table.nfe)
+        bucket = max(1, round(forwards))
+        buckets.add(bucket)
+        header = read_net_header(str(REPO / net))[1]
+        add(label, "student", bucket, forwards, den, table, network=net, table_file=table_path,
+            train_seconds=header.get("train_seconds"), steps=header.get("global_step", header.get("steps")),
+            method_of_table=table.metadata.get("method"))
+    for nfe in sorted(buckets):
+        best = TABLES / f"edm-best-nfe{nfe}.safetensors"
+        if best.is_file():
+            add(f"edm-best-nfe{nfe}", "best table", nfe, float(nfe), model.denoiser,
+                SolverTable.load(str(best), fingerprint=model.fingerprint), table_file=str(best.relative_to(REPO)))
+        for solver in CLASSICS if nfe > 1 else CLASSICS[:1]:  # at one call every classic is D(sigma_max e)
+            for end in ENDS:
+                table = baselines.build(solver, nfe, sigma_min=0.002, sigma_max=80.0, end=end)
+                add(f"{solver}:{end}@{nfe}", "classic", nfe, float(nfe), model.denoiser, table)
+    add_paired(rows)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    write_csv([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], str(DOCS / "digits.csv"))
+    os.remove(DOCS / "results.json") if (DOCS / "results.json").exists() else None
+    for r in rows:
+        if r["kind"] != "classic" or r.get("best_classic"):
+            write_png_grid(grids[r["method"]].clamp(-1, 1), str(DOCS / f"grid-{slug(r['method'])}.png"))
+    meta = {"argv": " ".join(sys.argv[1:]), "date": datetime.date.today().isoformat(), "n": args.n,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "fingerprint": model.fingerprint}
+    with open(DOCS / "meta.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows(meta.items())
+    render()
+
+
+def add_paired(rows: list[dict[str, Any]]) -> None:
+    """Per bucket: flag the best classic (lowest FD train), then each student's paired differences to the best table,
+    the best classic and every other student of its bucket, and to the best tables of the dearer buckets (a student
+    that beats a table costing more); ``compared_with`` lists them."""
+    for bucket in sorted({r["bucket"] for r in rows}):
+        at = [r for r in rows if r["bucket"] == bucket]
+        classics = [r for r in at if r["kind"] == "classic"]
+        if classics:
+            min(classics, key=lambda r: r["fd_train_main"])["best_classic"] = True
+        others = [r for r in at if r["kind"] == "best table" or r.get("best_classic")]
+        dearer = [r for r in rows if r["kind"] == "best table" and r["bucket"] > bucket]  # tables that cost more
+        for s in (r for r in at if r["kind"] == "student"):
+            against = others + [r for r in at if r["kind"] == "student" and r is not s] + dearer
+            for o in against:
+                for key in KEYS:
+                    d, se = paired(s, o, key)
+                    s[f"d{key}_vs_{slug(o['method'])}"], s[f"d{key}_vs_{slug(o['method'])}_se"] = d, se
+            s["compared_with"] = "|".join(o["method"] for o in against)
+
+
+def _f(v: str, digits: int = 3) -> str:
+    try:
+        return f"{float(v):.{digits}g}"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def _pm(r: dict[str, str], key: str) -> str:
+    se = r.get(key.replace("fd_", "fd_se_", 1))
+    return f"{_f(r.get(key))} ± {_f(se, 2)}" if se else _f(r.get(key))
+
+
+def _diff(r: dict[str, str], key: str, other: str) -> str:
+    d, se = r.get(f"d{key}_vs_{slug(other)}"), r.get(f"d{key}_vs_{slug(other)}_se")
+    if not d:
+        return "-"
+    d, se = float(d), float(se)
+    verdict = "within noise" if abs(d) <= Z * se else ("better" if d < 0 else "worse")
+    return f"{d:+.3g} ± {se:.2g} ({verdict})"
+
+
+def render() -> None:
+    """docs/results-students-digits.md from docs/results/students/digits.csv and meta.csv."""
+    with open(DOCS / "digits.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(DOCS / "meta.csv", newline="") as f:
+        meta = dict(csv.reader(f))
+    lines = [
+        "# Students at equal cost: DSNO and consistency distillation on the digits teacher",
+        "",
+        f"Generated by `python scripts/results_students.py {meta['argv']}` on {meta['date']} ({meta['machine']}) from "
+        "`docs/results/students/digits.csv`. Teacher fingerprint "
+        f"`{meta['fingerprint']}`. Seeds 0..{int(meta['n']) - 1} for every row (paired). A student sits in the bucket of "
+        "the NFE that costs the same teacher forwards (its calls times the FLOPs of one student call over one teacher "
+        "call). FD on the CNN features (`main`) against the training and the held-out digits; FD-b on the MLP features "
+        "(no learner or selection sees it) against the training digits; ± bootstrap standard errors. `best table`: the "
+        "shipped `edm-best-nfe<N>` (selected on FD train of seeds 3,000,000..); classics on both end conventions, the best "
+        "one per bucket chosen on these very seeds (bold; a choice that flatters the peer).",
+        "",
+    ]
+    for bucket in sorted({int(r["bucket"]) for r in rows}):
+        at = [r for r in rows if int(r["bucket"]) == bucket]
+        lines += [f"## {bucket} teacher forward{'s' if bucket > 1 else ''}", "",
+                  "| method | kind | NFE | teacher forwards | FD train | FD held-out | FD-b train | train s |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in at:
+            name = f"**{r['method']}**" if r.get("best_classic") == "True" else r["method"]
+            lines.append(f"| {name} | {r['kind']} | {r['nfe']} | {_f(r['teacher_forwards'])} | {_pm(r, 'fd_train_main')} | "
+                         f"{_pm(r, 'fd_heldout_main')} | {_pm(r, 'fd_train_b')} | {_f(r.get('train_seconds'), 4)} |")
+        students = [r for r in at if r["kind"] == "student"]
+        if students:
+            lines += ["", "Paired differences, student minus row, against its bucket and the best tables that cost more "
+                      "(negative: the student is better; beyond "
+                      f"{Z:g} standard errors counts):", "",
+                      "| student | against | FD train | FD held-out | FD-b train |", "| --- | --- | ---: | ---: | ---: |"]
+            for s in students:
+                for o in s["compared_with"].split("|"):
+                    lines.append(f"| {s['method']} | {o} | {_diff(s, 'fd_train_main', o)} | "
+                                 f"{_diff(s, 'fd_heldout_main', o)} | {_diff(s, 'fd_train_b', o)} |")
+        grids = [r["method"] for r in at if r["kind"] != "classic" or r.get("best_classic") == "True"]
+        lines += ["", " ".join(f"![{g}](results/students/grid-{slug(g)}.png)" for g in grids), "",
+                  "Grids, left to right: " + ", ".join(grids) + " (first 64 seeds).", ""]
+    notes = DOCS / "notes.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    PAGE.write_text("\n".join(lines))
+    print(f"wrote {PAGE.relative_to(REPO)}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--student", action="append", default=[], help="LABEL=NET,TABLE: one more student (repeatable)")
+    ap.add_argument("--nfe", type=int, nargs="*", default=[1, 2, 3, 4], help="buckets shown even without a student")
+    ap.add_argument("--n", type=int, default=2000, help="samples (seeds 0..n-1)")
+    ap.add_argument("--n-boot", type=int, default=200)
+    ap.add_argument("--render-only", action="store_true", help="only rewrite the page from the CSVs")
+    args = ap.parse_args()
+    render() if args.render_only else run(args)
+
+
+if __name__ == "__main__":
+    main()
