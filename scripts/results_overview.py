@@ -41,7 +41,9 @@ PAGES = [
     ("results-iia-gmm.md", "IIA against every classic solver, gmm"),
     ("results-ddss.md", "DDSS tables (KID-only GGDM), digits"),
     ("results-tada.md", "TADA (augmented-noise sampler) vs classic solvers, digits"),
-    ("results-dsno.md", "DSNO one-step student, digits"),
+    ("results-dsno.md", "DSNO one-step student (the 1,000-step ablations), digits"),
+    ("results-students-digits.md", "one- and two-step students (DSNO, CD) at equal cost beside the best tables, digits"),
+    ("results-t2i.md", "text-to-image: learned tables against stock schedulers, AYS, OSS and LD3"),
     ("results-diffusers.md", "the diffusers scheduler end to end"),
 ]
 
