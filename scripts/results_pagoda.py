@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from optimize.base import repo_relative
 from optimize.methods import pagoda
 from optimize.cli import compose_config
 from optimize.recipes import selection_scores
@@ -245,7 +246,7 @@ def main() -> None:
         chosen, scores = select(compose_config(["method=pagoda", "model=patches8"]), candidates, args.n_select)
         run = candidates[chosen]
         (DOCS / "variants").mkdir(parents=True, exist_ok=True)
-        write_csv([{"label": k, "run": str(v.relative_to(REPO)) if v.is_relative_to(REPO) else str(v), "settings": CANDIDATE_NOTES.get(k, ""),
+        write_csv([{"label": k, "run": repo_relative(v), "settings": CANDIDATE_NOTES.get(k, ""),
                     "n_select": args.n_select, "fd_train_main_select": scores[k], "chosen": k == chosen} for k, v in candidates.items()],
                   str(DOCS / "variants" / "selection.csv"))
         for label, path in candidates.items():  # what the variants' rows come from: grids, scores, the 32x32 generators

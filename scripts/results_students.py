@@ -36,7 +36,7 @@ from samplers.nets import load_denoiser, read_net_header
 from optimize.base import REPO
 from optimize.evaluation.cost import teacher_forwards
 from optimize.evaluation.evaluate import Judge, evaluate, load_model
-from optimize.evaluation.results import Z, paired, write_csv
+from optimize.evaluation.results import Z, paired, verdict, write_csv
 
 DOCS = REPO / "docs" / "results" / "students"
 PAGE = REPO / "docs" / "results-students-digits.md"
@@ -154,8 +154,7 @@ def _diff(r: dict[str, str], key: str, other: str) -> str:
     if not d:
         return "-"
     d, se = float(d), float(se)
-    verdict = "within noise" if abs(d) <= Z * se else ("better" if d < 0 else "worse")
-    return f"{d:+.3g} ± {se:.2g} ({verdict})"
+    return f"{d:+.3g} ± {se:.2g} ({verdict(d, se)})"
 
 
 def render() -> None:

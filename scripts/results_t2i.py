@@ -39,7 +39,7 @@ from samplers import SolverTable, make_noise
 from samplers.images import write_png_grid
 from samplers.t2i import prompt_indices, read_prompts
 
-from optimize.base import REPO
+from optimize.base import REPO, repo_relative
 from optimize.base.seeds import EVAL_SEED_OFFSET, seed_range
 from optimize.data import captioned as cap
 from optimize.data.models import load_model
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> None:
             rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels))
             meta = table.metadata
             rows[-1]["fit_seconds"] = meta.get("chain_fit_seconds", meta.get("fit_seconds", meta.get("train_seconds")))
-            rows[-1]["table"] = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+            rows[-1]["table"] = repo_relative(path)
             print(f"{args.teacher} {name} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
                   flush=True)
     add_paired(rows)

@@ -5,6 +5,8 @@ typed configuration keys (``base.keys``)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import ListConfig
@@ -31,6 +33,13 @@ class ConfigError(ValueError):
 class SkipPoint(ConfigError):
     """A configuration that cannot run as asked (e.g. an NFE its solver cannot meet exactly): an error on its
     own, skipped with a note inside a ``-m`` sweep (``-m iia nfe=4,5 base=heun,euler`` runs the other points)."""
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository when it lies inside it (what files and tables record, so a checkout can
+    move), else as given."""
+    p = Path(path).absolute()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
 
 
 def as_list(value: Any) -> list[Any]:

@@ -52,7 +52,7 @@ from samplers.nets import ConsistencyPrecond, build_net, load_denoiser, read_net
 from samplers.table import FORMAT_VERSION
 
 from optimize import data
-from optimize.base import REPO, ConfigError, as_list, resolve_path
+from optimize.base import ConfigError, as_list, repo_relative, resolve_path
 from optimize.base.keys import Key, count
 from optimize.base.seeds import DATA_SEED_OFFSET, seed_range
 from optimize.evaluation.evaluate import Judge, evaluate_jobs
@@ -363,14 +363,13 @@ def run(cfg: Any) -> dict[str, Any]:
     folder = str(resolve_path(str(cfg.tables_dir))) if cfg.get("tables_dir") else os.path.dirname(student_path)
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, os.path.splitext(os.path.basename(student_path))[0])
-    named = os.path.relpath(student_path, REPO) if os.path.abspath(student_path).startswith(str(REPO) + os.sep) else student_path
     module.export(student_path, {"model": str(cfg.model.name), "teacher_fingerprint": model.fingerprint,
                                  "steps": int(module.global_step), "train_seconds": round(train_seconds, 1),
                                  "x0_source": str(cfg.x0_source), "loss": str(cfg.loss), "N": int(cfg.N)})
     student = load_denoiser(student_path)
     taus = check_taus(cfg.taus, float(cfg.sigma_min), float(cfg.sigma_max))
     base = {"format_version": FORMAT_VERSION, "method": "cd", "base_solver": "cd", "model_fingerprint": student.fingerprint(),
-            "teacher_fingerprint": model.fingerprint, "student": named, "N": int(cfg.N),
+            "teacher_fingerprint": model.fingerprint, "student": repo_relative(student_path), "N": int(cfg.N),
             "config": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if not isinstance(v, (dict, list))}}
     one = one_step_table(float(cfg.sigma_max), {**base, "nfe": 1})
     multi = multistep_table(float(cfg.sigma_max), taus, float(cfg.sigma_min), {**base, "nfe": 1 + len(taus), "taus": taus})

@@ -417,7 +417,7 @@ class DDSSModule(TrainingModule):
     def in_match_space(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """``x`` where the match loss compares: as is (``match_space=latent``) or decoded by the model's VAE
         (``decoded``; ``grad``: differentiable, for the training loss)."""
-        if str(self.hparams.get("match_space", "latent")) == "latent":
+        if self.hparams.match_space == "latent":
             return x
         if grad:
             return self.model.decode(x, grad=True)
@@ -684,9 +684,10 @@ def validate(cfg: Any) -> None:
     if "kid" in str(cfg.loss) and text_to_image(cfg.model):
         raise ConfigError(f"ddss loss={cfg.loss} on the text-to-image model at {cfg.model.path}: the KID loss would score "
                           f"latents against images (no differentiable decode yet); use loss=match.")
-    if str(cfg.get("match_space", "latent")) not in MATCH_SPACES:
-        raise ConfigError(f"match_space must be one of {', '.join(MATCH_SPACES)}, got {cfg.match_space!r}.")
-    if str(cfg.get("match_space", "latent")) == "decoded" and not text_to_image(cfg.model):
+    space = str(cfg.get("match_space", "latent"))
+    if space not in MATCH_SPACES:
+        raise ConfigError(f"match_space must be one of {', '.join(MATCH_SPACES)}, got {space!r}.")
+    if space == "decoded" and not text_to_image(cfg.model):
         raise ConfigError("match_space=decoded compares images decoded by a VAE: it needs a latent text-to-image model "
                           "(model=diffusers with a pipeline folder); this model's samples are already images.")
     if "match" in str(cfg.loss):

@@ -38,7 +38,7 @@ import torch
 
 from samplers import SolverTable
 
-from optimize.base import REPO
+from optimize.base import REPO, repo_relative
 from optimize.evaluation.evaluate import Judge, draw, evaluate
 from optimize.evaluation.metrics import ReferenceCache
 from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
@@ -189,10 +189,9 @@ def ship(m: Any, model: str, nfe: int, label: str, path: Path, scores: dict[str,
         first = SolverTable.load(str(start)).metadata
         t.metadata["chain_start"] = {"method": first.get("method"), "fit_seconds": first.get("fit_seconds"),
                                      **{k: first[k] for k in ("oss", "ld3") if k in first}}
-    source = path.relative_to(REPO) if path.is_relative_to(REPO) else path
     how = selection or f"FD vs training {data}, main features, seeds {VAL_SEED_OFFSET}.."
     t.metadata.update({"model": model, "model_fingerprint": m.fingerprint, "shipped_as": f"{model}-best-nfe{nfe}",
-                       "selected_from": scores, "selected": label, "selection": how, "source_table": str(source),
+                       "selected_from": scores, "selected": label, "selection": how, "source_table": repo_relative(path),
                        "chain_fit_seconds": round(fit_seconds(path), 1)})  # with the fit of the chain's start
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / f"{model}-best-nfe{nfe}.safetensors"
