@@ -90,3 +90,27 @@ def test_best_from_the_teacher_alone_needs_no_data(tmp_path: Path, monkeypatch: 
     scores = picked.metadata["selected_from"]
     assert scores[picked.metadata["selected"]] == min(scores.values())
     assert picked.metadata["selection"].startswith("teacher match (unipc@20")
+
+
+def test_oss_start_is_one_search_for_the_missing_nfe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start=oss over nfe=[4,5,8] with the NFE-5 table already there runs OSS once, for [4,8] (its round K gives the
+    K-step schedule), and copies each table under its name; with all there it runs nothing."""
+    import optimize.recipes as recipes
+
+    calls: list[list[str]] = []
+
+    def fake_cli(args: list[str], run: Path) -> None:
+        calls.append(args)
+        run.mkdir(parents=True)
+        for nfe in (4, 8):
+            (run / f"oss-toy-nfe{nfe}.safetensors").write_text(f"oss {nfe}")
+
+    monkeypatch.setattr(recipes, "run_cli", fake_cli)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "oss-nfe5.safetensors").write_text("kept")
+    got = recipes.fit_oss("toy", [4, 5, 8], tables, ("model.x=1",), tmp_path / "runs")
+    assert len(calls) == 1 and calls[0][:3] == ["oss", "model=toy", "nfe=[4,8]"] and "model.x=1" in calls[0]
+    assert {n: p.read_text() for n, p in got.items()} == {4: "oss 4", 5: "kept", 8: "oss 8"}
+    recipes.fit_oss("toy", [4, 5, 8], tables, (), tmp_path / "runs")
+    assert len(calls) == 1

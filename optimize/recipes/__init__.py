@@ -32,7 +32,7 @@ import sys
 import time
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -77,14 +77,19 @@ def best_ld3(paths: list[Path]) -> Path:
     return min(paths, key=lambda p: SolverTable.load(str(p)).metadata["ld3"]["best_valid_l2"])
 
 
-def fit_oss(model: str, nfe: int, tables: Path, extra: tuple[str, ...] = (), runs: Path | None = None) -> Path:
-    """``tables/oss-nfe<N>.safetensors``: OSS's search with its defaults (an Euler schedule nearest a 200-step teacher
-    on the fit seeds), unless already there: the chain's start where LD3 is weak (the text-to-image teachers)."""
-    dest = tables / f"oss-nfe{nfe}.safetensors"
-    if not dest.exists():
-        run = _run_dir(model, f"oss-nfe{nfe}", runs)
-        run_cli(["oss", f"model={model}", f"nfe={nfe}", "evaluate=false", *extra], run)
-        shutil.copyfile(run / f"oss-{model}-nfe{nfe}.safetensors", dest)
+def fit_oss(model: str, nfes: Sequence[int], tables: Path, extra: tuple[str, ...] = (), runs: Path | None = None) -> dict[int, Path]:
+    """``tables/oss-nfe<N>.safetensors`` for every N in ``nfes``: OSS's search with its defaults (an Euler schedule
+    nearest a 200-step teacher on the fit seeds), for the missing ones only and as ONE search of max(N) rounds (its
+    round K gives the K-step schedule, the same as a search for K alone): the chain's start where LD3 is weak (the
+    text-to-image teachers)."""
+    dest = {nfe: tables / f"oss-nfe{nfe}.safetensors" for nfe in nfes}
+    missing = sorted(nfe for nfe, path in dest.items() if not path.exists())
+    if missing:
+        tag = "-".join(str(n) for n in missing)
+        run = _run_dir(model, f"oss-nfe{tag}", runs)
+        run_cli(["oss", f"model={model}", f"nfe=[{','.join(str(n) for n in missing)}]", "evaluate=false", *extra], run)
+        for nfe in missing:
+            shutil.copyfile(run / f"oss-{model}-nfe{nfe}.safetensors", dest[nfe])
     return dest
 
 

@@ -92,9 +92,11 @@ def run(cfg: Any) -> list[str]:
     ddss_extra = tuple(str(a) for a in as_list(cfg.get("ddss_extra") or []))
     start_name = str(cfg.start)
     picked, jobs = [], []
-    for nfe in (int(n) for n in as_list(cfg.nfe)):
+    nfes = [int(n) for n in as_list(cfg.nfe)]
+    oss = fit_oss(name, nfes, tables, extra, runs) if start_name == "oss" else {}
+    for nfe in nfes:
         if start_name == "oss":
-            start = fit_oss(name, nfe, tables, extra, runs)
+            start = oss[nfe]
         else:
             start = best_ld3([fit_ld3(name, nfe, str(b), tables, extra, runs) for b in as_list(cfg.ld3_bases)])
         chain = [(f"iia({start_name})", fit_iia(name, nfe, start, tables, extra, runs))] if cfg.iia else []
