@@ -78,14 +78,19 @@ def cached(path: Path, compute: Any) -> torch.Tensor:
     return x
 
 
-def table_label(path: Path, table: SolverTable) -> str:
+def table_label(path: Path, table: SolverTable, guidance: float | None = None) -> str:
     """A row's method name: ``best`` for a shipped best table, else the table's ``method`` (with its base solver for
-    LD3), e.g. ``ld3-unipc``, ``oss``."""
+    LD3), e.g. ``ld3-unipc``, ``oss``; `` (learned at w7.5)`` when it was learned at another scale than ``guidance``."""
     if "shipped_as" in table.metadata:
-        return f"best ({table.metadata.get('selected', '?')})"
-    method = str(table.metadata.get("method", path.stem))
-    base = table.metadata.get("base_solver")
-    return f"{method}-{base}" if method == "ld3" and base else method
+        name = f"best ({table.metadata.get('selected', '?')})"
+    else:
+        method = str(table.metadata.get("method", path.stem))
+        base = table.metadata.get("base_solver")
+        name = f"{method}-{base}" if method == "ld3" and base else method
+    learned = table.metadata.get("guidance")
+    if guidance is not None and learned is not None and float(learned) != float(guidance):
+        name += f" (learned at w{float(learned):g})"
+    return name
 
 
 def score(name: str, kind: str, nfe: int, x: torch.Tensor, ref: torch.Tensor, judge: Judge, judge_net: Any,
@@ -190,7 +195,7 @@ def run(args: argparse.Namespace) -> None:
                 continue
             if table.metadata.get("guidance") is not None and float(table.metadata["guidance"]) != args.guidance:
                 print(f"note: {path.name} was learned at guidance {table.metadata['guidance']}, run at {args.guidance}")
-            name = table_label(path, table)
+            name = table_label(path, table, args.guidance)
             x = cached(args.cache / f"{stem}-n{args.n}-table-{table_hash(table)}.safetensors",
                        lambda: table_images(model, table, seeds, args.batch))
             kind = "project" if name.split("-")[0].split(" ")[0] in PROJECT else "peer"

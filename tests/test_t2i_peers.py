@@ -62,3 +62,19 @@ def test_distance_and_paired_mean_against_their_formulas() -> None:
     a, b = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, 2.5, 3.0])
     m, se = t2i.paired_mean(a, b)
     assert m == pytest.approx(1 / 3) and se == pytest.approx(np.std([0.5, -0.5, 1.0], ddof=1) / math.sqrt(3))
+
+
+def test_reference_reuses_the_prefix_of_a_longer_cached_run_and_nothing_else(tmp_path) -> None:
+    """n = 2 reads the first two images of a cached n = 4 reference when its latents and prompts start with the
+    same ones; other latents are not served from it (the pipeline would be run: here a None pipe fails)."""
+    from safetensors.torch import save_file
+
+    prompts = ["a red 3", "a blue 7", "a green 1", "a red 0"]
+    latents, images = torch.randn(4, 4, 8, 8), torch.rand(4, 3, 32, 32)
+    hashes = torch.tensor([t2i.prompt_hash(p) for p in prompts])
+    save_file({"images": images, "latents": latents, "prompts": hashes},
+              str(tmp_path / f"tiny-w7.5-n4-steps{t2i.REFERENCE_STEPS}.safetensors"))
+    got = t2i.reference_images(None, "tiny", prompts[:2], latents[:2], 7.5, 2, tmp_path)
+    assert torch.equal(got, images[:2])
+    with pytest.raises(AttributeError):
+        t2i.reference_images(None, "tiny", prompts[:2], latents[1:3], 7.5, 2, tmp_path)

@@ -149,13 +149,16 @@ def prompt_hash(prompt: str) -> int:
 def reference_images(pipe: Any, name: str, prompts: list[str], latents: torch.Tensor, guidance: float, batch: int,
                      cache: Path) -> torch.Tensor:
     """The stock pipeline's ``REFERENCE_STEPS``-step decoded images (its own scheduler) of these latents and prompts,
-    read from ``cache`` when a run with the same teacher, guidance, prompts and latents wrote them."""
-    path = Path(cache) / f"{name}-w{guidance:g}-n{len(prompts)}-steps{REFERENCE_STEPS}.safetensors"
+    read from ``cache`` when a run with the same teacher and guidance wrote them for these latents and prompts or for
+    a longer list that starts with them (n = 1,000 reuses the first half of n = 2,000)."""
+    n = len(prompts)
+    path = Path(cache) / f"{name}-w{guidance:g}-n{n}-steps{REFERENCE_STEPS}.safetensors"
     hashes = torch.tensor([prompt_hash(p) for p in prompts])
-    if path.is_file():
-        got = load_file(str(path))
-        if torch.equal(got["latents"], latents) and torch.equal(got["prompts"], hashes):
-            return got["images"]
+    longer = sorted(Path(cache).glob(f"{name}-w{guidance:g}-n*-steps{REFERENCE_STEPS}.safetensors")) if Path(cache).is_dir() else []
+    for found in [path] * path.is_file() + longer:
+        got = load_file(str(found))
+        if len(got["latents"]) >= n and torch.equal(got["latents"][:n], latents) and torch.equal(got["prompts"][:n], hashes):
+            return got["images"][:n]
     images, _ = pipeline_images(pipe, type(pipe.scheduler).from_config(pipe.scheduler.config), prompts, latents,
                                 guidance, batch, num_inference_steps=REFERENCE_STEPS)
     path.parent.mkdir(parents=True, exist_ok=True)
