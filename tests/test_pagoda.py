@@ -170,6 +170,49 @@ def test_lambda_stays_in_range_during_training(tiny_teacher: Path) -> None:
     assert len(lams) == 4 and all(0.01 <= v <= 10.0 for v in lams)
 
 
+def test_d_steps_make_that_many_discriminator_updates_per_step(tiny_teacher: Path) -> None:
+    """d_steps=3: each training step makes 1 G and 3 D optimiser steps, so 4 steps take 16 of Lightning's steps and
+    the stage schedule still counts training steps."""
+    module = _module(tiny_teacher, stages=2, steps=2, base_steps=2)
+    module.hparams.d_steps = 3
+    module.attach(*_pairs(stages=2), pagoda.FeatureDistance(None))
+    d_before = [p.detach().clone() for p in module.discriminators[0].parameters()]
+    trainer = L.Trainer(max_steps=module.optimiser_steps() * module.total_steps(), logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, ticks())
+    assert module.optimiser_steps() == 4 and trainer.global_step == 16
+    assert [h[1] for h in module.history] == [0, 0, 1, 1] and module.iteration() == 4
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, module.discriminators[0].parameters()))
+
+
+def test_amplitude_term_ignores_phase_and_counts_power() -> None:
+    """The amplitude L1 is 0 for a circular shift of the image (same |FFT|) while the pixel L2 is not; it grows with
+    a missing high-frequency component; Parseval holds for the orthonormal FFT."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
+    dist = pagoda.FeatureDistance(None, pixel_weight=0.0, freq_weight=1.0)
+    shifted = x.roll((3, 5), dims=(-2, -1))
+    assert torch.allclose(dist(x, shifted), torch.zeros(2), atol=1e-5)
+    assert float(pagoda.FeatureDistance(None)(x, shifted).min()) > 0.1
+    blurred = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest")
+    assert float(dist(x, blurred).min()) > 0.05
+    assert torch.allclose(pagoda.amplitude(x).pow(2).sum((-2, -1)), x.pow(2).sum((-2, -1)), rtol=1e-5)
+
+
+def test_high_frequency_share_against_sinusoids() -> None:
+    """A cosine of 3 cycles per image has no power beyond the 8x8 Nyquist (4 cycles); one of 6 cycles has all of it;
+    their sum with equal amplitudes has half; the mean is ignored; nearest upsampling of an 8x8 image adds power there."""
+    n = torch.arange(32, dtype=torch.float64)
+    low = torch.cos(2 * math.pi * 3 * n / 32)[None, None, None, :].expand(1, 3, 32, 32)
+    high = torch.cos(2 * math.pi * 6 * n / 32)[:, None].expand(32, 32)[None, None].expand(1, 3, 32, 32)
+    share = pagoda.high_frequency_share(torch.cat([low + 5, high, low + high]), 8)
+    assert torch.allclose(share, torch.tensor([0.0, 1.0, 0.5], dtype=share.dtype), atol=1e-9)
+    small = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert float(pagoda.high_frequency_share(F.interpolate(small, scale_factor=4, mode="nearest"), 8).min()) > 0.01
+    assert float(pagoda.high_frequency_share(F.interpolate(small, scale_factor=4, mode="bilinear"), 8).max()) < \
+        float(pagoda.high_frequency_share(F.interpolate(small, scale_factor=4, mode="nearest"), 8).min())
+
+
 # --- the runtime serves a generator whose output is larger than its noise ---------------------------------------
 def test_executor_refuses_to_mix_shapes_in_a_row() -> None:
     from samplers import baselines
@@ -247,6 +290,9 @@ def test_discriminator_shapes_and_one_logit_per_image(downsample: str) -> None:
     (["model=edm"], r"pagoda trains on the patches data set"),
     (["d_lr=0"], r"d_lr must be a positive number"),
     (["d_downsample=max"], r"d_downsample must be one of strided, pool, got 'max'"),
+    (["d_steps=0"], r"d_steps must be"),
+    (["freq_weight=-1"], r"freq_weight"),
+    (["rec_features=null", "pixel_weight=0"], r"leave no reconstruction loss"),
 ])
 def test_bad_config_is_one_error_line(args: list[str], message: str, tiny_teacher: Path, cli_error) -> None:
     import re

@@ -14,13 +14,13 @@ with its raw output as the image (``samplers.nets.PaGoDAGenerator``, served by `
 earlier blocks are frozen. At the stage of resolution R, with the real image x_R (area-downsampled to R) and a
 discriminator D_R at R (a new one per stage)::
 
-    L_rec = d(G(z), x_R)                                  d: feature distance (``FeatureDistance``) + pixel L2
+    L_rec = d(G(z), x_R)      d: feature distance on a frozen net + pixel L2 + amplitude-spectrum L1 (``FeatureDistance``)
     L_G   = -E D_R(G(sigma_max e)),  e ~ N(0, I)         fresh noise
     L     = L_rec + w_R * lambda * L_G,   lambda = clip(|grad_W L_rec| / |grad_W L_G|, 0.01, 10)
     L_D   = E relu(1 - D_R(x_R)) + E relu(1 + D_R(G(sigma_max e)))      (hinge)
 
 with W the weight of the convolution that writes the stage's image, w = 0.2 at the base and 1.0 when growing. One
-step updates G, then D. The exported generator of each resolution is the EMA of the trained weights (a network file
+step updates G, then D ``d_steps`` times (on fresh noise each). The exported generator of each resolution is the EMA of the trained weights (a network file
 ``samplers.nets`` builds) with the 1-NFE table ``x_0 = sigma_max e_0``, output ``d_0`` (the output has the stage's
 resolution, the noise the teacher's).
 """
@@ -72,7 +72,7 @@ from optimize.training.runs import (
 
 KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "stages": count(8), "base_steps": count(10**8), "encode_steps": count(100_000, low=2), "d_lr": rate(),
-    "pixel_weight": Key("num", 0)}
+    "pixel_weight": Key("num", 0), "freq_weight": Key("num", 0), "d_steps": count(100)}
 PATCH_RESOLUTIONS = (8, 16, 32)  # optimize.data.patches
 PATCH_CHANNELS = 3  # the patches are RGB
 
@@ -169,18 +169,27 @@ def load_or_encode(model: Any, cfg: Any, progress: bool = True) -> tuple[torch.T
 
 
 # --- losses and the discriminator ---------------------------------------------------------------------------------
-class FeatureDistance(nn.Module):
-    """``d(a, b) = sum_l mean_{h,w} |n(f_l(a)) - n(f_l(b))|^2 + pixel_weight * mean (a - b)^2`` per image, with f_l the
-    ReLU outputs of a frozen feature net's convolutions (the patch feature net ``optimize.evaluation.classifier.PatchCNN``, on
-    inputs bilinearly resized to its 32x32) and n the unit normalisation over channels (LPIPS without its learned
-    weights; PaGoDA's code uses the same normalised distance on frozen CNN/ViT features). ``features=None``: pixels only."""
+def amplitude(x: torch.Tensor) -> torch.Tensor:
+    """``|FFT2(x)|`` per channel, orthonormal (Parseval: the squared amplitudes sum to the squared pixels)."""
+    return torch.fft.fft2(x.float(), norm="ortho").abs()
 
-    def __init__(self, features: nn.Module | None = None, pixel_weight: float = 1.0, size: int = 32):
+
+class FeatureDistance(nn.Module):
+    """``d(a, b) = sum_l mean_{h,w} |n(f_l(a)) - n(f_l(b))|^2 + pixel_weight * mean (a - b)^2
+    + freq_weight * mean ||FFT a| - |FFT b||`` per image, with f_l the ReLU outputs of a frozen feature net's
+    convolutions (the patch feature net ``optimize.evaluation.classifier.PatchCNN``, on inputs bilinearly resized to its
+    32x32) and n the unit normalisation over channels (LPIPS without its learned weights; PaGoDA's code uses the same
+    normalised distance on frozen CNN/ViT features). ``features=None``: no feature term. The amplitude term ignores the
+    phase: where the latent does not pin down fine detail (beyond the teacher's resolution) the pixel L2 is lowest for
+    the blurred mean, while the amplitude L1 asks for the real image's power at every frequency."""
+
+    def __init__(self, features: nn.Module | None = None, pixel_weight: float = 1.0, size: int = 32, freq_weight: float = 0.0):
         super().__init__()
         if features is not None and not hasattr(features, "convs"):
             raise ValueError("the reconstruction feature net must be a patch_cnn feature net (it has no .convs).")
         self.features = features.eval().requires_grad_(False) if features is not None else None
         self.pixel_weight = float(pixel_weight)
+        self.freq_weight = float(freq_weight)
         self.size = int(size)
 
     def _maps(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -197,6 +206,8 @@ class FeatureDistance(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-image distances ``[B]``."""
         d = self.pixel_weight * (a - b).pow(2).flatten(1).mean(1)
+        if self.freq_weight:
+            d = d + self.freq_weight * (amplitude(a) - amplitude(b)).abs().flatten(1).mean(1).to(d.dtype)
         if self.features is not None:
             for fa, fb in zip(self._maps(a), self._maps(b)):
                 d = d + (fa - fb).pow(2).sum(1).flatten(1).mean(1)
@@ -274,7 +285,8 @@ class PaGoDAModule(TrainingModule):
 
     def __init__(self, config: dict[str, Any], stages: int = 3, steps: int = 1000, base_steps: int | None = None, sigma_max: float = 80.0,
                  gan_weights: Sequence[float] = (0.2, 1.0), lr: float = 2e-4, d_lr: float = 2e-4, betas: Sequence[float] = (0.5, 0.99),
-                 d_channels: int = 32, ema_decay: float = 0.995, batch_size: int = 64, seed: int = 0, d_downsample: str = "strided"):
+                 d_channels: int = 32, ema_decay: float = 0.995, batch_size: int = 64, seed: int = 0, d_downsample: str = "strided",
+                 d_steps: int = 1):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -351,9 +363,13 @@ class PaGoDAModule(TrainingModule):
     def step_generator(self, it: int) -> torch.Generator:
         return torch.Generator().manual_seed((int(self.hparams.seed) * 1_000_003 + int(it)) % 2**63)
 
+    def optimiser_steps(self) -> int:
+        """Optimiser steps per training step: one of G, ``d_steps`` of D (Lightning's global_step counts each)."""
+        return 1 + int(self.hparams.get("d_steps", 1))
+
     def iteration(self) -> int:
-        """Completed training steps (each makes one G and one D optimiser step)."""
-        return int(self.global_step) // 2
+        """Completed training steps."""
+        return int(self.global_step) // self.optimiser_steps()
 
     def losses(self, k: int, z: torch.Tensor, real: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """The generator's ``loss = L_rec + w lambda L_G`` with its parts, and the fakes from ``noise`` (detached)."""
@@ -384,10 +400,16 @@ class PaGoDAModule(TrainingModule):
         opt_g.step()
         self._ema_update(it)
         d = self.discriminators[k]
-        loss_d = F.relu(1 - d(real)).mean() + F.relu(1 + d(out["fake"])).mean()
-        opt_d.zero_grad()
-        self.manual_backward(loss_d)
-        opt_d.step()
+        fake = out["fake"]
+        for j in range(int(self.hparams.get("d_steps", 1))):
+            if j:  # more D steps: fresh noise, the real batch again
+                with torch.no_grad():
+                    e = (torch.randn(z.shape, generator=gen) * float(self.hparams.sigma_max)).to(self.device, z.dtype)
+                    fake = self.generate(e, k)
+            loss_d = F.relu(1 - d(real)).mean() + F.relu(1 + d(fake)).mean()
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            opt_d.step()
         row = [it, k, *(float(out[key].detach()) for key in ("rec", "gan")), float(loss_d.detach()), float(out["lambda"])]  # rec, g, d
         self.history.append(row)
         self.log_dict({"stage": float(k), "loss_rec": row[2], "loss_g": row[3], "loss_d": row[4], "lambda": row[5]},
@@ -498,12 +520,12 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key} must be an integer >= {2 if key == 'encode_steps' else 1}, got {cfg[key]!r}.")
     if cfg.d_downsample not in D_DOWNSAMPLE:
         raise ConfigError(f"d_downsample must be one of {', '.join(D_DOWNSAMPLE)}, got {cfg.d_downsample!r}.")
-    if not float(cfg.d_lr) > 0 or not float(cfg.pixel_weight) >= 0:
-        raise ConfigError(f"need d_lr > 0 and pixel_weight >= 0, got {cfg.d_lr} and {cfg.pixel_weight}.")
+    if not float(cfg.d_lr) > 0 or not float(cfg.pixel_weight) >= 0 or not float(cfg.freq_weight) >= 0:
+        raise ConfigError(f"need d_lr > 0, pixel_weight >= 0 and freq_weight >= 0, got {cfg.d_lr}, {cfg.pixel_weight} and {cfg.freq_weight}.")
     if cfg.rec_features is not None:
         rec_features_net(resolve_path(str(cfg.rec_features)))
-    if cfg.rec_features is None and float(cfg.pixel_weight) == 0:
-        raise ConfigError("rec_features=null and pixel_weight=0 leave no reconstruction loss.")
+    if cfg.rec_features is None and float(cfg.pixel_weight) == 0 and float(cfg.freq_weight) == 0:
+        raise ConfigError("rec_features=null, pixel_weight=0 and freq_weight=0 leave no reconstruction loss.")
     path = resume_path(cfg.get("resume"))
     if path is not None and not os.path.isfile(path):
         raise ConfigError(f"resume checkpoint {path} does not exist.")
@@ -516,7 +538,7 @@ def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int])
     return PaGoDAModule(config, stages=stages, steps=int(cfg.steps), base_steps=int(cfg.base_steps), sigma_max=float(cfg.sigma_max),
                         gan_weights=[float(w) for w in as_list(cfg.gan_weights)], lr=float(cfg.lr), d_lr=float(cfg.d_lr),
                         d_channels=int(cfg.d_channels), ema_decay=float(cfg.ema), batch_size=int(cfg.batch_size), seed=int(cfg.seed),
-                        d_downsample=str(cfg.d_downsample))
+                        d_downsample=str(cfg.d_downsample), d_steps=int(cfg.d_steps))
 
 
 def rec_features_net(path: Any) -> nn.Module:
@@ -544,7 +566,7 @@ def rec_features_net(path: Any) -> nn.Module:
 
 def rec_distance(cfg: Any) -> FeatureDistance:
     net = rec_features_net(resolve_path(str(cfg.rec_features))) if cfg.rec_features is not None else None
-    return FeatureDistance(net, float(cfg.pixel_weight))
+    return FeatureDistance(net, float(cfg.pixel_weight), freq_weight=float(cfg.freq_weight))
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -569,15 +591,15 @@ def run(cfg: Any) -> dict[str, Any]:
     module = build_module(cfg, teacher_config, model.shape).init_from(teacher_net).attach(latents, reals, rec_distance(cfg))
     module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint, "data": settings["n_data"],
                            "data_resolution": int(cfg.data_resolution), "rec_features": str(cfg.rec_features),
-                           "pixel_weight": float(cfg.pixel_weight)}
+                           "pixel_weight": float(cfg.pixel_weight), "freq_weight": float(cfg.freq_weight)}
     ckpt_path = pick_resume(cfg.get("resume"), out_dir, {**dict(module.hparams), **module.run_settings})
     total = module.total_steps()
-    trainer = L.Trainer(accelerator=str(cfg.accelerator), devices=1, max_steps=2 * total, **trainer_parts(cfg, out_dir),
+    trainer = L.Trainer(accelerator=str(cfg.accelerator), devices=1, max_steps=module.optimiser_steps() * total, **trainer_parts(cfg, out_dir),
                         log_every_n_steps=max(1, min(10, total // 2)), enable_model_summary=False, default_root_dir=out_dir,
                         enable_progress_bar=bool(cfg.progress_bar))
     n_grown = sum(p.numel() for p in module.generator.stages.parameters())
     print(f"pagoda: stages at {', '.join(f'{r}x{r}' for r in res)}, {cfg.base_steps} + {cfg.steps} per grown stage steps of batch "
-          f"{cfg.batch_size} (the progress bar counts 2 optimiser steps per step) "
+          f"{cfg.batch_size} (the progress bar counts {module.optimiser_steps()} optimiser steps per step) "
           f"(generator {sum(p.numel() for p in module.generator.parameters()):,} parameters, {n_grown:,} grown)", flush=True)
     try:
         trainer.fit(module, ticks(), ckpt_path=ckpt_path, weights_only=True)
@@ -591,7 +613,8 @@ def run(cfg: Any) -> dict[str, Any]:
     generators, tables = [], []
     base_meta = {"model": str(cfg.model.name), "teacher_fingerprint": model.fingerprint, "train_seconds": round(train_seconds, 1),
                  "data": {k: v for k, v in settings.items()}, "data_resolution": int(cfg.data_resolution),
-                 "rec_features": None if cfg.rec_features is None else str(cfg.rec_features), "threads": torch.get_num_threads()}
+                 "rec_features": None if cfg.rec_features is None else str(cfg.rec_features), "pixel_weight": float(cfg.pixel_weight),
+                 "freq_weight": float(cfg.freq_weight), "d_steps": int(cfg.d_steps), "threads": torch.get_num_threads()}
     for k in range(top + 1):
         tag = f"pagoda-{cfg.model.data}{res[k]}"
         gen_path = os.path.join(out_dir, f"{tag}.safetensors")
@@ -622,6 +645,21 @@ def run(cfg: Any) -> dict[str, Any]:
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
+def high_frequency_share(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Per image ``[B]``: the share of its power (mean removed per channel, ``|FFT2|^2`` summed over channels) at
+    frequencies an ``resolution`` x ``resolution`` image cannot hold, ``max(|k_x|, |k_y|) > resolution / 2`` cycles per
+    image (beyond the teacher's Nyquist frequency): 0 for a teacher sample upsampled by an ideal filter."""
+    size = x.shape[-1]
+    k = torch.fft.fftfreq(size, d=1.0 / size).abs()
+    high = torch.maximum(k[:, None], k[None, :]) > resolution / 2
+    power = torch.fft.fft2(x.double() - x.double().mean((-2, -1), keepdim=True), norm="ortho").abs().pow(2).sum(1)
+    return (power * high).flatten(1).sum(1) / power.flatten(1).sum(1).clamp_min(1e-30)
+
+
+def _mean_se(v: torch.Tensor) -> tuple[float, float]:
+    return float(v.mean()), float(v.std() / math.sqrt(len(v)))
+
+
 def judge_at(mcfg: Any, resolution: int, **kw: Any) -> Any:
     """The patches judge at ``resolution``: real training-region crops (seed 1) and the held-out set at that size,
     samples and real images alike resized bicubically to the feature nets' 32x32 (``judge.feature_maps``)."""
@@ -637,12 +675,16 @@ def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], 
     rows = []
     seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.n)))
     judges = {r: judge_at(cfg.model, r) for r in res}
+    shares: dict[str, torch.Tensor] = {}
     for path, table_path, r in zip(generators, tables, res):
         gen = load_denoiser(path)
         table = SolverTable.load(table_path, fingerprint=gen.fingerprint())
         out = evaluate(gen, table, judge=judges[r], shape=gen.shape, seeds=seeds, batch_size=int(cfg.eval_batch_size))
-        write_png_grid(out.pop("samples")[:64].clamp(-1, 1), os.path.join(out_dir, f"grid-pagoda{r}.png"), scale=max(1, 128 // r))
-        rows.append({"method": f"pagoda{r}", "model": str(cfg.model.name), "resolution": r, **out})
+        x = out.pop("samples")
+        shares[f"pagoda{r}"] = high_frequency_share(x.clamp(-1, 1), res[0])
+        write_png_grid(x[:64].clamp(-1, 1), os.path.join(out_dir, f"grid-pagoda{r}.png"), scale=max(1, 128 // r))
+        hf, hf_se = _mean_se(shares[f"pagoda{r}"])
+        rows.append({"method": f"pagoda{r}", "model": str(cfg.model.name), "resolution": r, **out, "hf_share": hf, "hf_share_se": hf_se})
     top = res[len(rows) - 1]
     if top > res[0]:
         teacher = load_model(cfg.model, "cpu")
@@ -652,8 +694,14 @@ def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], 
         low = draw(table, teacher.denoiser, teacher.shape, seeds, teacher.dtype, batch_size=int(cfg.eval_batch_size))
         up = F.interpolate(low.clamp(-1, 1), size=top, mode="bicubic", align_corners=False)
         seconds = time.perf_counter() - t0
+        share = high_frequency_share(up, res[0])
         base = {"method": f"{cfg.model.name}-{cfg.baseline_solver}@{cfg.baseline_nfe}-bicubic{top}", "model": str(cfg.model.name),
-                "resolution": top, "nfe": table.nfe, "ref_rmse": None, **judges[top].score(up), "seconds": seconds}
+                "resolution": top, "nfe": table.nfe, "ref_rmse": None, **judges[top].score(up), "seconds": seconds,
+                **dict(zip(("hf_share", "hf_share_se"), _mean_se(share)))}
+        real = high_frequency_share(judges[top].real["train"], res[0])  # the real crops FD compares with
+        for row in (rows[-1], base):
+            row["hf_share_real"], row["hf_share_real_se"] = _mean_se(real)
+        rows[-1]["dhf_share_vs_upsampled"], rows[-1]["dhf_share_vs_upsampled_se"] = _mean_se(shares[f"pagoda{top}"] - share)
         write_png_grid(up[:64].clamp(-1, 1), os.path.join(out_dir, f"grid-upsampled{top}.png"), scale=max(1, 128 // top))
         keys = [k for k in base if k.startswith(("fd_", "kid_")) and "_se_" not in k and not k.startswith(("fd_se", "kid_se"))]
         add_paired_columns([rows[-1], base], base, keys, tag="vs_upsampled")
@@ -665,5 +713,9 @@ def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], 
     for key in paired_keys:
         diff, se = rows[-2][f"d{key}_vs_upsampled"], rows[-2][f"d{key}_vs_upsampled_se"]
         print(f"  {rows[-2]['method']} - {rows[-1]['method']}: {key} {diff:+.4g} ± {se:.2g} -> {verdict(diff, se)}")
+    if top > res[0]:
+        print(f"  power beyond the {res[0]}x{res[0]} Nyquist frequency (share, ± se): " + ", ".join(
+            f"{r['method']} {r['hf_share']:.4f} ± {r['hf_share_se']:.4f}" for r in rows[-2:])
+            + f", real patches {rows[-1]['hf_share_real']:.4f} ± {rows[-1]['hf_share_real_se']:.4f}")
     write_results(rows, out_dir, cfg)
     return rows
