@@ -112,6 +112,14 @@ def test_native_grid_of_a_diffusers_folder_is_uniform_in_training_time() -> None
         oss.teacher_grid(2000, float(native[0]), float(native[-1]), native)
 
 
+def test_native_grid_of_a_flow_pipeline_folder_is_its_training_times() -> None:
+    """A saved SD3 pipeline (transformer, no unet) reads scheduler/scheduler_config.json: with shift 1 the flow times
+    t = i / 1000 are EDM sigmas t / (1 - t), i = 1 .. 999 (t = 1 has none)."""
+    native = oss.native_sigmas(OmegaConf.create({"kind": "diffusers", "path": str(REPO / "checkpoints" / "sd3-tiny")}))
+    t = np.arange(1, 1000) / 1000
+    np.testing.assert_allclose(native, t / (1 - t), rtol=1e-4)
+
+
 @pytest.mark.parametrize("args, message", [
     (["teacher_grid=uniform"], "teacher_grid must be one of native, karras"),
     (["nfe=8", "teacher_steps=5"], "nfe must not exceed teacher_steps=5"),
