@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from optimize.base import repo_relative
 from optimize.methods import pagoda
@@ -39,10 +40,14 @@ from samplers.nets import load_denoiser, read_net_header
 
 REPO = Path(__file__).resolve().parents[1]
 RES = [8, 16, 32]
-CANDIDATE_NOTES = {"pool": "d_downsample=pool (the first runs' D), d_lr 1e-3; 1 thread beside another job", "strided": "d_downsample=strided, d_lr 1e-3",
-                   "strided-dlr2e-4": "d_downsample=strided, d_lr 2e-4",
-                   "strided-dlr2e-4-x2": "as strided-dlr2e-4, base_steps 10,000, steps 3,000",
-                   "strided-dlr2e-4-x4": "as strided-dlr2e-4, base_steps 20,000, steps 4,000"}
+FIRST = "features-patches + pixel L2 loss, d_steps 1"  # the first runs' reconstruction loss and D schedule
+CANDIDATE_NOTES = {"pool": f"{FIRST}; d_downsample=pool (the first runs' D), d_lr 1e-3; 5,000 + 1,500 steps; 1 thread beside another job",
+                   "strided": f"{FIRST}; d_downsample=strided, d_lr 1e-3; 5,000 + 1,500 steps",
+                   "strided-dlr2e-4": f"{FIRST}; d_downsample=strided, d_lr 2e-4; 5,000 + 1,500 steps",
+                   "strided-dlr2e-4-x2": f"{FIRST}; as strided-dlr2e-4, base_steps 10,000, steps 3,000",
+                   "strided-dlr2e-4-x4": f"{FIRST}; as strided-dlr2e-4, base_steps 20,000, steps 4,000",
+                   "pixel-freq": "rec_features=null (no judge net): pixel L2 + amplitude-spectrum L1 (freq_weight 1); d_steps 2; "
+                                 "strided D, d_lr 2e-4; base_steps 10,000, steps 2,000 (the defaults now)"}
 DOCS, PAGE = REPO / "docs" / "results" / "pagoda", REPO / "docs" / "results-pagoda.md"
 PATCHES_CSV = REPO / "docs" / "results" / "patches" / "results.csv"
 KEYS = [("fd_train_main", "FD train"), ("fd_heldout_main", "FD held-out"), ("fd_train_b", "FD-b train"),
@@ -59,15 +64,22 @@ def train(run: Path, overrides: list[str]) -> None:
     pagoda.run(cfg)
 
 
+def uses_judge(run: Path) -> bool:
+    """Whether the run's reconstruction loss used a feature net (the `main` judge's, the only one it can take)."""
+    return read_net_header(str(run / "pagoda-patches32.safetensors"))[1].get("rec_features") is not None
+
+
 def select(cfg: Any, candidates: dict[str, Path], n_select: int) -> tuple[str, dict[str, float]]:
     """The candidate run whose 32x32 generator ``optimize.recipes.selection_scores`` picks (FD train, main features, on
-    the selection seeds against the training-region crops)."""
+    the selection seeds against the training-region crops), among the runs whose loss uses no judge net when there are
+    any: a run that trained on the main net's features would be picked by a score it was trained for."""
     jobs = []
     for label, run in candidates.items():
         gen = load_denoiser(str(run / "pagoda-patches32.safetensors"))
         jobs.append((label, gen, SolverTable.load(str(run / "pagoda-patches32-1nfe.safetensors"), fingerprint=gen.fingerprint())))
     scores = selection_scores(pagoda.judge_at(cfg.model, RES[-1], n_boot=0), n_select, jobs, jobs[0][1].shape)
-    return min(scores, key=scores.get), scores
+    eligible = [k for k in scores if not uses_judge(candidates[k])] or list(scores)
+    return min(eligible, key=scores.get), scores
 
 
 def variants_section(candidates: dict[str, Path], scores: dict[str, float], chosen: str, n_select: int) -> str:
@@ -79,14 +91,17 @@ def variants_section(candidates: dict[str, Path], scores: dict[str, float], chos
         row = next(r for r in read_results(str(DOCS / "variants" / f"results-{label}.csv")) if int(r["resolution"]) == RES[-1] and r["method"].startswith("pagoda"))
         d, se = row.get("dfd_train_b_vs_upsampled"), row.get("dfd_train_b_vs_upsampled_se")
         _, gmeta = read_net_header(str(DOCS / "variants" / f"{label}-pagoda-patches32.safetensors"))
-        lines.append(f"| {label}{' (chosen)' if label == chosen else ''} | {CANDIDATE_NOTES.get(label, '')} | "
+        tag = " (chosen)" if label == chosen else " (its loss uses the main net)" if uses_judge(run) else ""
+        lines.append(f"| {label}{tag} | {CANDIDATE_NOTES.get(label, '')} | "
                      f"{float(gmeta.get('train_seconds', float('nan'))) / 60:.1f} min"
                      + (f" on {gmeta['threads']} thread(s)" if "threads" in gmeta else "") + f" | {scores[label]:.3g} | "
                      + " | ".join(_pm(row, k) for k in ("fd_train_main", "fd_heldout_main", "fd_train_b", "fd_heldout_b"))
                      + f" | {d:+.3g} ± {se:.2g} ({verdict(d, se)}) |")
-    return (f"\n## Variants\n\n{len(candidates)} runs that differ in the discriminator or in their step counts (every other "
-            f"setting the default), their settings picked by FD train "
-            f"(main features) on {n_select:,} selection seeds ({VAL_SEED_OFFSET:,}..), never on the evaluation seeds; the "
+    return (f"\n## Variants\n\n{len(candidates)} runs that differ in the reconstruction loss, the discriminator or their step counts (settings "
+            f"in the table), the reported one picked by FD train "
+            f"(main features) on {n_select:,} selection seeds ({VAL_SEED_OFFSET:,}..), never on the evaluation seeds, among "
+            f"the runs whose loss uses no judge net (a run whose loss used the main net's features is scored by what it "
+            f"trained for); the "
             f"evaluation columns are the runs' own final evaluations (seeds 0..1999; docs/results/pagoda/variants/results-<run>.csv, "
             f"the runs' 32x32 generators beside them). Grids: "
             + ", ".join(f"[{label}](results/pagoda/variants/grid-{label}.png)" for label in candidates) + ".\n\n"
@@ -95,8 +110,6 @@ def variants_section(candidates: dict[str, Path], scores: dict[str, float], chos
 
 def run_threads(run: Path) -> Any:
     """num_threads of the run (its Hydra config), for generators written before the metadata recorded it."""
-    from omegaconf import OmegaConf
-
     path = run / ".hydra" / "config.yaml"
     return OmegaConf.load(path).get("num_threads") if path.is_file() else "?"
 
@@ -150,9 +163,7 @@ defaults of `conf/method/pagoda.yaml`.
 - Generator: the teacher U-Net called once at sigma_max (raw output) plus two x2 stages (32 and 16 channels); base
   {meta['base_steps']:,} steps, then {meta['steps']:,} per grown stage, batch {meta['batch_size']}; training {t:.0f} s
   ({t / 60:.1f} min) on {meta['threads']} (training time of all stages, the latents not included).
-- Reconstruction loss: normalised activations of the six convolutions of the first patch feature net
-  (`features-patches`, inputs resized to 32x32) plus pixel L2. That net is also the `main` judge below, so FD/KID
-  `main` may flatter PaGoDA; the `b` net (`features-patches-b`, another architecture and task) never trained anything.
+- {meta['rec']}
 - Scores: 2,000 samples (seeds 0..1999), ± one standard error counting both sets' sampling; each stage against the real
   sets at its own resolution (both resized bicubically to 32x32 for the feature nets). KID x 1e3.
 
@@ -175,6 +186,7 @@ nets, another generator, so not paired):
 
 {table([{**conv, 'resolution': 32, 'method': '32x32 teacher dpmpp_2m@50 (converged)'}, {**best4, 'resolution': 32, 'method': f"32x32 teacher {best4['method']}@4 (best classic at 4)"}])}
 
+{spectral_section(top, base)}
 ## Goals
 
 - PaGoDA at 32x32 beats the upsampled 8x8 teacher beyond the uncertainty (FD train on both nets): **{'met' if main_goal else 'not met'}**
@@ -199,6 +211,30 @@ nets, another generator, so not paired):
 Stage boundaries are dotted. Per stage (means over its steps): {curves}
 """
     return text
+
+
+def rec_description(gmeta: dict[str, Any]) -> str:
+    """The reconstruction loss and discriminator schedule of the reported run, from its generator's metadata."""
+    rec = gmeta.get("rec_features")
+    pixel, freq, d_steps = float(gmeta.get("pixel_weight", 1.0)), float(gmeta.get("freq_weight", 0.0)), int(gmeta.get("d_steps", 1))
+    parts = ([f"normalised activations of the six convolutions of `{Path(str(rec)).name}` (inputs resized to 32x32)"] if rec else []) \
+        + ([f"pixel L2 (x {pixel:g})"] if pixel else []) + ([f"amplitude-spectrum L1 (x {freq:g}, phase-free)"] if freq else [])
+    judge = ("That net is also the `main` judge below, so FD/KID `main` may flatter PaGoDA; the `b` net "
+             "(`features-patches-b`, another architecture and task) never trained anything." if rec else
+             "Neither judge net (`main`, `b`) is used by any loss: both FDs below are independent of the training.")
+    return (f"Reconstruction loss: {' + '.join(parts)}. {judge} Discriminator: {d_steps} update(s) per generator update.")
+
+
+def spectral_section(top: dict[str, Any], base: dict[str, Any]) -> str:
+    """Share of power beyond the 8x8 Nyquist frequency (``pagoda.high_frequency_share``), when the run measured it."""
+    if top.get("hf_share") is None or base.get("hf_share") is None:
+        return ""
+    d, se = top["dhf_share_vs_upsampled"], top["dhf_share_vs_upsampled_se"]
+    return (f"Share of each image's power (mean removed) at frequencies an 8x8 image cannot hold (max(|k_x|, |k_y|) > 4 "
+            f"cycles per image), mean ± se over the samples: PaGoDA 32x32 **{top['hf_share']:.4f} ± {top['hf_share_se']:.4f}**, "
+            f"the upsampled teacher {base['hf_share']:.4f} ± {base['hf_share_se']:.4f} (paired difference {d:+.4f} ± {se:.4f}), "
+            f"real 32x32 patches {top['hf_share_real']:.4f} ± {top['hf_share_real_se']:.4f}. The detail PaGoDA exists to add "
+            "is this power: closer to the real share is better.\n")
 
 
 def curve_summary(path: Path) -> str:
@@ -274,11 +310,14 @@ def main() -> None:
         if (run / name).is_file():
             shutil.copy(run / name, DOCS / name)
     config, gmeta = read_net_header(str(gens[-1]))
+    hydra = run / ".hydra" / "config.yaml"  # the run's own settings (the defaults for a run made by train() here)
+    trained = OmegaConf.load(hydra) if hydra.is_file() else cfg
     data = gmeta.get("data", {})
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "train_seconds": float(gmeta.get("train_seconds", float("nan"))), "data_seconds": float(data.get("seconds", float("nan"))),
-            "n_pairs": 2 * int(data.get("n_data", 0)), "base_steps": int(cfg.base_steps), "steps": int(cfg.steps),
-            "batch_size": int(cfg.batch_size), "threads": f"{gmeta.get('threads', run_threads(run))} thread(s)"}
+            "n_pairs": 2 * int(data.get("n_data", 0)), "base_steps": int(trained.base_steps), "steps": int(trained.steps),
+            "batch_size": int(trained.batch_size), "threads": f"{gmeta.get('threads', run_threads(run))} thread(s)",
+            "rec": rec_description(gmeta)}
     teacher32 = read_results(str(PATCHES_CSV))
     PAGE.write_text(markdown(rows, teacher32, meta) + variants + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))
     print(PAGE)

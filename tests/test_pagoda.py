@@ -245,8 +245,8 @@ def test_command_exports_every_resolution_served_by_samplers_generate(tiny_teach
     for key in ("fd_train_main", "fd_heldout_b", "kid_train_b"):  # both feature nets, paired with the upsampled teacher
         assert rows["pagoda16"][f"d{key}_vs_upsampled"] == pytest.approx(rows["pagoda16"][key] - rows["patches8-dpmpp_2m@3-bicubic16"][key])
     assert (run / "grid-pagoda16.png").is_file() and (run / "grid-upsampled16.png").is_file()
-    # resumed from the checkpoint after 3 of the 4 steps (2 optimiser steps each), it ends with the same weights
-    main(["pagoda", *_fast(tiny_teacher, tmp_path), "steps=2", f"resume={run / 'lightning' / 'step-000006.ckpt'}",
+    # resumed from the checkpoint after 3 of the 4 steps (3 optimiser steps each: G and d_steps=2 D), it ends with the same weights
+    main(["pagoda", *_fast(tiny_teacher, tmp_path), "steps=2", f"resume={run / 'lightning' / 'step-000009.ckpt'}",
           f"hydra.run.dir={again}"])
     assert len(list((tmp_path / "cache").glob("pagoda-*.safetensors"))) == 1
     a, b = (load_file(str(d / "pagoda-patches16.safetensors")) for d in (run, again))
@@ -292,7 +292,7 @@ def test_discriminator_shapes_and_one_logit_per_image(downsample: str) -> None:
     (["d_downsample=max"], r"d_downsample must be one of strided, pool, got 'max'"),
     (["d_steps=0"], r"d_steps must be"),
     (["freq_weight=-1"], r"freq_weight"),
-    (["rec_features=null", "pixel_weight=0"], r"leave no reconstruction loss"),
+    (["rec_features=null", "pixel_weight=0", "freq_weight=0"], r"leave no reconstruction loss"),
 ])
 def test_bad_config_is_one_error_line(args: list[str], message: str, tiny_teacher: Path, cli_error) -> None:
     import re

@@ -709,7 +709,8 @@ def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], 
     for r in dict.fromkeys(row["resolution"] for row in rows):  # one table per resolution (one judge each)
         print(f"at {r}x{r}:\n" + format_table([row for row in rows if row["resolution"] == r]))
 
-    paired_keys = [k[1:-len("_vs_upsampled")] for k in rows[-2] if k.endswith("_vs_upsampled")] if top > res[0] else []
+    paired_keys = [k[1:-len("_vs_upsampled")] for k in rows[-2] if k.endswith("_vs_upsampled") and k.startswith(("dfd_", "dkid_"))] \
+        if top > res[0] else []  # lower is better for these; the power share is printed below
     for key in paired_keys:
         diff, se = rows[-2][f"d{key}_vs_upsampled"], rows[-2][f"d{key}_vs_upsampled_se"]
         print(f"  {rows[-2]['method']} - {rows[-1]['method']}: {key} {diff:+.4g} ± {se:.2g} -> {verdict(diff, se)}")
