@@ -102,10 +102,12 @@ class DiffusersSpec:
 
 
 def diffusers_folders(root: Path) -> tuple[Path, Path]:
-    """(UNet folder, scheduler folder): ``root/unet`` + ``root/scheduler`` (a saved pipeline), or ``root`` for both."""
+    """(UNet folder, scheduler folder): ``root/unet`` + ``root/scheduler`` (a saved pipeline), or ``root`` for both (a
+    bare UNet2DModel folder); a saved pipeline without a UNet (SD3's transformer) still has ``root/scheduler``."""
     if (root / "unet" / "config.json").is_file():
         return root / "unet", root / "scheduler"
-    return root, root
+    sched = root / "scheduler"
+    return root, sched if (sched / "scheduler_config.json").is_file() else root
 
 
 def _read_json(path: Path) -> dict:

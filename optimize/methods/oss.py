@@ -59,9 +59,7 @@ def native_sigmas(mcfg: Any) -> np.ndarray | None:
     if str(mcfg.get("kind", "")) != "diffusers" or not mcfg.get("path"):
         return None
     root = Path(str(resolve_path(str(mcfg.path))))
-    sched = root / "scheduler"  # a saved pipeline (U-Net or transformer), else a UNet2DModel folder
-    if not (sched / "scheduler_config.json").is_file():
-        sched = diffusers_folders(root)[1]
+    _, sched = diffusers_folders(root)
     config = json.loads((sched / "scheduler_config.json").read_text())
     if is_flow_config(config):
         return flow_sigmas_of(config).numpy()
