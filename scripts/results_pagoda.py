@@ -108,12 +108,6 @@ def variants_section(candidates: dict[str, Path], scores: dict[str, float], chos
             + "\n".join(lines) + "\n")
 
 
-def run_threads(run: Path) -> Any:
-    """num_threads of the run (its Hydra config), for generators written before the metadata recorded it."""
-    path = run / ".hydra" / "config.yaml"
-    return OmegaConf.load(path).get("num_threads") if path.is_file() else "?"
-
-
 def _pm(r: dict[str, Any], key: str) -> str:
     v, se = r.get(key), r.get(key.replace("fd_", "fd_se_", 1).replace("kid_", "kid_se_", 1))
     if v is None:
@@ -316,7 +310,7 @@ def main() -> None:
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "train_seconds": float(gmeta.get("train_seconds", float("nan"))), "data_seconds": float(data.get("seconds", float("nan"))),
             "n_pairs": 2 * int(data.get("n_data", 0)), "base_steps": int(trained.base_steps), "steps": int(trained.steps),
-            "batch_size": int(trained.batch_size), "threads": f"{gmeta.get('threads', run_threads(run))} thread(s)",
+            "batch_size": int(trained.batch_size), "threads": f"{gmeta.get('threads', trained.get('num_threads') if hydra.is_file() else '?')} thread(s)",
             "rec": rec_description(gmeta)}
     teacher32 = read_results(str(PATCHES_CSV))
     PAGE.write_text(markdown(rows, teacher32, meta) + variants + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))

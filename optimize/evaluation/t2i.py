@@ -154,8 +154,7 @@ def reference_images(pipe: Any, name: str, prompts: list[str], latents: torch.Te
     n = len(prompts)
     path = Path(cache) / f"{name}-w{guidance:g}-n{n}-steps{REFERENCE_STEPS}.safetensors"
     hashes = torch.tensor([prompt_hash(p) for p in prompts])
-    longer = sorted(Path(cache).glob(f"{name}-w{guidance:g}-n*-steps{REFERENCE_STEPS}.safetensors")) if Path(cache).is_dir() else []
-    for found in [path] * path.is_file() + longer:
+    for found in sorted(Path(cache).glob(f"{name}-w{guidance:g}-n*-steps{REFERENCE_STEPS}.safetensors")):  # this n and longer
         got = load_file(str(found))
         if len(got["latents"]) >= n and torch.equal(got["latents"][:n], latents) and torch.equal(got["prompts"][:n], hashes):
             return got["images"][:n]

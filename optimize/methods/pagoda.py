@@ -675,15 +675,14 @@ def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], 
     rows = []
     seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.n)))
     judges = {r: judge_at(cfg.model, r) for r in res}
-    shares: dict[str, torch.Tensor] = {}
     for path, table_path, r in zip(generators, tables, res):
         gen = load_denoiser(path)
         table = SolverTable.load(table_path, fingerprint=gen.fingerprint())
         out = evaluate(gen, table, judge=judges[r], shape=gen.shape, seeds=seeds, batch_size=int(cfg.eval_batch_size))
         x = out.pop("samples")
-        shares[f"pagoda{r}"] = high_frequency_share(x.clamp(-1, 1), res[0])
+        gen_share = high_frequency_share(x.clamp(-1, 1), res[0])  # the last (top) stage's is paired below
         write_png_grid(x[:64].clamp(-1, 1), os.path.join(out_dir, f"grid-pagoda{r}.png"), scale=max(1, 128 // r))
-        hf, hf_se = _mean_se(shares[f"pagoda{r}"])
+        hf, hf_se = _mean_se(gen_share)
         rows.append({"method": f"pagoda{r}", "model": str(cfg.model.name), "resolution": r, **out, "hf_share": hf, "hf_share_se": hf_se})
     top = res[len(rows) - 1]
     if top > res[0]:
@@ -701,7 +700,7 @@ def evaluate_stages(cfg: Any, generators: Sequence[str], tables: Sequence[str], 
         real = high_frequency_share(judges[top].real["train"], res[0])  # the real crops FD compares with
         for row in (rows[-1], base):
             row["hf_share_real"], row["hf_share_real_se"] = _mean_se(real)
-        rows[-1]["dhf_share_vs_upsampled"], rows[-1]["dhf_share_vs_upsampled_se"] = _mean_se(shares[f"pagoda{top}"] - share)
+        rows[-1]["dhf_share_vs_upsampled"], rows[-1]["dhf_share_vs_upsampled_se"] = _mean_se(gen_share - share)
         write_png_grid(up[:64].clamp(-1, 1), os.path.join(out_dir, f"grid-upsampled{top}.png"), scale=max(1, 128 // top))
         keys = [k for k in base if k.startswith(("fd_", "kid_")) and "_se_" not in k and not k.startswith(("fd_se", "kid_se"))]
         add_paired_columns([rows[-1], base], base, keys, tag="vs_upsampled")
