@@ -39,6 +39,23 @@ def test_every_stock_peer_spends_exactly_its_nfe(pipes, kind: str, nfe: int) -> 
         assert x.shape[0] == 2 and bool(torch.isfinite(x).all()) and float(x.abs().max()) <= 1.0
 
 
+def test_ddim_peers_do_not_clip_the_predicted_latents(pipes) -> None:
+    """Both DDIM peers predict x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) unclipped, as SD 1.5's config (clip_sample
+    false) makes them: DDIM's default clips x0 to [-1, 1], which on latents far outside it ruins every sample."""
+    peers = t2i.stock_schedulers(pipes["sd"])
+    g = torch.Generator().manual_seed(1)
+    x, eps = 5 * torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+    for label in ("DDIM", "DDIM trailing"):
+        sched, call = peers[label](4)
+        sched.set_timesteps(call["num_inference_steps"])
+        t = int(sched.timesteps[1])
+        abar = sched.alphas_cumprod[t].double()
+        x0 = sched.step(eps, t, x).pred_original_sample.double()
+        expected = (x.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()
+        assert float(expected.abs().max()) > 2, label
+        torch.testing.assert_close(x0, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_align_your_steps_at_ten_is_the_published_list() -> None:
     """At 10 steps on SD's betas the AYS timesteps are diffusers' AysSchedules["StableDiffusionTimesteps"]; other step
     counts interpolate log-linearly (ComfyUI) and keep the end points."""

@@ -89,13 +89,16 @@ def stock_schedulers(pipe: Any) -> dict[str, Callable[[int], tuple[Any, dict[str
         def plain(cls: Any, **kw: Any) -> Callable[[int], tuple[Any, dict[str, Any]]]:
             return lambda nfe: (cls.from_config(config, **kw), {"num_inference_steps": nfe})
 
+        # DDIM's own default clip_sample=True clips the predicted x0 to [-1, 1], which on latents ruins the sample;
+        # SD 1.5's scheduler_config.json sets clip_sample false, so a user's DDIM does not clip (a config that omits
+        # the key, as the tiny teacher's PNDM config does, must not change that)
         return {
             "DPM++2M": plain(d.DPMSolverMultistepScheduler),
             "DPM++2M Karras": plain(d.DPMSolverMultistepScheduler, use_karras_sigmas=True),
             "UniPC": plain(d.UniPCMultistepScheduler),
             "Euler": plain(d.EulerDiscreteScheduler),
-            "DDIM": plain(d.DDIMScheduler),
-            "DDIM trailing": plain(d.DDIMScheduler, timestep_spacing="trailing"),  # starts at t = 999 (Lin et al. 2024)
+            "DDIM": plain(d.DDIMScheduler, clip_sample=False),
+            "DDIM trailing": plain(d.DDIMScheduler, clip_sample=False, timestep_spacing="trailing"),  # from t = 999 (Lin et al.)
             "PNDM": lambda nfe: (d.PNDMScheduler.from_config(config, skip_prk_steps=True), {"num_inference_steps": nfe - 1}),
             "AYS (DPM++2M)": lambda nfe: (d.DPMSolverMultistepScheduler.from_config(config),
                                           {"timesteps": ays_timesteps(nfe, config)}),
