@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,8 +13,11 @@ from omegaconf import OmegaConf
 from optimize.cli import main
 from optimize.data.models import load_model
 from optimize.recipes import match_scores
-from optimize.training.distill import teacher_targets
+from optimize.data.models import native_sigmas
+from optimize.training.distill import GAP_WARN, teacher_gap, teacher_native, teacher_table, teacher_targets
 from samplers import SolverTable, baselines, make_noise, sample
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_best_is_a_method_with_its_own_keys(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,6 +32,12 @@ def test_best_is_a_method_with_its_own_keys(capsys: pytest.CaptureFixture[str]) 
     (["best", "model=gmm", "ld3_bases=[]"], "ld3_bases must name at least one solver"),
     (["best", "model=gmm", "compare=[ipndm:sideways]"], "the end convention after ':'"),
     (["best", "model=edm", "model.data=null"], "best learns against reference data"),
+    (["best", "model=gmm", "teacher_grid=cubic"], "teacher: teacher_grid must be one of karras, native, got 'cubic'"),
+    (["best", "model=gmm", "teacher_solver=heun", "teacher_nfe=20"], "teacher: heun needs an odd NFE"),
+    (["ld3", "model=gmm", "teacher_grid=cubic"], "teacher: teacher_grid must be one of karras, native"),
+    (["ddss", "model=gmm", "loss=match", "teacher_grid=cubic"], "teacher: teacher_grid must be one of karras, native"),
+    (["ld3", "model=sd3-tiny", "teacher_grid=native", "teacher_nfe=1200"],
+     "teacher: 1201 grid points exceed the 999 training times of the model"),
 ])
 def test_bad_best_settings_are_one_error_line(cli_error, argv: list[str], needle: str) -> None:
     assert needle in cli_error(argv)
@@ -39,7 +49,7 @@ def test_best_runs_the_chain_and_picks_on_the_selection_seeds(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     main(["best", "model=gmm", "nfe=3", "n=200", "n_select=200", "ddss_steps=20", "hydra.run.dir=run"])
     picked = SolverTable.load(str(tmp_path / "run" / "gmm-best-nfe3.safetensors"))
-    assert picked.metadata["selected"] in ("iia(ld3)", "ddss(ld3)")
+    assert picked.metadata["selected"] in ("ld3", "iia(ld3)", "ddss(ld3)")  # the start is a candidate too
     scores = picked.metadata["selected_from"]
     assert scores[picked.metadata["selected"]] == min(scores.values())
     assert {p.name for p in (tmp_path / "run" / "tables").glob("*.safetensors")} == {
@@ -79,17 +89,20 @@ def test_best_from_the_teacher_alone_needs_no_data(tmp_path: Path, monkeypatch: 
     OSS's search (start=oss, the text-to-image recipe)."""
     monkeypatch.chdir(tmp_path)
     main(["best", "model=gmm", "model.data=null", "nfe=3", "n=200", "n_select=100", "ddss_steps=20", "ddss_loss=match",
-          "select_by=match", "start=oss", "hydra.run.dir=run"])
+          "select_by=match", "start=oss", "teacher_solver=dpmpp_2m", "teacher_nfe=12", "hydra.run.dir=run"])
     assert {p.name for p in (tmp_path / "run" / "tables").glob("*.safetensors")} == {
         "oss-nfe3.safetensors", "iia-oss-nfe3.safetensors", "ddss-match-nfe3.safetensors"}
     picked = SolverTable.load(str(tmp_path / "run" / "gmm-best-nfe3.safetensors"))
-    assert picked.metadata["selected"] in ("iia(oss)", "ddss(oss)")
+    assert picked.metadata["selected"] in ("oss", "iia(oss)", "ddss(oss)")
     start = picked.metadata["chain_start"]  # the shipped file says what the chain started from and what it cost
     assert start["method"] == "oss" and start["oss"]["teacher_steps"] == 200 and picked.metadata["n_select"] == 100
     assert picked.metadata["chain_fit_seconds"] >= start["fit_seconds"] > 0
     scores = picked.metadata["selected_from"]
     assert scores[picked.metadata["selected"]] == min(scores.values())
-    assert picked.metadata["selection"].startswith("teacher match (unipc@20")
+    assert picked.metadata["selection"].startswith("teacher match (dpmpp_2m@12 on karras")
+    # DDSS matched the same teacher as the selection (best passes its teacher keys on)
+    overrides = (tmp_path / "run" / "runs" / "ddss-match-nfe3" / ".hydra" / "overrides.yaml").read_text()
+    assert "teacher_solver=dpmpp_2m" in overrides and "teacher_nfe=12" in overrides and "teacher_grid=karras" in overrides
 
 
 def test_oss_start_is_one_search_for_the_missing_nfe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,3 +127,50 @@ def test_oss_start_is_one_search_for_the_missing_nfe(tmp_path: Path, monkeypatch
     assert {n: p.read_text() for n, p in got.items()} == {4: "oss 4", 5: "kept", 8: "oss 8"}
     recipes.fit_oss("toy", [4, 5, 8], tables, (), tmp_path / "runs")
     assert len(calls) == 1
+
+
+def test_native_teacher_steps_on_the_flow_models_training_times() -> None:
+    """teacher_grid=native on sd3-tiny (shift 1, flow times t = i / 1000): Euler@50 evaluates at 50 training times
+    spaced uniformly from t = 0.999 (sigma 999) and lands unevaluated on t = 0.001, the grid of a stock 50-step
+    FlowMatchEuler solve; Karras (rho 7) over the same range spends half its steps above sigma 19 (t > 0.95)."""
+    native = native_sigmas(OmegaConf.create({"kind": "diffusers", "path": str(REPO / "checkpoints" / "sd3-tiny")}))
+    lo, hi = float(native[0]), float(native[-1])
+    table = teacher_table("euler", 50, lo, hi, native)
+    t = (table.sigmas / (1 + table.sigmas)).numpy()
+    assert len(t) == 50 and t[0] == pytest.approx(0.999) and table.metadata["step_sigmas"][-1] == pytest.approx(lo)
+    steps = -np.diff(np.concatenate([t, [0.001]])) * 1000
+    assert np.all(np.abs(steps - 998 / 50) <= 1.0 + 1e-6)  # uniform in training time, up to the integer grid
+    karras = teacher_table("euler", 50, lo, hi)
+    assert float(karras.sigmas[25]) > 19
+    np.testing.assert_array_equal(teacher_table("euler", 50, lo, hi, native).sigmas, table.sigmas)  # deterministic
+    with pytest.raises(ValueError, match="exceed the 999 training times"):
+        teacher_table("euler", 999, lo, hi, native)
+
+
+def test_native_teacher_falls_back_to_karras_without_training_times() -> None:
+    """teacher_grid=native on a model without a scheduler (the analytic mixture) is Karras, as for OSS."""
+    cfg = OmegaConf.create({"teacher_grid": "native", "model": {"kind": "gmm", "path": None}})
+    assert teacher_native(cfg) is None
+    native = teacher_table("unipc", 20, 0.002, 80.0, teacher_native(cfg))
+    np.testing.assert_array_equal(native.sigmas, baselines.build("unipc", 20, end="sigma_min").sigmas)
+
+
+def test_teacher_gap_of_a_converged_and_an_unconverged_teacher() -> None:
+    """best's convergence check on the analytic mixture: UniPC@20 on Karras is converged, Euler@3 is not."""
+    gmm = load_model(OmegaConf.load(REPO / "conf" / "model" / "gmm.yaml"))
+    e = make_noise(1, gmm.shape, list(range(8)), dtype=gmm.dtype)[0]
+    assert teacher_gap(gmm.denoiser, e, "unipc", 20, 0.002, 80.0) < 0.03 < GAP_WARN
+    assert teacher_gap(gmm.denoiser, e, "euler", 3, 0.002, 80.0) > GAP_WARN
+
+
+@pytest.mark.slow
+def test_teacher_gap_flags_karras_unipc_on_the_flow_teacher() -> None:
+    """On the sd3-tiny flow teacher UniPC@20 on Karras is far from its 60-NFE solve, euler@50 on the native grid (the
+    stock 50-step FlowMatchEuler solve) close to its 150-NFE one (about a minute on 2 quiet cores)."""
+    mcfg = OmegaConf.load(REPO / "conf" / "model" / "sd3-tiny.yaml")
+    m, native = load_model(mcfg), native_sigmas(mcfg)
+    lo, hi = float(native[0]), float(native[-1])
+    seeds = [2_000_000, 2_000_001]
+    e, cond = make_noise(1, m.shape, seeds, dtype=m.dtype)[0], m.cond_of(seeds)
+    assert teacher_gap(m.denoiser, e, "unipc", 20, lo, hi, cond) > 0.2 > GAP_WARN
+    assert teacher_gap(m.denoiser, e, "euler", 50, lo, hi, cond, native) < GAP_WARN

@@ -14,6 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from optimize.data.models import native_sigmas
 from optimize.methods import oss
 from samplers import baselines, make_noise, sample
 from samplers.denoisers import GaussianMixture
@@ -102,26 +103,26 @@ def test_batch_median_is_cal_medium_and_stays_strictly_decreasing() -> None:
 
 def test_native_grid_of_a_diffusers_folder_is_uniform_in_training_time() -> None:
     mcfg = OmegaConf.create({"kind": "diffusers", "path": str(REPO / "checkpoints" / "sd-tiny")})
-    native = oss.native_sigmas(mcfg)
+    native = native_sigmas(mcfg)
     abar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)
     np.testing.assert_allclose(native, ((1 - abar) / abar).sqrt().numpy(), rtol=1e-4)  # diffusers builds betas in float32
     grid = oss.teacher_grid(100, float(native[0]), float(native[-1]), native)
     assert grid[0] == 0 and grid[1] == native[0] and grid[-1] == native[-1] and len(grid) == 101
-    assert oss.native_sigmas(OmegaConf.create({"kind": "edm", "path": None})) is None
-    with pytest.raises(ValueError, match="exceeds the"):
+    assert native_sigmas(OmegaConf.create({"kind": "edm", "path": None})) is None
+    with pytest.raises(ValueError, match="exceed the 1000 training times"):
         oss.teacher_grid(2000, float(native[0]), float(native[-1]), native)
 
 
 def test_native_grid_of_a_flow_pipeline_folder_is_its_training_times() -> None:
     """A saved SD3 pipeline (transformer, no unet) reads scheduler/scheduler_config.json: with shift 1 the flow times
     t = i / 1000 are EDM sigmas t / (1 - t), i = 1 .. 999 (t = 1 has none)."""
-    native = oss.native_sigmas(OmegaConf.create({"kind": "diffusers", "path": str(REPO / "checkpoints" / "sd3-tiny")}))
+    native = native_sigmas(OmegaConf.create({"kind": "diffusers", "path": str(REPO / "checkpoints" / "sd3-tiny")}))
     t = np.arange(1, 1000) / 1000
     np.testing.assert_allclose(native, t / (1 - t), rtol=1e-4)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["teacher_grid=uniform"], "teacher_grid must be one of native, karras"),
+    (["teacher_grid=uniform"], "teacher_grid must be one of karras, native"),
     (["nfe=8", "teacher_steps=5"], "nfe must not exceed teacher_steps=5"),
     (["teacher_steps=1"], "teacher_steps"),
     (["n_search=0"], "n_search"),

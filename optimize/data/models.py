@@ -22,15 +22,19 @@ timed (a ``note:`` line) and ``model.timeout_s`` (null: no limit) stops a call t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from samplers import models as spec_models
 from samplers import t2i
-from samplers.models import Names, WatchedDenoiser, check_diffusers, check_t2i, check_timeout
+from samplers.models import Names, WatchedDenoiser, check_diffusers, check_t2i, check_timeout, diffusers_folders
+from samplers.schedule_config import alphas_cumprod_of, flow_sigmas_of, is_flow_config
 
 from optimize.base import ConfigError, as_list, resolve_path
 from optimize.data.folder import check_folder
@@ -149,6 +153,20 @@ def check_model_spec(cfg: Any) -> None:
 
 
 # --- diffusers folders ---------------------------------------------------------------------------
+def native_sigmas(mcfg: Any) -> np.ndarray | None:
+    """The EDM sigmas of a diffusers model's training times, increasing (its DDPM betas, or its flow schedule with the
+    shift), or None for a model without a scheduler config."""
+    if str(mcfg.get("kind", "")) != "diffusers" or not mcfg.get("path"):
+        return None
+    root = Path(str(resolve_path(str(mcfg.path))))
+    _, sched = diffusers_folders(root)
+    config = json.loads((sched / "scheduler_config.json").read_text())
+    if is_flow_config(config):
+        return flow_sigmas_of(config).numpy()
+    abar = alphas_cumprod_of(config)
+    return ((1 - abar) / abar).sqrt().numpy()
+
+
 def diffusers_range(m: Any) -> tuple[float, float]:
     """The sigma range of the diffusers model at ``model.path`` (its noise schedule's first and last sigma), after every
     check that needs no net built (``samplers.models.check_diffusers``, as ``python -m samplers generate`` checks it):

@@ -88,7 +88,7 @@ from optimize.evaluation.evaluate import Judge, decoded, evaluate_jobs, load_mod
 from optimize.evaluation.judge import check_features
 from optimize.base.keys import Key, count, rate
 from optimize.base.conds import cond_of_seeds, cond_rows
-from optimize.training.distill import check_teacher, teacher_targets
+from optimize.training.distill import check_teacher, teacher_native, teacher_targets
 from optimize.evaluation.metrics import poly_kernel
 from optimize.evaluation.results import plot_sigmas
 from optimize.training.runs import NaNLossError, TrainingModule, compare_tables, ticks, trainer_parts
@@ -368,7 +368,7 @@ class DDSSModule(TrainingModule):
                  warmup_steps: int = 20, min_lr_ratio: float = 0.05, steps: int = 500, remat: bool = True,
                  val_every: int = 100, n_val: int = 500, monitor: str = "fd_train", seed: int = 0, end: str = "zero",
                  loss: str = "kid", match_weight: float = 1e4, teacher_solver: str = "unipc", teacher_nfe: int = 20,
-                 n_match: int = 1024, match_space: str = "latent"):
+                 n_match: int = 1024, match_space: str = "latent", teacher_grid: str = "karras"):
         super().__init__()
         self.save_hyperparameters()
         if loss not in LOSSES:
@@ -387,13 +387,14 @@ class DDSSModule(TrainingModule):
         self.exported: str | None = None
 
     # outside objects ------------------------------------------------------------------------------
-    def attach(self, model: Any, judge: Any) -> "DDSSModule":
+    def attach(self, model: Any, judge: Any, native: np.ndarray | None = None) -> "DDSSModule":
         """Use ``model`` (an evaluate.Model) and ``judge`` (an evaluate.Judge; None with loss=match monitor=match, which
-        need no data) for sampling, loss and validation."""
+        need no data) for sampling, loss and validation; ``native``: the model's training sigmas (increasing), the
+        grid of the teacher solve with ``teacher_grid=native``."""
         den = model.denoiser
         if isinstance(den, nn.Module):
             den.requires_grad_(False).eval()
-        self._ext = {"model": model}
+        self._ext = {"model": model, "native": native if self.hparams.get("teacher_grid") == "native" else None}
         if "kid" in str(self.hparams.loss) or str(self.hparams.monitor) != "match":
             name = next(iter(judge.features))
             real = judge.real_feats("train", name)
@@ -405,13 +406,13 @@ class DDSSModule(TrainingModule):
         return self
 
     def match_targets(self, model: Any, seeds: Sequence[int]) -> torch.Tensor:
-        """The fine teacher solve (teacher_solver at teacher_nfe) from the unit noise e_0 of each seed, with its cond
-        (decoded by the VAE with ``match_space=decoded``)."""
+        """The fine teacher solve (teacher_solver at teacher_nfe on teacher_grid) from the unit noise e_0 of each seed,
+        with its cond (decoded by the VAE with ``match_space=decoded``)."""
         hp = self.hparams
         e = make_noise(1, model.shape, seeds, dtype=model.dtype)[0]
         y = teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
                             float(hp.sigma_min), float(hp.sigma_max), cond=cond_of_seeds(model.cond_of, seeds, self.device),
-                            seeds=list(seeds))
+                            seeds=list(seeds), native=self._ext.get("native"))
         return self.in_match_space(y)
 
     def in_match_space(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
@@ -433,7 +434,8 @@ class DDSSModule(TrainingModule):
         e = make_noise(1, model.shape, seeds, dtype=model.dtype)[0]
         cond = cond_of_seeds(model.cond_of, seeds, self.device)
         y = teacher_targets(model.denoiser, e.to(self.device), str(hp.teacher_solver), int(hp.teacher_nfe),
-                            float(hp.sigma_min), float(hp.sigma_max), cond=cond, seeds=seeds)
+                            float(hp.sigma_min), float(hp.sigma_max), cond=cond, seeds=seeds,
+                            native=self._ext.get("native"))
         return e, self.in_match_space(y), cond
 
     @property
@@ -697,7 +699,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"batch_size ({cfg.batch_size}) cannot exceed n_match ({cfg.n_match}), the teacher pool it "
                               f"draws from" + (f", shared by {procs} processes." if procs > 1 else "."))
         try:
-            check_teacher(str(cfg.teacher_solver), cfg.teacher_nfe)
+            check_teacher(str(cfg.teacher_solver), cfg.teacher_nfe, float(cfg.sigma_min), float(cfg.sigma_max),
+                          str(cfg.teacher_grid), teacher_native(cfg))
         except ValueError as err:
             raise ConfigError(f"teacher: {err}") from None
     for key in ("steps", "batch_size", "n_val", "n", "eval_batch_size"):
@@ -755,7 +758,7 @@ def build_module(cfg: Any) -> DDSSModule:
         val_every=int(cfg.val_every), n_val=int(cfg.n_val), monitor=str(cfg.monitor), seed=int(cfg.seed),
         end=str(cfg.get("end", "zero")), loss=str(cfg.loss), match_weight=float(cfg.match_weight),
         teacher_solver=str(cfg.teacher_solver), teacher_nfe=int(cfg.teacher_nfe), n_match=int(cfg.n_match),
-        match_space=str(cfg.get("match_space", "latent")))
+        match_space=str(cfg.get("match_space", "latent")), teacher_grid=str(cfg.teacher_grid))
 
 
 def _check_resume_matches(resume: Any, out_dir: str, module: DDSSModule) -> str | None:
@@ -785,7 +788,7 @@ def run(cfg: Any) -> dict[str, Any]:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
-    module = build_module(cfg).attach(model, judge if needs_data(cfg) else None)
+    module = build_module(cfg).attach(model, judge if needs_data(cfg) else None, teacher_native(cfg))
     loss_tag = "" if str(cfg.loss) == "kid" else "-" + str(cfg.loss).replace("+", "-")
     module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}{loss_tag}-nfe{int(cfg.nfe)}.safetensors")
     module.export_metadata = {**model.table_metadata(), "run_config": OmegaConf.to_container(cfg, resolve=True)}

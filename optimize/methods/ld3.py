@@ -57,7 +57,7 @@ from optimize.evaluation.evaluate import validate as validate_evaluate
 from optimize.base.keys import Key, count
 from optimize.evaluation.results import plot_sigmas
 from optimize.base.conds import cond_of_seeds, cond_rows
-from optimize.training.distill import check_teacher, teacher_targets
+from optimize.training.distill import check_teacher, teacher_native, teacher_targets
 from optimize.training.runs import NaNLossError, compare_tables
 from optimize.base.seeds import FIT_SEED_OFFSET, seed_range
 
@@ -289,16 +289,17 @@ class LD3Fitter:
 def fit(denoiser: Any, shape: Sequence[int], base: str, nfe: int, *, n_train: int = 50, n_valid: int = 50,
         seed: int = 0, teacher_solver: str = "unipc", teacher_nfe: int = 20, sigma_min: float = 0.002,
         sigma_max: float = 80.0, dtype: torch.dtype = torch.float32, rounds_v1: int = 2, rounds_v2: int = 5,
-        progress: Any = None, cond_of: Callable[[Sequence[int]], Any] | None = None,
+        progress: Any = None, cond_of: Callable[[Sequence[int]], Any] | None = None, native: np.ndarray | None = None,
         **kw: Any) -> tuple[SolverTable, LD3Fitter]:
     """Fit LD3 on the FIT seed range (``n_train`` then ``n_valid`` noises from ``seed``; each noise with its seed's
-    cond ``cond_of(seeds)`` when the model has one, e.g. its prompt); returns (table, fitter)."""
+    cond ``cond_of(seeds)`` when the model has one, e.g. its prompt; ``native``: the teacher steps on the model's
+    training times, ``teacher_table``); returns (table, fitter)."""
     seeds = seed_range(FIT_SEED_OFFSET, int(seed), int(n_train) + int(n_valid))
     e = make_noise(1, shape, seeds, dtype=torch.float64)[0]
     cond = cond_of_seeds(cond_of, seeds)
     t0 = time.perf_counter()
     y = teacher_targets(denoiser, e.to(dtype), teacher_solver, int(teacher_nfe), sigma_min, sigma_max, cond=cond,
-                        seeds=seeds).to(dtype)
+                        seeds=seeds, native=native).to(dtype)
     teacher_seconds = time.perf_counter() - t0
     train, valid = slice(None, n_train), slice(n_train, None)
     fitter = LD3Fitter(denoiser, base, nfe, train=(e[train], y[train], cond_rows(cond, train)),
@@ -308,7 +309,7 @@ def fit(denoiser: Any, shape: Sequence[int], base: str, nfe: int, *, n_train: in
     seconds = time.perf_counter() - t0
     step, _ = fitter.steps.sigmas()
     meta = {"method": f"ld3-{base}", "base_solver": base, "nfe": int(nfe),
-            "ld3": {"teacher": f"{teacher_solver}@{teacher_nfe}", "n_train": int(n_train), "n_valid": int(n_valid),
+            "ld3": {"teacher": f"{teacher_solver}@{teacher_nfe}" + ("" if native is None else " native"), "n_train": int(n_train), "n_valid": int(n_valid),
                     "soft_teacher_bound": fitter.bound, "window": fitter.steps.window, "iterations": fitter.iterations,
                     "best_valid_l2": fitter.best_loss, "teacher_seconds": round(teacher_seconds, 2)},
             "fit_seconds": round(seconds, 2)}
@@ -327,7 +328,8 @@ def validate(cfg: Any) -> None:
     if str(cfg.base) not in BASES:
         raise ConfigError(f"ld3 base must be one of {', '.join(BASES)}, got {cfg.base!r}.")
     try:
-        check_teacher(str(cfg.teacher_solver), cfg.teacher_nfe)
+        check_teacher(str(cfg.teacher_solver), cfg.teacher_nfe, float(cfg.sigma_min), float(cfg.sigma_max),
+                      str(cfg.teacher_grid), teacher_native(cfg))
     except ValueError as err:
         raise ConfigError(f"teacher: {err}") from None
     try:
@@ -356,7 +358,7 @@ def run(cfg: Any) -> list[str]:
     paths, jobs = [], []
     for nfe in as_list(cfg.nfe):
         nfe = int(nfe)
-        print(f"ld3-{base}: nfe {nfe}, {cfg.n_train}+{cfg.n_valid} noises, teacher {cfg.teacher_solver}@{cfg.teacher_nfe}, "
+        print(f"ld3-{base}: nfe {nfe}, {cfg.n_train}+{cfg.n_valid} noises, teacher {cfg.teacher_solver}@{cfg.teacher_nfe} ({cfg.teacher_grid}), "
               f"{cfg.rounds_v1}+{cfg.rounds_v2} rounds", flush=True)
 
         def report(r: int, best: float) -> None:
@@ -368,7 +370,7 @@ def run(cfg: Any) -> list[str]:
                            sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max), dtype=model.dtype,
                            rounds_v1=int(cfg.rounds_v1), rounds_v2=int(cfg.rounds_v2), progress=report,
                            window=float(cfg.window), batch_size=int(cfg.ld3_batch_size), patience=int(cfg.patience),
-                           cond_of=model.cond_of)
+                           cond_of=model.cond_of, native=teacher_native(cfg))
         except NaNLossError as err:
             raise ConfigError(f"nfe {nfe}: {err}") from None
         table.metadata.update(model.table_metadata())

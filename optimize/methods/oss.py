@@ -27,55 +27,35 @@ repeats a point is moved down to the next free grid point.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from samplers import SolverTable, baselines, make_noise, sample, schedules
-from samplers.models import diffusers_folders
-from samplers.schedule_config import alphas_cumprod_of, flow_sigmas_of, is_flow_config
 
-from optimize.base import ConfigError, as_list, resolve_path
+from optimize.base import ConfigError, as_list
 from optimize.base.conds import cond_of_seeds, cond_rows
 from optimize.base.keys import count
 from optimize.base.seeds import FIT_SEED_OFFSET, seed_range
+from optimize.data.models import native_sigmas
 from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
 from optimize.evaluation.evaluate import validate as validate_evaluate
 from optimize.evaluation.results import plot_sigmas
+from optimize.training.distill import TEACHER_GRIDS as GRIDS
+from optimize.training.distill import native_points
 from optimize.training.runs import compare_tables
 
 KEYS = {"teacher_steps": count(100_000, low=2), "n_search": count(100_000), "search_batch_size": count(10**6)}
-GRIDS = ("native", "karras")
-
-
-def native_sigmas(mcfg: Any) -> np.ndarray | None:
-    """The EDM sigmas of a diffusers model's training times, increasing (its DDPM betas, or its flow schedule with the
-    shift), or None for a model without a scheduler config."""
-    if str(mcfg.get("kind", "")) != "diffusers" or not mcfg.get("path"):
-        return None
-    root = Path(str(resolve_path(str(mcfg.path))))
-    _, sched = diffusers_folders(root)
-    config = json.loads((sched / "scheduler_config.json").read_text())
-    if is_flow_config(config):
-        return flow_sigmas_of(config).numpy()
-    abar = alphas_cumprod_of(config)
-    return ((1 - abar) / abar).sqrt().numpy()
 
 
 def teacher_grid(n: int, sigma_min: float, sigma_max: float, native: np.ndarray | None = None) -> np.ndarray:
     """``[s_0 = 0, s_1, ..., s_N]`` increasing: N points uniform in the model's training time between sigma_min and
-    sigma_max (``native``: its training sigmas, increasing), else Karras (rho 7), then 0 prepended."""
+    sigma_max (``native``: its training sigmas, increasing; ``native_points``), else Karras (rho 7), then 0 prepended."""
     if native is not None:
-        inside = native[(native >= sigma_min * (1 - 1e-9)) & (native <= sigma_max * (1 + 1e-9))]
-        if len(inside) < n:
-            raise ValueError(f"teacher_steps={n} exceeds the {len(inside)} training times of the model between "
-                             f"sigma_min and sigma_max.")
-        grid = inside[np.round(np.linspace(0, len(inside) - 1, n)).astype(int)]
+        grid = native_points(native, n, sigma_min, sigma_max)
     else:
         grid = schedules.karras(n, sigma_min, sigma_max)[::-1]
     return np.concatenate([[0.0], np.asarray(grid, dtype=np.float64)])

@@ -3,7 +3,8 @@
 For each NFE: LD3 over each of ``ld3_bases`` (the chain starts from the table with the lower validation L2 of its own
 fit; ``start=oss``: OSS's step search instead, the better start on the text-to-image teachers), IIA over that
 table (``iia=false``: skipped), DDSS from it (every causal coefficient, ``ddss_loss``: KID + teacher L2, or the teacher
-L2 alone); the candidate with the lowest training-set FD (first feature net) on the selection seeds 3,000,000.. (or,
+L2 alone; the teacher is ``teacher_solver@teacher_nfe`` on ``teacher_grid``, the same for LD3, DDSS and selection); of
+the start and these, the candidate with the lowest training-set FD (first feature net) on the selection seeds 3,000,000.. (or,
 ``select_by=match``, the lowest mean squared distance to the teacher's solve there, which needs no data: with
 ``ddss_loss=match`` a text-to-image model learns from prompts alone, its selection seeds taking ``select_prompts``) is
 written to the run folder as
@@ -15,6 +16,7 @@ process (``optimize.recipes``), with this run's model overrides.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
 from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
 from optimize.base.keys import count
 from optimize.recipes import best_ld3, fit_ddss, fit_iia, fit_ld3, fit_oss, select, ship
-from optimize.training.distill import teacher_targets
+from optimize.training.distill import GAP_WARN, check_teacher, teacher_gap, teacher_native, teacher_targets
 from optimize.training.runs import compare_tables
 
 KEYS = {"ddss_steps": count(10**6), "n_select": count(10**6, low=2)}  # this method's typed keys (optimize.base.keys)
@@ -37,6 +39,7 @@ KEYS = {"ddss_steps": count(10**6), "n_select": count(10**6, low=2)}  # this met
 
 SELECT_BY = ("fd", "match")
 STARTS = ("ld3", "oss")
+GAP_NOISES = 8  # selection noises of the teacher convergence check
 
 
 def needs_data(cfg: Any) -> bool:
@@ -58,6 +61,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"select_by must be one of {', '.join(SELECT_BY)}, got {cfg.select_by!r}.")
     if cfg.get("select_prompts") is not None and cfg.model.get("prompts") is None:
         raise ConfigError("select_prompts is for text-to-image models (model.prompts): this model takes no prompts.")
+    try:
+        check_teacher(str(cfg.teacher_solver), cfg.teacher_nfe, float(cfg.sigma_min), float(cfg.sigma_max),
+                      str(cfg.teacher_grid), teacher_native(cfg))
+    except ValueError as err:
+        raise ConfigError(f"teacher: {err}") from None
     compare_tables(cfg, as_list(cfg.compare), int(as_list(cfg.nfe)[0]))
 
 
@@ -68,6 +76,24 @@ def _model_overrides() -> tuple[str, ...]:
     except ValueError:  # not inside a Hydra run (called from Python)
         return ()
     return tuple(o for o in task if o.lstrip("+").startswith("model."))
+
+
+def check_converged(cfg: Any, m: Any, e: Any, cond: Any) -> None:
+    """Print how far the teacher solve is from its 3x finer solve on a few selection noises (``teacher_gap``) and warn
+    on stderr when it is beyond ``GAP_WARN``: the learners and the selection would chase an unconverged target."""
+    solver, nfe, grid = str(cfg.teacher_solver), int(cfg.teacher_nfe), str(cfg.teacher_grid)
+    try:
+        gap = teacher_gap(m.denoiser, e, solver, nfe, float(cfg.sigma_min), float(cfg.sigma_max), cond, teacher_native(cfg))
+    except ValueError as err:  # 3x the NFE does not fit the native grid
+        print(f"teacher check skipped: {err}", flush=True)
+        return
+    print(f"teacher check: {solver}@{nfe} on {grid} is {gap:.1%} (relative RMS) from the same solver at {3 * nfe} NFE "
+          f"on {len(e)} selection noises", flush=True)
+    if gap > GAP_WARN:
+        print(f"warning: the teacher solve {solver}@{nfe} on {grid} is {gap:.0%} from a finer one, beyond "
+              f"{GAP_WARN:.0%}: the tables will match an unconverged target. Raise teacher_nfe or change the grid "
+              f"(a flow-matching model: teacher_solver=euler teacher_nfe=50 teacher_grid=native).", file=sys.stderr,
+              flush=True)
 
 
 def run(cfg: Any) -> list[str]:
@@ -86,10 +112,14 @@ def run(cfg: Any) -> list[str]:
         seeds = seed_range(VAL_SEED_OFFSET, 0, int(cfg.n_select))
         e = make_noise(1, model.shape, seeds, dtype=model.dtype)[0]
         target = teacher_targets(chooser.denoiser, e, str(cfg.teacher_solver), int(cfg.teacher_nfe), float(cfg.sigma_min),
-                                 float(cfg.sigma_max), cond=cond_of_seeds(chooser.cond_of, seeds), seeds=seeds)
-        how = (f"teacher match ({cfg.teacher_solver}@{cfg.teacher_nfe}, mean squared distance), seeds {VAL_SEED_OFFSET}.."
+                                 float(cfg.sigma_max), cond=cond_of_seeds(chooser.cond_of, seeds), seeds=seeds,
+                                 native=teacher_native(cfg))
+        check_converged(cfg, chooser, e[:GAP_NOISES], cond_of_seeds(chooser.cond_of, seeds[:GAP_NOISES]))
+        how = (f"teacher match ({cfg.teacher_solver}@{cfg.teacher_nfe} on {cfg.teacher_grid}, mean squared distance), "
+               f"seeds {VAL_SEED_OFFSET}.."
                + (f", prompts {cfg.select_prompts}" if cfg.get("select_prompts") is not None else ""))
     ddss_extra = tuple(str(a) for a in as_list(cfg.get("ddss_extra") or []))
+    teacher = tuple(f"{key}={cfg[key]}" for key in ("teacher_solver", "teacher_nfe", "teacher_grid"))  # LD3's and DDSS's
     start_name = str(cfg.start)
     picked, jobs = [], []
     nfes = [int(n) for n in as_list(cfg.nfe)]
@@ -98,11 +128,12 @@ def run(cfg: Any) -> list[str]:
         if start_name == "oss":
             start = oss[nfe]
         else:
-            start = best_ld3([fit_ld3(name, nfe, str(b), tables, extra, runs) for b in as_list(cfg.ld3_bases)])
+            start = best_ld3([fit_ld3(name, nfe, str(b), tables, extra + teacher, runs) for b in as_list(cfg.ld3_bases)])
         chain = [(f"iia({start_name})", fit_iia(name, nfe, start, tables, extra, runs))] if cfg.iia else []
-        chain.append((f"ddss({start_name})", fit_ddss(name, nfe, start, tables, int(cfg.ddss_steps), extra + ddss_extra,
-                                                      runs, str(cfg.ddss_loss))))
-        label, path, scores = select(chooser, judge, nfe, int(cfg.n_select), chain, target)
+        chain.append((f"ddss({start_name})", fit_ddss(name, nfe, start, tables, int(cfg.ddss_steps),
+                                                      extra + teacher + ddss_extra, runs, str(cfg.ddss_loss))))
+        # the start is a candidate too: the pick never loses to it on the selection seeds
+        label, path, scores = select(chooser, judge, nfe, int(cfg.n_select), [(start_name, start), *chain], target)
         data = str(cfg.model.get("data"))
         best = ship(model, name, nfe, label, path, scores, data, folder=out, selection=how, start=start,
                     n_select=int(cfg.n_select))
