@@ -12,9 +12,11 @@ nfes=("${@:-4 5 6 8}"); nfes=(${nfes[@]})
 py=${PYTHON:-.venv/bin/python}
 runs=outputs/learn-t2i/$teacher; dest=docs/results/t2i/tables; mkdir -p "$dest"
 list=$(IFS=,; echo "${nfes[*]}")
+teacher_args=()  # the flow teacher's LD3 matches the stock 50-step FlowMatchEuler solve (docs/methods/best.md)
+[ "$teacher" = sd3-tiny ] && teacher_args=(teacher_solver=euler teacher_nfe=50 teacher_grid=native)
 "$py" -m optimize oss model="$teacher" "nfe=[$list]" evaluate=false hydra.run.dir="$runs/oss"
 for n in "${nfes[@]}"; do
   cp "$runs/oss/oss-$teacher-nfe$n.safetensors" "$dest/$teacher-oss-nfe$n.safetensors"
-  "$py" -m optimize ld3 model="$teacher" nfe="$n" evaluate=false hydra.run.dir="$runs/ld3-nfe$n"
+  "$py" -m optimize ld3 model="$teacher" nfe="$n" "${teacher_args[@]}" evaluate=false hydra.run.dir="$runs/ld3-nfe$n"
   cp "$runs/ld3-nfe$n/ld3-unipc-$teacher-nfe$n.safetensors" "$dest/$teacher-ld3-nfe$n.safetensors"
 done

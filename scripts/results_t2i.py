@@ -135,8 +135,9 @@ def mark_checked(rows: list[dict[str, Any]], guidance: float) -> None:
         checked = {float(w) for w in table.metadata.get("checked_guidance") or [float(table.metadata["guidance"])]}
         wins = r["drmse_vs_peer"] + 2 * r["drmse_vs_peer_se"] < 0
         checked = checked | {guidance} if wins else checked - {guidance}
-        table.metadata["checked_guidance"] = sorted(checked)
-        table.save(str(file))
+        if table.metadata.get("checked_guidance") != sorted(checked):  # an unchanged file is not rewritten
+            table.metadata["checked_guidance"] = sorted(checked)
+            table.save(str(file))
         print(f"{file.name}: guidance {guidance:g} {'checked' if wins else 'not shipped'} "
               f"(RMSE vs {r['best_peer']}: {r['drmse_vs_peer']:+.4f} ± {r['drmse_vs_peer_se']:.4f}); "
               f"checked_guidance {table.metadata['checked_guidance']}")
