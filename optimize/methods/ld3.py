@@ -309,7 +309,8 @@ def fit(denoiser: Any, shape: Sequence[int], base: str, nfe: int, *, n_train: in
     seconds = time.perf_counter() - t0
     step, _ = fitter.steps.sigmas()
     meta = {"method": f"ld3-{base}", "base_solver": base, "nfe": int(nfe),
-            "ld3": {"teacher": f"{teacher_solver}@{teacher_nfe}" + ("" if native is None else " native"), "n_train": int(n_train), "n_valid": int(n_valid),
+            "ld3": {"teacher": f"{teacher_solver}@{teacher_nfe}" + ("" if native is None else " native"),
+                    "n_train": int(n_train), "n_valid": int(n_valid),
                     "soft_teacher_bound": fitter.bound, "window": fitter.steps.window, "iterations": fitter.iterations,
                     "best_valid_l2": fitter.best_loss, "teacher_seconds": round(teacher_seconds, 2)},
             "fit_seconds": round(seconds, 2)}
@@ -356,10 +357,11 @@ def run(cfg: Any) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     base = str(cfg.base)
     paths, jobs = [], []
+    native = teacher_native(cfg)
     for nfe in as_list(cfg.nfe):
         nfe = int(nfe)
-        print(f"ld3-{base}: nfe {nfe}, {cfg.n_train}+{cfg.n_valid} noises, teacher {cfg.teacher_solver}@{cfg.teacher_nfe} ({cfg.teacher_grid}), "
-              f"{cfg.rounds_v1}+{cfg.rounds_v2} rounds", flush=True)
+        print(f"ld3-{base}: nfe {nfe}, {cfg.n_train}+{cfg.n_valid} noises, teacher {cfg.teacher_solver}@{cfg.teacher_nfe} "
+              f"({cfg.teacher_grid}), {cfg.rounds_v1}+{cfg.rounds_v2} rounds", flush=True)
 
         def report(r: int, best: float) -> None:
             print(f"  round {r + 1}: best validation L2 {best:.4g}", flush=True)
@@ -370,7 +372,7 @@ def run(cfg: Any) -> list[str]:
                            sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max), dtype=model.dtype,
                            rounds_v1=int(cfg.rounds_v1), rounds_v2=int(cfg.rounds_v2), progress=report,
                            window=float(cfg.window), batch_size=int(cfg.ld3_batch_size), patience=int(cfg.patience),
-                           cond_of=model.cond_of, native=teacher_native(cfg))
+                           cond_of=model.cond_of, native=native)
         except NaNLossError as err:
             raise ConfigError(f"nfe {nfe}: {err}") from None
         table.metadata.update(model.table_metadata())

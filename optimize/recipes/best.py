@@ -78,12 +78,13 @@ def _model_overrides() -> tuple[str, ...]:
     return tuple(o for o in task if o.lstrip("+").startswith("model."))
 
 
-def check_converged(cfg: Any, m: Any, e: Any, cond: Any) -> None:
-    """Print how far the teacher solve is from its 3x finer solve on a few selection noises (``teacher_gap``) and warn
-    on stderr when it is beyond ``GAP_WARN``: the learners and the selection would chase an unconverged target."""
+def check_converged(cfg: Any, m: Any, e: Any, cond: Any, coarse: Any, native: Any) -> None:
+    """Print how far the teacher solve ``coarse`` of a few selection noises ``e`` is from its 3x finer solve
+    (``teacher_gap``) and warn on stderr when it is beyond ``GAP_WARN``: the learners and the selection would chase an
+    unconverged target."""
     solver, nfe, grid = str(cfg.teacher_solver), int(cfg.teacher_nfe), str(cfg.teacher_grid)
     try:
-        gap = teacher_gap(m.denoiser, e, solver, nfe, float(cfg.sigma_min), float(cfg.sigma_max), cond, teacher_native(cfg))
+        gap = teacher_gap(m.denoiser, e, solver, nfe, float(cfg.sigma_min), float(cfg.sigma_max), cond, native, coarse)
     except ValueError as err:  # 3x the NFE does not fit the native grid
         print(f"teacher check skipped: {err}", flush=True)
         return
@@ -111,10 +112,12 @@ def run(cfg: Any) -> list[str]:
             chooser = load_model(OmegaConf.merge(cfg.model, {"prompts": str(resolve_path(str(cfg.select_prompts)))}), device)
         seeds = seed_range(VAL_SEED_OFFSET, 0, int(cfg.n_select))
         e = make_noise(1, model.shape, seeds, dtype=model.dtype)[0]
+        native = teacher_native(cfg)
         target = teacher_targets(chooser.denoiser, e, str(cfg.teacher_solver), int(cfg.teacher_nfe), float(cfg.sigma_min),
                                  float(cfg.sigma_max), cond=cond_of_seeds(chooser.cond_of, seeds), seeds=seeds,
-                                 native=teacher_native(cfg))
-        check_converged(cfg, chooser, e[:GAP_NOISES], cond_of_seeds(chooser.cond_of, seeds[:GAP_NOISES]))
+                                 native=native)
+        check_converged(cfg, chooser, e[:GAP_NOISES], cond_of_seeds(chooser.cond_of, seeds[:GAP_NOISES]),
+                        target[:GAP_NOISES], native)
         how = (f"teacher match ({cfg.teacher_solver}@{cfg.teacher_nfe} on {cfg.teacher_grid}, mean squared distance), "
                f"seeds {VAL_SEED_OFFSET}.."
                + (f", prompts {cfg.select_prompts}" if cfg.get("select_prompts") is not None else ""))

@@ -89,11 +89,14 @@ GAP_WARN = 0.05  # a teacher solve farther than this (relative RMS) from its 3x 
 
 
 def teacher_gap(denoiser: Any, e: torch.Tensor, solver: str, nfe: int, sigma_min: float, sigma_max: float,
-                cond: Any = None, native: np.ndarray | None = None) -> float:
+                cond: Any = None, native: np.ndarray | None = None, coarse: torch.Tensor | None = None) -> float:
     """How far the teacher solve is from converged: ``RMS(y_nfe - y_3nfe) / RMS(y_3nfe)`` over the noises ``e`` for
     the same solver and grid at three times the NFE (odd stays odd for heun). About 0.33 for UniPC@20 on Karras on the
-    sd3-tiny flow teacher, 0.012 for euler@50 on its native grid (docs/results/t2i/teacher-gap.csv)."""
-    coarse = teacher_targets(denoiser, e, solver, nfe, sigma_min, sigma_max, cond=cond, native=native).double()
+    sd3-tiny flow teacher, 0.012 for euler@50 on its native grid (docs/results/t2i/teacher-gap.csv). ``coarse``: the
+    solve at ``nfe`` from ``e`` when the caller already has it (``best``'s selection targets)."""
+    if coarse is None:
+        coarse = teacher_targets(denoiser, e, solver, nfe, sigma_min, sigma_max, cond=cond, native=native)
+    coarse = coarse.double()
     fine = teacher_targets(denoiser, e, solver, 3 * nfe, sigma_min, sigma_max, cond=cond, native=native).double()
     return float((coarse - fine).pow(2).mean().sqrt() / fine.pow(2).mean().sqrt().clamp_min(1e-12))
 
