@@ -83,10 +83,15 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
     LD3), e.g. ``ld3-unipc``, ``oss``; `` (learned at w7.5)`` when it was learned at another scale than ``guidance``."""
     if "shipped_as" in table.metadata:
         name = f"best ({table.metadata.get('selected', '?')})"
+        if path.stem != table.metadata["shipped_as"]:  # a best run kept beside the shipped one (e.g. a cheaper recipe)
+            name += f" [{path.stem}]"
     else:
         method = str(table.metadata.get("method", path.stem))
         base = table.metadata.get("base_solver")
         name = f"{method}-{base}" if method == "ld3" and base else method
+        config = table.metadata.get("config") or {}
+        if config.get("match_space", "latent") != "latent":  # DDSS fitted in the VAE's image space
+            name += f" ({config['match_space']} match)"
     learned = table.metadata.get("guidance")
     if guidance is not None and learned is not None and float(learned) != float(guidance):
         name += f" (learned at w{float(learned):g})"
@@ -175,7 +180,8 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(OmegaConf.create({"name": args.teacher, "kind": "diffusers", "path": str(folder),
                                          "prompts": str(PROMPTS), "guidance": args.guidance, "dtype": "float32"}))
     tables = [(p, SolverTable.load(str(p))) for p in args.tables]
-    stem = f"{args.teacher}-w{args.guidance:g}"
+    cache_stem = f"{args.teacher}-w{args.guidance:g}"  # the images do not depend on the study they are scored in
+    stem = f"{cache_stem}-{args.study}" if args.study else cache_stem
     for nfe in args.nfe:
         for label in args.peers or list(peers):
             sched, call = peers[label](nfe)
@@ -187,7 +193,7 @@ def run(args: argparse.Namespace) -> None:
                 return x
 
             slug = "".join(c if c.isalnum() else "-" for c in label)
-            x = cached(args.cache / f"{stem}-n{args.n}-{slug}-nfe{nfe}.safetensors", stock)
+            x = cached(args.cache / f"{cache_stem}-n{args.n}-{slug}-nfe{nfe}.safetensors", stock)
             rows.append(score(label, "peer", nfe, x, ref, judge, judge_net, labels))
             print(f"{args.teacher} {label} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
                   flush=True)
@@ -197,7 +203,7 @@ def run(args: argparse.Namespace) -> None:
             if table.metadata.get("guidance") is not None and float(table.metadata["guidance"]) != args.guidance:
                 print(f"note: {path.name} was learned at guidance {table.metadata['guidance']}, run at {args.guidance}")
             name = table_label(path, table, args.guidance)
-            x = cached(args.cache / f"{stem}-n{args.n}-table-{table_hash(table)}.safetensors",
+            x = cached(args.cache / f"{cache_stem}-n{args.n}-table-{table_hash(table)}.safetensors",
                        lambda: table_images(model, table, seeds, args.batch))
             kind = "project" if name.split("-")[0].split(" ")[0] in PROJECT else "peer"
             rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels))
@@ -212,7 +218,7 @@ def run(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_grids(rows, stem, args.out)
     for r in rows:
-        r.update(teacher=args.teacher, guidance=args.guidance, n=args.n)
+        r.update(teacher=args.teacher, guidance=args.guidance, n=args.n, study=args.study or "")
     write_csv([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], str(args.out / f"methods-{stem}.csv"))
     print(f"wrote {args.out / f'methods-{stem}.csv'}")
 
@@ -334,7 +340,8 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
         if not rows:
             continue
         head = rows[0]
-        lines += [f"## {head['teacher']}, guidance {head['guidance']} ({head['n']} samples)", "",
+        study = f": {head['study']}" if head.get("study") else ""
+        lines += [f"## {head['teacher']}, guidance {head['guidance']} ({head['n']} samples){study}", "",
                   "| method | NFE | RMSE | PSNR | FD main | FD b | adherence | Δ RMSE vs best peer | Δ FD b vs best peer "
                   "| Δ adherence vs best peer | fit s |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -367,6 +374,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="samples (evaluation seeds 0..n-1)")
     ap.add_argument("--tables", type=Path, nargs="*", default=[], help="table files to score beside the peers")
     ap.add_argument("--peers", nargs="*", default=None, help="stock peers to run (default: all for the pipeline)")
+    ap.add_argument("--study", default="", help="a name for a side study: its CSV is methods-<teacher>-w<scale>-<study>.csv "
+                    "and its page section is headed by it (the images are cached as without it)")
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--root", type=Path, default=REPO / "checkpoints", help="folder holding the teachers' folders")
@@ -377,6 +386,8 @@ def main() -> None:
     ap.add_argument("--mark-checked", action="store_true", help="record in each shipped table scored here whether it "
                     "beats the best peer at this guidance (its checked_guidance list)")
     args = ap.parse_args()
+    if not all(c.isalnum() or c == "-" for c in args.study):
+        ap.error(f"--study is part of a file name: letters, digits and '-' only, got {args.study!r}")
     if not args.render_only:
         run(args)
     render(args.out, args.page)
