@@ -123,6 +123,13 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
             for key in ("fd_heldout_main", "fd_heldout_b"):
                 r[f"d{key}_vs_peer"], r[f"d{key}_vs_peer_se"] = paired(r, best, key)
             r["dadherence_vs_peer"], r["dadherence_vs_peer_se"] = t2i.paired_mean(r["_hits"], best["_hits"])
+        shipped = [r for r in at if r["method"].startswith("best (") and "[" not in r["method"]]
+        for r in (r for r in at if r["kind"] == "project" and shipped and r is not shipped[0]):
+            # a side study's variant (another loss space, a cheaper recipe) against the shipped table, same seeds
+            r["shipped"] = shipped[0]["method"]
+            r["drmse_vs_shipped"], r["drmse_vs_shipped_se"] = t2i.paired_mean(r["_rmse"], shipped[0]["_rmse"])
+            r["dfd_heldout_b_vs_shipped"], r["dfd_heldout_b_vs_shipped_se"] = paired(r, shipped[0], "fd_heldout_b")
+            r["dadherence_vs_shipped"], r["dadherence_vs_shipped_se"] = t2i.paired_mean(r["_hits"], shipped[0]["_hits"])
 
 
 def mark_checked(rows: list[dict[str, Any]], guidance: float) -> None:
@@ -354,6 +361,13 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
                          f"{_pm(r, 'adherence', 'adherence_se')} | {_pm(r, 'drmse_vs_peer', 'drmse_vs_peer_se', 4)} | "
                          f"{_pm(r, 'dfd_heldout_b_vs_peer', 'dfd_heldout_b_vs_peer_se', 1)} | "
                          f"{_pm(r, 'dadherence_vs_peer', 'dadherence_vs_peer_se')} | {_f(r, 'fit_seconds', 0)} |")
+        against = [r for r in rows if r.get("drmse_vs_shipped", "") != ""]
+        if against:
+            lines += ["", "Paired against the shipped table of the same NFE (same seeds; negative RMSE and FD b, positive "
+                      "adherence: the variant is better):", ""]
+            lines += [f"- {r['method']}, NFE {r['nfe']}: RMSE {_pm(r, 'drmse_vs_shipped', 'drmse_vs_shipped_se', 4)}, "
+                      f"FD b {_pm(r, 'dfd_heldout_b_vs_shipped', 'dfd_heldout_b_vs_shipped_se', 1)}, adherence "
+                      f"{_pm(r, 'dadherence_vs_shipped', 'dadherence_vs_shipped_se')}" for r in against]
         stem = path.stem.removeprefix("methods-")
         grids = [f"![NFE {n}](results/t2i/grid-{stem}-nfe{n}.png)" for n in GRID_NFE
                  if (out / f"grid-{stem}-nfe{n}.png").is_file()]
