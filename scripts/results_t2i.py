@@ -323,7 +323,9 @@ def cost_section(out: Path) -> list[str]:
                   "| NFE | pick | OSS s | DDSS s | chain s | evaluations | SD 1.5 GPU minutes (estimate) |",
                   "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
-            lines.append(f"| {r['nfe']} | {r['selected']} | {_f(r, 'cpu_seconds_oss', 0)} | {_f(r, 'cpu_seconds_ddss', 0)} "
+            name = Path(r.get("table") or "").stem
+            pick = r["selected"] if not name or name == f"{r['teacher']}-best-nfe{r['nfe']}" else f"{r['selected']} ({name})"
+            lines.append(f"| {r['nfe']} | {pick} | {_f(r, 'cpu_seconds_oss', 0)} | {_f(r, 'cpu_seconds_ddss', 0)} "
                          f"| {_f(r, 'cpu_seconds_chain', 0)} | {float(r['total_evals']):,.0f} | "
                          f"{_f(r, 'sd15_gpu_minutes_estimate', 0)} |")
         lines.append("")

@@ -1,11 +1,12 @@
 """What the text-to-image recipe's fit costs: measured here on 2 CPU cores, estimated for Stable Diffusion 1.5 on one GPU.
 
-    python scripts/t2i_fit_cost.py [--teacher sd-tiny]     # -> docs/results/t2i/fit-cost-<teacher>.csv
+    python scripts/t2i_fit_cost.py [--teacher sd-tiny] [--extra T ...]   # -> docs/results/t2i/fit-cost-<teacher>.csv
 
 For each shipped ``checkpoints/tables/<teacher>-best-nfe<N>.safetensors`` (``python -m optimize best start=oss
 iia=false ddss_loss=match select_by=match ...``): the measured wall seconds of its chain (OSS's search and the DDSS fit,
 from the tables' metadata), and the guided denoiser evaluations (one evaluation = one sample at one noise level, both
-CFG branches) that chain needs, counted from the settings recorded in the tables:
+CFG branches) that chain needs, counted from the settings recorded in the tables (``--extra``: more tables of the same
+recipe kept beside the shipped ones, e.g. a cheaper run's):
 
 - OSS: the teacher's Euler trajectory (n_search x teacher_steps) and, per step k of K = NFE, one evaluation at every
   grid point a state reached (n_search x (1 + (K - 1) x teacher_steps) at most);
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+from pathlib import Path
+
 from samplers import SolverTable
 
 from optimize.base import REPO
@@ -48,10 +51,14 @@ def chain_counts(meta: dict, oss: dict, nfe: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", default="sd-tiny")
+    ap.add_argument("--extra", type=Path, nargs="*", default=[], help="more best tables of this teacher to cost")
     args = ap.parse_args()
     rows = []
-    for path in sorted((REPO / "checkpoints" / "tables").glob(f"{args.teacher}-best-nfe*.safetensors"),
-                       key=lambda p: int(p.stem.rsplit("nfe", 1)[1])):
+    shipped = sorted((REPO / "checkpoints" / "tables").glob(f"{args.teacher}-best-nfe*.safetensors"),
+                     key=lambda p: int(p.stem.rsplit("nfe", 1)[1]))
+    for path in shipped + [p.resolve() for p in args.extra]:
+        if not path.is_file():
+            raise SystemExit(f"error: no table file {path}")
         t = SolverTable.load(str(path))
         meta = t.metadata
         start = meta.get("chain_start") or {}
@@ -59,7 +66,9 @@ def main() -> None:
             raise SystemExit(f"error: {path.name} did not start from OSS (chain_start {start or 'missing'}): not this recipe")
         counts = chain_counts(meta, start["oss"], t.nfe)
         total = sum(counts.values())
-        rows.append({"teacher": args.teacher, "nfe": t.nfe, "selected": meta.get("selected"),
+        if meta.get("model") != args.teacher:
+            raise SystemExit(f"error: {path.name} was learned for {meta.get('model')!r}, not {args.teacher!r}")
+        rows.append({"teacher": args.teacher, "nfe": t.nfe, "table": str(path.relative_to(REPO)), "selected": meta.get("selected"),
                      "cpu_seconds_oss": start.get("fit_seconds"), "cpu_seconds_ddss": meta.get("train_seconds"),
                      "cpu_seconds_chain": meta.get("chain_fit_seconds"), **counts, "total_evals": total,
                      "assumed_sd15_evals_per_s": SD15_EVALS_PER_S,
