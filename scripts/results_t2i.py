@@ -67,11 +67,18 @@ def table_images(model: Any, table: SolverTable, seeds: list[int], batch: int) -
     return decoded(model.decode, x, batch).clamp(-1, 1)
 
 
-def cached(path: Path, compute: Any) -> torch.Tensor:
-    """Decoded images kept in ``path`` (safetensors) so a rerun with more tables scores the peers without sampling them
-    again; the key (teacher, guidance, n, method, table hash, NFE) is the file name."""
+def cached(folder: Path, stem: str, n: int, key: str, compute: Any) -> torch.Tensor:
+    """Decoded images kept in ``folder/<stem>-n<n>-<key>.safetensors`` so a rerun with more tables scores the peers
+    without sampling them again (stem: teacher and guidance; key: the method or table hash and NFE). A file of a larger
+    n serves its first n images: seeds 0..n-1 and their prompts are the start of the longer run's (as the 50-step
+    references, ``t2i.reference_images``)."""
+    path = folder / f"{stem}-n{n}-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["images"]
+    for found in folder.glob(f"{stem}-n*-{key}.safetensors"):
+        m = found.name.removeprefix(f"{stem}-n").removesuffix(f"-{key}.safetensors")
+        if m.isdigit() and int(m) > n:
+            return load_file(str(found))["images"][:n]
     x = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": x.contiguous()}, str(path))
@@ -200,7 +207,7 @@ def run(args: argparse.Namespace) -> None:
                 return x
 
             slug = "".join(c if c.isalnum() else "-" for c in label)
-            x = cached(args.cache / f"{cache_stem}-n{args.n}-{slug}-nfe{nfe}.safetensors", stock)
+            x = cached(args.cache, cache_stem, args.n, f"{slug}-nfe{nfe}", stock)
             rows.append(score(label, "peer", nfe, x, ref, judge, judge_net, labels))
             print(f"{args.teacher} {label} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
                   flush=True)
@@ -210,7 +217,7 @@ def run(args: argparse.Namespace) -> None:
             if table.metadata.get("guidance") is not None and float(table.metadata["guidance"]) != args.guidance:
                 print(f"note: {path.name} was learned at guidance {table.metadata['guidance']}, run at {args.guidance}")
             name = table_label(path, table, args.guidance)
-            x = cached(args.cache / f"{cache_stem}-n{args.n}-table-{table_hash(table)}.safetensors",
+            x = cached(args.cache, cache_stem, args.n, f"table-{table_hash(table)}",
                        lambda: table_images(model, table, seeds, args.batch))
             kind = "project" if name.split("-")[0].split(" ")[0] in PROJECT else "peer"
             rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels))
