@@ -3,7 +3,8 @@
 # OSS (one search gives every NFE) and LD3 per NFE, on the TRAINING prompts at guidance 7.5, copied to
 # docs/results/t2i/tables/<teacher>-<method>-nfe<N>.safetensors. Both are deterministic: a rerun gives the same tables.
 #   bash scripts/learn_t2i_tables.sh [sd-tiny|sd3-tiny] [NFE ...]
-# (the committed sd-tiny tables were made with model=diffusers model.path=checkpoints/sd-tiny
+# (sd3-tiny's OSS tables at NFE 3 and 10 came from `python -m optimize oss model=sd3-tiny nfe=[3,10] evaluate=false`;
+#  the committed sd-tiny tables were made with model=diffusers model.path=checkpoints/sd-tiny
 #  model.prompts=conf/prompts/captioned-train.txt model.guidance=7.5, the same model as model=sd-tiny)
 set -euo pipefail
 cd "$(dirname "$0")/.."
