@@ -43,6 +43,7 @@ PAGES = [
     ("results-tada.md", "TADA (augmented-noise sampler) vs classic solvers, digits"),
     ("results-dsno.md", "DSNO one-step student (the 1,000-step ablations), digits"),
     ("results-students-digits.md", "one- and two-step students (DSNO, CD) at equal cost beside the best tables, digits"),
+    ("results-students-patches.md", "the DSNO student at equal cost beside the best table and the classics, patches"),
     ("results-t2i.md", "text-to-image: learned tables against stock schedulers, AYS, OSS and LD3"),
     ("results-diffusers.md", "the diffusers scheduler end to end"),
 ]

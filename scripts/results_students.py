@@ -1,19 +1,21 @@
-"""One-step and two-step students at equal cost on the digits teacher -> docs/results-students-digits.md and
-docs/results/students/.
+"""One-step and two-step students at equal cost, one page per teacher -> docs/results-students-<data>.md and
+docs/results/students/ (digits: ``--model edm``, the default; natural-image patches: ``--model patches``).
 
-    python scripts/results_students.py                       # the shipped students (DSNO, CD 1- and 2-step)
+    python scripts/results_students.py                       # the shipped digits students (DSNO, CD 1- and 2-step)
     python scripts/results_students.py --student "dsno M=1=RUN/dsno-edm.safetensors,RUN/dsno-edm-1nfe.safetensors"
+    python scripts/results_students.py --model patches       # the patches DSNO student beside patches-best-nfe<N>
     python scripts/results_students.py --render-only          # rewrite the page from the CSVs
 
 Every student (a network file and its table) is costed in teacher forwards per sample: its table's calls times the
 FLOPs of one student call over one teacher call (``optimize.evaluation.cost``), and sits in the bucket of the NFE that
 costs the same, round(forwards). Each bucket holds the project's best table of that NFE
-(``checkpoints/tables/edm-best-nfe<N>``, where shipped) and the classic solvers euler, dpmpp_2m, ipndm and unipc on
+(``checkpoints/tables/<model>-best-nfe<N>``, where shipped) and the classic solvers euler, dpmpp_2m, ipndm and unipc on
 both end conventions (``zero``: EDM's last step to 0; ``sigma_min``: landing on sigma_min unevaluated, as DPM-Solver
 and LD3); the best classic of a bucket is the one with the lowest FD train on these very seeds (a choice that favours
-the peer). All rows use seeds 0..n-1 (paired); FD on the CNN features (``main``) against the 1,497 training and the
-300 held-out digits, FD-b on the MLP features (no learner and no selection uses it) against the training digits, with
-bootstrap standard errors; paired differences (student minus other row, same seeds) with their standard errors.
+the peer). All rows use seeds 0..n-1 (paired); FD on the model's first feature net (``main``; digits: the CNN) against
+its training and held-out sets (digits: 1,497 and 300), FD-b on the second (digits: the MLP; no learner and no
+selection uses it) against the training set, with bootstrap standard errors; paired differences (student minus other
+row, same seeds) with their standard errors.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import datetime
 import os
 import platform
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,15 +43,42 @@ from optimize.evaluation.evaluate import Judge, evaluate, load_model
 from optimize.evaluation.results import Z, paired, verdict, write_csv
 
 DOCS = REPO / "docs" / "results" / "students"
-PAGE = REPO / "docs" / "results-students-digits.md"
 TABLES = REPO / "checkpoints" / "tables"
 CLASSICS = ("euler", "dpmpp_2m", "ipndm", "unipc")
 ENDS = ("zero", "sigma_min")
 KEYS = ("fd_train_main", "fd_heldout_main", "fd_train_b")
-SHIPPED = [("dsno", "checkpoints/dsno-digits.safetensors", "checkpoints/tables/dsno-digits-1nfe.safetensors"),
-           ("cd", "checkpoints/cd-digits.safetensors", "checkpoints/tables/cd-digits-1nfe.safetensors"),
-           ("cd 2-step", "checkpoints/cd-digits.safetensors", "checkpoints/tables/cd-digits-2nfe.safetensors")]
 GRID = 64
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """One page: the teacher (``conf/model/<model>.yaml``), the data's name in file names, the students shown by default
+    (label, network, table) and how the page names the data."""
+    model: str
+    data: str
+    shipped: tuple[tuple[str, str, str], ...]
+    title: str
+
+    @property
+    def page(self) -> Path:
+        return REPO / "docs" / f"results-students-{self.data}.md"
+
+    @property
+    def prefix(self) -> str:  # the digits page keeps its older, unprefixed file names
+        return "" if self.data == "digits" else f"{self.data}-"
+
+
+TEACHERS = {
+    "edm": Teacher("edm", "digits", (
+        ("dsno", "checkpoints/dsno-digits.safetensors", "checkpoints/tables/dsno-digits-1nfe.safetensors"),
+        ("cd", "checkpoints/cd-digits.safetensors", "checkpoints/tables/cd-digits-1nfe.safetensors"),
+        ("cd 2-step", "checkpoints/cd-digits.safetensors", "checkpoints/tables/cd-digits-2nfe.safetensors")),
+        "the digits teacher"),
+    "patches": Teacher("patches", "patches", (
+        ("dsno", "docs/results/students/nets/dsno-patches.safetensors",
+         "docs/results/students/nets/dsno-patches-1nfe.safetensors"),),
+        "the natural-image patches teacher (3x32x32)"),
+}
 
 
 def parse_student(text: str) -> tuple[str, str, str]:
@@ -63,13 +94,14 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, teacher: Teacher) -> None:
     torch.set_num_threads(1)
-    cfg = OmegaConf.load(REPO / "conf" / "model" / "edm.yaml")
+    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{teacher.model}.yaml")
     model = load_model(cfg, "cpu")
     judge = Judge.for_model(cfg, model.shape, "cpu", n_boot=args.n_boot)
     seeds = list(range(args.n))
-    x1 = 80.0 * torch.randn(16, *model.shape, generator=torch.Generator().manual_seed(0))
+    sigma_min, sigma_max = float(cfg.sigma_min), float(cfg.sigma_max)
+    x1 = sigma_max * torch.randn(16, *model.shape, generator=torch.Generator().manual_seed(0))
     rows: list[dict[str, Any]] = []
     grids: dict[str, torch.Tensor] = {}
 
@@ -80,12 +112,12 @@ def run(args: argparse.Namespace) -> None:
                      **r, **extra})
         print(f"{label} (bucket {bucket}): FD train {r['fd_train_main']:.3g}, FD-b {r['fd_train_b']:.3g}", flush=True)
 
-    students = SHIPPED + [parse_student(s) for s in args.student]
+    students = list(teacher.shipped) + [parse_student(s) for s in args.student]
     buckets = set(args.nfe)
     for label, net, table_path in students:
         den = load_denoiser(str(REPO / net))
         table = SolverTable.load(str(REPO / table_path), fingerprint=den.fingerprint())
-        forwards = teacher_forwards(den, model.denoiser, x1, 80.0, calls=table.nfe)
+        forwards = teacher_forwards(den, model.denoiser, x1, sigma_max, calls=table.nfe)
         bucket = max(1, round(forwards))
         buckets.add(bucket)
         header = read_net_header(str(REPO / net))[1]
@@ -93,28 +125,27 @@ def run(args: argparse.Namespace) -> None:
             train_seconds=header.get("train_seconds"), steps=header.get("global_step", header.get("steps")),
             method_of_table=table.metadata.get("method"))
     for nfe in sorted(buckets):
-        best = TABLES / f"edm-best-nfe{nfe}.safetensors"
+        best = TABLES / f"{teacher.model}-best-nfe{nfe}.safetensors"
         if best.is_file():
-            add(f"edm-best-nfe{nfe}", "best table", nfe, float(nfe), model.denoiser,
+            add(f"{teacher.model}-best-nfe{nfe}", "best table", nfe, float(nfe), model.denoiser,
                 SolverTable.load(str(best), fingerprint=model.fingerprint), table_file=str(best.relative_to(REPO)))
         for solver in CLASSICS if nfe > 1 else CLASSICS[:1]:  # at one call every classic is D(sigma_max e)
             for end in ENDS:
-                table = baselines.build(solver, nfe, sigma_min=0.002, sigma_max=80.0, end=end)
+                table = baselines.build(solver, nfe, sigma_min=sigma_min, sigma_max=sigma_max, end=end)
                 add(f"{solver}:{end}@{nfe}", "classic", nfe, float(nfe), model.denoiser, table)
     add_paired(rows)
     DOCS.mkdir(parents=True, exist_ok=True)
-    write_csv([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], str(DOCS / "digits.csv"))
-    os.remove(DOCS / "results.json") if (DOCS / "results.json").exists() else None
+    write_csv([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], str(DOCS / f"{teacher.data}.csv"))
     for r in rows:
         if r["kind"] != "classic" or r.get("best_classic"):
-            write_png_grid(grids[r["method"]].clamp(-1, 1), str(DOCS / f"grid-{slug(r['method'])}.png"))
+            write_png_grid(grids[r["method"]].clamp(-1, 1), str(DOCS / f"grid-{teacher.prefix}{slug(r['method'])}.png"))
     meta = {"argv": " ".join(sys.argv[1:]), "date": datetime.date.today().isoformat(), "n": args.n,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
             "fingerprint": model.fingerprint}
-    with open(DOCS / "meta.csv", "w", newline="") as f:
+    with open(DOCS / f"meta{'-' + teacher.data if teacher.prefix else ''}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerows(meta.items())
-    render()
+    render(teacher)
 
 
 def add_paired(rows: list[dict[str, Any]]) -> None:
@@ -157,22 +188,26 @@ def _diff(r: dict[str, str], key: str, other: str) -> str:
     return f"{d:+.3g} ± {se:.2g} ({verdict(d, se)})"
 
 
-def render() -> None:
-    """docs/results-students-digits.md from docs/results/students/digits.csv and meta.csv."""
-    with open(DOCS / "digits.csv", newline="") as f:
+def render(teacher: Teacher) -> None:
+    """docs/results-students-<data>.md from docs/results/students/<data>.csv and its meta CSV."""
+    with open(DOCS / f"{teacher.data}.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    with open(DOCS / "meta.csv", newline="") as f:
+    with open(DOCS / f"meta{'-' + teacher.data if teacher.prefix else ''}.csv", newline="") as f:
         meta = dict(csv.reader(f))
+    names = {"dsno": "DSNO", "cd": "consistency distillation"}
+    kinds = list(dict.fromkeys(names.get(r["method"].split(" ")[0], r["method"].split(" ")[0])
+                               for r in rows if r["kind"] == "student"))  # in the order of the rows
     lines = [
-        "# Students at equal cost: DSNO and consistency distillation on the digits teacher",
+        f"# Students at equal cost: {' and '.join(kinds)} on {teacher.title}",
         "",
         f"Generated by `python scripts/results_students.py {meta['argv']}` on {meta['date']} ({meta['machine']}) from "
-        "`docs/results/students/digits.csv`. Teacher fingerprint "
+        f"`docs/results/students/{teacher.data}.csv`. Teacher fingerprint "
         f"`{meta['fingerprint']}`. Seeds 0..{int(meta['n']) - 1} for every row (paired). A student sits in the bucket of "
         "the NFE that costs the same teacher forwards (its calls times the FLOPs of one student call over one teacher "
-        "call). FD on the CNN features (`main`) against the training and the held-out digits; FD-b on the MLP features "
-        "(no learner or selection sees it) against the training digits; ± bootstrap standard errors. `best table`: the "
-        "shipped `edm-best-nfe<N>` (selected on FD train of seeds 3,000,000..); classics on both end conventions, the best "
+        f"call). FD on the first feature net (`main`) against the training and the held-out {teacher.data}; FD-b on the "
+        f"second (no learner or selection sees it) against the training {teacher.data}; ± bootstrap standard errors. "
+        "`best table`: the "
+        f"shipped `{teacher.model}-best-nfe<N>` (selected on FD train of seeds 3,000,000..); classics on both end conventions, the best "
         "one per bucket chosen on these very seeds (bold; a choice that flatters the peer).",
         "",
     ]
@@ -196,24 +231,26 @@ def render() -> None:
                     lines.append(f"| {s['method']} | {o} | {_diff(s, 'fd_train_main', o)} | "
                                  f"{_diff(s, 'fd_heldout_main', o)} | {_diff(s, 'fd_train_b', o)} |")
         grids = [r["method"] for r in at if r["kind"] != "classic" or r.get("best_classic") == "True"]
-        lines += ["", " ".join(f"![{g}](results/students/grid-{slug(g)}.png)" for g in grids), "",
+        lines += ["", " ".join(f"![{g}](results/students/grid-{teacher.prefix}{slug(g)}.png)" for g in grids), "",
                   "Grids, left to right: " + ", ".join(grids) + " (first 64 seeds).", ""]
-    notes = DOCS / "notes.md"
+    notes = DOCS / f"notes{'-' + teacher.data if teacher.prefix else ''}.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
-    PAGE.write_text("\n".join(lines))
-    print(f"wrote {PAGE.relative_to(REPO)}", flush=True)
+    teacher.page.write_text("\n".join(lines))
+    print(f"wrote {teacher.page.relative_to(REPO)}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(TEACHERS), default="edm", help="the teacher (conf/model/<model>.yaml)")
     ap.add_argument("--student", action="append", default=[], help="LABEL=NET,TABLE: one more student (repeatable)")
     ap.add_argument("--nfe", type=int, nargs="*", default=[1, 2, 3, 4], help="buckets shown even without a student")
     ap.add_argument("--n", type=int, default=2000, help="samples (seeds 0..n-1)")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--render-only", action="store_true", help="only rewrite the page from the CSVs")
     args = ap.parse_args()
-    render() if args.render_only else run(args)
+    teacher = TEACHERS[args.model]
+    render(teacher) if args.render_only else run(args, teacher)
 
 
 if __name__ == "__main__":
