@@ -411,6 +411,8 @@ def main() -> None:
     args = ap.parse_args()
     if not all(c.isalnum() or c == "-" for c in args.study):
         ap.error(f"--study is part of a file name: letters, digits and '-' only, got {args.study!r}")
+    if args.mark_checked and (args.study or args.peers is not None):
+        ap.error("--mark-checked judges a shipped table against every peer: not with --study or a --peers subset")
     if not args.render_only:
         run(args)
     render(args.out, args.page)
