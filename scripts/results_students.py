@@ -67,6 +67,14 @@ class Teacher:
     def prefix(self) -> str:  # the digits page keeps its older, unprefixed file names
         return "" if self.data == "digits" else f"{self.data}-"
 
+    @property
+    def meta(self) -> Path:
+        return DOCS / ("meta.csv" if not self.prefix else f"meta-{self.data}.csv")
+
+    @property
+    def notes(self) -> Path:
+        return DOCS / ("notes.md" if not self.prefix else f"notes-{self.data}.md")
+
 
 TEACHERS = {
     "edm": Teacher("edm", "digits", (
@@ -142,7 +150,7 @@ def run(args: argparse.Namespace, teacher: Teacher) -> None:
     meta = {"argv": " ".join(sys.argv[1:]), "date": datetime.date.today().isoformat(), "n": args.n,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
             "fingerprint": model.fingerprint}
-    with open(DOCS / f"meta{'-' + teacher.data if teacher.prefix else ''}.csv", "w", newline="") as f:
+    with open(teacher.meta, "w", newline="") as f:
         w = csv.writer(f)
         w.writerows(meta.items())
     render(teacher)
@@ -192,7 +200,7 @@ def render(teacher: Teacher) -> None:
     """docs/results-students-<data>.md from docs/results/students/<data>.csv and its meta CSV."""
     with open(DOCS / f"{teacher.data}.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    with open(DOCS / f"meta{'-' + teacher.data if teacher.prefix else ''}.csv", newline="") as f:
+    with open(teacher.meta, newline="") as f:
         meta = dict(csv.reader(f))
     names = {"dsno": "DSNO", "cd": "consistency distillation"}
     kinds = list(dict.fromkeys(names.get(r["method"].split(" ")[0], r["method"].split(" ")[0])
@@ -233,9 +241,8 @@ def render(teacher: Teacher) -> None:
         grids = [r["method"] for r in at if r["kind"] != "classic" or r.get("best_classic") == "True"]
         lines += ["", " ".join(f"![{g}](results/students/grid-{teacher.prefix}{slug(g)}.png)" for g in grids), "",
                   "Grids, left to right: " + ", ".join(grids) + " (first 64 seeds).", ""]
-    notes = DOCS / f"notes{'-' + teacher.data if teacher.prefix else ''}.md"
-    if notes.is_file():
-        lines += [notes.read_text().strip(), ""]
+    if teacher.notes.is_file():
+        lines += [teacher.notes.read_text().strip(), ""]
     teacher.page.write_text("\n".join(lines))
     print(f"wrote {teacher.page.relative_to(REPO)}", flush=True)
 

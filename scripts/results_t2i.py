@@ -115,9 +115,19 @@ def score(name: str, kind: str, nfe: int, x: torch.Tensor, ref: torch.Tensor, ju
             "_images": x[:GRID_SEEDS]}
 
 
+def paired_to(r: dict[str, Any], other: dict[str, Any], tag: str, fds: tuple[str, ...]) -> None:
+    """``r``'s paired differences to ``other`` on the same seeds, as ``d<measure>_vs_<tag>`` (and ``_se``): RMSE, the
+    FDs in ``fds``, adherence."""
+    r[f"drmse_vs_{tag}"], r[f"drmse_vs_{tag}_se"] = t2i.paired_mean(r["_rmse"], other["_rmse"])
+    for key in fds:
+        r[f"d{key}_vs_{tag}"], r[f"d{key}_vs_{tag}_se"] = paired(r, other, key)
+    r[f"dadherence_vs_{tag}"], r[f"dadherence_vs_{tag}_se"] = t2i.paired_mean(r["_hits"], other["_hits"])
+
+
 def add_paired(rows: list[dict[str, Any]]) -> None:
     """Per NFE: the best peer (lowest RMSE), and every row's paired difference to it (RMSE, FD on both nets,
-    adherence); ``best_peer`` names it."""
+    adherence); ``best_peer`` names it. A side study's other project rows (another loss space, a cheaper recipe) are
+    also paired against the shipped table of that NFE (``shipped`` names it)."""
     for nfe in sorted({r["nfe"] for r in rows if r["kind"] != "reference"}):
         at = [r for r in rows if r["nfe"] == nfe and r["kind"] != "reference"]
         peers = [r for r in at if r["kind"] == "peer"]
@@ -126,17 +136,11 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
         best = min(peers, key=lambda r: r["rmse"])
         for r in at:
             r["best_peer"] = best["method"]
-            r["drmse_vs_peer"], r["drmse_vs_peer_se"] = t2i.paired_mean(r["_rmse"], best["_rmse"])
-            for key in ("fd_heldout_main", "fd_heldout_b"):
-                r[f"d{key}_vs_peer"], r[f"d{key}_vs_peer_se"] = paired(r, best, key)
-            r["dadherence_vs_peer"], r["dadherence_vs_peer_se"] = t2i.paired_mean(r["_hits"], best["_hits"])
-        shipped = [r for r in at if r["method"].startswith("best (") and "[" not in r["method"]]
-        for r in (r for r in at if r["kind"] == "project" and shipped and r is not shipped[0]):
-            # a side study's variant (another loss space, a cheaper recipe) against the shipped table, same seeds
-            r["shipped"] = shipped[0]["method"]
-            r["drmse_vs_shipped"], r["drmse_vs_shipped_se"] = t2i.paired_mean(r["_rmse"], shipped[0]["_rmse"])
-            r["dfd_heldout_b_vs_shipped"], r["dfd_heldout_b_vs_shipped_se"] = paired(r, shipped[0], "fd_heldout_b")
-            r["dadherence_vs_shipped"], r["dadherence_vs_shipped_se"] = t2i.paired_mean(r["_hits"], shipped[0]["_hits"])
+            paired_to(r, best, "peer", ("fd_heldout_main", "fd_heldout_b"))
+        shipped = next((r for r in at if r.get("_shipped")), None)
+        for r in (r for r in at if r["kind"] == "project" and shipped is not None and r is not shipped):
+            r["shipped"] = shipped["method"]
+            paired_to(r, shipped, "shipped", ("fd_heldout_b",))
 
 
 def mark_checked(rows: list[dict[str, Any]], guidance: float) -> None:
@@ -224,6 +228,7 @@ def run(args: argparse.Namespace) -> None:
             meta = table.metadata
             rows[-1]["fit_seconds"] = meta.get("chain_fit_seconds", meta.get("fit_seconds", meta.get("train_seconds")))
             rows[-1]["table"] = repo_relative(path)
+            rows[-1]["_shipped"] = path.stem == meta.get("shipped_as")  # the shipped file, not a copy kept beside it
             print(f"{args.teacher} {name} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
                   flush=True)
     add_paired(rows)

@@ -56,9 +56,10 @@ def main() -> None:
     rows = []
     shipped = sorted((REPO / "checkpoints" / "tables").glob(f"{args.teacher}-best-nfe*.safetensors"),
                      key=lambda p: int(p.stem.rsplit("nfe", 1)[1]))
+    missing = [str(p) for p in args.extra if not p.is_file()]
+    if missing:
+        ap.error(f"no table file {', '.join(missing)}")
     for path in shipped + [p.resolve() for p in args.extra]:
-        if not path.is_file():
-            raise SystemExit(f"error: no table file {path}")
         t = SolverTable.load(str(path))
         meta = t.metadata
         start = meta.get("chain_start") or {}
@@ -67,7 +68,7 @@ def main() -> None:
         counts = chain_counts(meta, start["oss"], t.nfe)
         total = sum(counts.values())
         if meta.get("model") != args.teacher:
-            raise SystemExit(f"error: {path.name} was learned for {meta.get('model')!r}, not {args.teacher!r}")
+            ap.error(f"{path.name} was learned for {meta.get('model')!r}, not {args.teacher!r}")
         rows.append({"teacher": args.teacher, "nfe": t.nfe, "table": str(path.relative_to(REPO)), "selected": meta.get("selected"),
                      "cpu_seconds_oss": start.get("fit_seconds"), "cpu_seconds_ddss": meta.get("train_seconds"),
                      "cpu_seconds_chain": meta.get("chain_fit_seconds"), **counts, "total_evals": total,
