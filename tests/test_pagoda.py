@@ -253,6 +253,15 @@ def test_command_exports_every_resolution_served_by_samplers_generate(tiny_teach
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (again / "pagoda-patches8-loss.csv").read_text() == (run / "pagoda-patches8-loss.csv").read_text()
     assert (run / "pagoda-patches8-loss.csv").is_file()
+    # grown from that run's base (base_steps=0): the base is kept as given, only the 16x16 stage trains
+    grow = tmp_path / "grow"
+    main(["pagoda", *_fast(tiny_teacher, tmp_path), "steps=2", "base_steps=0", f"base_generator={run / 'pagoda-patches8.safetensors'}",
+          f"hydra.run.dir={grow}"])
+    base, kept = (load_file(str(d / "pagoda-patches8.safetensors")) for d in (run, grow))
+    assert base.keys() == kept.keys() and all(torch.equal(base[k], kept[k]) for k in base)
+    top = load_file(str(grow / "pagoda-patches16.safetensors"))
+    assert all(torch.equal(top[k], kept[k]) for k in kept) and not all(torch.equal(top[k], a[k]) for k in top)
+    assert read_net_header(str(grow / "pagoda-patches16.safetensors"))[1]["base_generator"] == str(run / "pagoda-patches8.safetensors")
     for r in (8, 16):
         config, meta = read_net_header(str(run / f"pagoda-patches{r}.safetensors"))
         assert config["arch"] == "pagoda_generator" and config["precond"] == "input" and meta["resolution"] == r
@@ -293,6 +302,11 @@ def test_discriminator_shapes_and_one_logit_per_image(downsample: str) -> None:
     (["d_steps=0"], r"d_steps must be"),
     (["freq_weight=-1"], r"freq_weight"),
     (["rec_features=null", "pixel_weight=0", "freq_weight=0"], r"leave no reconstruction loss"),
+    (["base_steps=0"], r"base_steps=0 leaves the teacher's raw output at sigma_max as the base"),
+    (["base_generator=nowhere.safetensors"], r"base_generator .*nowhere.safetensors does not exist"),
+    (["base_generator=checkpoints/edm-patches8.safetensors"], r"holds a 'unet' network; expected a PaGoDA generator file"),
+    (["base_generator=checkpoints/pagoda-patches8.safetensors"], r"was not grown from this teacher"),
+    (["base_generator=README.md"], r"base_generator .*README.md is not a network file"),
 ])
 def test_bad_config_is_one_error_line(args: list[str], message: str, tiny_teacher: Path, cli_error) -> None:
     import re

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from samplers import SolverTable, baselines, sample, schedules
 from samplers.artifact import atomic_save, atomic_write_bytes
 from samplers.images import write_png_grid
-from samplers.nets import PaGoDAGenerator, build_net, load_denoiser, read_net_header, save_net
+from samplers.nets import PaGoDAGenerator, build_net, load_denoiser, load_net, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
 from optimize import data
@@ -71,7 +71,7 @@ from optimize.training.runs import (
 )
 
 KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
-    "stages": count(8), "base_steps": count(10**8), "encode_steps": count(100_000, low=2), "d_lr": rate(),
+    "stages": count(8), "base_steps": count(10**8, low=0), "encode_steps": count(100_000, low=2), "d_lr": rate(),
     "pixel_weight": Key("num", 0), "freq_weight": Key("num", 0), "d_steps": count(100)}
 PATCH_RESOLUTIONS = (8, 16, 32)  # optimize.data.patches
 PATCH_CHANNELS = 3  # the patches are RGB
@@ -526,9 +526,40 @@ def validate(cfg: Any) -> None:
         rec_features_net(resolve_path(str(cfg.rec_features)))
     if cfg.rec_features is None and float(cfg.pixel_weight) == 0 and float(cfg.freq_weight) == 0:
         raise ConfigError("rec_features=null, pixel_weight=0 and freq_weight=0 leave no reconstruction loss.")
+    if cfg.get("base_generator") is not None:
+        base_generator(cfg, config)
+    elif int(cfg.base_steps) == 0:
+        raise ConfigError("base_steps=0 leaves the teacher's raw output at sigma_max as the base; train it (base_steps >= 1) "
+                          "or start from a trained one (base_generator=PATH).")
     path = resume_path(cfg.get("resume"))
     if path is not None and not os.path.isfile(path):
         raise ConfigError(f"resume checkpoint {path} does not exist.")
+
+
+def base_generator(cfg: Any, teacher_config: dict[str, Any]) -> tuple[nn.Module, str]:
+    """``(net, fingerprint)`` of ``base_generator=PATH``: a PaGoDA generator network file of this teacher (its
+    ``teacher_fingerprint``) whose base has the teacher's architecture; its grown stages, if any, are not used. One
+    ConfigError for anything else (a missing or non-network file, another teacher, another architecture)."""
+    path = resolve_path(str(cfg.base_generator))
+    expect = "a PaGoDA generator file of this teacher, e.g. checkpoints/pagoda-patches8.safetensors"
+    if not os.path.isfile(path):
+        raise ConfigError(f"base_generator {path} does not exist ({expect}).")
+    try:
+        config, meta = read_net_header(str(path))
+    except Exception as err:  # noqa: BLE001 - not a network file (a pickle is never loaded): one sentence
+        raise ConfigError(f"base_generator {path} is not a network file ({str(err).splitlines()[0][:120]}); expected {expect}.") from None
+    if config.get("arch") != "pagoda_generator":
+        raise ConfigError(f"base_generator {path} holds a {config.get('arch')!r} network; expected {expect}.")
+    teacher = load_denoiser(str(resolve_path(str(cfg.model.checkpoint)))).fingerprint()
+    if meta.get("teacher_fingerprint") != teacher:
+        raise ConfigError(f"base_generator {path} was not grown from this teacher (teacher_fingerprint "
+                          f"{meta.get('teacher_fingerprint')!r}, this one {teacher!r}).")
+    own = ("arch", "precond", "growth", "stage_blocks", "shape")
+    diff = sorted(k for k in set(config) | set(teacher_config) if k not in own and config.get(k) != teacher_config.get(k))
+    if diff:
+        raise ConfigError(f"base_generator {path} has another base than the teacher's network ({diff[0]}: "
+                          f"{config.get(diff[0])!r} vs {teacher_config.get(diff[0])!r}).")
+    return load_net(str(path))[0], load_denoiser(str(path)).fingerprint()
 
 
 def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int]) -> PaGoDAModule:
@@ -588,8 +619,10 @@ def run(cfg: Any) -> dict[str, Any]:
     high = training_images(int(cfg.n_data), int(cfg.data_resolution), int(cfg.data_seed))
     reals = [area_downsample(high, r) for r in res]
     del high
-    module = build_module(cfg, teacher_config, model.shape).init_from(teacher_net).attach(latents, reals, rec_distance(cfg))
+    base, base_fingerprint = (teacher_net, None) if cfg.get("base_generator") is None else base_generator(cfg, teacher_config)
+    module = build_module(cfg, teacher_config, model.shape).init_from(base).attach(latents, reals, rec_distance(cfg))
     module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint, "data": settings["n_data"],
+                           "base_generator": base_fingerprint,
                            "data_resolution": int(cfg.data_resolution), "rec_features": str(cfg.rec_features),
                            "pixel_weight": float(cfg.pixel_weight), "freq_weight": float(cfg.freq_weight)}
     ckpt_path = pick_resume(cfg.get("resume"), out_dir, {**dict(module.hparams), **module.run_settings})
@@ -614,7 +647,9 @@ def run(cfg: Any) -> dict[str, Any]:
     base_meta = {"model": str(cfg.model.name), "teacher_fingerprint": model.fingerprint, "train_seconds": round(train_seconds, 1),
                  "data": {k: v for k, v in settings.items()}, "data_resolution": int(cfg.data_resolution),
                  "rec_features": None if cfg.rec_features is None else str(cfg.rec_features), "pixel_weight": float(cfg.pixel_weight),
-                 "freq_weight": float(cfg.freq_weight), "d_steps": int(cfg.d_steps), "threads": torch.get_num_threads()}
+                 "freq_weight": float(cfg.freq_weight), "d_steps": int(cfg.d_steps), "d_lr": float(cfg.d_lr),
+                 "base_generator": None if cfg.get("base_generator") is None else str(cfg.base_generator),
+                 "threads": torch.get_num_threads()}
     for k in range(top + 1):
         tag = f"pagoda-{cfg.model.data}{res[k]}"
         gen_path = os.path.join(out_dir, f"{tag}.safetensors")
