@@ -87,7 +87,8 @@ def cached(folder: Path, stem: str, n: int, key: str, compute: Any) -> torch.Ten
 
 def table_label(path: Path, table: SolverTable, guidance: float | None = None) -> str:
     """A row's method name: ``best`` for a shipped best table, else the table's ``method`` (with its base solver for
-    LD3), e.g. ``ld3-unipc``, ``oss``; `` (learned at w7.5)`` when it was learned at another scale than ``guidance``."""
+    LD3, its classic start for DDSS), e.g. ``ld3-unipc``, ``oss``, ``ddss (from unipc)``; `` (learned at w7.5)`` when it
+    was learned at another scale than ``guidance``."""
     if "shipped_as" in table.metadata:
         name = f"best ({table.metadata.get('selected', '?')})"
         if path.stem != table.metadata["shipped_as"]:  # a best run kept beside the shipped one (e.g. a cheaper recipe)
@@ -99,6 +100,9 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
         config = table.metadata.get("config") or {}
         if config.get("match_space", "latent") != "latent":  # DDSS fitted in the VAE's image space
             name += f" ({config['match_space']} match)"
+        init = table.metadata.get("init")
+        if method == "ddss" and init and not str(init).startswith("table:"):  # DDSS from a classic, not from a learned table
+            name += f" (from {init})"
     learned = table.metadata.get("guidance")
     if guidance is not None and learned is not None and float(learned) != float(guidance):
         name += f" (learned at w{float(learned):g})"
