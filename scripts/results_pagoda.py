@@ -256,8 +256,15 @@ def probe_section(path: Path) -> str:
         return ""
     rows = read_results(str(path))
     lrs = sorted({float(r["d_lr"]) for r in rows})
+
     def name(r: dict[str, Any]) -> str:
         return f"{r['source']} ({r['generators']})" if r.get("generators") else str(r["source"])
+
+    base: dict[str, list] = {name(r): [] for r in rows if r.get("generators")}  # each run's 8x8 rows
+    for r in rows:
+        if r.get("generators") and int(r["resolution"]) == RES[0]:
+            base[name(r)].append((float(r["d_lr"]), r["heldout_accuracy"]))
+    same = len(base) > 1 and len({tuple(sorted(v)) for v in base.values()}) == 1
 
     sources = list(dict.fromkeys(name(r) for r in rows))
     lines = ["| source | resolution | " + " | ".join(f"D lr {lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
@@ -271,7 +278,8 @@ def probe_section(path: Path) -> str:
             f"{int(r0['steps']):,} steps (batch 32, hinge loss) on {int(r0['n_train']):,} fixed samples of a source against as many "
             f"real crops, then scored on {int(r0['n_test']):,} of each it never saw: held-out accuracy (0.5: it cannot separate "
             f"them) ± se (`scripts/pagoda_d_probe.py`, `docs/results/pagoda/d-probe.csv`; the generators of the runs named in "
-            f"brackets, seeds 4,500,000..). The 8x8 rows are one base in both runs.\n\n" + "\n".join(lines) + "\n")
+            f"brackets, seeds 4,500,000..)." + (f" The runs' {RES[0]}x{RES[0]} rows agree: they share one base." if same else "")
+            + "\n\n" + "\n".join(lines) + "\n")
 
 
 def curve_summary(path: Path) -> str:
