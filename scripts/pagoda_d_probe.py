@@ -31,7 +31,7 @@ from optimize import data
 from optimize.base.seeds import DATA_SEED_OFFSET
 from optimize.evaluation.evaluate import draw
 from optimize.evaluation.results import read_results, write_csv
-from optimize.methods.pagoda import Discriminator, area_downsample
+from optimize.methods.pagoda import Discriminator, area_downsample, hinge_loss
 from samplers import SolverTable, baselines
 from samplers.nets import load_denoiser
 
@@ -40,13 +40,25 @@ RES = (8, 16, 32)
 PROBE_SEED = DATA_SEED_OFFSET + 500_000
 
 
-def fakes(generators: Path, n: int, teacher: bool = True) -> dict[tuple[str, int], torch.Tensor]:
-    """``{(source, R): [n, 3, R, R]}`` for the generators in ``generators`` and (``teacher``) the upsampled teacher."""
+def generator_files(folder: Path) -> dict[int, tuple[Path, Path]] | None:
+    """``{R: (generator, its 1-NFE table)}`` in a run folder (side by side) or in checkpoints/ (tables under tables/);
+    None when one is missing."""
+    files = {}
+    for r in RES:
+        gen = folder / f"pagoda-patches{r}.safetensors"
+        table = next((t for t in (folder / f"pagoda-patches{r}-1nfe.safetensors", folder / "tables" / f"pagoda-patches{r}-1nfe.safetensors")
+                      if t.is_file()), None)
+        if not gen.is_file() or table is None:
+            return None
+        files[r] = (gen, table)
+    return files
+
+
+def fakes(files: dict[int, tuple[Path, Path]], n: int, teacher: bool = True) -> dict[tuple[str, int], torch.Tensor]:
+    """``{(source, R): [n, 3, R, R]}`` for the generators ``files`` and (``teacher``) the upsampled teacher."""
     seeds = list(range(PROBE_SEED, PROBE_SEED + n))
     out = {}
-    for r in RES:
-        gen_path = generators / f"pagoda-patches{r}.safetensors"
-        table_path = generators / ("tables" if generators.name == "checkpoints" else "") / f"pagoda-patches{r}-1nfe.safetensors"
+    for r, (gen_path, table_path) in files.items():
         gen = load_denoiser(str(gen_path))
         out[("pagoda", r)] = draw(SolverTable.load(str(table_path), fingerprint=gen.fingerprint()), gen, gen.shape, seeds).clamp(-1, 1)
     if not teacher:
@@ -68,7 +80,7 @@ def probe(real: torch.Tensor, fake: torch.Tensor, r: int, lr: float, steps: int,
     tail = []
     for it in range(steps):
         i, j = torch.randint(len(rtr), (32,), generator=g), torch.randint(len(ftr), (32,), generator=g)
-        loss = F.relu(1 - d(rtr[i])).mean() + F.relu(1 + d(ftr[j])).mean()
+        loss = hinge_loss(d(rtr[i]), d(ftr[j]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -78,7 +90,7 @@ def probe(real: torch.Tensor, fake: torch.Tensor, r: int, lr: float, steps: int,
         dr, df = d(rte), d(fte)
     hits = torch.cat([(dr > 0).float(), (df < 0).float()])
     return {"train_hinge_last200": sum(tail) / len(tail),
-            "heldout_hinge": float(F.relu(1 - dr).mean() + F.relu(1 + df).mean()),
+            "heldout_hinge": float(hinge_loss(dr, df)),
             "heldout_accuracy": float(hits.mean()), "heldout_accuracy_se": float(hits.std() / len(hits) ** 0.5)}
 
 
@@ -97,12 +109,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 200 or args.n_train < 32 or args.n_test < 10 or any(not lr > 0 for lr in args.lrs):
         parser.error("need --steps >= 200, --n-train >= 32, --n-test >= 10 and positive --lrs")
-    if not (args.generators / "pagoda-patches32.safetensors").is_file():
-        parser.error(f"{args.generators} holds no pagoda-patches32.safetensors")
+    files = generator_files(args.generators)
+    if files is None:
+        parser.error(f"{args.generators} lacks a pagoda-patches{{8,16,32}} generator or its -1nfe table (beside it or under tables/)")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     n = args.n_train + args.n_test
-    sources = fakes(args.generators, n, teacher=not args.no_teacher)
+    sources = fakes(files, n, teacher=not args.no_teacher)
     real32 = data.patches("train", n, seed=7, resolution=32)
     rows = []
     for (source, r), fake in sources.items():

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from samplers import SolverTable, baselines, sample, schedules
 from samplers.artifact import atomic_save, atomic_write_bytes
 from samplers.images import write_png_grid
-from samplers.nets import PaGoDAGenerator, build_net, load_denoiser, load_net, read_net_header, save_net
+from samplers.nets import PaGoDAGenerator, build_net, load_denoiser, read_net_header, save_net
 from samplers.table import FORMAT_VERSION
 
 from optimize import data
@@ -243,6 +243,11 @@ class Discriminator(nn.Module):
         return self.head(self.body(x)).squeeze(1)
 
 
+def hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator's hinge loss ``E relu(1 - D(x_real)) + E relu(1 + D(x_fake))`` (2 at chance: D = 0)."""
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
 def adaptive_weight(loss_rec: torch.Tensor, loss_gan: torch.Tensor, last_layer: torch.Tensor, low: float = 0.01,
                     high: float = 10.0) -> torch.Tensor:
     """``lambda = clip(|grad_W L_rec| / (|grad_W L_G| + 1e-4), low, high)`` on the last layer W (no grad through it)."""
@@ -406,7 +411,7 @@ class PaGoDAModule(TrainingModule):
                 with torch.no_grad():
                     e = (torch.randn(z.shape, generator=gen) * float(self.hparams.sigma_max)).to(self.device, z.dtype)
                     fake = self.generate(e, k)
-            loss_d = F.relu(1 - d(real)).mean() + F.relu(1 + d(fake)).mean()
+            loss_d = hinge_loss(d(real), d(fake))
             opt_d.zero_grad()
             self.manual_backward(loss_d)
             opt_d.step()
@@ -527,7 +532,7 @@ def validate(cfg: Any) -> None:
     if cfg.rec_features is None and float(cfg.pixel_weight) == 0 and float(cfg.freq_weight) == 0:
         raise ConfigError("rec_features=null, pixel_weight=0 and freq_weight=0 leave no reconstruction loss.")
     if cfg.get("base_generator") is not None:
-        base_generator(cfg, config)
+        base_generator(cfg, config, load_denoiser(str(teacher)).fingerprint())
     elif int(cfg.base_steps) == 0:
         raise ConfigError("base_steps=0 leaves the teacher's raw output at sigma_max as the base; train it (base_steps >= 1) "
                           "or start from a trained one (base_generator=PATH).")
@@ -536,10 +541,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"resume checkpoint {path} does not exist.")
 
 
-def base_generator(cfg: Any, teacher_config: dict[str, Any]) -> tuple[nn.Module, str]:
+def base_generator(cfg: Any, teacher_config: dict[str, Any], teacher_fingerprint: str) -> tuple[nn.Module, str]:
     """``(net, fingerprint)`` of ``base_generator=PATH``: a PaGoDA generator network file of this teacher (its
-    ``teacher_fingerprint``) whose base has the teacher's architecture; its grown stages, if any, are not used. One
-    ConfigError for anything else (a missing or non-network file, another teacher, another architecture)."""
+    ``teacher_fingerprint``) whose config is the teacher's as ``generator_config`` makes it; its grown stages, if any,
+    are not used. One ConfigError for anything else (a missing or non-network file, another teacher, another
+    architecture)."""
     path = resolve_path(str(cfg.base_generator))
     expect = "a PaGoDA generator file of this teacher, e.g. checkpoints/pagoda-patches8.safetensors"
     if not os.path.isfile(path):
@@ -550,16 +556,16 @@ def base_generator(cfg: Any, teacher_config: dict[str, Any]) -> tuple[nn.Module,
         raise ConfigError(f"base_generator {path} is not a network file ({str(err).splitlines()[0][:120]}); expected {expect}.") from None
     if config.get("arch") != "pagoda_generator":
         raise ConfigError(f"base_generator {path} holds a {config.get('arch')!r} network; expected {expect}.")
-    teacher = load_denoiser(str(resolve_path(str(cfg.model.checkpoint)))).fingerprint()
-    if meta.get("teacher_fingerprint") != teacher:
+    if meta.get("teacher_fingerprint") != teacher_fingerprint:
         raise ConfigError(f"base_generator {path} was not grown from this teacher (teacher_fingerprint "
-                          f"{meta.get('teacher_fingerprint')!r}, this one {teacher!r}).")
-    own = ("arch", "precond", "growth", "stage_blocks", "shape")
-    diff = sorted(k for k in set(config) | set(teacher_config) if k not in own and config.get(k) != teacher_config.get(k))
+                          f"{meta.get('teacher_fingerprint')!r}, this one {teacher_fingerprint!r}).")
+    expected = generator_config(teacher_config, config.get("growth", []), config.get("stage_blocks", 1), config.get("shape", []))
+    diff = sorted(k for k in set(config) | set(expected) if config.get(k) != expected.get(k))
     if diff:
         raise ConfigError(f"base_generator {path} has another base than the teacher's network ({diff[0]}: "
-                          f"{config.get(diff[0])!r} vs {teacher_config.get(diff[0])!r}).")
-    return load_net(str(path))[0], load_denoiser(str(path)).fingerprint()
+                          f"{config.get(diff[0])!r} vs {expected.get(diff[0])!r}).")
+    base = load_denoiser(str(path))
+    return base.net, base.fingerprint()
 
 
 def build_module(cfg: Any, teacher_config: dict[str, Any], shape: Sequence[int]) -> PaGoDAModule:
@@ -619,7 +625,8 @@ def run(cfg: Any) -> dict[str, Any]:
     high = training_images(int(cfg.n_data), int(cfg.data_resolution), int(cfg.data_seed))
     reals = [area_downsample(high, r) for r in res]
     del high
-    base, base_fingerprint = (teacher_net, None) if cfg.get("base_generator") is None else base_generator(cfg, teacher_config)
+    base, base_fingerprint = (teacher_net, None) if cfg.get("base_generator") is None else \
+        base_generator(cfg, teacher_config, model.fingerprint)
     module = build_module(cfg, teacher_config, model.shape).init_from(base).attach(latents, reals, rec_distance(cfg))
     module.run_settings = {"model": str(cfg.model.name), "model_fingerprint": model.fingerprint, "data": settings["n_data"],
                            "base_generator": base_fingerprint,
