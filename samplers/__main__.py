@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--table", metavar="FILE", help="solver table file (.safetensors)")
     src.add_argument("--solver", metavar="NAME", help=f"classic solver: {', '.join(baselines.SOLVERS)}")
     src.add_argument("--nfe", type=int, help="number of denoiser evaluations (exact)")
-    src.add_argument("--schedule", default=None, help="karras | logsnr | time_uniform (default karras)")
+    src.add_argument("--schedule", default=None, help="karras | logsnr | time_uniform | flow (default karras)")
     src.add_argument("--sigma-min", type=float, default=None, help="default 0.002, clamped to the model's range")
     src.add_argument("--sigma-max", type=float, default=None, help="default 80, clamped to the model's range")
     src.add_argument("--rho", type=float, default=None, help="karras rho (default 7)")

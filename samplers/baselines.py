@@ -280,7 +280,7 @@ def build(
 ) -> SolverTable:
     """Compile a training-free solver to a table with exactly ``nfe`` denoiser evaluations.
 
-    ``schedule`` is 'karras' (uses rho), 'logsnr' or 'time_uniform'; ``sigmas`` gives the step
+    ``schedule`` is 'karras' (uses rho), 'logsnr', 'time_uniform' or 'flow'; ``sigmas`` gives the step
     sigmas explicitly instead. ``end`` is where the last step lands: 'zero' (the schedule's last point,
     sigma_min, is evaluated and the last step goes to sigma 0: EDM's convention) or 'sigma_min' (the
     schedule gets one more point, sigma_min, which is never evaluated: the last step lands there and the

@@ -58,7 +58,28 @@ def time_uniform(
     return sig
 
 
-SCHEDULES = {"karras": karras, "logsnr": logsnr_uniform, "time_uniform": time_uniform}
+def flow_uniform(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, shift: float = 1.0) -> np.ndarray:
+    """Uniform in the flow-matching time (rectified flow, SD3: ``x_t = (1 - t) x_0 + t e``, so ``sigma = t / (1 - t)``),
+    after SD3's time shift ``t' = shift t / (1 + (shift - 1) t)`` (Esser et al. 2024, eq. 23; shift 1: none), the grid
+    of diffusers' FlowMatchEuler and of its multistep schedulers with ``use_flow_sigmas``."""
+    _check(n, sigma_min, sigma_max)
+    if not shift > 0:
+        raise ValueError(f"shift must be positive, got {shift}.")
+    if n == 1:
+        return np.array([sigma_max], dtype=np.float64)
+
+    def unshifted(sigma: float) -> float:  # the t before the shift whose shifted time has this sigma
+        t = sigma / (1.0 + sigma)
+        return t / (shift - (shift - 1.0) * t)
+
+    t = np.linspace(unshifted(sigma_max), unshifted(sigma_min), n)
+    t = shift * t / (1.0 + (shift - 1.0) * t)
+    sig = t / (1.0 - t)
+    sig[0], sig[-1] = sigma_max, sigma_min  # exact endpoints
+    return sig
+
+
+SCHEDULES = {"karras": karras, "logsnr": logsnr_uniform, "time_uniform": time_uniform, "flow": flow_uniform}
 
 
 def explicit(sigmas: Sequence[float]) -> np.ndarray:
@@ -74,7 +95,8 @@ def explicit(sigmas: Sequence[float]) -> np.ndarray:
 
 
 def make(name: str, n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, **options: Any) -> np.ndarray:
-    """Schedule by name: 'karras' (option rho), 'logsnr', 'time_uniform' (options beta_min, beta_d)."""
+    """Schedule by name: 'karras' (option rho), 'logsnr', 'time_uniform' (options beta_min, beta_d), 'flow' (option
+    shift)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}.")
     return SCHEDULES[name](n, sigma_min, sigma_max, **options)

@@ -48,7 +48,7 @@ def test_unknown_solver_and_option():
 def test_schedule_errors():
     with pytest.raises(ValueError, match="need 0 < sigma_min < sigma_max"):
         baselines.build("euler", 4, sigma_min=80.0, sigma_max=1.0)
-    with pytest.raises(ValueError, match="unknown schedule 'cosine'; valid: karras, logsnr, time_uniform"):
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'; valid: karras, logsnr, time_uniform, flow"):
         baselines.build("euler", 4, schedule="cosine")
     with pytest.raises(ValueError, match="heun with nfe=5 takes 3 step sigmas, got 4"):
         baselines.build("heun", 5, sigmas=[10.0, 5.0, 1.0, 0.5])
@@ -67,6 +67,20 @@ def test_schedules():
     t = schedules.vp_time(tu)
     assert np.allclose(np.diff(t), np.diff(t)[0]) and tu[0] == 80.0 and tu[-1] == 0.002
     assert np.allclose(schedules.vp_sigma(schedules.vp_time(np.array([0.01, 1.0, 50.0]))), [0.01, 1.0, 50.0])
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_schedule_is_uniform_in_flow_time(shift):
+    """sigma = t / (1 - t) with t = shift u / (1 + (shift - 1) u) and u uniform (rectified flow; SD3's shift)."""
+    sig = schedules.make("flow", 6, 0.001, 999.0, shift=shift)
+    assert sig[0] == 999.0 and sig[-1] == 0.001 and np.all(np.diff(sig) < 0)
+    t = sig / (1 + sig)
+    u = t / (shift - (shift - 1) * t)  # undo the shift
+    assert np.allclose(np.diff(u), np.diff(u)[0])
+    if shift == 1.0:  # FlowMatchEuler's grid at 5 steps from t = 1: t = 1, 0.75, 0.5, 0.25 (sigma 3, 1, 1/3 inside)
+        assert np.allclose(schedules.flow_uniform(5, 1e-9, 1e9)[1:4], [3.0, 1.0, 1 / 3], rtol=1e-6)
+    with pytest.raises(ValueError, match="shift must be positive"):
+        schedules.flow_uniform(4, 0.01, 10.0, shift=0.0)
 
 
 def test_explicit_sigmas_are_used_as_given():

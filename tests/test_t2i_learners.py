@@ -21,6 +21,7 @@ from tiny_t2i import save_tiny_sd  # noqa: E402
 from samplers import SolverTable, baselines, make_noise, sample  # noqa: E402
 from samplers import __main__ as samplers_cli  # noqa: E402
 from samplers.models import load  # noqa: E402
+from samplers.t2i import sigma_range  # noqa: E402
 
 from optimize.cli import main as optimize_main  # noqa: E402
 from optimize.base.seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range  # noqa: E402
@@ -128,6 +129,29 @@ def test_learner_runs_on_a_text_to_image_pipeline_and_generate_serves_its_table(
     code = samplers_cli.main(["generate", "--model", f"diffusers:{sd}", "--prompt", PROMPTS[0], "--guidance", "7.5",
                               "--table", str(path), "--n", "1", "--out", str(tmp_path / "gen2"), "--no-progress"])
     assert code == 2 and "learned at guidance 3" in capsys.readouterr().err
+
+
+def test_ddss_starts_from_a_table_learned_at_another_guidance_only_when_asked(sd, model, tmp_path, cli_error, capsys):
+    """init=table:PATH with a table learned at guidance 3 on a run at 7.5: refused with the hint that names both scales;
+    with model.any_guidance=true it is the start (checked against the model at the table's own scale) and the learned
+    table records 7.5."""
+    sigma_min, sigma_max = sigma_range(sd)
+    start = baselines.build("unipc", 4, sigma_min=sigma_min, sigma_max=sigma_max, schedule="flow")
+    meta = {**start.metadata, "model": "diffusers", "model_fingerprint": model.fingerprint, "guidance": W,
+            "negative_prompt": "", "latent_shape": [4, 8, 8]}
+    path = SolverTable(start.sigmas, start.coef, meta).save(str(tmp_path / "at3.safetensors"))
+    common = ["ddss", "model=diffusers", f"model.path={sd}", f"model.prompts=[{PROMPTS[0]},{PROMPTS[1]}]",
+              "model.guidance=7.5", "nfe=4", "family=full", f"init=table:{path}", "loss=match", "monitor=match",
+              "n_match=4", "batch_size=2", "steps=1", "n_val=2", "val_every=1", "teacher_nfe=4", "evaluate_at_end=false",
+              "progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    err = cli_error(common)
+    assert "learned at guidance 3" in err and "this run uses 7.5" in err and "model.any_guidance=true" in err
+    assert not list((tmp_path / "run").glob("*.safetensors"))
+    optimize_main([*common, "model.any_guidance=true"])
+    capsys.readouterr()
+    [out] = sorted((tmp_path / "run").glob("ddss-*.safetensors"))
+    learned = SolverTable.load(str(out))
+    assert learned.metadata["guidance"] == 7.5 and learned.metadata["init"] == f"table:{path}"
 
 
 def test_ddss_kid_on_a_text_to_image_model_is_one_sentence(sd, cli_error):

@@ -782,11 +782,15 @@ def run(cfg: Any) -> dict[str, Any]:
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per DDP process
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     model = load_model(cfg.model, device)
-    if str(cfg.init).startswith(TABLE_PREFIX):  # made for this model?
+    if str(cfg.init).startswith(TABLE_PREFIX):  # made for this model (at another guidance scale: model.any_guidance)?
+        hint = ""
         try:
-            init_file_table(resolved_init(cfg), int(cfg.nfe), model.fingerprint)
+            path = resolved_init(cfg)[len(TABLE_PREFIX):]
+            fingerprint, hint = model.table_fingerprint(SolverTable.load(path).metadata) if os.path.isfile(path) else \
+                (model.fingerprint, "")
+            init_file_table(resolved_init(cfg), int(cfg.nfe), fingerprint)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(str(err) + hint) from None
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
     module = build_module(cfg).attach(model, judge if needs_data(cfg) else None, teacher_native(cfg))
     loss_tag = "" if str(cfg.loss) == "kid" else "-" + str(cfg.loss).replace("+", "-")
