@@ -87,8 +87,8 @@ def cached(folder: Path, stem: str, n: int, key: str, compute: Any) -> torch.Ten
 
 def table_label(path: Path, table: SolverTable, guidance: float | None = None) -> str:
     """A row's method name: ``best`` for a shipped best table, else the table's ``method`` (with its base solver for
-    LD3, its classic start for DDSS), e.g. ``ld3-unipc``, ``oss``, ``ddss (from unipc)``; `` (learned at w7.5)`` when it
-    was learned at another scale than ``guidance``."""
+    LD3, its classic start and that start's grid when not Karras for DDSS), e.g. ``ld3-unipc``, ``oss``,
+    ``ddss (from unipc, flow)``; `` (learned at w7.5)`` when it was learned at another scale than ``guidance``."""
     if "shipped_as" in table.metadata:
         name = f"best ({table.metadata.get('selected', '?')})"
         if path.stem != table.metadata["shipped_as"]:  # a best run kept beside the shipped one (e.g. a cheaper recipe)
@@ -102,7 +102,8 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
             name += f" ({config['match_space']} match)"
         init = table.metadata.get("init")
         if method == "ddss" and init and not str(init).startswith("table:"):  # DDSS from a classic, not from a learned table
-            name += f" (from {init})"
+            grid = config.get("schedule", "karras")  # the classic's grid when not Karras's, e.g. (from unipc, flow)
+            name += f" (from {init})" if grid == "karras" else f" (from {init}, {grid})"
     learned = table.metadata.get("guidance")
     if guidance is not None and learned is not None and float(learned) != float(guidance):
         name += f" (learned at w{float(learned):g})"

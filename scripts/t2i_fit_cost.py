@@ -6,7 +6,8 @@ For each shipped ``checkpoints/tables/<teacher>-best-nfe<N>.safetensors`` (``pyt
 iia=false ddss_loss=match select_by=match ...``): the measured wall seconds of its chain (OSS's search and the DDSS fit,
 from the tables' metadata), and the guided denoiser evaluations (one evaluation = one sample at one noise level, both
 CFG branches) that chain needs, counted from the settings recorded in the tables (``--extra``: more tables of the same
-recipe kept beside the shipped ones, e.g. a cheaper run's):
+recipe kept beside the shipped ones, e.g. a cheaper run's, or DDSS alone from a classic start, which has no OSS search
+and no selection step):
 
 - OSS: the teacher's Euler trajectory (n_search x teacher_steps) and, per step k of K = NFE, one evaluation at every
   grid point a state reached (n_search x (1 + (K - 1) x teacher_steps) at most);
@@ -33,16 +34,18 @@ SD15_EVALS_PER_S = 50.0  # ASSUMED guided sample-steps per second, SD 1.5 at 512
 BACKWARD_FACTOR = 3.0    # a training evaluation: forward, rematerialised forward and backward (about 2 forwards)
 
 
-def chain_counts(meta: dict, oss: dict, nfe: int) -> dict[str, float]:
-    """Guided denoiser evaluations of the chain behind one shipped table (see the module docstring)."""
+def chain_counts(meta: dict, oss: dict | None, nfe: int) -> dict[str, float]:
+    """Guided denoiser evaluations of the chain behind one table (see the module docstring; ``oss`` None: DDSS alone)."""
     cfg = meta["run_config"]
-    n_search, steps_teacher = int(oss["n_search"]), int(oss["teacher_steps"])
-    oss_evals = n_search * steps_teacher + n_search * (1 + (nfe - 1) * steps_teacher)
+    oss_evals = 0
+    if oss is not None:
+        n_search, steps_teacher = int(oss["n_search"]), int(oss["teacher_steps"])
+        oss_evals = n_search * steps_teacher + n_search * (1 + (nfe - 1) * steps_teacher)
     steps, batch, n_val, val_every = int(cfg["steps"]), int(cfg["batch_size"]), int(cfg["n_val"]), int(cfg["val_every"])
     teacher = int(cfg["n_match"]) * int(cfg["teacher_nfe"]) + n_val * int(cfg["teacher_nfe"])
     train = steps * batch * nfe * BACKWARD_FACTOR
     val = (steps // max(val_every, 1) + 1) * n_val * nfe
-    n_select = int(meta["n_select"])
+    n_select = int(meta.get("n_select", 0))
     select = n_select * (int(cfg["teacher_nfe"]) + nfe)
     return {"oss_evals": oss_evals, "ddss_teacher_evals": teacher, "ddss_train_evals": train, "ddss_val_evals": val,
             "select_evals": select}
@@ -63,15 +66,19 @@ def main() -> None:
         t = SolverTable.load(str(path))
         meta = t.metadata
         start = meta.get("chain_start") or {}
-        if start.get("method") != "oss":
-            raise SystemExit(f"error: {path.name} did not start from OSS (chain_start {start or 'missing'}): not this recipe")
-        counts = chain_counts(meta, start["oss"], t.nfe)
+        from_classic = meta.get("method") == "ddss" and not str(meta.get("init", "table:")).startswith("table:")
+        if start.get("method") != "oss" and not from_classic:
+            raise SystemExit(f"error: {path.name} neither started from OSS (chain_start {start or 'missing'}) nor is DDSS "
+                             "from a classic solver: not this recipe")
+        counts = chain_counts(meta, start.get("oss"), t.nfe)
         total = sum(counts.values())
         if meta.get("model") != args.teacher:
             ap.error(f"{path.name} was learned for {meta.get('model')!r}, not {args.teacher!r}")
-        rows.append({"teacher": args.teacher, "nfe": t.nfe, "table": str(path.relative_to(REPO)), "selected": meta.get("selected"),
-                     "cpu_seconds_oss": start.get("fit_seconds"), "cpu_seconds_ddss": meta.get("train_seconds"),
-                     "cpu_seconds_chain": meta.get("chain_fit_seconds"), **counts, "total_evals": total,
+        rows.append({"teacher": args.teacher, "nfe": t.nfe, "table": str(path.relative_to(REPO)),
+                     "selected": meta.get("selected") or "ddss alone",
+                     "cpu_seconds_oss": start.get("fit_seconds", 0.0), "cpu_seconds_ddss": meta.get("train_seconds"),
+                     "cpu_seconds_chain": meta.get("chain_fit_seconds", meta.get("train_seconds")), **counts,
+                     "total_evals": total,
                      "assumed_sd15_evals_per_s": SD15_EVALS_PER_S,
                      "sd15_gpu_minutes_estimate": round(total / SD15_EVALS_PER_S / 60, 1)})
     if not rows:

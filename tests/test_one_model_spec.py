@@ -143,8 +143,9 @@ def test_class_conditional_edm_net_takes_labels_and_guidance(tmp_path, capsys):
 def test_every_shipped_table_loads_with_its_shipped_model():
     """Each table in checkpoints/tables is accepted (fingerprint and range) for its model named as a shipped spec."""
     model_of = {"dsno-digits": "dsno-digits", "cd-digits": "cd-digits", "edm-best": "edm", "sd-tiny-best": "sd-tiny",
-                "sd3-tiny-best": "sd3-tiny", "patches-best": "patches", "pagoda-patches8": "pagoda-patches8",
-                "pagoda-patches16": "pagoda-patches16", "pagoda-patches32": "pagoda-patches32"}
+                "sd3-tiny-best": "sd3-tiny", "sd-tiny-w3": "sd-tiny", "sd3-tiny-w3": "sd3-tiny", "patches-best": "patches",
+                "pagoda-patches8": "pagoda-patches8", "pagoda-patches16": "pagoda-patches16",
+                "pagoda-patches32": "pagoda-patches32"}
     files = sorted((REPO / "checkpoints" / "tables").glob("*.safetensors"))
     assert len(files) >= 14
     for f in files:

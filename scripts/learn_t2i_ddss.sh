@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Text-to-image tables DDSS learns alone, with no OSS search and no selection step (DDSS keeps its step nearest the
+# teacher's solve on the validation seeds): docs/methods/best.md.
+#   bash scripts/learn_t2i_ddss.sh sd3-w3   # sd3-tiny at guidance 3, NFE 4 5 6: UniPC on the flow grid, landing on
+#                                           # sigma_min unevaluated (diffusers' UniPC with use_flow_sigmas); Euler-50
+#                                           # native teacher -> checkpoints/tables/sd3-tiny-w3-nfe<N>.safetensors
+#   bash scripts/learn_t2i_ddss.sh fast     # sd-tiny at 7.5, NFE 5 6 8: Euler (DDIM) on the VP time-uniform grid, 50
+#                                           # steps, a few minutes each -> docs/results/t2i/tables/sd-tiny-ddss-fast-nfe<N>
+#   bash scripts/learn_t2i_ddss.sh sd-w3    # sd-tiny at guidance 3, NFE 4: from the shipped table learned at 7.5
+#                                           # (init=table: with model.any_guidance=true), 100 steps
+#                                           # -> checkpoints/tables/sd-tiny-w3-nfe4.safetensors
+# Scored by scripts/results_t2i.py (the learned-at-3 and fast-fit studies; the guidance-3 section lists the shipped ones).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-.venv/bin/python}
+what=${1:?usage: learn_t2i_ddss.sh sd3-w3|fast|sd-w3}
+common=(family=full loss=match monitor=match num_threads=1 evaluate_at_end=false)
+case "$what" in
+  sd3-w3)
+    for n in 4 5 6; do
+      run=outputs/learn-t2i/sd3-tiny-w3-nfe$n
+      "$py" -m optimize ddss model=sd3-tiny model.guidance=3 nfe=$n init=unipc schedule=flow end=sigma_min "${common[@]}" \
+        teacher_solver=euler teacher_nfe=50 teacher_grid=native steps=60 batch_size=16 n_match=256 n_val=100 val_every=20 \
+        hydra.run.dir="$run"
+      cp "$run/ddss-full-match-nfe$n.safetensors" checkpoints/tables/sd3-tiny-w3-nfe$n.safetensors
+      cp "$run/ddss-full-match-nfe$n.safetensors" docs/results/t2i/tables/sd3-tiny-ddss-w3flow-nfe$n.safetensors
+    done ;;
+  fast)
+    for n in 8 6 5; do
+      run=outputs/learn-t2i/sd-tiny-fast-nfe$n
+      "$py" -m optimize ddss model=sd-tiny nfe=$n init=euler schedule=time_uniform "${common[@]}" \
+        steps=50 batch_size=32 n_match=256 n_val=100 val_every=50 progress_bar=false hydra.run.dir="$run"
+      cp "$run/ddss-full-match-nfe$n.safetensors" docs/results/t2i/tables/sd-tiny-ddss-fast-nfe$n.safetensors
+    done ;;
+  sd-w3)
+    run=outputs/learn-t2i/sd-tiny-w3-nfe4
+    "$py" -m optimize ddss model=sd-tiny model.guidance=3 model.any_guidance=true nfe=4 "${common[@]}" \
+      init=table:checkpoints/tables/sd-tiny-best-nfe4.safetensors steps=100 batch_size=32 n_match=256 n_val=100 val_every=25 \
+      progress_bar=false hydra.run.dir="$run"
+    cp "$run/ddss-full-match-nfe4.safetensors" checkpoints/tables/sd-tiny-w3-nfe4.safetensors
+    cp "$run/ddss-full-match-nfe4.safetensors" docs/results/t2i/tables/sd-tiny-ddss-w3-nfe4.safetensors ;;
+  *) echo "error: learn_t2i_ddss.sh takes sd3-w3, fast or sd-w3, got '$what'" >&2; exit 2 ;;
+esac
