@@ -60,8 +60,9 @@ def time_uniform(
 
 def flow_uniform(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, shift: float = 1.0) -> np.ndarray:
     """Uniform in the flow-matching time (rectified flow, SD3: ``x_t = (1 - t) x_0 + t e``, so ``sigma = t / (1 - t)``),
-    after SD3's time shift ``t' = shift t / (1 + (shift - 1) t)`` (Esser et al. 2024, eq. 23; shift 1: none), the grid
-    of diffusers' FlowMatchEuler and of its multistep schedulers with ``use_flow_sigmas``."""
+    after SD3's resolution-dependent time shift ``t' = shift t / (1 + (shift - 1) t)`` (Esser et al. 2024; shift 1:
+    none): the spacing of diffusers' FlowMatchEuler and of its multistep schedulers with ``use_flow_sigmas`` (whose
+    ends differ: t = 1 or 0.999 first, t = 0.001 or a last step to 0)."""
     _check(n, sigma_min, sigma_max)
     if not shift > 0:
         raise ValueError(f"shift must be positive, got {shift}.")

@@ -77,7 +77,7 @@ def test_flow_schedule_is_uniform_in_flow_time(shift):
     t = sig / (1 + sig)
     u = t / (shift - (shift - 1) * t)  # undo the shift
     assert np.allclose(np.diff(u), np.diff(u)[0])
-    if shift == 1.0:  # FlowMatchEuler's grid at 5 steps from t = 1: t = 1, 0.75, 0.5, 0.25 (sigma 3, 1, 1/3 inside)
+    if shift == 1.0:  # from t = 1 to 0 in 4 equal steps (FlowMatchEuler's grid up to its 1/1000 end): sigma 3, 1, 1/3 inside
         assert np.allclose(schedules.flow_uniform(5, 1e-9, 1e9)[1:4], [3.0, 1.0, 1 / 3], rtol=1e-6)
     with pytest.raises(ValueError, match="shift must be positive"):
         schedules.flow_uniform(4, 0.01, 10.0, shift=0.0)
