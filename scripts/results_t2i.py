@@ -226,6 +226,8 @@ def run(args: argparse.Namespace) -> None:
             if table.metadata.get("guidance") is not None and float(table.metadata["guidance"]) != args.guidance:
                 print(f"note: {path.name} was learned at guidance {table.metadata['guidance']}, run at {args.guidance}")
             name = table_label(path, table, args.guidance)
+            if any(r["method"] == name for r in rows if r["nfe"] == nfe):  # two fits of one recipe: name the later by file
+                name += f" [{path.stem}]"
             x = cached(args.cache, cache_stem, args.n, f"table-{table_hash(table)}",
                        lambda: table_images(model, table, seeds, args.batch))
             kind = "project" if name.split("-")[0].split(" ")[0] in PROJECT else "peer"
