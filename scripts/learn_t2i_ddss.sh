@@ -9,8 +9,8 @@
 #   bash scripts/learn_t2i_ddss.sh sd-w3    # sd-tiny at guidance 3, NFE 4: from the shipped table learned at 7.5
 #                                           # (init=table: with model.any_guidance=true), 100 steps
 #                                           # -> checkpoints/tables/sd-tiny-w3-nfe4.safetensors
-#   bash scripts/learn_t2i_ddss.sh sd3-w3-fast   # the sd3-w3 fit at NFE 4 cut to 30 steps and a pool of 128, 2 threads
-#                                           # (about 5 minutes) -> docs/results/t2i/tables/sd3-tiny-ddss-w3-fast-nfe4
+#   bash scripts/learn_t2i_ddss.sh sd3-w3-fast   # the sd3-w3 fits cut to 30 steps and a pool of 128, 2 threads
+#                                           # (minutes each) -> docs/results/t2i/tables/sd3-tiny-ddss-w3-fast-nfe<N>
 # Scored by scripts/results_t2i.py (the learned-at-3 and fast-fit studies; the guidance-3 section lists the shipped ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,11 +35,13 @@ case "$what" in
       cp "$run/ddss-full-match-nfe$n.safetensors" docs/results/t2i/tables/sd-tiny-ddss-fast-nfe$n.safetensors
     done ;;
   sd3-w3-fast)
-    run=outputs/learn-t2i/sd3-tiny-w3-fast-nfe4
-    "$py" -m optimize ddss model=sd3-tiny model.guidance=3 nfe=4 init=unipc schedule=flow end=sigma_min "${common[@]}" \
-      teacher_solver=euler teacher_nfe=50 teacher_grid=native steps=30 batch_size=16 n_match=128 n_val=100 val_every=15 \
-      num_threads=2 progress_bar=false hydra.run.dir="$run"
-    cp "$run/ddss-full-match-nfe4.safetensors" docs/results/t2i/tables/sd3-tiny-ddss-w3-fast-nfe4.safetensors ;;
+    for n in 4 5 6; do
+      run=outputs/learn-t2i/sd3-tiny-w3-fast-nfe$n
+      "$py" -m optimize ddss model=sd3-tiny model.guidance=3 nfe=$n init=unipc schedule=flow end=sigma_min "${common[@]}" \
+        teacher_solver=euler teacher_nfe=50 teacher_grid=native steps=30 batch_size=16 n_match=128 n_val=100 val_every=15 \
+        num_threads=2 progress_bar=false hydra.run.dir="$run"
+      cp "$run/ddss-full-match-nfe$n.safetensors" docs/results/t2i/tables/sd3-tiny-ddss-w3-fast-nfe$n.safetensors
+    done ;;
   sd-w3)
     run=outputs/learn-t2i/sd-tiny-w3-nfe4
     "$py" -m optimize ddss model=sd-tiny model.guidance=3 model.any_guidance=true nfe=4 "${common[@]}" \
