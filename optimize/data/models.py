@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from samplers import SolverTable
 from samplers import models as spec_models
 from samplers import t2i
 from samplers.models import Names, WatchedDenoiser, check_diffusers, check_t2i, check_timeout, diffusers_folders
@@ -65,6 +66,15 @@ class Model:
         learned at another guidance scale is refused unless ``model.any_guidance`` (``samplers.t2i.expected_fingerprint``)."""
         inner = getattr(self.denoiser, "denoiser", self.denoiser)  # under the WatchedDenoiser
         return t2i.expected_fingerprint(metadata, inner, self.fingerprint, self.any_guidance, "model.any_guidance=true")
+
+    def load_table(self, path: str) -> SolverTable:
+        """The table file at ``path`` checked against this model (its fingerprint, ``table_fingerprint``); one
+        ValueError otherwise, with the hint naming both guidance scales where that is why."""
+        fingerprint, hint = self.table_fingerprint(SolverTable.load(path).metadata)
+        try:
+            return SolverTable.load(path, fingerprint=fingerprint)
+        except ValueError as err:
+            raise ValueError(str(err) + hint) from None
 
 
 KINDS = ("net", "gmm", "diffusers", "callable")

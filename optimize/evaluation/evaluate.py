@@ -145,13 +145,10 @@ def _tables(cfg: Any, model: Model | None = None) -> list[tuple[str, SolverTable
         path = resolve_path(str(cfg.table))
         if not path.is_file():
             raise ConfigError(f"table file {path} does not exist.")
-        fingerprint, hint = None, ""
         try:
-            if model is not None:
-                fingerprint, hint = model.table_fingerprint(SolverTable.load(str(path)).metadata)
-            table = SolverTable.load(str(path), fingerprint=fingerprint)
+            table = model.load_table(str(path)) if model is not None else SolverTable.load(str(path))
         except ValueError as err:
-            raise ConfigError(str(err) + hint) from None
+            raise ConfigError(str(err)) from None
         return [(slug(str(table.metadata.get("method", path.stem))), table)]  # a label from a file: never a path
     out = []
     for solver in as_list(cfg.solver):

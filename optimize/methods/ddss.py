@@ -84,7 +84,7 @@ from samplers.table import FORMAT_VERSION
 
 from optimize.base import ConfigError, as_list, resolve_path
 from optimize.training.checkpoints import pick_resume, resume_path
-from optimize.evaluation.evaluate import Judge, decoded, evaluate_jobs, load_model
+from optimize.evaluation.evaluate import Judge, Model, decoded, evaluate_jobs, load_model
 from optimize.evaluation.judge import check_features
 from optimize.base.keys import Key, count, rate
 from optimize.base.conds import cond_of_seeds, cond_rows
@@ -160,13 +160,14 @@ def family_free(family: str, n: int, k: int) -> np.ndarray:
     return mask
 
 
-def init_file_table(init: str, nfe: int, fingerprint: str | None = None) -> SolverTable:
+def init_file_table(init: str, nfe: int, model: Model | None = None) -> SolverTable:
     """The table of ``init=table:PATH``: deterministic (K = 1), ``nfe`` evaluations at strictly decreasing sigmas starting
-    at the same pure noise (row 0 = sigma_0 e_0), checked against the model ``fingerprint`` when given."""
+    at the same pure noise (row 0 = sigma_0 e_0), checked against ``model`` when given (``Model.load_table``: learned
+    at another guidance scale only with model.any_guidance)."""
     path = init[len(TABLE_PREFIX):]
     if not os.path.isfile(path):
         raise ValueError(f"init table file {path} does not exist.")
-    table = SolverTable.load(path, fingerprint=fingerprint)
+    table = model.load_table(path) if model is not None else SolverTable.load(path)
     sig, coef = table.sigmas.numpy(), table.coef.numpy()
     row0 = np.zeros_like(coef[0])
     row0[0] = sig[0]
@@ -783,14 +784,10 @@ def run(cfg: Any) -> dict[str, Any]:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     model = load_model(cfg.model, device)
     if str(cfg.init).startswith(TABLE_PREFIX):  # made for this model (at another guidance scale: model.any_guidance)?
-        hint = ""
         try:
-            path = resolved_init(cfg)[len(TABLE_PREFIX):]
-            fingerprint, hint = model.table_fingerprint(SolverTable.load(path).metadata) if os.path.isfile(path) else \
-                (model.fingerprint, "")
-            init_file_table(resolved_init(cfg), int(cfg.nfe), fingerprint)
+            init_file_table(resolved_init(cfg), int(cfg.nfe), model)
         except ValueError as err:
-            raise ConfigError(str(err) + hint) from None
+            raise ConfigError(str(err)) from None
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
     module = build_module(cfg).attach(model, judge if needs_data(cfg) else None, teacher_native(cfg))
     loss_tag = "" if str(cfg.loss) == "kid" else "-" + str(cfg.loss).replace("+", "-")
