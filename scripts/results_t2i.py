@@ -47,7 +47,7 @@ from optimize.evaluation import t2i
 from optimize.evaluation.classifier import load_classifier
 from optimize.evaluation.evaluate import decoded, draw
 from optimize.evaluation.judge import Judge
-from optimize.evaluation.results import paired, write_csv
+from optimize.evaluation.results import paired, verdict, write_csv
 from optimize.recipes import table_hash
 
 OUT = REPO / "docs" / "results" / "t2i"
@@ -87,8 +87,9 @@ def cached(folder: Path, stem: str, n: int, key: str, compute: Any) -> torch.Ten
 
 def table_label(path: Path, table: SolverTable, guidance: float | None = None) -> str:
     """A row's method name: ``best`` for a shipped best table, else the table's ``method`` (with its base solver for
-    LD3, its classic start and that start's grid when not Karras for DDSS), e.g. ``ld3-unipc``, ``oss``,
-    ``ddss (from unipc, flow)``; `` (learned at w7.5)`` when it was learned at another scale than ``guidance``."""
+    LD3, its classic start, that start's grid when not Karras and its end when not zero for DDSS), e.g. ``ld3-unipc``,
+    ``oss``, ``ddss (from unipc, flow, to sigma_min)``; `` (learned at w7.5)`` when it was learned at another scale than
+    ``guidance``."""
     if "shipped_as" in table.metadata:
         name = f"best ({table.metadata.get('selected', '?')})"
         if path.stem != table.metadata["shipped_as"]:  # a best run kept beside the shipped one (e.g. a cheaper recipe)
@@ -103,7 +104,9 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
         init = table.metadata.get("init")
         if method == "ddss" and init and not str(init).startswith("table:"):  # DDSS from a classic, not from a learned table
             grid = config.get("schedule", "karras")  # the classic's grid when not Karras's, e.g. (from unipc, flow)
-            name += f" (from {init})" if grid == "karras" else f" (from {init}, {grid})"
+            start = init if grid == "karras" else f"{init}, {grid}"
+            end = ", to sigma_min" if config.get("end", "zero") == "sigma_min" else ""  # its last step lands there
+            name += f" (from {start}{end})"
     learned = table.metadata.get("guidance")
     if guidance is not None and learned is not None and float(learned) != float(guidance):
         name += f" (learned at w{float(learned):g})"
@@ -132,7 +135,20 @@ def paired_to(r: dict[str, Any], other: dict[str, Any], tag: str, fds: tuple[str
 def add_paired(rows: list[dict[str, Any]]) -> None:
     """Per NFE: the best peer (lowest RMSE), and every row's paired difference to it (RMSE, FD on both nets,
     adherence); ``best_peer`` names it. A side study's other project rows (another loss space, a cheaper recipe) are
-    also paired against the shipped table of that NFE (``shipped`` names it)."""
+    also paired against the shipped table of that NFE (``shipped`` names it). For the issue's moonshots: every row's
+    adherence paired against the 50-step solve's (``dadherence_vs_teacher``), and the project's NFE-5 rows against
+    the best peer at NFE 10 where that was scored (``d<measure>_vs_peer10``, ``peer10`` names it)."""
+    ref = next((r for r in rows if r["kind"] == "reference"), None)
+    if ref is not None:
+        for r in rows:
+            if r is not ref:
+                r["dadherence_vs_teacher"], r["dadherence_vs_teacher_se"] = t2i.paired_mean(r["_hits"], ref["_hits"])
+    peers10 = [r for r in rows if r["nfe"] == 10 and r["kind"] == "peer"]
+    if peers10:
+        best10 = min(peers10, key=lambda r: r["rmse"])
+        for r in (r for r in rows if r["nfe"] == 5 and r["kind"] == "project"):
+            r["peer10"] = best10["method"]
+            paired_to(r, best10, "peer10", ("fd_heldout_b",))
     for nfe in sorted({r["nfe"] for r in rows if r["kind"] != "reference"}):
         at = [r for r in rows if r["nfe"] == nfe and r["kind"] != "reference"]
         peers = [r for r in at if r["kind"] == "peer"]
@@ -351,6 +367,29 @@ def cost_section(out: Path) -> list[str]:
     return lines
 
 
+def moonshot_lines(rows: list[dict[str, str]]) -> list[str]:
+    """The issue's two moonshots for one CSV, from its paired columns: the project's NFE-4 rows' adherence against the
+    50-step solve's (met when within noise), and its NFE-5 rows against the best peer at NFE 10 (met when neither RMSE
+    nor FD b is worse beyond two standard errors)."""
+    def judged(row: dict[str, str], key: str, higher_is_better: bool = False) -> str:
+        d, se = float(row[key]), float(row[f"{key}_se"])
+        return verdict(-d if higher_is_better else d, se)
+
+    at4 = [r for r in rows if r["nfe"] == "4" and r["kind"] == "project" and r.get("dadherence_vs_teacher", "") != ""]
+    at5 = [r for r in rows if r["nfe"] == "5" and r["kind"] == "project" and r.get("drmse_vs_peer10", "") != ""]
+    if not at4 and not at5:
+        return []
+    out = ["", "Moonshots (paired on the same seeds; beyond two standard errors counts):", ""]
+    out += [f"- NFE 4, {r['method']}: adherence {_f(r, 'adherence')} against the 50-step solve's, difference "
+            f"{_pm(r, 'dadherence_vs_teacher', 'dadherence_vs_teacher_se')} "
+            f"({judged(r, 'dadherence_vs_teacher', higher_is_better=True)})" for r in at4]
+    out += [f"- NFE 5, {r['method']} against {r['peer10']} at NFE 10: RMSE "
+            f"{_pm(r, 'drmse_vs_peer10', 'drmse_vs_peer10_se', 4)} ({judged(r, 'drmse_vs_peer10')}), FD b "
+            f"{_pm(r, 'dfd_heldout_b_vs_peer10', 'dfd_heldout_b_vs_peer10_se', 1)} "
+            f"({judged(r, 'dfd_heldout_b_vs_peer10')})" for r in at5]
+    return out
+
+
 def render(out: Path = OUT, page: Path = PAGE) -> None:
     """docs/results-t2i.md from every docs/results/t2i/methods-*.csv (``out``)."""
     lines = ["# Text-to-image: learned tables against the few-step peers",
@@ -389,6 +428,7 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
             lines += [f"- {r['method']}, NFE {r['nfe']}: RMSE {_pm(r, 'drmse_vs_shipped', 'drmse_vs_shipped_se', 4)}, "
                       f"FD b {_pm(r, 'dfd_heldout_b_vs_shipped', 'dfd_heldout_b_vs_shipped_se', 1)}, adherence "
                       f"{_pm(r, 'dadherence_vs_shipped', 'dadherence_vs_shipped_se')}" for r in against]
+        lines += moonshot_lines(rows)
         stem = path.stem.removeprefix("methods-")
         grids = [f"![NFE {n}](results/t2i/grid-{stem}-nfe{n}.png)" for n in GRID_NFE
                  if (out / f"grid-{stem}-nfe{n}.png").is_file()]

@@ -1,0 +1,76 @@
+"""scripts/results_t2i.py: the paired differences behind the page's verdicts (peer, shipped, teacher, NFE 10)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from optimize.evaluation.metrics import FDEstimate
+from samplers import baselines
+
+
+def row(method, kind, nfe, rmse, hits, fd_b, boot_shift):
+    """An in-memory row as ``score`` makes it: per-sample RMSE and hits, an FD b estimate with 4 replicates."""
+    rmse, hits = torch.tensor(rmse, dtype=torch.float64), torch.tensor(hits, dtype=torch.float64)
+    fd = {key: FDEstimate(fd_b, np.array([fd_b, fd_b + boot_shift, fd_b - boot_shift, fd_b + 2 * boot_shift]))
+          for key in ("fd_heldout_main", "fd_heldout_b")}
+    return {"method": method, "kind": kind, "nfe": nfe, "rmse": float(rmse.mean()), "_rmse": rmse,
+            "adherence": float(hits.mean()), "_hits": hits, "_estimates": fd}
+
+
+def test_moonshot_columns_pair_against_the_teacher_and_the_best_peer_at_nfe_10(script):
+    mod = script("results_t2i")
+    ref = row("50 steps", "reference", 50, [0, 0, 0, 0], [1, 1, 1, 0], 10.0, 1.0)
+    peer10a = row("A", "peer", 10, [0.30, 0.30, 0.30, 0.30], [1, 1, 1, 1], 11.0, 1.0)
+    peer10b = row("B", "peer", 10, [0.10, 0.20, 0.10, 0.20], [1, 1, 0, 1], 12.0, 2.0)  # lowest RMSE at 10: B
+    peer5 = row("A", "peer", 5, [0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1], 20.0, 1.0)
+    table5 = row("best", "project", 5, [0.11, 0.22, 0.13, 0.24], [1, 1, 1, 1], 12.5, 2.0)
+    table4 = row("best", "project", 4, [0.2, 0.2, 0.2, 0.2], [1, 1, 1, 0], 13.0, 1.0)
+    peer4 = row("A", "peer", 4, [0.4, 0.4, 0.4, 0.4], [1, 0, 1, 0], 14.0, 1.0)
+    rows = [ref, peer10a, peer10b, peer5, table5, table4, peer4]
+    mod.add_paired(rows)
+
+    # adherence paired with the 50-step solve's hits on the same seeds: mean of the differences and its se
+    d = torch.tensor([0, 0, 0, 0.0])  # table4's hits equal the teacher's
+    assert table4["dadherence_vs_teacher"] == pytest.approx(float(d.mean()))
+    d = torch.tensor([0, -1, 0, 0.0])  # peer4 [1, 0, 1, 0] against the teacher's [1, 1, 1, 0]
+    assert peer4["dadherence_vs_teacher"] == pytest.approx(-0.25)
+    assert peer4["dadherence_vs_teacher_se"] == pytest.approx(float(d.std() / 2))
+    assert "dadherence_vs_teacher" not in ref
+
+    # only the project's NFE-5 rows are paired with the best (lowest RMSE) peer at NFE 10
+    assert table5["peer10"] == "B" and "peer10" not in peer5 and "peer10" not in table4
+    diff = torch.tensor([0.01, 0.02, 0.03, 0.04])
+    assert table5["drmse_vs_peer10"] == pytest.approx(float(diff.mean()))
+    assert table5["drmse_vs_peer10_se"] == pytest.approx(float(diff.std() / 2))
+    assert table5["dfd_heldout_b_vs_peer10"] == pytest.approx(0.5)
+    assert table5["dfd_heldout_b_vs_peer10_se"] == pytest.approx(0.0)
+
+    as_read = [{k: "" if v is None else str(v) for k, v in r.items() if not k.startswith("_")} for r in rows]
+    lines = mod.moonshot_lines(as_read)
+    nfe4 = next(line for line in lines if line.startswith("- NFE 4"))
+    nfe5 = next(line for line in lines if line.startswith("- NFE 5"))
+    assert "(within noise)" in nfe4  # a zero difference
+    # RMSE +0.025 +- 0.0065: worse beyond two se; FD b +0.5 with se 0: worse
+    assert "against B at NFE 10" in nfe5 and nfe5.count("(worse)") == 2
+
+
+def test_no_moonshot_lines_without_nfe_4_or_a_pairing_at_nfe_10(script):
+    mod = script("results_t2i")
+    rows = [{"method": "best", "kind": "project", "nfe": "6", "dadherence_vs_teacher": "0.01",
+             "dadherence_vs_teacher_se": "0.01"}]
+    assert mod.moonshot_lines(rows) == []
+
+
+@pytest.mark.parametrize("config, label", [
+    ({"schedule": "karras"}, "ddss (from euler)"),
+    ({"schedule": "flow", "end": "sigma_min"}, "ddss (from euler, flow, to sigma_min)"),
+    ({"schedule": "time_uniform", "end": "zero"}, "ddss (from euler, time_uniform)"),
+])
+def test_a_ddss_row_names_its_classic_start_grid_and_end(script, config, label):
+    mod = script("results_t2i")
+    table = baselines.build("euler", 4)
+    table.metadata.update(method="ddss", init="euler", config=config, guidance=7.5)
+    assert mod.table_label(Path("t.safetensors"), table, 7.5) == label
+    assert mod.table_label(Path("t.safetensors"), table, 3.0) == label + " (learned at w7.5)"
