@@ -7,10 +7,11 @@
 #   bash scripts/learn_t2i_ddss.sh fast     # sd-tiny at 7.5, NFE 5 6 8: Euler (DDIM) on the VP time-uniform grid, 50
 #                                           # steps, a few minutes each -> docs/results/t2i/tables/sd-tiny-ddss-fast-nfe<N>
 #   bash scripts/learn_t2i_ddss.sh fast-end # as fast with NFE 4 5 6 8, the last step landing on sigma_min unevaluated
-#                                           # (end=sigma_min, as DDIM trailing skips t = 0): the fast recipe to use
+#                                           # (end=sigma_min; DDIM trailing never evaluates near t = 0 either): the one
+#                                           # that wins at NFE 4-6 (fast wins at 8)
 #                                           # -> docs/results/t2i/tables/sd-tiny-ddss-fast-end-nfe<N>
-#   bash scripts/learn_t2i_ddss.sh sd3-fast # sd3-tiny at 7.5, NFE 4 5 6 8: Euler on the flow grid (FlowMatchEuler's), landing on
-#                                           # sigma_min unevaluated, 60 steps, a pool of 128, 2 threads
+#   bash scripts/learn_t2i_ddss.sh sd3-fast # sd3-tiny at 7.5, NFE 4 5 6 8: Euler on the flow grid (FlowMatchEuler's),
+#                                           # landing on sigma_min unevaluated, 60 steps, a pool of 128, 2 threads
 #                                           # -> docs/results/t2i/tables/sd3-tiny-ddss-fast-nfe<N>
 #   bash scripts/learn_t2i_ddss.sh sd-w3    # sd-tiny at guidance 3, NFE 4: from the shipped table learned at 7.5
 #                                           # (init=table: with model.any_guidance=true), 100 steps
