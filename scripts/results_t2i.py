@@ -71,15 +71,21 @@ def cached(folder: Path, stem: str, n: int, key: str, compute: Any) -> torch.Ten
     """Decoded images kept in ``folder/<stem>-n<n>-<key>.safetensors`` so a rerun with more tables scores the peers
     without sampling them again (stem: teacher and guidance; key: the method or table hash and NFE). A file of a larger
     n serves its first n images: seeds 0..n-1 and their prompts are the start of the longer run's (as the 50-step
-    references, ``t2i.reference_images``)."""
+    references, ``t2i.reference_images``); the largest smaller one is extended, ``compute(lo)`` giving the images of
+    samples lo..n-1 only."""
     path = folder / f"{stem}-n{n}-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["images"]
+    lo, head = 0, None
     for found in folder.glob(f"{stem}-n*-{key}.safetensors"):
         m = found.name.removeprefix(f"{stem}-n").removesuffix(f"-{key}.safetensors")
         if m.isdigit() and int(m) > n:
             return load_file(str(found))["images"][:n]
-    x = compute()
+        if m.isdigit() and lo < int(m) < n:
+            lo, head = int(m), found
+    x = compute(lo)
+    if head is not None:
+        x = torch.cat([load_file(str(head))["images"].to(x), x])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": x.contiguous()}, str(path))
     return x
@@ -225,8 +231,8 @@ def run(args: argparse.Namespace) -> None:
         for label in args.peers or list(peers):
             sched, call = peers[label](nfe)
 
-            def stock() -> torch.Tensor:
-                x, calls = t2i.pipeline_images(pipe, sched, prompts, latents, args.guidance, args.batch, **call)
+            def stock(lo: int) -> torch.Tensor:
+                x, calls = t2i.pipeline_images(pipe, sched, prompts[lo:], latents[lo:], args.guidance, args.batch, **call)
                 if calls != nfe:
                     raise RuntimeError(f"{label} at NFE {nfe} called the net {calls} times")
                 return x
@@ -245,7 +251,7 @@ def run(args: argparse.Namespace) -> None:
             if any(r["method"] == name for r in rows if r["nfe"] == nfe):  # two fits of one recipe: name the later by file
                 name += f" [{path.stem}]"
             x = cached(args.cache, cache_stem, args.n, f"table-{table_hash(table)}",
-                       lambda: table_images(model, table, seeds, args.batch))
+                       lambda lo: table_images(model, table, seeds[lo:], args.batch))
             kind = "project" if name.split("-")[0].split(" ")[0] in PROJECT else "peer"
             rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels))
             meta = table.metadata

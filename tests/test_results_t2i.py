@@ -74,3 +74,22 @@ def test_a_ddss_row_names_its_classic_start_grid_and_end(script, config, label):
     table.metadata.update(method="ddss", init="euler", config=config, guidance=7.5)
     assert mod.table_label(Path("t.safetensors"), table, 7.5) == label
     assert mod.table_label(Path("t.safetensors"), table, 3.0) == label + " (learned at w7.5)"
+
+
+def test_cached_images_serve_a_prefix_and_extend_a_shorter_run(script, tmp_path):
+    mod = script("results_t2i")
+    images = torch.rand(6, 3, 4, 4)
+    asked = []
+
+    def compute(lo):
+        asked.append(lo)
+        return images[lo:4]
+
+    first = mod.cached(tmp_path, "t-w7.5", 2, "Euler-nfe4", lambda lo: images[lo:2])
+    assert torch.equal(first, images[:2])
+    longer = mod.cached(tmp_path, "t-w7.5", 4, "Euler-nfe4", compute)  # runs samples 2..3 only
+    assert asked == [2] and torch.equal(longer, images[:4])
+    again = mod.cached(tmp_path, "t-w7.5", 3, "Euler-nfe4", compute)  # a prefix of the n = 4 file, nothing run
+    assert asked == [2] and torch.equal(again, images[:3])
+    other = mod.cached(tmp_path, "t-w7.5", 4, "DDIM-nfe4", lambda lo: images[lo:4] + 1)  # another key: all of it
+    assert torch.equal(other, images[:4] + 1)

@@ -95,3 +95,38 @@ def test_reference_reuses_the_prefix_of_a_longer_cached_run_and_nothing_else(tmp
     assert torch.equal(got, images[:2])
     with pytest.raises(AttributeError):
         t2i.reference_images(None, "tiny", prompts[:2], latents[1:3], 7.5, 2, tmp_path)
+
+
+def test_reference_extends_a_shorter_cached_run_running_only_the_missing_samples(tmp_path, monkeypatch) -> None:
+    """n = 4 after a cached n = 2 with the same start: the pipeline runs samples 2..3 only, and the n = 4 file then
+    serves both lengths; a cached run whose start differs is not extended."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    prompts = ["a red 3", "a blue 7", "a green 1", "a red 0"]
+    latents, images = torch.randn(4, 4, 8, 8), torch.rand(4, 3, 32, 32)
+    hashes = torch.tensor([t2i.prompt_hash(p) for p in prompts])
+    save_file({"images": images[:2], "latents": latents[:2], "prompts": hashes[:2]},
+              str(tmp_path / f"tiny-w7.5-n2-steps{t2i.REFERENCE_STEPS}.safetensors"))
+    save_file({"images": images[:3] + 5, "latents": latents[:3] + 1, "prompts": hashes[:3]},  # another start
+              str(tmp_path / f"tiny-w7.5-n3-steps{t2i.REFERENCE_STEPS}.safetensors"))
+    ran = []
+
+    def fake_pipeline(pipe, scheduler, p, lat, guidance, batch, **call):
+        ran.append((list(p), lat.clone()))
+        return images[len(prompts) - len(p):], 1
+
+    class Scheduler:
+        config: dict = {}
+
+        @classmethod
+        def from_config(cls, config):
+            return cls()
+
+    monkeypatch.setattr(t2i, "pipeline_images", fake_pipeline)
+    got = t2i.reference_images(SimpleNamespace(scheduler=Scheduler()), "tiny", prompts, latents, 7.5, 2, tmp_path)
+    assert torch.equal(got, images)
+    assert len(ran) == 1 and ran[0][0] == prompts[2:] and torch.equal(ran[0][1], latents[2:])
+    assert torch.equal(t2i.reference_images(None, "tiny", prompts[:3], latents[:3], 7.5, 2, tmp_path), images[:3])
+    assert len(ran) == 1

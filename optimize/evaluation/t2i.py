@@ -153,16 +153,24 @@ def reference_images(pipe: Any, name: str, prompts: list[str], latents: torch.Te
                      cache: Path) -> torch.Tensor:
     """The stock pipeline's ``REFERENCE_STEPS``-step decoded images (its own scheduler) of these latents and prompts,
     read from ``cache`` when a run with the same teacher and guidance wrote them for these latents and prompts or for
-    a longer list that starts with them (n = 1,000 reuses the first half of n = 2,000)."""
+    a longer list that starts with them (n = 1,000 reuses the first half of n = 2,000); a shorter list that starts
+    them is extended, only the missing samples run (n = 2,000 after n = 500 runs 1,500)."""
     n = len(prompts)
     path = Path(cache) / f"{name}-w{guidance:g}-n{n}-steps{REFERENCE_STEPS}.safetensors"
     hashes = torch.tensor([prompt_hash(p) for p in prompts])
-    for found in sorted(Path(cache).glob(f"{name}-w{guidance:g}-n*-steps{REFERENCE_STEPS}.safetensors")):  # this n and longer
+    head = torch.zeros(0)
+    for found in sorted(Path(cache).glob(f"{name}-w{guidance:g}-n*-steps{REFERENCE_STEPS}.safetensors")):
         got = load_file(str(found))
-        if len(got["latents"]) >= n and torch.equal(got["latents"][:n], latents) and torch.equal(got["prompts"][:n], hashes):
-            return got["images"][:n]
-    images, _ = pipeline_images(pipe, type(pipe.scheduler).from_config(pipe.scheduler.config), prompts, latents,
+        m = min(len(got["latents"]), n)
+        if torch.equal(got["latents"][:m], latents[:m]) and torch.equal(got["prompts"][:m], hashes[:m]):
+            if m == n:
+                return got["images"][:n]
+            if m > len(head):  # the longest cached start of this list
+                head = got["images"]
+    m = len(head)
+    images, _ = pipeline_images(pipe, type(pipe.scheduler).from_config(pipe.scheduler.config), prompts[m:], latents[m:],
                                 guidance, batch, num_inference_steps=REFERENCE_STEPS)
+    images = torch.cat([head.to(images), images]) if m else images
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": images.contiguous(), "latents": latents.contiguous(), "prompts": hashes}, str(path))
     return images
