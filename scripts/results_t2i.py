@@ -39,7 +39,7 @@ from samplers import SolverTable, make_noise
 from samplers.images import write_png_grid
 from samplers.t2i import prompt_indices, read_prompts
 
-from optimize.base import REPO, repo_relative
+from optimize.base import REPO, TABLE_PREFIX, repo_relative
 from optimize.base.seeds import EVAL_SEED_OFFSET, seed_range
 from optimize.data import captioned as cap
 from optimize.data.models import load_model
@@ -108,7 +108,7 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
         if config.get("match_space", "latent") != "latent":  # DDSS fitted in the VAE's image space
             name += f" ({config['match_space']} match)"
         init = table.metadata.get("init")
-        if method == "ddss" and init and not str(init).startswith("table:"):  # DDSS from a classic, not from a learned table
+        if method == "ddss" and init and not str(init).startswith(TABLE_PREFIX):  # DDSS from a classic, not from a learned table
             grid = config.get("schedule", "karras")  # the classic's grid when not Karras's, e.g. (from unipc, flow)
             start = init if grid == "karras" else f"{init}, {grid}"
             end = ", to sigma_min" if config.get("end", "zero") == "sigma_min" else ""  # its last step lands there

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from samplers import SolverTable
 
-from optimize.base import REPO
+from optimize.base import REPO, TABLE_PREFIX
 
 SD15_EVALS_PER_S = 50.0  # ASSUMED guided sample-steps per second, SD 1.5 at 512^2, fp16, one A100-class GPU, batched
 BACKWARD_FACTOR = 3.0    # a training evaluation: forward, rematerialised forward and backward (about 2 forwards)
@@ -66,7 +66,7 @@ def main() -> None:
         t = SolverTable.load(str(path))
         meta = t.metadata
         start = meta.get("chain_start") or {}
-        from_classic = meta.get("method") == "ddss" and not str(meta.get("init", "table:")).startswith("table:")
+        from_classic = meta.get("method") == "ddss" and not str(meta.get("init", TABLE_PREFIX)).startswith(TABLE_PREFIX)
         if start.get("method") != "oss" and not from_classic:
             raise SystemExit(f"error: {path.name} neither started from OSS (chain_start {start or 'missing'}) nor is DDSS "
                              "from a classic solver: not this recipe")

@@ -14,6 +14,7 @@ from omegaconf import ListConfig
 from samplers.models import REPO, resolve_path  # noqa: F401 - the runtime's rule for paths, shared
 
 CONF_DIR = REPO / "conf"
+TABLE_PREFIX = "table:"  # a method key naming a table file as its start: DDSS init=table:PATH, IIA base=table:PATH
 
 
 def methods() -> list[str]:

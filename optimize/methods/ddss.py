@@ -82,7 +82,7 @@ from samplers import SolverTable, baselines, make_noise, sample
 from samplers.t2i import pipeline_class
 from samplers.table import FORMAT_VERSION
 
-from optimize.base import ConfigError, as_list, resolve_path
+from optimize.base import TABLE_PREFIX, ConfigError, as_list, resolve_path
 from optimize.training.checkpoints import pick_resume, resume_path
 from optimize.evaluation.evaluate import Judge, Model, decoded, evaluate_jobs, load_model
 from optimize.evaluation.judge import check_features
@@ -107,7 +107,6 @@ KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declar
     "sigma_lr": rate()}
 FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
-TABLE_PREFIX = "table:"  # init=table:PATH starts from a table file (an LD3 schedule, an earlier learned table)
 LOSSES = ("kid", "match", "kid+match")
 MATCH_SPACES = ("latent", "decoded")  # where the match loss and monitor compare: the model's space, or the VAE's images
 MONITORS = ("fd_train", "kid_train", "match")  # selection sees only the training set (held-out data and FD-b stay

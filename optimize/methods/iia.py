@@ -43,7 +43,7 @@ import torch
 
 from samplers import SolverTable, baselines, make_noise, sample
 
-from optimize.base import ConfigError, SkipPoint, as_list, resolve_path
+from optimize.base import TABLE_PREFIX, ConfigError, SkipPoint, as_list, resolve_path
 from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
 from optimize.evaluation.evaluate import validate as validate_evaluate
 from optimize.base.keys import Key, count
@@ -456,9 +456,6 @@ PAPER_VARIANT = {base: name for name, base in VARIANTS.items() if base is not No
 def resolve_variant(variant: str, base: str) -> str:
     """``auto`` -> the paper's variant for the base solver (edm/ddim/dpmpp), else generic."""
     return PAPER_VARIANT.get(base, "generic") if variant == "auto" else variant
-
-
-TABLE_PREFIX = "table:"
 
 
 def base_table(cfg: Any, fingerprint: str | None = None) -> SolverTable:

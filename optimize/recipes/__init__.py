@@ -38,7 +38,7 @@ import torch
 
 from samplers import SolverTable
 
-from optimize.base import REPO, repo_relative
+from optimize.base import REPO, TABLE_PREFIX, repo_relative
 from optimize.evaluation.evaluate import Judge, draw, evaluate
 from optimize.evaluation.metrics import ReferenceCache
 from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
@@ -133,7 +133,7 @@ def fit_seconds(path: Path) -> float:
     own = float(meta.get("fit_seconds") or meta.get("train_seconds") or 0.0)
     if path.name.startswith(("ld3-", "oss-")):
         return own
-    start = Path(str(meta.get("init", "")).removeprefix("table:")) if meta.get("method") == "ddss" else None
+    start = Path(str(meta.get("init", "")).removeprefix(TABLE_PREFIX)) if meta.get("method") == "ddss" else None
     if start is None or not start.name:  # IIA over the chain's start (its metadata carries the start's own keys)
         first = "oss" if "oss" in meta else f"ld3-{meta.get('base_solver')}"
         start = path.parent / f"{first}-nfe{meta['nfe']}.safetensors"
