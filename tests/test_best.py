@@ -60,7 +60,9 @@ def test_best_runs_the_chain_and_picks_on_the_selection_seeds(tmp_path: Path, mo
 @pytest.mark.parametrize("argv, needle", [
     (["best", "model=gmm", "select_by=fid"], "select_by must be one of fd, match"),
     (["best", "model=gmm", "ddss_loss=kid"], "ddss_loss must be kid+match or match"),
-    (["best", "model=gmm", "start=iia"], "start must be one of ld3, oss"),
+    (["best", "model=gmm", "start=iia"], "start must be ld3, oss or a classic solver SOLVER[:END]"),
+    (["best", "model=gmm", "start=[oss,oss]"], "start must name one or more different starts"),
+    (["best", "model=gmm", "start=euler:nowhere"], "the end convention after ':' must be one of"),
     (["best", "model=gmm", "iia=maybe"], "iia must be true or false, got 'maybe'"),
     (["best", "model=gmm", "select_prompts=[a dog]"], "select_prompts is for text-to-image models"),
     (["best", "model=edm", "model.data=null", "ddss_loss=match"], "best learns against reference data"),
@@ -174,3 +176,50 @@ def test_teacher_gap_flags_karras_unipc_on_the_flow_teacher() -> None:
     e, cond = make_noise(1, m.shape, seeds, dtype=m.dtype)[0], m.cond_of(seeds)
     assert teacher_gap(m.denoiser, e, "unipc", 20, lo, hi, cond) > 0.2 > GAP_WARN
     assert teacher_gap(m.denoiser, e, "euler", 50, lo, hi, cond, native) < GAP_WARN
+
+
+def test_starts_run_a_chain_each_and_one_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start=[euler:sigma_min,dpmpp_2m]: each classic start is written as a table of the model (the run's schedule, no
+    fit), DDSS runs from each (the first start's files keep the one-start names), and the four candidates go to one
+    selection; the shipped pick records the start of its own chain. DDSS is faked here (its table = its start), the
+    rest is the real recipe on the mixture."""
+    import optimize.recipes as recipes
+
+    inits: list[str] = []
+
+    def fake_cli(args: list[str], run: Path) -> None:
+        assert args[0] == "ddss"
+        init = next(a for a in args if a.startswith("init=table:")).removeprefix("init=table:")
+        inits.append(Path(init).name)
+        run.mkdir(parents=True)
+        SolverTable.load(init).save(str(run / "ddss-full-match-nfe3.safetensors"))
+        for png in ("sigmas", "coef"):
+            (run / f"ddss-full-match-nfe3-{png}.png").write_bytes(b"png")
+
+    monkeypatch.setattr(recipes, "run_cli", fake_cli)
+    monkeypatch.chdir(tmp_path)
+    main(["best", "model=gmm", "model.data=null", "nfe=3", "start=[euler:sigma_min,dpmpp_2m]", "schedule=logsnr",
+          "iia=false", "ddss_loss=match", "select_by=match", "n_select=16", "evaluate=false", "teacher_solver=dpmpp_2m",
+          "teacher_nfe=12", "hydra.run.dir=run"])
+    tables = tmp_path / "run" / "tables"
+    assert {p.name for p in tables.glob("*.safetensors")} == {
+        "euler-sigma_min-nfe3.safetensors", "dpmpp_2m-nfe3.safetensors", "ddss-match-nfe3.safetensors",
+        "ddss-match-dpmpp_2m-nfe3.safetensors"}
+    assert inits == ["euler-sigma_min-nfe3.safetensors", "dpmpp_2m-nfe3.safetensors"]
+    gmm = load_model(OmegaConf.load(REPO / "conf" / "model" / "gmm.yaml"))
+    start = SolverTable.load(str(tables / "euler-sigma_min-nfe3.safetensors"), fingerprint=gmm.fingerprint)
+    built = baselines.build("euler", 3, schedule="logsnr", end="sigma_min", sigma_min=0.002, sigma_max=80.0)
+    torch.testing.assert_close(start.sigmas, built.sigmas)
+    torch.testing.assert_close(start.coef, built.coef)
+    assert start.metadata["model_fingerprint"] == gmm.fingerprint and start.metadata["end"] == "sigma_min"
+    picked = SolverTable.load(str(tmp_path / "run" / "gmm-best-nfe3.safetensors"))
+    scores = picked.metadata["selected_from"]
+    assert set(scores) == {"euler:sigma_min", "ddss(euler:sigma_min)", "dpmpp_2m", "ddss(dpmpp_2m)"}
+    assert scores[picked.metadata["selected"]] == min(scores.values())
+    chain_of = {"euler:sigma_min": "euler", "ddss(euler:sigma_min)": "euler", "dpmpp_2m": "dpmpp_2m",
+                "ddss(dpmpp_2m)": "dpmpp_2m"}
+    assert picked.metadata["chain_start"]["method"] == chain_of[picked.metadata["selected"]]
+    main(["best", "model=gmm", "model.data=null", "nfe=3", "start=[euler:sigma_min,dpmpp_2m]", "schedule=logsnr",
+          "iia=false", "ddss_loss=match", "select_by=match", "n_select=16", "evaluate=false", "teacher_solver=dpmpp_2m",
+          "teacher_nfe=12", "hydra.run.dir=run"])
+    assert len(inits) == 2  # a rerun finds every table and fits nothing

@@ -36,12 +36,14 @@ from typing import Any, Sequence
 
 import torch
 
-from samplers import SolverTable
+from samplers import SolverTable, baselines
 
 from optimize.base import REPO, TABLE_PREFIX, repo_relative
+from optimize.base.paths import slug
 from optimize.evaluation.evaluate import Judge, draw, evaluate
 from optimize.evaluation.metrics import ReferenceCache
 from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
+from optimize.training.runs import compare_entry
 
 LD3_BASES = ["unipc", "dpmpp_2m"]  # the base solvers LD3 learns over; the chain starts from the better one
 SHIPPED = REPO / "checkpoints" / "tables"  # where ``ship`` puts <model>-best-nfe<N>.safetensors
@@ -93,11 +95,12 @@ def fit_oss(model: str, nfes: Sequence[int], tables: Path, extra: tuple[str, ...
     return dest
 
 
-def fit_iia(model: str, nfe: int, ld3: Path, tables: Path, extra: tuple[str, ...] = (), runs: Path | None = None) -> Path:
+def fit_iia(model: str, nfe: int, ld3: Path, tables: Path, extra: tuple[str, ...] = (), runs: Path | None = None,
+            tag: str | None = None) -> Path:
     """``tables/iia-<start>-nfe<N>.safetensors``: IIA's defaults over the start table ``ld3`` (LD3's or OSS's, named
-    by its ``method``), unless already there."""
+    by its ``method``, or ``tag`` when given), unless already there."""
     method = str(SolverTable.load(str(ld3)).metadata["method"])  # ld3-unipc, oss, ...
-    start = method.split("-")[0]
+    start = tag or method.split("-")[0]
     dest = tables / f"iia-{start}-nfe{nfe}.safetensors"
     if not dest.exists():
         run = _run_dir(model, f"iia-{start}-nfe{nfe}", runs)
@@ -116,14 +119,28 @@ def ddss_args(model: str, nfe: int, ld3: Path, steps: int, extra: tuple[str, ...
 
 
 def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int, extra: tuple[str, ...] = (),
-             runs: Path | None = None, loss: str = "kid+match") -> Path:
-    """``tables/ddss-match-nfe<N>.safetensors`` (and its plots): ``ddss_args`` from the LD3 table, unless already there."""
-    dest = tables / f"ddss-match-nfe{nfe}.safetensors"
+             runs: Path | None = None, loss: str = "kid+match", tag: str = "match") -> Path:
+    """``tables/ddss-<tag>-nfe<N>.safetensors`` (and its plots): ``ddss_args`` from the LD3 table, unless already there."""
+    stem = f"ddss-{tag}-nfe{nfe}"
+    dest = tables / f"{stem}.safetensors"
     if not dest.exists():
-        run = _run_dir(model, f"ddss-match-nfe{nfe}", runs)
+        run = _run_dir(model, stem, runs)
         run_cli(ddss_args(model, nfe, ld3, steps, extra, loss), run)
         for suffix in (".safetensors", "-sigmas.png", "-coef.png"):
-            shutil.copyfile(run / f"ddss-full-{loss.replace('+', '-')}-nfe{nfe}{suffix}", tables / f"ddss-match-nfe{nfe}{suffix}")
+            shutil.copyfile(run / f"ddss-full-{loss.replace('+', '-')}-nfe{nfe}{suffix}", tables / f"{stem}{suffix}")
+    return dest
+
+
+def classic_start(m: Any, entry: str, nfe: int, tables: Path, **grid: Any) -> Path:
+    """``tables/<solver>[-<end>]-nfe<N>.safetensors``: the classic table of ``entry`` (``SOLVER`` or ``SOLVER:END``, as
+    in ``compare``) at ``nfe`` on the run's ``grid`` (``schedule``, ``rho``, ``sigma_min``, ``sigma_max``; the
+    free start of a chain, no fit), stamped with the model ``m`` so ``init=table:`` and the selection take it."""
+    solver, end, _ = compare_entry(entry)
+    dest = tables / f"{slug(entry.replace(':', '-'))}-nfe{nfe}.safetensors"
+    if not dest.exists():
+        table = baselines.build(solver, nfe, end=end, **grid)
+        table.metadata.update({**m.table_metadata(), "fit_seconds": 0.0})
+        table.save(str(dest))
     return dest
 
 
@@ -193,7 +210,7 @@ def ship(m: Any, model: str, nfe: int, label: str, path: Path, scores: dict[str,
     if start is not None:
         first = SolverTable.load(str(start)).metadata
         t.metadata["chain_start"] = {"method": first.get("method"), "fit_seconds": first.get("fit_seconds"),
-                                     **{k: first[k] for k in ("oss", "ld3") if k in first}}
+                                     **{k: first[k] for k in ("oss", "ld3", "schedule", "end") if k in first}}
     how = selection or f"FD vs training {data}, main features, seeds {VAL_SEED_OFFSET}.."
     t.metadata.update({"model": model, "model_fingerprint": m.fingerprint, "shipped_as": f"{model}-best-nfe{nfe}",
                        "selected_from": scores, "selected": label, "selection": how, "source_table": repo_relative(path),

@@ -1,7 +1,9 @@
 """``python -m optimize best model=edm nfe=4``: the recipe that makes the shipped tables, as one command.
 
 For each NFE: LD3 over each of ``ld3_bases`` (the chain starts from the table with the lower validation L2 of its own
-fit; ``start=oss``: OSS's step search instead, the better start on the text-to-image teachers), IIA over that
+fit; ``start=oss``: OSS's step search instead, the better start on the text-to-image teachers; ``start=SOLVER[:END]``:
+a classic table on the run's ``schedule``, no fit; a list of starts runs a chain from each, all candidates of one
+selection), IIA over that
 table (``iia=false``: skipped), DDSS from it (every causal coefficient, ``ddss_loss``: KID + teacher L2, or the teacher
 L2 alone; the teacher is ``teacher_solver@teacher_nfe`` on ``teacher_grid``, the same for LD3, DDSS and selection); of
 the start and these, the candidate with the lowest training-set FD (first feature net) on the selection seeds 3,000,000.. (or,
@@ -26,19 +28,20 @@ from omegaconf import OmegaConf
 from samplers import SolverTable, make_noise
 
 from optimize.base import ConfigError, as_list, resolve_path
+from optimize.base.paths import slug
 from optimize.base.conds import cond_of_seeds
 from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
 from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
 from optimize.base.keys import count
-from optimize.recipes import best_ld3, fit_ddss, fit_iia, fit_ld3, fit_oss, select, ship
+from optimize.recipes import best_ld3, classic_start, fit_ddss, fit_iia, fit_ld3, fit_oss, select, ship
 from optimize.training.distill import GAP_WARN, check_teacher, teacher_gap, teacher_native, teacher_targets
-from optimize.training.runs import compare_tables
+from optimize.training.runs import compare_entry, compare_tables
 
 KEYS = {"ddss_steps": count(10**6), "n_select": count(10**6, low=2)}  # this method's typed keys (optimize.base.keys)
 
 
 SELECT_BY = ("fd", "match")
-STARTS = ("ld3", "oss")
+STARTS = ("ld3", "oss")  # the fitted starts; any other start is a classic table, SOLVER[:END] as in compare
 GAP_NOISES = 8  # selection noises of the teacher convergence check
 
 
@@ -49,11 +52,18 @@ def needs_data(cfg: Any) -> bool:
 
 def validate(cfg: Any) -> None:
     """The solvers of the chain and of the final comparison."""
-    if str(cfg.start) not in STARTS:
-        raise ConfigError(f"start must be one of {', '.join(STARTS)}, got {cfg.start!r}.")
+    starts = start_names(cfg)
+    if not starts or len(set(starts)) != len(starts):
+        raise ConfigError(f"start must name one or more different starts, got {cfg.start!r}.")
+    classic = [s for s in starts if s not in STARTS]
+    try:
+        compare_tables(cfg, classic, int(as_list(cfg.nfe)[0]))
+    except ConfigError as err:
+        raise ConfigError(f"start must be {', '.join(STARTS)} or a classic solver SOLVER[:END] (euler, unipc, "
+                          f"dpmpp_2m, ...): {str(err).removeprefix('compare: ')}") from None
     if not isinstance(cfg.iia, bool):
         raise ConfigError(f"iia must be true or false, got {cfg.iia!r}.")
-    if str(cfg.start) == "ld3" and not as_list(cfg.ld3_bases):
+    if "ld3" in starts and not as_list(cfg.ld3_bases):
         raise ConfigError("ld3_bases must name at least one solver (unipc, dpmpp_2m, ...).")
     if str(cfg.ddss_loss) not in ("kid+match", "match"):
         raise ConfigError(f"ddss_loss must be kid+match or match, got {cfg.ddss_loss!r}.")
@@ -67,6 +77,11 @@ def validate(cfg: Any) -> None:
     except ValueError as err:
         raise ConfigError(f"teacher: {err}") from None
     compare_tables(cfg, as_list(cfg.compare), int(as_list(cfg.nfe)[0]))
+
+
+def start_names(cfg: Any) -> list[str]:
+    """The chains' starts: ``start`` as one name or a list."""
+    return [str(s) for s in as_list(cfg.start)]
 
 
 def _model_overrides() -> tuple[str, ...]:
@@ -123,32 +138,47 @@ def run(cfg: Any) -> list[str]:
                + (f", prompts {cfg.select_prompts}" if cfg.get("select_prompts") is not None else ""))
     ddss_extra = tuple(str(a) for a in as_list(cfg.get("ddss_extra") or []))
     teacher = tuple(f"{key}={cfg[key]}" for key in ("teacher_solver", "teacher_nfe", "teacher_grid"))  # LD3's and DDSS's
-    start_name = str(cfg.start)
+    starts = start_names(cfg)
+    grid = {"schedule": str(cfg.schedule), "rho": float(cfg.rho), "sigma_min": float(cfg.sigma_min),
+            "sigma_max": float(cfg.sigma_max)}  # a classic start's
     picked, jobs = [], []
     nfes = [int(n) for n in as_list(cfg.nfe)]
-    oss = fit_oss(name, nfes, tables, extra, runs) if start_name == "oss" else {}
+    oss = fit_oss(name, nfes, tables, extra, runs) if "oss" in starts else {}
     for nfe in nfes:
-        if start_name == "oss":
-            start = oss[nfe]
-        else:
-            start = best_ld3([fit_ld3(name, nfe, str(b), tables, extra + teacher, runs) for b in as_list(cfg.ld3_bases)])
-        chain = [(f"iia({start_name})", fit_iia(name, nfe, start, tables, extra, runs))] if cfg.iia else []
-        chain.append((f"ddss({start_name})", fit_ddss(name, nfe, start, tables, int(cfg.ddss_steps),
-                                                      extra + teacher + ddss_extra, runs, str(cfg.ddss_loss))))
-        # the start is a candidate too: the pick never loses to it on the selection seeds
-        label, path, scores = select(chooser, judge, nfe, int(cfg.n_select), [(start_name, start), *chain], target)
+        candidates, start_of = [], {}  # (label, table file) of every chain; the start each label's chain began from
+        for i, start_name in enumerate(starts):
+            if start_name == "oss":
+                start = oss[nfe]
+            elif start_name == "ld3":
+                start = best_ld3([fit_ld3(name, nfe, str(b), tables, extra + teacher, runs) for b in as_list(cfg.ld3_bases)])
+            else:
+                start = classic_start(model, start_name, nfe, tables, **grid)
+            # the first start's files keep the one-start names, so adding a start to an earlier run fits only its chain
+            tag = None if i == 0 else slug(start_name.replace(":", "-"))
+            chain = [(f"iia({start_name})", fit_iia(name, nfe, start, tables, extra, runs, tag))] if cfg.iia else []
+            chain.append((f"ddss({start_name})", fit_ddss(name, nfe, start, tables, int(cfg.ddss_steps),
+                                                          extra + teacher + ddss_extra, runs, str(cfg.ddss_loss),
+                                                          "match" if tag is None else f"match-{tag}")))
+            candidates += [(start_name, start), *chain]  # the start is a candidate too: the pick never loses to it
+            start_of.update({label: start for label, _ in [(start_name, start), *chain]})
+        label, path, scores = select(chooser, judge, nfe, int(cfg.n_select), candidates, target)
         data = str(cfg.model.get("data"))
-        best = ship(model, name, nfe, label, path, scores, data, folder=out, selection=how, start=start,
+        best = ship(model, name, nfe, label, path, scores, data, folder=out, selection=how, start=start_of[label],
                     n_select=int(cfg.n_select))
         if cfg.ship:
-            ship(model, name, nfe, label, path, scores, data, selection=how, start=start, n_select=int(cfg.n_select))
+            ship(model, name, nfe, label, path, scores, data, selection=how, start=start_of[label],
+                 n_select=int(cfg.n_select))
         print(f"best at nfe {nfe}: {label} ({', '.join(f'{k} {v:.4g}' for k, v in scores.items())}) -> {best}", flush=True)
         picked.append(str(best))
-        start_table = SolverTable.load(str(start), fingerprint=model.fingerprint)
-        jobs += [(str(start_table.metadata.get("method", start_name)), start_table, {}),
-                 *[(lab, SolverTable.load(str(p), fingerprint=model.fingerprint), {}) for lab, p in chain],
-                 (f"best={label}", SolverTable.load(str(best), fingerprint=model.fingerprint), {}),
-                 *[(lab, t, {}) for lab, t in compare_tables(cfg, as_list(cfg.compare), nfe)]]
+        chains = []
+        for lab, p in candidates:  # a start is named by its method (ld3-unipc, oss) or as a compare classic
+            t = SolverTable.load(str(p), fingerprint=model.fingerprint)
+            if lab in starts:
+                lab = str(t.metadata.get("method", lab)) if lab in STARTS else compare_entry(lab)[2]
+            chains.append((lab, t, {}))
+        jobs += [*chains, (f"best={label}", SolverTable.load(str(best), fingerprint=model.fingerprint), {}),
+                 *[(lab, t, {}) for lab, t in compare_tables(cfg, as_list(cfg.compare), nfe)
+                   if lab not in {c[0] for c in chains}]]  # a classic start that is also a compare entry: once
     if bool(cfg.get("evaluate", True)) and jobs:
         evaluate_jobs(cfg, model, judge, jobs)
     return [os.path.relpath(p) for p in picked]
