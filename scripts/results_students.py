@@ -196,6 +196,48 @@ def _diff(r: dict[str, str], key: str, other: str) -> str:
     return f"{d:+.3g} ± {se:.2g} ({verdict(d, se)})"
 
 
+GOAL_KEYS = ("fd_train_b", "fd_heldout_main")  # issue 27's measures: the feature net no learner uses, held-out data
+
+
+def goal_lines(rows: list[dict[str, str]]) -> list[str]:
+    """Issue 27's goals, each from the CSV's paired differences (beyond the paired uncertainty on GOAL_KEYS): DSNO at
+    M = 4 against the best table at NFE 4; DSNO at M = 1 against the best table at NFE 2 and the CD student at one step;
+    the moonshot, a one-call student within noise of (or better than) the best table at NFE 4 on every measure. A goal
+    whose rows are not on this page is left out."""
+    tables = {int(r["bucket"]): r["method"] for r in rows if r["kind"] == "best table"}
+    students = [r for r in rows if r["kind"] == "student"]
+    dsno = [r for r in students if r["method"].split(" ")[0] == "dsno"]
+    cd = [r for r in students if r["method"].split(" ")[0] == "cd" and int(r["bucket"]) == 1]
+
+    def against(s: dict[str, str], other: str, keys: tuple[str, ...], ok: tuple[str, ...]) -> tuple[bool, str]:
+        found = [(key, s.get(f"d{key}_vs_{slug(other)}"), s.get(f"d{key}_vs_{slug(other)}_se")) for key in keys]
+        found = [(key, float(d), float(se)) for key, d, se in found if d not in (None, "")]
+        words = {"fd_train_main": "FD train", "fd_heldout_main": "FD held-out", "fd_train_b": "FD-b train"}
+        said = ", ".join(f"{words[key]} {d:+.3g} ± {se:.2g} ({verdict(d, se)})" for key, d, se in found)
+        return len(found) == len(keys) and all(verdict(d, se) in ok for _, d, se in found), f"`{other}`: {said}"
+
+    def line(goal: str, checks: list[tuple[bool, str]]) -> str:
+        met = bool(checks) and all(c[0] for c in checks)
+        return f"- {goal}: **{'met' if met else 'not met'}** (" + "; ".join(c[1] for c in checks) + ")."
+
+    out = []
+    for s in (r for r in dsno if int(r["bucket"]) == 4 and 4 in tables):
+        out.append(line(f"DSNO at M = 4 (`{s['method']}`) beats the best table at NFE 4",
+                        [against(s, tables[4], GOAL_KEYS, ("better",))]))
+    for s in (r for r in dsno if int(r["bucket"]) == 1):
+        checks = [against(s, o, GOAL_KEYS, ("better",)) for o in [tables[2]] * (2 in tables) + [c["method"] for c in cd]]
+        out.append(line(f"DSNO at M = 1 (`{s['method']}`) beats the best table at NFE 2 and the CD student at one step",
+                        checks))
+    for s in (r for r in students if int(r["nfe"]) == 1 and 4 in tables and int(r["bucket"]) < 4):
+        forwards = _f(s["teacher_forwards"])
+        out.append(line(f"Moonshot, a one-call student cheaper than the best table at NFE 4 (`{s['method']}`, {forwards} "
+                        f"teacher forward{'' if forwards == '1' else 's'}) within noise of it", [against(s, tables[4], KEYS, ("better", "within noise"))]))
+    if not out:
+        return []
+    return ["## Goals", "", f"Issue 27's goals, from the paired differences above (beyond {Z:g} standard errors on FD-b and "
+            "on held-out data; the moonshot: no measure worse):", "", *out, ""]
+
+
 def render(teacher: Teacher) -> None:
     """docs/results-students-<data>.md from docs/results/students/<data>.csv and its meta CSV."""
     with open(DOCS / f"{teacher.data}.csv", newline="") as f:
@@ -241,6 +283,7 @@ def render(teacher: Teacher) -> None:
         grids = [r["method"] for r in at if r["kind"] != "classic" or r.get("best_classic") == "True"]
         lines += ["", " ".join(f"![{g}](results/students/grid-{teacher.prefix}{slug(g)}.png)" for g in grids), "",
                   "Grids, left to right: " + ", ".join(grids) + " (first 64 seeds).", ""]
+    lines += goal_lines(rows)
     if teacher.notes.is_file():
         lines += [teacher.notes.read_text().strip(), ""]
     teacher.page.write_text("\n".join(lines))

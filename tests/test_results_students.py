@@ -1,0 +1,33 @@
+"""scripts/results_students.py: issue 27's goal verdicts, from the paired differences of the CSV rows."""
+
+
+def diffs(other: str, **d: tuple[float, float]) -> dict[str, str]:
+    """The CSV columns of a student's paired differences to ``other`` (key -> (difference, standard error))."""
+    out = {}
+    for key, (mean, se) in d.items():
+        out[f"d{key}_vs_{other}"], out[f"d{key}_vs_{other}_se"] = str(mean), str(se)
+    return out
+
+
+def test_goals_need_both_measures_beyond_noise_and_the_moonshot_no_measure_worse(script):
+    mod = script("results_students")
+    table = lambda bucket: {"method": f"edm-best-nfe{bucket}", "kind": "best table", "bucket": str(bucket),
+                            "nfe": str(bucket), "teacher_forwards": str(bucket)}
+    m4 = {"method": "dsno", "kind": "student", "bucket": "4", "nfe": "1", "teacher_forwards": "4.07",
+          **diffs("edm-best-nfe4", fd_train_b=(-1.0, 0.4), fd_heldout_main=(-5.0, 2.0))}  # -2.5 se: better on both
+    m1 = {"method": "dsno M=1", "kind": "student", "bucket": "1", "nfe": "1", "teacher_forwards": "1.04",
+          **diffs("edm-best-nfe2", fd_train_b=(-1.0, 0.4), fd_heldout_main=(-10.0, 4.0)),
+          **diffs("cd", fd_train_b=(-0.1, 0.1), fd_heldout_main=(-3.0, 1.4)),  # FD-b within noise of CD
+          **diffs("edm-best-nfe4", fd_train_main=(3.0, 2.0), fd_heldout_main=(6.0, 3.8), fd_train_b=(0.2, 0.25))}
+    cd = {"method": "cd", "kind": "student", "bucket": "1", "nfe": "1", "teacher_forwards": "1",
+          **diffs("edm-best-nfe4", fd_train_main=(6.0, 2.5), fd_heldout_main=(1.0, 4.0), fd_train_b=(0.3, 0.3))}
+    lines = mod.goal_lines([m4, m1, cd, table(2), table(4)])
+    assert lines[0] == "## Goals"
+    goals = [line for line in lines if line.startswith("- ")]
+    assert len(goals) == 4
+    assert "(`dsno`) beats the best table at NFE 4: **met**" in goals[0]
+    assert "(`dsno M=1`) beats the best table at NFE 2 and the CD student at one step: **not met**" in goals[1]
+    assert "`cd`: FD-b train -0.1 ± 0.1 (within noise)" in goals[1]
+    assert "(`dsno M=1`, 1.04 teacher forwards) within noise of it: **met**" in goals[2]
+    assert "(`cd`, 1 teacher forward) within noise of it: **not met**" in goals[3]  # FD train +6 +- 2.5: worse
+    assert mod.goal_lines([table(4)]) == []  # no student, no goals
