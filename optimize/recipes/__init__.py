@@ -131,12 +131,18 @@ def fit_ddss(model: str, nfe: int, ld3: Path, tables: Path, steps: int, extra: t
     return dest
 
 
+def start_tag(entry: str) -> str:
+    """A chain start (``ld3``, ``oss`` or ``SOLVER[:END]``) as a file-name component: ``euler:sigma_min`` ->
+    ``euler-sigma_min``."""
+    return slug(entry.replace(":", "-"))
+
+
 def classic_start(m: Any, entry: str, nfe: int, tables: Path, **grid: Any) -> Path:
     """``tables/<solver>[-<end>]-nfe<N>.safetensors``: the classic table of ``entry`` (``SOLVER`` or ``SOLVER:END``, as
     in ``compare``) at ``nfe`` on the run's ``grid`` (``schedule``, ``rho``, ``sigma_min``, ``sigma_max``; the
     free start of a chain, no fit), stamped with the model ``m`` so ``init=table:`` and the selection take it."""
     solver, end, _ = compare_entry(entry)
-    dest = tables / f"{slug(entry.replace(':', '-'))}-nfe{nfe}.safetensors"
+    dest = tables / f"{start_tag(entry)}-nfe{nfe}.safetensors"
     if not dest.exists():
         table = baselines.build(solver, nfe, end=end, **grid)
         table.metadata.update({**m.table_metadata(), "fit_seconds": 0.0})

@@ -28,12 +28,11 @@ from omegaconf import OmegaConf
 from samplers import SolverTable, make_noise
 
 from optimize.base import ConfigError, as_list, resolve_path
-from optimize.base.paths import slug
 from optimize.base.conds import cond_of_seeds
 from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
 from optimize.evaluation.evaluate import Judge, evaluate_jobs, load_model
 from optimize.base.keys import count
-from optimize.recipes import best_ld3, classic_start, fit_ddss, fit_iia, fit_ld3, fit_oss, select, ship
+from optimize.recipes import best_ld3, classic_start, fit_ddss, fit_iia, fit_ld3, fit_oss, select, ship, start_tag
 from optimize.training.distill import GAP_WARN, check_teacher, teacher_gap, teacher_native, teacher_targets
 from optimize.training.runs import compare_entry, compare_tables
 
@@ -154,7 +153,7 @@ def run(cfg: Any) -> list[str]:
             else:
                 start = classic_start(model, start_name, nfe, tables, **grid)
             # the first start's files keep the one-start names, so adding a start to an earlier run fits only its chain
-            tag = None if i == 0 else slug(start_name.replace(":", "-"))
+            tag = None if i == 0 else start_tag(start_name)
             chain = [(f"iia({start_name})", fit_iia(name, nfe, start, tables, extra, runs, tag))] if cfg.iia else []
             chain.append((f"ddss({start_name})", fit_ddss(name, nfe, start, tables, int(cfg.ddss_steps),
                                                           extra + teacher + ddss_extra, runs, str(cfg.ddss_loss),
