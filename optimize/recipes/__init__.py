@@ -36,14 +36,13 @@ from typing import Any, Sequence
 
 import torch
 
-from samplers import SolverTable, baselines
+from samplers import SolverTable
 
 from optimize.base import REPO, TABLE_PREFIX, repo_relative
 from optimize.base.paths import slug
 from optimize.evaluation.evaluate import Judge, draw, evaluate
 from optimize.evaluation.metrics import ReferenceCache
 from optimize.base.seeds import VAL_SEED_OFFSET, seed_range
-from optimize.training.runs import compare_entry
 
 LD3_BASES = ["unipc", "dpmpp_2m"]  # the base solvers LD3 learns over; the chain starts from the better one
 SHIPPED = REPO / "checkpoints" / "tables"  # where ``ship`` puts <model>-best-nfe<N>.safetensors
@@ -137,14 +136,12 @@ def start_tag(entry: str) -> str:
     return slug(entry.replace(":", "-"))
 
 
-def classic_start(m: Any, entry: str, nfe: int, tables: Path, **grid: Any) -> Path:
-    """``tables/<solver>[-<end>]-nfe<N>.safetensors``: the classic table of ``entry`` (``SOLVER`` or ``SOLVER:END``, as
-    in ``compare``) at ``nfe`` on the run's ``grid`` (``schedule``, ``rho``, ``sigma_min``, ``sigma_max``; the
-    free start of a chain, no fit), stamped with the model ``m`` so ``init=table:`` and the selection take it."""
-    solver, end, _ = compare_entry(entry)
-    dest = tables / f"{start_tag(entry)}-nfe{nfe}.safetensors"
+def classic_start(m: Any, entry: str, table: SolverTable, tables: Path) -> Path:
+    """``tables/<solver>[-<end>]-nfe<N>.safetensors``: the classic ``table`` of the start ``entry`` (``SOLVER`` or
+    ``SOLVER:END``, built as a ``compare`` entry on the run's grid: the free start of a chain, no fit), stamped with
+    the model ``m`` so ``init=table:`` and the selection take it."""
+    dest = tables / f"{start_tag(entry)}-nfe{table.nfe}.safetensors"
     if not dest.exists():
-        table = baselines.build(solver, nfe, end=end, **grid)
         table.metadata.update({**m.table_metadata(), "fit_seconds": 0.0})
         table.save(str(dest))
     return dest

@@ -138,8 +138,6 @@ def run(cfg: Any) -> list[str]:
     ddss_extra = tuple(str(a) for a in as_list(cfg.get("ddss_extra") or []))
     teacher = tuple(f"{key}={cfg[key]}" for key in ("teacher_solver", "teacher_nfe", "teacher_grid"))  # LD3's and DDSS's
     starts = start_names(cfg)
-    grid = {"schedule": str(cfg.schedule), "rho": float(cfg.rho), "sigma_min": float(cfg.sigma_min),
-            "sigma_max": float(cfg.sigma_max)}  # a classic start's
     picked, jobs = [], []
     nfes = [int(n) for n in as_list(cfg.nfe)]
     oss = fit_oss(name, nfes, tables, extra, runs) if "oss" in starts else {}
@@ -151,15 +149,16 @@ def run(cfg: Any) -> list[str]:
             elif start_name == "ld3":
                 start = best_ld3([fit_ld3(name, nfe, str(b), tables, extra + teacher, runs) for b in as_list(cfg.ld3_bases)])
             else:
-                start = classic_start(model, start_name, nfe, tables, **grid)
+                start = classic_start(model, start_name, compare_tables(cfg, [start_name], nfe)[0][1], tables)
             # the first start's files keep the one-start names, so adding a start to an earlier run fits only its chain
             tag = None if i == 0 else start_tag(start_name)
             chain = [(f"iia({start_name})", fit_iia(name, nfe, start, tables, extra, runs, tag))] if cfg.iia else []
             chain.append((f"ddss({start_name})", fit_ddss(name, nfe, start, tables, int(cfg.ddss_steps),
                                                           extra + teacher + ddss_extra, runs, str(cfg.ddss_loss),
                                                           "match" if tag is None else f"match-{tag}")))
-            candidates += [(start_name, start), *chain]  # the start is a candidate too: the pick never loses to it
-            start_of.update({label: start for label, _ in [(start_name, start), *chain]})
+            own = [(start_name, start), *chain]  # the start is a candidate too: the pick never loses to it
+            candidates += own
+            start_of.update(dict.fromkeys((label for label, _ in own), start))
         label, path, scores = select(chooser, judge, nfe, int(cfg.n_select), candidates, target)
         data = str(cfg.model.get("data"))
         best = ship(model, name, nfe, label, path, scores, data, folder=out, selection=how, start=start_of[label],
