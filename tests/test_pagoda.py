@@ -151,6 +151,22 @@ def test_frozen_weights_do_not_move_and_the_new_stage_trains(tiny_teacher: Path)
     assert any(not torch.equal(p, seen["gen"][n]) for n, p in module.generator.named_parameters() if n.startswith("stages."))
 
 
+def test_history_times_each_stage(tiny_teacher: Path, tmp_path: Path) -> None:
+    """Every history row ends with the training seconds so far (non-decreasing); ``stage_seconds`` splits them at the
+    stage boundaries (they add up to the last row's time); a row without the time (an old checkpoint) gives None."""
+    module = _module(tiny_teacher, stages=2, steps=3, base_steps=2)
+    module.attach(*_pairs(stages=2), pagoda.FeatureDistance(None))
+    _fit(module, 5)
+    times = [h[6] for h in module.history]
+    assert len(times) == 5 and times == sorted(times) and times[0] > 0
+    split = pagoda.stage_seconds(module.history, 2)
+    assert split == [round(times[1], 1), round(times[-1] - times[1], 1)]
+    assert pagoda.stage_seconds(module.history, 3)[2] == 0.0  # a stage that never ran
+    assert pagoda.stage_seconds([row[:6] for row in module.history], 2) is None
+    lines = Path(pagoda.write_history([module.history[0][:6], *module.history[1:]], str(tmp_path / "h.csv"))).read_text().splitlines()
+    assert lines[0].endswith(",lambda,seconds") and lines[1].endswith(",") and lines[2].endswith(f",{times[1]:.1f}")
+
+
 def test_lambda_is_clipped_to_0_01_and_10() -> None:
     w = torch.nn.Parameter(torch.randn(3, 3))
     x = torch.randn(5, 3)

@@ -415,7 +415,8 @@ class PaGoDAModule(TrainingModule):
             opt_d.zero_grad()
             self.manual_backward(loss_d)
             opt_d.step()
-        row = [it, k, *(float(out[key].detach()) for key in ("rec", "gan")), float(loss_d.detach()), float(out["lambda"])]  # rec, g, d
+        row = [it, k, *(float(out[key].detach()) for key in ("rec", "gan")), float(loss_d.detach()), float(out["lambda"]),
+               self.train_seconds()]  # rec, g, d, lambda, training seconds so far (resumed runs included)
         self.history.append(row)
         self.log_dict({"stage": float(k), "loss_rec": row[2], "loss_g": row[3], "loss_d": row[4], "lambda": row[5]},
                       prog_bar=True, on_step=True)
@@ -443,10 +444,25 @@ class PaGoDAModule(TrainingModule):
 
 
 def write_history(history: list[list[float]], path: str) -> str:
-    """The loss curve (kept in the Lightning checkpoint, so it survives resume) as CSV."""
-    lines = ["step,stage,loss_rec,loss_g,loss_d,lambda"]
-    lines += [f"{int(h[0])},{int(h[1])}," + ",".join(f"{v:.6g}" for v in h[2:]) for h in history]
+    """The loss curve (kept in the Lightning checkpoint, so it survives resume) as CSV; ``seconds``: training time at
+    the end of the step (empty in rows of a checkpoint written before it was recorded)."""
+    lines = ["step,stage,loss_rec,loss_g,loss_d,lambda,seconds"]
+    lines += [f"{int(h[0])},{int(h[1])}," + ",".join(f"{v:.6g}" for v in h[2:6]) + (f",{h[6]:.1f}" if len(h) > 6 else ",")
+              for h in history]
     return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def stage_seconds(history: list[list[float]], stages: int) -> list[float] | None:
+    """Training seconds spent in each stage (the step's ``seconds`` where the stage ends minus where the one before it
+    ended); None when any row lacks the time (a run resumed from a checkpoint written before it was recorded)."""
+    if not history or any(len(h) < 7 for h in history):
+        return None
+    ends = [max((h[6] for h in history if int(h[1]) == k), default=None) for k in range(stages)]
+    out, before = [], 0.0
+    for end in ends:
+        out.append(0.0 if end is None else round(end - before, 1))
+        before = before if end is None else end
+    return out
 
 
 def plot_loss(history: list[list[float]], path: str) -> str:
@@ -456,7 +472,7 @@ def plot_loss(history: list[list[float]], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h = np.asarray(history, dtype=np.float64)
+    h = np.asarray([row[:6] for row in history], dtype=np.float64)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     w = max(1, min(20, len(h) // 10))
     smooth = lambda v: np.convolve(v, np.ones(w) / w, mode="valid")  # noqa: E731
@@ -656,7 +672,7 @@ def run(cfg: Any) -> dict[str, Any]:
                  "rec_features": None if cfg.rec_features is None else str(cfg.rec_features), "pixel_weight": float(cfg.pixel_weight),
                  "freq_weight": float(cfg.freq_weight), "d_steps": int(cfg.d_steps), "d_lr": float(cfg.d_lr),
                  "base_generator": None if cfg.get("base_generator") is None else str(cfg.base_generator),
-                 "threads": torch.get_num_threads()}
+                 "threads": torch.get_num_threads(), "stage_seconds": stage_seconds(module.history, int(cfg.stages))}
     for k in range(top + 1):
         tag = f"pagoda-{cfg.model.data}{res[k]}"
         gen_path = os.path.join(out_dir, f"{tag}.safetensors")
