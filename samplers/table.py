@@ -480,10 +480,12 @@ def load_table(path: str, fingerprint: str | None = None) -> SolverTable:
         stated = metadata.get(key)
         if stated is not None and (isinstance(stated, bool) or stated != actual):
             raise TableError(f"{path}: metadata says {key} {stated!r}, but the tensors have {key} {actual}.")
-    if fingerprint is not None:
-        made_for = metadata.get("model_fingerprint")
-        if made_for is not None and made_for != fingerprint:
-            raise TableError(
-                f"{path}: made for model fingerprint {made_for}, but the model in use has fingerprint {fingerprint}."
-            )
+    return check_fingerprint(table, fingerprint, path)
+
+
+def check_fingerprint(table: SolverTable, fingerprint: str | None, path: str) -> SolverTable:
+    """``table`` when it was made for the model of ``fingerprint`` (or states none, or none is given); TableError otherwise."""
+    made_for = table.metadata.get("model_fingerprint")
+    if fingerprint is not None and made_for is not None and made_for != fingerprint:
+        raise TableError(f"{path}: made for model fingerprint {made_for}, but the model in use has fingerprint {fingerprint}.")
     return table

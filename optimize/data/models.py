@@ -36,6 +36,7 @@ from samplers import models as spec_models
 from samplers import t2i
 from samplers.models import Names, WatchedDenoiser, check_diffusers, check_t2i, check_timeout, diffusers_folders
 from samplers.schedule_config import alphas_cumprod_of, flow_sigmas_of, is_flow_config
+from samplers.table import check_fingerprint
 
 from optimize.base import ConfigError, as_list, resolve_path
 from optimize.data.folder import check_folder
@@ -70,9 +71,10 @@ class Model:
     def load_table(self, path: str) -> SolverTable:
         """The table file at ``path`` checked against this model (its fingerprint, ``table_fingerprint``); one
         ValueError otherwise, with the hint naming both guidance scales where that is why."""
-        fingerprint, hint = self.table_fingerprint(SolverTable.load(path).metadata)
+        table = SolverTable.load(path)
+        fingerprint, hint = self.table_fingerprint(table.metadata)
         try:
-            return SolverTable.load(path, fingerprint=fingerprint)
+            return check_fingerprint(table, fingerprint, path)
         except ValueError as err:
             raise ValueError(str(err) + hint) from None
 
