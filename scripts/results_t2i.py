@@ -43,7 +43,7 @@ from optimize.base import REPO, TABLE_PREFIX, repo_relative
 from optimize.base.seeds import EVAL_SEED_OFFSET, seed_range
 from optimize.data import captioned as cap
 from optimize.data.models import load_model
-from optimize.evaluation import t2i
+from optimize.evaluation import metrics, t2i
 from optimize.evaluation.classifier import load_classifier
 from optimize.evaluation.evaluate import decoded, draw
 from optimize.evaluation.judge import Judge
@@ -124,7 +124,7 @@ def score(name: str, kind: str, nfe: int, x: torch.Tensor, ref: torch.Tensor, ju
     """One CSV row with the per-sample values kept (``_``-prefixed) for paired differences."""
     hits = t2i.adherence(judge_net, x, labels)
     n = len(hits)
-    return {"method": name, "kind": kind, "nfe": nfe, **t2i.distance(x, ref), **judge.score(x),
+    return {"method": name, "kind": kind, "nfe": nfe, **metrics.distance(x, ref), **judge.score(x),
             "adherence": float(hits.mean()), "adherence_se": float(hits.std() / n**0.5), "_hits": hits,
             "_images": x[:GRID_SEEDS]}
 
@@ -132,10 +132,10 @@ def score(name: str, kind: str, nfe: int, x: torch.Tensor, ref: torch.Tensor, ju
 def paired_to(r: dict[str, Any], other: dict[str, Any], tag: str, fds: tuple[str, ...]) -> None:
     """``r``'s paired differences to ``other`` on the same seeds, as ``d<measure>_vs_<tag>`` (and ``_se``): RMSE, the
     FDs in ``fds``, adherence."""
-    r[f"drmse_vs_{tag}"], r[f"drmse_vs_{tag}_se"] = t2i.paired_mean(r["_rmse"], other["_rmse"])
+    r[f"drmse_vs_{tag}"], r[f"drmse_vs_{tag}_se"] = metrics.paired_mean(r["_rmse"], other["_rmse"])
     for key in fds:
         r[f"d{key}_vs_{tag}"], r[f"d{key}_vs_{tag}_se"] = paired(r, other, key)
-    r[f"dadherence_vs_{tag}"], r[f"dadherence_vs_{tag}_se"] = t2i.paired_mean(r["_hits"], other["_hits"])
+    r[f"dadherence_vs_{tag}"], r[f"dadherence_vs_{tag}_se"] = metrics.paired_mean(r["_hits"], other["_hits"])
 
 
 def add_paired(rows: list[dict[str, Any]]) -> None:
@@ -148,7 +148,7 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
     if ref is not None:
         for r in rows:
             if r is not ref:
-                r["dadherence_vs_teacher"], r["dadherence_vs_teacher_se"] = t2i.paired_mean(r["_hits"], ref["_hits"])
+                r["dadherence_vs_teacher"], r["dadherence_vs_teacher_se"] = metrics.paired_mean(r["_hits"], ref["_hits"])
     peers10 = [r for r in rows if r["nfe"] == 10 and r["kind"] == "peer"]
     if peers10:
         best10 = min(peers10, key=lambda r: r["rmse"])

@@ -39,7 +39,7 @@ from samplers.table import make_noise
 from optimize.base import REPO
 from optimize.base.seeds import EVAL_SEED_OFFSET, seed_range
 from optimize.data import captioned as cap
-from optimize.evaluation import t2i
+from optimize.evaluation import metrics, t2i
 from optimize.evaluation.classifier import load_classifier
 from optimize.evaluation.judge import Judge
 from optimize.evaluation.results import paired, verdict, write_csv
@@ -101,12 +101,12 @@ def main() -> None:
             x, calls = t2i.pipeline_images(pipe, sched, prompts, latents, args.guidance, args.batch, **call)
             assert calls == nfe, (label, nfe, calls)
             hits = t2i.adherence(judge_net, x, labels)
-            row = {"teacher": teacher, "scheduler": type(sched).__name__, "nfe": nfe, **t2i.distance(x, ref),
+            row = {"teacher": teacher, "scheduler": type(sched).__name__, "nfe": nfe, **metrics.distance(x, ref),
                    **judge.score(x), "adherence": float(hits.mean()), "_hits": hits,
                    "seconds": round(time.perf_counter() - t0, 1)}
             for key in ("fd_heldout_main", "fd_heldout_b"):
                 row[f"d{key}_vs_50"], row[f"d{key}_vs_50_se"] = paired(row, base, key)
-            row["dadherence_vs_50"], row["dadherence_vs_50_se"] = t2i.paired_mean(hits, hits_ref)
+            row["dadherence_vs_50"], row["dadherence_vs_50_se"] = metrics.paired_mean(hits, hits_ref)
             rows.append(row)
             print(f"{teacher} {row['scheduler']} NFE {nfe}: RMSE to {REFERENCE_STEPS} steps {row['rmse']:.4f} ± "
                   f"{row['rmse_se']:.2g}, PSNR {row['psnr']:.2f}; FD held-out {row['fd_heldout_main']:.2f} "

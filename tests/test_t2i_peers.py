@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from tiny_t2i import save_tiny_sd, save_tiny_sd3  # noqa: E402
 
-from optimize.evaluation import t2i  # noqa: E402
+from optimize.evaluation import metrics, t2i  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,12 +72,12 @@ def test_align_your_steps_at_ten_is_the_published_list() -> None:
 def test_distance_and_paired_mean_against_their_formulas() -> None:
     g = torch.Generator().manual_seed(0)
     ref, x = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1, torch.rand(6, 3, 4, 4, generator=g) * 2 - 1
-    d = t2i.distance(x, ref)
+    d = metrics.distance(x, ref)
     per = [math.sqrt(float(((x[i] - ref[i]) ** 2).mean())) for i in range(6)]
     assert d["rmse"] == pytest.approx(np.mean(per)) and d["rmse_se"] == pytest.approx(np.std(per, ddof=1) / math.sqrt(6))
     assert d["psnr"] == pytest.approx(np.mean([10 * math.log10(4 / p**2) for p in per]))
     a, b = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, 2.5, 3.0])
-    m, se = t2i.paired_mean(a, b)
+    m, se = metrics.paired_mean(a, b)
     assert m == pytest.approx(1 / 3) and se == pytest.approx(np.std([0.5, -0.5, 1.0], ddof=1) / math.sqrt(3))
 
 

@@ -318,6 +318,22 @@ def reference_rmse(samples: Any, reference: Any) -> float:
     return float(((s.detach().cpu() - r.detach().cpu()) ** 2).mean().sqrt())
 
 
+def distance(x: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """Mean per-sample RMSE and PSNR (peak-to-peak 2, images in [-1, 1]) to ``ref`` from the same noise, each with its standard error; ``_rmse``/``_psnr``
+    keep the per-sample values for paired differences."""
+    mse = (x - ref).double().pow(2).flatten(1).mean(1)
+    rmse, psnr = mse.sqrt(), 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+    n = len(x)
+    return {"rmse": float(rmse.mean()), "rmse_se": float(rmse.std() / math.sqrt(n)),
+            "psnr": float(psnr.mean()), "psnr_se": float(psnr.std() / math.sqrt(n)), "_rmse": rmse, "_psnr": psnr}
+
+
+def paired_mean(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of the per-sample differences a - b and its standard error (same seeds)."""
+    d = (a - b).double()
+    return float(d.mean()), float(d.std() / math.sqrt(len(d)))
+
+
 def seeds_hash(seeds: Sequence[int]) -> str:
     """16-hex SHA-256 of the seed list (order matters) as int64 bytes."""
     arr = np.asarray(list(seeds), dtype=np.int64)

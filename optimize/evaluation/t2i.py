@@ -4,14 +4,13 @@ Peers run inside the stock diffusers pipeline from given unit latents: the stock
 picks for few steps (``stock_schedulers``), and Align Your Steps (``ays_timesteps``: NVIDIA's SD 1.5 noise levels,
 log-linearly interpolated to other step counts as ComfyUI's node does, as DPMSolverMultistep's ``timesteps``).
 Every pipeline run counts its denoiser-net calls, so a peer's NFE is measured, not assumed. Scoring of decoded
-images in [-1, 1]: distance to a reference (RMSE, PSNR) and prompt adherence read by the judge. The 50-step
+images in [-1, 1]: distance to a reference (``metrics.distance``: RMSE, PSNR) and prompt adherence read by the judge. The 50-step
 reference images are cached on disk (``reference_images``). diffusers is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -176,22 +175,6 @@ def reference_images(pipe: Any, name: str, prompts: list[str], latents: torch.Te
     return images
 
 
-def distance(x: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
-    """Mean per-sample RMSE and PSNR (peak-to-peak 2) to ``ref``, each with its standard error; ``_rmse``/``_psnr``
-    keep the per-sample values for paired differences."""
-    mse = (x - ref).double().pow(2).flatten(1).mean(1)
-    rmse, psnr = mse.sqrt(), 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
-    n = len(x)
-    return {"rmse": float(rmse.mean()), "rmse_se": float(rmse.std() / math.sqrt(n)),
-            "psnr": float(psnr.mean()), "psnr_se": float(psnr.std() / math.sqrt(n)), "_rmse": rmse, "_psnr": psnr}
-
-
 def adherence(judge_net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """1.0 where the judge reads the prompt's digit, colour and background all right, else 0.0."""
     return (predict_heads(judge_net, x) == labels).all(1).double()
-
-
-def paired_mean(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """Mean of the per-sample differences a - b and its standard error (same seeds)."""
-    d = (a - b).double()
-    return float(d.mean()), float(d.std() / math.sqrt(len(d)))
