@@ -31,3 +31,20 @@ def test_goals_need_both_measures_beyond_noise_and_the_moonshot_no_measure_worse
     assert "(`dsno M=1`, 1.04 teacher forwards) within noise of it: **met**" in goals[2]
     assert "(`cd`, 1 teacher forward) within noise of it: **not met**" in goals[3]  # FD train +6 +- 2.5: worse
     assert mod.goal_lines([table(4)]) == []  # no student, no goals
+
+
+def test_goals_report_the_distance_to_the_teacher_beside_and_the_tables_floor(script):
+    """The M = 4 goal line carries the RMSE difference to the table (reported, not a criterion: a worse RMSE does not
+    flip a met goal), and a best table's differences to the converged teacher make the floor sentence."""
+    mod = script("results_students")
+    teacher = mod.slug(mod.TEACHER)
+    table4 = {"method": "edm-best-nfe4", "kind": "best table", "bucket": "4", "nfe": "4", "teacher_forwards": "4",
+              **diffs(teacher, fd_train_b=(0.05, 0.2), fd_heldout_main=(1.0, 3.0))}
+    m4 = {"method": "dsno", "kind": "student", "bucket": "4", "nfe": "1", "teacher_forwards": "4.07",
+          **diffs("edm-best-nfe4", fd_train_b=(-1.0, 0.4), fd_heldout_main=(-5.0, 2.0), rmse=(0.02, 0.001))}
+    lines = mod.goal_lines([m4, table4])
+    goal = next(line for line in lines if line.startswith("- "))
+    assert "**met**" in goal and "beside it, RMSE to the teacher +0.02 ± 0.001 (worse)" in goal
+    floor = next(line for line in lines if line.startswith("How far the tables sit above"))
+    assert "`edm-best-nfe4` minus the converged teacher: FD-b train +0.05 ± 0.2 (within noise), FD held-out +1 ± 3" in floor
+    assert mod.TEACHER == "heun@255 (converged teacher)"
