@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
 
 from samplers import SolverTable, make_noise
 from samplers.images import write_png_grid
@@ -72,23 +71,10 @@ def cached(folder: Path, stem: str, n: int, key: str, compute: Any) -> torch.Ten
     without sampling them again (stem: teacher and guidance; key: the method or table hash and NFE). A file of a larger
     n serves its first n images: seeds 0..n-1 and their prompts are the start of the longer run's (as the 50-step
     references, ``t2i.reference_images``); the largest smaller one is extended, ``compute(lo)`` giving the images of
-    samples lo..n-1 only."""
-    path = folder / f"{stem}-n{n}-{key}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["images"]
-    lo, head = 0, None
-    for found in folder.glob(f"{stem}-n*-{key}.safetensors"):
-        m = found.name.removeprefix(f"{stem}-n").removesuffix(f"-{key}.safetensors")
-        if m.isdigit() and int(m) > n:
-            return load_file(str(found))["images"][:n]
-        if m.isdigit() and lo < int(m) < n:
-            lo, head = int(m), found
-    x = compute(lo)
-    if head is not None:
-        x = torch.cat([load_file(str(head))["images"].to(x), x])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"images": x.contiguous()}, str(path))
-    return x
+    samples lo..n-1 only (``t2i.prefix_cached``; a file's name says which run it holds)."""
+    files = [f for f in folder.glob(f"{stem}-n*-{key}.safetensors")  # the n of the name a number: not another key's
+             if f.name.removeprefix(f"{stem}-n").removesuffix(f"-{key}.safetensors").isdigit()]
+    return t2i.prefix_cached(folder / f"{stem}-n{n}-{key}.safetensors", files, n, lambda got: len(got["images"]), compute)
 
 
 def table_label(path: Path, table: SolverTable, guidance: float | None = None) -> str:

@@ -93,3 +93,5 @@ def test_cached_images_serve_a_prefix_and_extend_a_shorter_run(script, tmp_path)
     assert asked == [2] and torch.equal(again, images[:3])
     other = mod.cached(tmp_path, "t-w7.5", 4, "DDIM-nfe4", lambda lo: images[lo:4] + 1)  # another key: all of it
     assert torch.equal(other, images[:4] + 1)
+    tail = mod.cached(tmp_path, "t-w7.5", 4, "nfe4", lambda lo: images[lo:4] + 2)  # the end of other keys' names: not its files
+    assert torch.equal(tail, images[:4] + 2)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -148,31 +148,50 @@ def prompt_hash(prompt: str) -> int:
     return zlib.crc32(prompt.encode()) & 0x7FFFFFFF
 
 
+def prefix_cached(path: Path, files: Iterable[Path], n: int, usable: Callable[[dict[str, torch.Tensor]], int],
+                  compute: Callable[[int], torch.Tensor], extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The ``images`` of samples 0..n-1 kept in cache ``files``: ``usable(file)`` says how many leading samples of a
+    file are those of this run (0: none). A file with all n serves them; else the longest usable start is extended,
+    ``compute(lo)`` giving samples lo..n-1 only, and the n images are saved at ``path`` (with ``extra`` tensors beside
+    them)."""
+    head = torch.zeros(0)
+    for found in sorted(files):
+        got = load_file(str(found))
+        m = min(usable(got), n)
+        if m == n:
+            return got["images"][:n]
+        if m > len(head):
+            head = got["images"][:m]
+    lo = len(head)
+    images = compute(lo)
+    images = torch.cat([head.to(images), images]) if lo else images
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": images.contiguous(), **(extra or {})}, str(path))
+    return images
+
+
 def reference_images(pipe: Any, name: str, prompts: list[str], latents: torch.Tensor, guidance: float, batch: int,
                      cache: Path) -> torch.Tensor:
     """The stock pipeline's ``REFERENCE_STEPS``-step decoded images (its own scheduler) of these latents and prompts,
     read from ``cache`` when a run with the same teacher and guidance wrote them for these latents and prompts or for
     a longer list that starts with them (n = 1,000 reuses the first half of n = 2,000); a shorter list that starts
-    them is extended, only the missing samples run (n = 2,000 after n = 500 runs 1,500)."""
+    them is extended, only the missing samples run (n = 2,000 after n = 500 runs 1,500). A file counts as far as its
+    latents and prompt hashes agree with these."""
     n = len(prompts)
-    path = Path(cache) / f"{name}-w{guidance:g}-n{n}-steps{REFERENCE_STEPS}.safetensors"
     hashes = torch.tensor([prompt_hash(p) for p in prompts])
-    head = torch.zeros(0)
-    for found in sorted(Path(cache).glob(f"{name}-w{guidance:g}-n*-steps{REFERENCE_STEPS}.safetensors")):
-        got = load_file(str(found))
+
+    def usable(got: dict[str, torch.Tensor]) -> int:
         m = min(len(got["latents"]), n)
-        if torch.equal(got["latents"][:m], latents[:m]) and torch.equal(got["prompts"][:m], hashes[:m]):
-            if m == n:
-                return got["images"][:n]
-            if m > len(head):  # the longest cached start of this list
-                head = got["images"]
-    m = len(head)
-    images, _ = pipeline_images(pipe, type(pipe.scheduler).from_config(pipe.scheduler.config), prompts[m:], latents[m:],
-                                guidance, batch, num_inference_steps=REFERENCE_STEPS)
-    images = torch.cat([head.to(images), images]) if m else images
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"images": images.contiguous(), "latents": latents.contiguous(), "prompts": hashes}, str(path))
-    return images
+        return m if torch.equal(got["latents"][:m], latents[:m]) and torch.equal(got["prompts"][:m], hashes[:m]) else 0
+
+    def compute(lo: int) -> torch.Tensor:
+        return pipeline_images(pipe, type(pipe.scheduler).from_config(pipe.scheduler.config), prompts[lo:], latents[lo:],
+                               guidance, batch, num_inference_steps=REFERENCE_STEPS)[0]
+
+    stem = f"{name}-w{guidance:g}"
+    return prefix_cached(Path(cache) / f"{stem}-n{n}-steps{REFERENCE_STEPS}.safetensors",
+                         Path(cache).glob(f"{stem}-n*-steps{REFERENCE_STEPS}.safetensors"), n, usable, compute,
+                         {"latents": latents.contiguous(), "prompts": hashes})
 
 
 def adherence(judge_net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
