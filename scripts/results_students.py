@@ -5,6 +5,8 @@ docs/results/students/ (digits: ``--model edm``, the default; natural-image patc
     python scripts/results_students.py --student "dsno M=1=RUN/dsno-edm.safetensors,RUN/dsno-edm-1nfe.safetensors"
     python scripts/results_students.py --model patches       # the patches DSNO student beside patches-best-nfe<N>
     python scripts/results_students.py --render-only          # rewrite the page from the CSVs
+    python scripts/results_students.py --select "dsno M=1=NET,TABLE" "dsno M=4=NET,TABLE" [--ship]
+                                                              # which student of a method ships (selection seeds)
 
 Every student (a network file and its table) is costed in teacher forwards per sample: its table's calls times the
 FLOPs of one student call over one teacher call (``optimize.evaluation.cost``), and sits in the bucket of the NFE that
@@ -25,6 +27,7 @@ import csv
 import datetime
 import os
 import platform
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,7 @@ from optimize.evaluation.cost import teacher_forwards
 from optimize.evaluation import metrics
 from optimize.evaluation.evaluate import Judge, evaluate, load_model
 from optimize.evaluation.results import Z, paired, verdict, write_csv
+from optimize.recipes import selection_scores
 
 DOCS = REPO / "docs" / "results" / "students"
 TABLES = REPO / "checkpoints" / "tables"
@@ -92,12 +96,18 @@ TEACHERS = {
 }
 
 
+def fail(message: str) -> None:
+    """One ``error:`` line and exit status 2, before any work."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_student(text: str) -> tuple[str, str, str]:
     """``LABEL=NET,TABLE`` -> (label, net path, table path)."""
     label, sep, rest = text.rpartition("=")
     net, comma, table = rest.partition(",")
     if not sep or not comma or not label:
-        raise SystemExit(f"error: --student takes LABEL=NET,TABLE, got {text!r}")
+        fail(f"--student and --select take LABEL=NET,TABLE, got {text!r}")
     return label, net, table
 
 
@@ -275,6 +285,20 @@ def goal_lines(rows: list[dict[str, str]]) -> list[str]:
             "on held-out data; the moonshot: no measure worse):", "", *out, "", *floor_text]
 
 
+def selection_lines(path: Path) -> list[str]:
+    """The page's account of ``--select`` (which student of a method ships), from its CSV."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    chosen = next(r for r in rows if r["chosen"] == "True")
+    return ["## Which student ships", "",
+            f"`{chosen['label']}` ships (the `{chosen['label'].split(' ')[0]}` rows above): the lowest FD train (main features) on {int(rows[0]['n_select']):,} selection seeds "
+            "(3,000,000.., never the evaluation seeds above; `python scripts/results_students.py --select ... --ship`) among "
+            + ", ".join(f"`{r['label']}` {float(r['fd_train_main_select']):.3g}" for r in rows)
+            + f" (`docs/results/students/{path.name}`).", ""]
+
+
 def render(teacher: Teacher) -> None:
     """docs/results-students-<data>.md from docs/results/students/<data>.csv and its meta CSV."""
     with open(DOCS / f"{teacher.data}.csv", newline="") as f:
@@ -325,11 +349,47 @@ def render(teacher: Teacher) -> None:
         grids = [r["method"] for r in at if r["kind"] != "classic" or r.get("best_classic") == "True"]
         lines += ["", " ".join(f"![{g}](results/students/grid-{teacher.prefix}{slug(g)}.png)" for g in grids), "",
                   "Grids, left to right: " + ", ".join(grids) + " (first 64 seeds).", ""]
-    lines += goal_lines(rows)
+    lines += goal_lines(rows) + selection_lines(DOCS / f"selection-{teacher.data}.csv")
     if teacher.notes.is_file():
         lines += [teacher.notes.read_text().strip(), ""]
     teacher.page.write_text("\n".join(lines))
     print(f"wrote {teacher.page.relative_to(REPO)}", flush=True)
+
+
+def select(args: argparse.Namespace, teacher: Teacher) -> None:
+    """Score the candidates (students of one method) by the selection rule of every results page
+    (``optimize.recipes.selection_scores``: FD train, main features, on ``--n-select`` seeds 3,000,000.., never the
+    evaluation seeds), write ``selection-<data>.csv`` and, with ``--ship``, copy the lowest to the page's shipped files
+    of that method (its network, and its table with ``student`` naming the shipped network)."""
+    torch.set_num_threads(1)
+    cands = [parse_student(c) for c in args.select]
+    methods = {label.split(" ")[0] for label, _, _ in cands}
+    if len(methods) != 1:
+        fail(f"--select compares students of one method, got {', '.join(sorted(methods))}")
+    method = methods.pop()
+    shipped = next((s for s in teacher.shipped if s[0] == method), None)
+    if args.ship and shipped is None:
+        fail(f"--ship: the {teacher.data} page ships no {method} student")
+    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{teacher.model}.yaml")
+    model = load_model(cfg, "cpu")
+    judge = Judge.for_model(cfg, model.shape, "cpu", n_boot=0)
+    jobs = []
+    for label, net, table_path in cands:
+        den = load_denoiser(str(REPO / net))
+        jobs.append((label, den, SolverTable.load(str(REPO / table_path), fingerprint=den.fingerprint())))
+    scores = selection_scores(judge, args.n_select, jobs, model.shape)
+    chosen = min(scores, key=scores.get)
+    write_csv([{"label": label, "network": net, "table": table_path, "n_select": args.n_select,
+                "fd_train_main_select": scores[label], "chosen": label == chosen} for label, net, table_path in cands],
+              str(DOCS / f"selection-{teacher.data}.csv"))
+    print(f"chosen: {chosen}", flush=True)
+    if args.ship:
+        _, net, table_path = next(c for c in cands if c[0] == chosen)
+        shutil.copyfile(REPO / net, REPO / shipped[1])
+        table = SolverTable.load(str(REPO / table_path))
+        table.metadata["student"] = shipped[1]
+        table.save(str(REPO / shipped[2]))
+        print(f"shipped {chosen} as {shipped[1]} and {shipped[2]}", flush=True)
 
 
 def main() -> None:
@@ -340,9 +400,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="samples (seeds 0..n-1)")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--render-only", action="store_true", help="only rewrite the page from the CSVs")
+    ap.add_argument("--select", nargs="+", metavar="LABEL=NET,TABLE", default=None,
+                    help="instead of the page: score these students of one method on the selection seeds")
+    ap.add_argument("--n-select", type=int, default=2000, help="selection samples (seeds 3,000,000..)")
+    ap.add_argument("--ship", action="store_true", help="with --select: copy the chosen one to the shipped files")
     args = ap.parse_args()
     teacher = TEACHERS[args.model]
-    render(teacher) if args.render_only else run(args, teacher)
+    if args.ship and not args.select:
+        ap.error("--ship needs --select")
+    if args.select:
+        select(args, teacher)
+    else:
+        render(teacher) if args.render_only else run(args, teacher)
 
 
 if __name__ == "__main__":

@@ -89,16 +89,24 @@ def test_zero_temporal_weights_still_get_a_gradient() -> None:
 
 
 def test_shipped_student_loads_and_gives_the_same_samples() -> None:
-    """checkpoints/dsno-digits.safetensors loads with its stored weights (the shipped table's fingerprint) and gives the
-    samples it gave when it was shipped (values recorded from that code on seeds 0..2)."""
+    """checkpoints/dsno-digits.safetensors (the M = 1 student shipped on 2026-12-07) loads with its stored weights (the
+    shipped table's fingerprint) and gives the samples it gave when it was shipped (values recorded from that code on
+    seeds 0..2); the M = 4 student shipped before it keeps its own samples under docs/results/students/nets."""
     den = load_denoiser(str(ROOT / "checkpoints" / "dsno-digits.safetensors"))
     table = SolverTable.load(str(ROOT / "checkpoints" / "tables" / "dsno-digits-1nfe.safetensors"), fingerprint=den.fingerprint())
-    assert den.fingerprint() == table.metadata["model_fingerprint"] == "d524b9eddc17bd55"
+    assert den.fingerprint() == table.metadata["model_fingerprint"] == "4abded870860361f" and table.metadata["M"] == 1
     with torch.no_grad():
         x = sample(table, den, make_noise(table, (1, 8, 8), range(3)))
-    np.testing.assert_allclose(x.double().sum(dim=(1, 2, 3)).numpy(), [-25.94247306, -22.91686697, -30.59723131], atol=1e-3)
-    np.testing.assert_allclose(x[0, 0, 0].numpy(), [-1.03478312, -1.00268734, -0.18199360, 1.02082133, -0.14035320,
-                                                    -0.99837154, -1.01646411, -1.00973153], atol=1e-4)
+    np.testing.assert_allclose(x.double().sum(dim=(1, 2, 3)).numpy(), [-25.32993899, -22.92683217, -30.45747632], atol=1e-3)
+    np.testing.assert_allclose(x[0, 0, 0].numpy(), [-1.0288911, -0.99458885, -0.08966545, 1.0351394, -0.15144458,
+                                                    -1.0017143, -1.0079144, -1.0115849], atol=1e-4)
+    nets = ROOT / "docs" / "results" / "students" / "nets"
+    old = load_denoiser(str(nets / "dsno-m4-4k.safetensors"))
+    old_table = SolverTable.load(str(nets / "dsno-m4-4k-1nfe.safetensors"), fingerprint=old.fingerprint())
+    assert old.fingerprint() == "d524b9eddc17bd55" and old_table.metadata["M"] == 4
+    with torch.no_grad():
+        y = sample(old_table, old, make_noise(old_table, (1, 8, 8), range(3)))
+    np.testing.assert_allclose(y.double().sum(dim=(1, 2, 3)).numpy(), [-25.94247306, -22.91686697, -30.59723131], atol=1e-3)
 
 
 def test_spectral_layer_identity_and_formula() -> None:

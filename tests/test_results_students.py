@@ -1,4 +1,13 @@
-"""scripts/results_students.py: issue 27's goal verdicts, from the paired differences of the CSV rows."""
+"""scripts/results_students.py: issue 27's goal verdicts, from the paired differences of the CSV rows; the selection
+of the shipped student and its bad arguments."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def diffs(other: str, **d: tuple[float, float]) -> dict[str, str]:
@@ -48,3 +57,29 @@ def test_goals_report_the_distance_to_the_teacher_beside_and_the_tables_floor(sc
     floor = next(line for line in lines if line.startswith("How far the tables sit above"))
     assert "`edm-best-nfe4` minus the converged teacher: FD-b train +0.05 ± 0.2 (within noise), FD held-out +1 ± 3" in floor
     assert mod.TEACHER == "heun@255 (converged teacher)"
+
+
+def test_selection_lines_name_the_shipped_student_and_every_score(script, tmp_path):
+    mod = script("results_students")
+    path = tmp_path / "selection-digits.csv"
+    path.write_text("label,network,table,n_select,fd_train_main_select,chosen\n"
+                    "dsno M=4,a.safetensors,a-1nfe.safetensors,2000,7.865,False\n"
+                    "dsno M=1,b.safetensors,b-1nfe.safetensors,2000,6.892,True\n")
+    lines = mod.selection_lines(path)
+    assert lines[0] == "## Which student ships"
+    assert lines[2].startswith("`dsno M=1` ships (the `dsno` rows above): the lowest FD train (main features) on 2,000 "
+                               "selection seeds")
+    assert "`dsno M=4` 7.87, `dsno M=1` 6.89" in lines[2]
+    assert mod.selection_lines(tmp_path / "none.csv") == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ship"], "--ship needs --select"),
+    (["--select", "dsno=a,b", "cd=c,d"], "error: --select compares students of one method, got cd, dsno"),
+    (["--select", "dsno M=1=a.safetensors"], "error: --student and --select take LABEL=NET,TABLE"),
+    (["--model", "patches", "--select", "cd=a,b", "--ship"], "error: --ship: the patches page ships no cd student"),
+])
+def test_bad_selection_arguments_exit_2_before_any_work(argv, message):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_students.py"), *argv], capture_output=True,
+                         text=True, cwd=REPO)
+    assert out.returncode == 2 and message in out.stderr and out.stdout == ""

@@ -520,7 +520,8 @@ def run(cfg: Any) -> dict[str, Any]:
             "model_fingerprint": student.fingerprint(), "teacher_fingerprint": model.fingerprint,
             "student": os.path.basename(student_path), "M": int(cfg.M), "output_sigmas": sigmas,
             "weighting": str(cfg.weighting), "loss_weights": module.final_weights(), "temporal_init": str(cfg.temporal_init),
-            "cost_note": f"1 network call that runs {cfg.M} time slices (about {cfg.M} teacher forwards)",
+            "cost_note": f"1 network call that runs {cfg.M} time slice{'s' if int(cfg.M) > 1 else ''} (about {cfg.M} teacher "
+                         f"forward{'s' if int(cfg.M) > 1 else ''})",
             "config": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if not isinstance(v, (dict, list))}}
     one_step_table(float(cfg.sigma_max), meta).save(table_path)
     plot_loss(module.history, sigmas, os.path.join(out_dir, f"{tag}-loss.png"))
