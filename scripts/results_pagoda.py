@@ -50,8 +50,10 @@ CANDIDATE_NOTES = {"pool": f"{FIRST}; d_downsample=pool (the first runs' D), d_l
                                  "strided D, d_lr 2e-4; base_steps 10,000, steps 2,000 (the defaults then)",
                    "grow-dlr1e-3": "as pixel-freq, its 8x8 base kept (base_generator, base_steps 0) and the 16x16 and 32x32 stages "
                                    "grown again with d_lr 1e-3 (the generator's rate)",
-                   "grow-dlr2e-3": "as grow-dlr1e-3 with d_lr 2e-3 (twice the generator's rate)"}
+                   "grow-dlr2e-3": "as grow-dlr1e-3 with d_lr 2e-3 (twice the generator's rate)",
+                   "grow-dlr1e-3-x2": "as grow-dlr1e-3 with twice the steps per grown stage (4,000)"}
 DOCS, PAGE = REPO / "docs" / "results" / "pagoda", REPO / "docs" / "results-pagoda.md"
+BASE_TIMING = DOCS / "base-timing.csv"  # a kept base's stage rerun alone and clocked (--base-timing)
 PATCHES_CSV = REPO / "docs" / "results" / "patches" / "results.csv"
 KEYS = [("fd_train_main", "FD train"), ("fd_heldout_main", "FD held-out"), ("fd_train_b", "FD-b train"),
         ("fd_heldout_b", "FD-b held-out"), ("kid_train_main", "KID train"), ("kid_train_b", "KID-b train")]
@@ -213,10 +215,11 @@ Stage boundaries are dotted. Per stage (means over its steps): {curves}
     return text
 
 
-def base_description(gmeta: dict[str, Any], res: list[int]) -> dict[str, Any]:
-    """How the reported run got its base: trained in the run, or kept from another run's file (``base_generator``), whose
-    base stage's time counts (all of that run's stages, an upper bound, where its stages were not clocked apart); the
-    run's time per stage where it was clocked (``stage_seconds``)."""
+def base_description(gmeta: dict[str, Any], res: list[int], timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How the reported run got its base: trained in the run, or kept from another run's file (``base_generator``). A
+    kept base's time is its own stage's where that run clocked its stages apart (``stage_seconds``); else, with
+    ``timing`` (``BASE_TIMING``'s row: a rerun of the base stage alone with the base's settings), that rerun's base
+    stage; else all of the base's run (an upper bound). The run's own time per stage where it was clocked."""
     path = gmeta.get("base_generator")
     split = gmeta.get("stage_seconds")
     per_stage = "; " + ", ".join(f"{r}x{r} {s / 60:.1f} min" for r, s in zip(res, split) if s) if split else ""
@@ -224,13 +227,31 @@ def base_description(gmeta: dict[str, Any], res: list[int]) -> dict[str, Any]:
         return {"base_note": "", "time_note": f"training time of all stages{per_stage}", "base_seconds": 0.0, "total_note": ""}
     _, bmeta = read_net_header(str(REPO / path if not os.path.isabs(path) else path))
     base_split = bmeta.get("stage_seconds")  # a base file written since the stages are clocked apart: its own share
-    secs = float(base_split[0]) if base_split else float(bmeta.get("train_seconds", float("nan")))
-    share = ("the base's own share, clocked in the run it comes from" if base_split else
-             "all three stages of the run the base comes from: an upper bound on the base's share")
+    if base_split:
+        secs, share = float(base_split[0]), "the base's own share, clocked in the run it comes from"
+    elif timing:
+        secs, threads = float(timing["seconds"]), timing["threads"]
+        share = (f"the base stage's time when rerun alone with its settings, `{timing['command']}` ({int(timing['steps']):,} "
+                 f"steps on {int(threads) if isinstance(threads, float) else threads} thread(s), `{repo_relative(BASE_TIMING)}`)")
+    else:
+        secs = float(bmeta.get("train_seconds", float("nan")))
+        share = "all three stages of the run the base comes from: an upper bound on the base's share"
     return {"base_steps": int(bmeta.get("steps", 0)),
             "base_note": f" (kept from `{path}`: another run's base, `base_generator`, not trained again)",
             "time_note": f"the grown stages only{per_stage}", "base_seconds": secs,
             "total_note": f" (the grown stages plus {secs / 60:.1f} min, {share})"}
+
+
+def base_timing(net: Path | None) -> dict[str, Any] | None:
+    """The clocked base stage of the rerun whose 8x8 generator is ``net``, written to BASE_TIMING; without ``net``,
+    the row kept there by an earlier call (None when there is none)."""
+    if net is not None:
+        _, meta = read_net_header(str(net))
+        given = [str(o) for o in OmegaConf.load(net.parent / ".hydra" / "overrides.yaml")
+                 if not str(o).startswith(("method=", "num_threads=", "progress_bar=", "hydra.", "evaluate_at_end="))]
+        write_csv([{"seconds": meta["stage_seconds"][0], "steps": meta["steps"], "threads": meta.get("threads", "?"),
+                    "command": "python -m optimize pagoda " + " ".join(given), "run": repo_relative(net.parent)}], str(BASE_TIMING))
+    return read_results(str(BASE_TIMING))[0] if BASE_TIMING.is_file() else None
 
 
 def rec_description(gmeta: dict[str, Any]) -> str:
@@ -320,8 +341,15 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=None, metavar="LABEL=RUN",
                         help="finished runs to pick the reported one from (FD train on the selection seeds); replaces --run")
     parser.add_argument("--n-select", type=int, default=1000, help="selection samples for --candidates (seeds 3,000,000+)")
+    parser.add_argument("--base-timing", type=Path, default=None, metavar="RUN",
+                        help="the run folder of a rerun of a kept base's stage alone (stages=1 with its settings): its "
+                             "clocked time counts as the base's (kept in docs/results/pagoda/base-timing.csv)")
     parser.add_argument("overrides", nargs="*", help="key=value settings of the training run")
     args = parser.parse_args()
+    timing_net = None if args.base_timing is None else args.base_timing / f"pagoda-patches{RES[0]}.safetensors"
+    if timing_net is not None and not (timing_net.is_file() and read_net_header(str(timing_net))[1].get("stage_seconds")
+                                       and (args.base_timing / ".hydra" / "overrides.yaml").is_file()):
+        parser.error(f"--base-timing takes the folder of a pagoda run that clocked its stages, got {args.base_timing}")
     if args.threads:
         torch.set_num_threads(args.threads)
     run = args.run.resolve()
@@ -373,7 +401,7 @@ def main() -> None:
             "train_seconds": float(gmeta.get("train_seconds", float("nan"))), "data_seconds": float(data.get("seconds", float("nan"))),
             "n_pairs": 2 * int(data.get("n_data", 0)), "base_steps": int(trained.base_steps), "steps": int(trained.steps),
             "batch_size": int(trained.batch_size), "threads": f"{gmeta.get('threads', trained.get('num_threads') if hydra.is_file() else '?')} thread(s)",
-            "rec": rec_description(gmeta), **base_description(gmeta, RES),
+            "rec": rec_description(gmeta), **base_description(gmeta, RES, base_timing(timing_net)),
             "command": "python -m optimize pagoda " + " ".join(str(o) for o in dict.fromkeys(overrides))}
     teacher32 = read_results(str(PATCHES_CSV))
     PAGE.write_text(markdown(rows, teacher32, meta) + probe_section(DOCS / "d-probe.csv") + variants
