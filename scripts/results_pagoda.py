@@ -54,6 +54,7 @@ CANDIDATE_NOTES = {"pool": f"{FIRST}; d_downsample=pool (the first runs' D), d_l
                    "grow-dlr1e-3-x2": "as grow-dlr1e-3 with twice the steps per grown stage (4,000)"}
 DOCS, PAGE = REPO / "docs" / "results" / "pagoda", REPO / "docs" / "results-pagoda.md"
 BASE_TIMING = DOCS / "base-timing.csv"  # a kept base's stage rerun alone and clocked (--base-timing)
+QUIET = ("method=", "num_threads=", "progress_bar=", "hydra.", "export", "evaluate_at_end=")  # keys a run's result ignores
 PATCHES_CSV = REPO / "docs" / "results" / "patches" / "results.csv"
 KEYS = [("fd_train_main", "FD train"), ("fd_heldout_main", "FD held-out"), ("fd_train_b", "FD-b train"),
         ("fd_heldout_b", "FD-b held-out"), ("kid_train_main", "KID train"), ("kid_train_b", "KID-b train")]
@@ -247,8 +248,7 @@ def base_timing(net: Path | None) -> dict[str, Any] | None:
     the row kept there by an earlier call (None when there is none)."""
     if net is not None:
         _, meta = read_net_header(str(net))
-        given = [str(o) for o in OmegaConf.load(net.parent / ".hydra" / "overrides.yaml")
-                 if not str(o).startswith(("method=", "num_threads=", "progress_bar=", "hydra.", "evaluate_at_end="))]
+        given = [str(o) for o in OmegaConf.load(net.parent / ".hydra" / "overrides.yaml") if not str(o).startswith(QUIET)]
         write_csv([{"seconds": meta["stage_seconds"][0], "steps": meta["steps"], "threads": meta.get("threads", "?"),
                     "command": "python -m optimize pagoda " + " ".join(given), "run": repo_relative(net.parent)}], str(BASE_TIMING))
     return read_results(str(BASE_TIMING))[0] if BASE_TIMING.is_file() else None
@@ -393,9 +393,8 @@ def main() -> None:
     hydra = run / ".hydra" / "config.yaml"  # the run's own settings (the defaults for a run made by train() here)
     trained = OmegaConf.load(hydra) if hydra.is_file() else cfg
     given = run / ".hydra" / "overrides.yaml"  # the run's own command line, less the keys that do not change its result
-    quiet = ("method=", "num_threads=", "progress_bar=", "hydra.", "export", "evaluate_at_end=")
     overrides = [o for o in (OmegaConf.load(given) if given.is_file() else ["model=patches8", "stages=3"])
-                 if not str(o).startswith(quiet)]
+                 if not str(o).startswith(QUIET)]
     data = gmeta.get("data", {})
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "train_seconds": float(gmeta.get("train_seconds", float("nan"))), "data_seconds": float(data.get("seconds", float("nan"))),

@@ -132,7 +132,8 @@ def run(args: argparse.Namespace, teacher: Teacher) -> None:
         x = r.pop("samples")
         grids[label] = x[:GRID]
         near = metrics.distance(x, reference[0]) if reference else {}
-        reference.append(x) if not reference else None
+        if not reference:  # the first row, the converged teacher: every later row's distance is to its samples
+            reference.append(x)
         rows.append({"method": label, "kind": kind, "bucket": bucket, "nfe": table.nfe, "teacher_forwards": forwards,
                      **r, **{k: v for k, v in near.items() if k in ("rmse", "rmse_se", "_rmse")}, **extra})
         print(f"{label} (bucket {bucket}): FD train {r['fd_train_main']:.3g}, FD-b {r['fd_train_b']:.3g}"
@@ -293,8 +294,8 @@ def selection_lines(path: Path) -> list[str]:
         rows = list(csv.DictReader(f))
     chosen = next(r for r in rows if r["chosen"] == "True")
     return ["## Which student ships", "",
-            f"`{chosen['label']}` ships (the `{chosen['label'].split(' ')[0]}` rows above): the lowest FD train (main features) on {int(rows[0]['n_select']):,} selection seeds "
-            "(3,000,000.., never the evaluation seeds above; `python scripts/results_students.py --select ... --ship`) among "
+            f"`{chosen['label']}` ships (the `{chosen['label'].split(' ')[0]}` rows above): the lowest FD train (main "
+            f"features) on {int(rows[0]['n_select']):,} selection seeds (3,000,000.., never the evaluation seeds above; `python scripts/results_students.py --select ... --ship`) among "
             + ", ".join(f"`{r['label']}` {float(r['fd_train_main_select']):.3g}" for r in rows)
             + f" (`docs/results/students/{path.name}`).", ""]
 
@@ -322,10 +323,10 @@ def render(teacher: Teacher) -> None:
         "one per bucket chosen on these very seeds (bold; a choice that flatters the peer).",
         "",
     ]
-    for bucket in sorted({int(r["bucket"]) for r in rows}, key=lambda b: (any(r["kind"] == "teacher" and int(r["bucket"]) == b
-                                                                         for r in rows), b)):
+    teacher_at = {int(r["bucket"]) for r in rows if r["kind"] == "teacher"}
+    for bucket in sorted({int(r["bucket"]) for r in rows}, key=lambda b: (b in teacher_at, b)):  # the teacher last
         at = [r for r in rows if int(r["bucket"]) == bucket]
-        title = (f"The converged teacher ({bucket} teacher forwards)" if any(r["kind"] == "teacher" for r in at) else
+        title = (f"The converged teacher ({bucket} teacher forwards)" if bucket in teacher_at else
                  f"{bucket} teacher forward{'s' if bucket > 1 else ''}")
         lines += [f"## {title}", "",
                   "| method | kind | NFE | teacher forwards | FD train | FD held-out | FD-b train | RMSE to the teacher | train s |",
