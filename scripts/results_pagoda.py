@@ -243,14 +243,22 @@ def base_description(gmeta: dict[str, Any], res: list[int], timing: dict[str, An
             "total_note": f" (the grown stages plus {secs / 60:.1f} min, {share})"}
 
 
+def command_of(run: Path) -> str:
+    """The ``python -m optimize pagoda`` command line of ``run`` (its Hydra overrides; the defaults' for a run made by
+    train() here), less the keys that do not change its result (QUIET)."""
+    given = run / ".hydra" / "overrides.yaml"
+    overrides = [str(o) for o in (OmegaConf.load(given) if given.is_file() else ["model=patches8", "stages=3"])
+                 if not str(o).startswith(QUIET)]
+    return "python -m optimize pagoda " + " ".join(dict.fromkeys(overrides))
+
+
 def base_timing(net: Path | None) -> dict[str, Any] | None:
     """The clocked base stage of the rerun whose 8x8 generator is ``net``, written to BASE_TIMING; without ``net``,
     the row kept there by an earlier call (None when there is none)."""
     if net is not None:
         _, meta = read_net_header(str(net))
-        given = [str(o) for o in OmegaConf.load(net.parent / ".hydra" / "overrides.yaml") if not str(o).startswith(QUIET)]
         write_csv([{"seconds": meta["stage_seconds"][0], "steps": meta["steps"], "threads": meta.get("threads", "?"),
-                    "command": "python -m optimize pagoda " + " ".join(given), "run": repo_relative(net.parent)}], str(BASE_TIMING))
+                    "command": command_of(net.parent), "run": repo_relative(net.parent)}], str(BASE_TIMING))
     return read_results(str(BASE_TIMING))[0] if BASE_TIMING.is_file() else None
 
 
@@ -392,16 +400,13 @@ def main() -> None:
     config, gmeta = read_net_header(str(gens[-1]))
     hydra = run / ".hydra" / "config.yaml"  # the run's own settings (the defaults for a run made by train() here)
     trained = OmegaConf.load(hydra) if hydra.is_file() else cfg
-    given = run / ".hydra" / "overrides.yaml"  # the run's own command line, less the keys that do not change its result
-    overrides = [o for o in (OmegaConf.load(given) if given.is_file() else ["model=patches8", "stages=3"])
-                 if not str(o).startswith(QUIET)]
     data = gmeta.get("data", {})
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "train_seconds": float(gmeta.get("train_seconds", float("nan"))), "data_seconds": float(data.get("seconds", float("nan"))),
             "n_pairs": 2 * int(data.get("n_data", 0)), "base_steps": int(trained.base_steps), "steps": int(trained.steps),
             "batch_size": int(trained.batch_size), "threads": f"{gmeta.get('threads', trained.get('num_threads') if hydra.is_file() else '?')} thread(s)",
             "rec": rec_description(gmeta), **base_description(gmeta, RES, base_timing(timing_net)),
-            "command": "python -m optimize pagoda " + " ".join(str(o) for o in dict.fromkeys(overrides))}
+            "command": command_of(run)}
     teacher32 = read_results(str(PATCHES_CSV))
     PAGE.write_text(markdown(rows, teacher32, meta) + probe_section(DOCS / "d-probe.csv") + variants
                     + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))

@@ -96,30 +96,34 @@ TEACHERS = {
 }
 
 
-def fail(message: str) -> None:
-    """One ``error:`` line and exit status 2, before any work."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def parse_student(text: str) -> tuple[str, str, str]:
-    """``LABEL=NET,TABLE`` -> (label, net path, table path)."""
+    """``LABEL=NET,TABLE`` -> (label, net path, table path); ValueError otherwise."""
     label, sep, rest = text.rpartition("=")
     net, comma, table = rest.partition(",")
     if not sep or not comma or not label:
-        fail(f"--student and --select take LABEL=NET,TABLE, got {text!r}")
+        raise ValueError(f"--student and --select take LABEL=NET,TABLE, got {text!r}")
     return label, net, table
+
+
+def load_teacher(teacher: Teacher, n_boot: int) -> tuple[Any, Any, Judge]:
+    """The teacher's config (``conf/model/<model>.yaml``), model and judge."""
+    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{teacher.model}.yaml")
+    model = load_model(cfg, "cpu")
+    return cfg, model, Judge.for_model(cfg, model.shape, "cpu", n_boot=n_boot)
+
+
+def load_student(net: str, table_path: str) -> tuple[Any, SolverTable]:
+    """A student's network and its table, checked to be made for that network."""
+    den = load_denoiser(str(REPO / net))
+    return den, SolverTable.load(str(REPO / table_path), fingerprint=den.fingerprint())
 
 
 def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
 
-def run(args: argparse.Namespace, teacher: Teacher) -> None:
-    torch.set_num_threads(1)
-    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{teacher.model}.yaml")
-    model = load_model(cfg, "cpu")
-    judge = Judge.for_model(cfg, model.shape, "cpu", n_boot=args.n_boot)
+def run(args: argparse.Namespace, teacher: Teacher, extra: list[tuple[str, str, str]]) -> None:
+    cfg, model, judge = load_teacher(teacher, args.n_boot)
     seeds = list(range(args.n))
     sigma_min, sigma_max = float(cfg.sigma_min), float(cfg.sigma_max)
     x1 = sigma_max * torch.randn(16, *model.shape, generator=torch.Generator().manual_seed(0))
@@ -143,11 +147,9 @@ def run(args: argparse.Namespace, teacher: Teacher) -> None:
     add(TEACHER, "teacher", steps, float(steps), model.denoiser,
         baselines.build(solver, steps, sigma_min=sigma_min, sigma_max=sigma_max))
 
-    students = list(teacher.shipped) + [parse_student(s) for s in args.student]
     buckets = set(args.nfe)
-    for label, net, table_path in students:
-        den = load_denoiser(str(REPO / net))
-        table = SolverTable.load(str(REPO / table_path), fingerprint=den.fingerprint())
+    for label, net, table_path in [*teacher.shipped, *extra]:
+        den, table = load_student(net, table_path)
         forwards = teacher_forwards(den, model.denoiser, x1, sigma_max, calls=table.nfe)
         bucket = max(1, round(forwards))
         buckets.add(bucket)
@@ -295,7 +297,8 @@ def selection_lines(path: Path) -> list[str]:
     chosen = next(r for r in rows if r["chosen"] == "True")
     return ["## Which student ships", "",
             f"`{chosen['label']}` ships (the `{chosen['label'].split(' ')[0]}` rows above): the lowest FD train (main "
-            f"features) on {int(rows[0]['n_select']):,} selection seeds (3,000,000.., never the evaluation seeds above; `python scripts/results_students.py --select ... --ship`) among "
+            f"features) on {int(rows[0]['n_select']):,} selection seeds (3,000,000.., never the evaluation seeds above; "
+            "`python scripts/results_students.py --select ... --ship`) among "
             + ", ".join(f"`{r['label']}` {float(r['fd_train_main_select']):.3g}" for r in rows)
             + f" (`docs/results/students/{path.name}`).", ""]
 
@@ -357,27 +360,14 @@ def render(teacher: Teacher) -> None:
     print(f"wrote {teacher.page.relative_to(REPO)}", flush=True)
 
 
-def select(args: argparse.Namespace, teacher: Teacher) -> None:
+def select(args: argparse.Namespace, teacher: Teacher, cands: list[tuple[str, str, str]],
+           shipped: tuple[str, str, str] | None) -> None:
     """Score the candidates (students of one method) by the selection rule of every results page
     (``optimize.recipes.selection_scores``: FD train, main features, on ``--n-select`` seeds 3,000,000.., never the
-    evaluation seeds), write ``selection-<data>.csv`` and, with ``--ship``, copy the lowest to the page's shipped files
-    of that method (its network, and its table with ``student`` naming the shipped network)."""
-    torch.set_num_threads(1)
-    cands = [parse_student(c) for c in args.select]
-    methods = {label.split(" ")[0] for label, _, _ in cands}
-    if len(methods) != 1:
-        fail(f"--select compares students of one method, got {', '.join(sorted(methods))}")
-    method = methods.pop()
-    shipped = next((s for s in teacher.shipped if s[0] == method), None)
-    if args.ship and shipped is None:
-        fail(f"--ship: the {teacher.data} page ships no {method} student")
-    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{teacher.model}.yaml")
-    model = load_model(cfg, "cpu")
-    judge = Judge.for_model(cfg, model.shape, "cpu", n_boot=0)
-    jobs = []
-    for label, net, table_path in cands:
-        den = load_denoiser(str(REPO / net))
-        jobs.append((label, den, SolverTable.load(str(REPO / table_path), fingerprint=den.fingerprint())))
+    evaluation seeds), write ``selection-<data>.csv`` and, with ``--ship``, copy the lowest to the page's ``shipped``
+    files of that method (its network, and its table with ``student`` naming the shipped network)."""
+    _, model, judge = load_teacher(teacher, 0)
+    jobs = [(label, *load_student(net, table_path)) for label, net, table_path in cands]
     scores = selection_scores(judge, args.n_select, jobs, model.shape)
     chosen = min(scores, key=scores.get)
     write_csv([{"label": label, "network": net, "table": table_path, "n_select": args.n_select,
@@ -387,7 +377,7 @@ def select(args: argparse.Namespace, teacher: Teacher) -> None:
     if args.ship:
         _, net, table_path = next(c for c in cands if c[0] == chosen)
         shutil.copyfile(REPO / net, REPO / shipped[1])
-        table = SolverTable.load(str(REPO / table_path))
+        table = SolverTable.load(str(REPO / table_path))  # as written by its run, not the copy the selection sampled
         table.metadata["student"] = shipped[1]
         table.save(str(REPO / shipped[2]))
         print(f"shipped {chosen} as {shipped[1]} and {shipped[2]}", flush=True)
@@ -409,10 +399,21 @@ def main() -> None:
     teacher = TEACHERS[args.model]
     if args.ship and not args.select:
         ap.error("--ship needs --select")
-    if args.select:
-        select(args, teacher)
+    try:
+        extra, cands = [parse_student(s) for s in args.student], [parse_student(c) for c in args.select or []]
+    except ValueError as err:
+        ap.error(str(err))
+    methods = sorted({label.split(" ")[0] for label, _, _ in cands})
+    if len(methods) > 1:
+        ap.error(f"--select compares students of one method, got {', '.join(methods)}")
+    shipped = next((s for s in teacher.shipped if s[0] in methods), None)
+    if args.ship and shipped is None:
+        ap.error(f"--ship: the {teacher.data} page ships no {methods[0]} student")
+    torch.set_num_threads(1)
+    if cands:
+        select(args, teacher, cands, shipped)
     else:
-        render(teacher) if args.render_only else run(args, teacher)
+        render(teacher) if args.render_only else run(args, teacher, extra)
 
 
 if __name__ == "__main__":

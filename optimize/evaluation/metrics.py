@@ -319,8 +319,8 @@ def reference_rmse(samples: Any, reference: Any) -> float:
 
 
 def distance(x: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
-    """Mean per-sample RMSE and PSNR (peak-to-peak 2, images in [-1, 1]) to ``ref`` from the same noise, each with its standard error; ``_rmse``/``_psnr``
-    keep the per-sample values for paired differences."""
+    """Mean per-sample RMSE and PSNR (peak-to-peak 2, images in [-1, 1]) to ``ref`` from the same noise, each with its
+    standard error; ``_rmse``/``_psnr`` keep the per-sample values for paired differences."""
     mse = (x - ref).double().pow(2).flatten(1).mean(1)
     rmse, psnr = mse.sqrt(), 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
     n = len(x)
