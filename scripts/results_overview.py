@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 Row = dict[str, Any]
 
 CLASSIC = {"euler", "heun", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc"}
-FAMILIES = ["tuned classic", "LD3", "IIA", "DDSS", "TADA", "DSNO"]  # column order; unknown families follow
-SKIP_KINDS = {"teacher", "shipped", "reference", "real", "converged"}
+FAMILIES = ["tuned classic", "LD3", "IIA", "DDSS", "TADA", "DSNO", "CD"]  # column order; unknown families follow
+SKIP_KINDS = {"teacher", "shipped", "reference", "real", "converged", "best table"}  # best table: a copy of a main row
 MARKS = "¹²³⁴⁵⁶⁷⁸⁹"
 
 # Detail pages (docs/<page>, what it holds); any other docs/results-*.md is listed too, by name.
@@ -56,6 +56,7 @@ class Source:
     csv: str
     page: str
     default_family: str | None = None  # family of rows that neither their name nor their group/kind identifies
+    current: bool = False  # holds the shipped students: its rows stand before the main run's for its families
 
 
 @dataclass
@@ -73,12 +74,15 @@ class Model:
 MODELS = [
     Model("digits (`model=edm`, the 8x8 digits teacher)", "fd_train_main", "FD against the training digits, `main` (CNN) features",
           Source("learned/edm/results.csv", "results-learned.md"), Source("edm/results.csv", "results-classic.md"),
-          [Source("tada/results.csv", "results-tada.md", "TADA"), Source("dsno/results.csv", "results-dsno.md", "DSNO")]),
+          [Source("tada/results.csv", "results-tada.md", "TADA"),
+           Source("students/digits.csv", "results-students-digits.md", current=True),
+           Source("dsno/results.csv", "results-dsno.md", "DSNO")]),
     Model("gmm (`model=gmm`, the analytic Gaussian mixture)", "fd_train_raw", "FD against the training set, raw coordinates",
           Source("learned/gmm/results.csv", "results-learned-gmm.md"), Source("gmm/results.csv", "results-classic.md"),
           [Source("iia/gmm/results.csv", "results-iia-gmm.md", "IIA")]),
     Model("patches (`model=patches`, the 3x32x32 natural-image teacher)", "fd_train_main",
-          "FD against the training patches, `main` features", Source("patches/results.csv", "results-patches.md")),
+          "FD against the training patches, `main` features", Source("patches/results.csv", "results-patches.md"),
+          others=[Source("students/patches.csv", "results-students-patches.md", current=True)]),
 ]
 
 
@@ -97,6 +101,8 @@ def family(row: Row, default: str | None = None) -> str | None:
     base = re.sub(r"-\d+$", "", re.split(r"[\s(+]", name)[0])
     if "+tuned" in name or kind in {"tuned", "tuned classic"}:
         return "tuned classic"
+    if base == "cd":  # consistency distillation (the students pages)
+        return "CD"
     for prefix, fam in (("ld3", "LD3"), ("iia", "IIA"), ("ddss", "DDSS"), ("tada", "TADA"), ("dsno", "DSNO")):
         if name.startswith(prefix) or kind == prefix:
             return fam
@@ -170,8 +176,10 @@ def section(results: Path, model: Model) -> str:
         base = best_classic(at_main, metric) or best_classic([r for r in classic_page if r["nfe"] == n], metric)
         cells = [str(n), cell(base, None)]
         for fam in fams:
-            pick = best([r for r in at_main if r["_family"] == fam], metric)
-            for rows in others:  # another run only where the main run has no table of this family at this NFE
+            current = [rows for rows, src in zip(others, model.others) if src.current]
+            pick = None
+            for rows in [*current, at_main, *(rows for rows in others if not any(rows is c for c in current))]:
+                # a current run first, then the main run, then another run where neither has this family at this NFE
                 pick = pick or best([r for r in rows if r["nfe"] == n and r["_family"] == fam], metric)
             cells.append(cell(pick, base))
             verdicts = verdicts or "Δ" in cells[-1]

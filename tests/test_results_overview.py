@@ -97,3 +97,27 @@ def test_committed_results_build(script) -> None:
         assert model in page
     for target in set(re.findall(r"\]\(([^)#]+\.md)\)", page)):
         assert (REPO / "docs" / target).is_file(), target
+
+
+def test_the_students_pages_hold_the_current_students(tmp_path: Path, script) -> None:
+    res = tmp_path / "results"
+    _write(res / "learned" / "edm" / "results.csv", [
+        _row("euler", 4, 10.0, group="classic"), _row("ddss-kid+match(ld3)", 4, 3.0, group="ours")])
+    _write(res / "students" / "digits.csv", [
+        _row("dsno", 1, 6.2, kind="student"), _row("cd", 1, 11.1, kind="student"),
+        _row("cd 2-step", 2, 12.8, kind="student"), _row("edm-best-nfe4", 4, 2.9, kind="best table")])
+    _write(res / "dsno" / "results.csv", [_row("dsno", 1, 11.9)])  # an older student's ablation run
+    _write(res / "patches" / "results.csv", [
+        _row("dpmpp_2m", 4, 300.0, kind="classic"), _row("ddss-ggdm", 4, 240.0, kind="learned"),
+        _row("dsno", 1, 206.0, kind="distilled")])  # the older student
+    _write(res / "students" / "patches.csv", [
+        _row("heun@255 (converged teacher)", 255, 60.5, kind="teacher"), _row("dsno", 1, 85.5, kind="student"),
+        _row("patches-best-nfe4", 4, 39.7, kind="best table"), _row("unipc:sigma_min@4", 4, 1.5, kind="classic")])
+    page = script("results_overview").build(res, tmp_path)
+
+    d1, d2 = _cells(page, "digits", 1), _cells(page, "digits", 2)
+    assert d1["DSNO"] == "dsno 6.2 ± 0.5 ¹" and d1["CD"] == "cd 11.1 ± 0.5 ¹" and d2["CD"] == "cd 2-step 12.8 ± 0.5 ¹"
+    assert _cells(page, "digits", 4)["DDSS"].startswith("ddss-kid+match(ld3) 3")  # a best-table copy is never a cell
+    assert _cells(page, "patches", 1)["DSNO"] == "dsno 85.5 ± 0.5 ¹"  # before the main run's older student
+    assert _cells(page, "patches", 4)["best classic"].startswith("dpmpp_2m 300")  # the base stays the main run's
+    assert not any(f"{x} ±" in page for x in ("11.9", "206", "2.9", "39.7", "60.5", "1.5"))
