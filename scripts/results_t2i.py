@@ -18,9 +18,11 @@ uses) with bootstrap standard errors over both sets; prompt adherence (digit, co
 by the judge); and per row the paired difference to the best peer at the same NFE (the peer with the lowest RMSE;
 ``peer`` rows are every row but the ``project`` ones). Writes ``docs/results/t2i/methods-<teacher>-w<g>.csv`` and
 grids ``docs/results/t2i/grid-<teacher>-w<g>-nfe<N>.png`` (rows: methods, columns: seeds 0..7), then renders
-``docs/results-t2i.md`` from every such CSV.
+``docs/results-t2i.md`` from every such CSV. ``--update`` rescores a refitted table in an existing section without
+sampling every stock peer again: only what the section's figures depend on (``update_plan``) is scored, and merged.
 
     python scripts/results_t2i.py --teacher sd-tiny --tables docs/results/t2i/tables/sd-tiny-*.safetensors
+    python scripts/results_t2i.py --teacher sd3-tiny --update --nfe 4 --tables checkpoints/tables/sd3-tiny-best-nfe4.safetensors
     python scripts/results_t2i.py --render-only
 """
 
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from samplers import SolverTable, make_noise
+from samplers import SolverTable, TableError, make_noise
 from samplers.images import write_png_grid
 from samplers.t2i import prompt_indices, read_prompts
 
@@ -190,7 +192,56 @@ def write_grids(rows: list[dict[str, Any]], stem: str, out: Path) -> None:
             print(f"grid rows ({out / f'grid-{stem}-nfe{nfe}.png'}): {', '.join(r['method'] for r in ref + at)}")
 
 
-def run(args: argparse.Namespace) -> None:
+def section_stem(args: argparse.Namespace) -> str:
+    """A section's file stem: ``<teacher>-w<guidance>`` and ``-<study>`` for a side study."""
+    stem = f"{args.teacher}-w{args.guidance:g}"
+    return f"{stem}-{args.study}" if args.study else stem
+
+
+def read_section(path: Path) -> list[dict[str, Any]]:
+    """An existing section's rows (``methods-*.csv``), NFE as a number."""
+    rows: list[dict[str, Any]] = list(csv.DictReader(path.open()))
+    for r in rows:
+        r["nfe"] = int(r["nfe"])
+    return rows
+
+
+def update_plan(section: list[dict[str, Any]], nfes: list[int]) -> dict[int, list[str | Path]]:
+    """What ``--update`` scores again of an existing section, per NFE: at each NFE asked for, its best peer (a stock
+    label or a table file) and every project row's table (they may be paired against the shipped one); at NFE 10 the
+    best peer when an NFE-5 row was paired against it (``peer10``). The other peers keep their rows: neither their
+    figures nor their differences to the best peer depend on what is scored again."""
+    plan: dict[int, list[str | Path]] = {}
+    for nfe in nfes:
+        at = [r for r in section if r["nfe"] == nfe and r["kind"] != "reference"]
+        best = {r["method"] for r in at if r.get("best_peer") == r["method"]}
+        plan[nfe] = [REPO / r["table"] if r.get("table") else r["method"]
+                     for r in at if r["method"] in best or r["kind"] == "project"]
+    peer10 = {r["peer10"] for r in section if r["nfe"] == 5 and r.get("peer10")}
+    if 5 in nfes and peer10:
+        plan.setdefault(10, []).extend(REPO / r["table"] if r.get("table") else r["method"]
+                                       for r in section if r["nfe"] == 10 and r["method"] in peer10)
+    return plan
+
+
+def merge_section(section: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``section`` with each row scored again replaced (same NFE and table file, or same stock peer) and the rows of
+    tables it did not hold put after the last row of their NFE; its reference row is kept."""
+    def key(r: dict[str, Any]) -> tuple[int, str]:
+        return r["nfe"], str(r.get("table") or r["method"])
+
+    new = {key(r): r for r in fresh if r["kind"] != "reference"}
+    merged = [new.pop(key(r), r) for r in section]
+    for r in new.values():
+        at = [i for i, m in enumerate(merged) if m["nfe"] == r["nfe"]]
+        merged.insert(at[-1] + 1 if at else len(merged), r)
+    return merged
+
+
+def run(args: argparse.Namespace, fail: Any) -> None:
+    """Score the peers and ``args.tables`` (or with ``args.update``, what ``update_plan`` names of the existing
+    section, merged back into it) and write the section's CSV and grids; ``fail(message)`` for a bad argument found
+    once the pipeline is loaded, before any sampling."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     prompts_all = read_prompts(str(PROMPTS))
     seeds = seed_range(EVAL_SEED_OFFSET, 0, args.n)
@@ -201,54 +252,82 @@ def run(args: argparse.Namespace) -> None:
     judge_net = load_classifier(str(JUDGE))
     folder = args.root / args.teacher
     pipe = t2i.pipeline(folder)
+    peers = t2i.stock_schedulers(pipe)
+    unknown = [p for p in args.peers or [] if p not in peers]
+    if unknown:
+        fail(f"--peers: no stock peer {unknown[0]!r} for {args.teacher}; choose from {', '.join(peers)}")
+    cache_stem = f"{args.teacher}-w{args.guidance:g}"  # the images do not depend on the study they are scored in
+    stem = section_stem(args)
+    section = read_section(args.out / f"methods-{stem}.csv") if args.update else []
+    plan: dict[int, list[str | Path]] = (update_plan(section, args.nfe) if args.update else
+                                         {nfe: list(peers) if args.peers is None else list(args.peers) for nfe in args.nfe})
+    for path in args.tables:  # a table at an NFE not asked for is not scored; one the plan holds is not scored twice
+        nfe = SolverTable.load(str(path)).nfe
+        if nfe in args.nfe and path.resolve() not in {p.resolve() for p in plan.get(nfe, []) if isinstance(p, Path)}:
+            plan.setdefault(nfe, []).append(path)
+    model = load_model(OmegaConf.create({"name": args.teacher, "kind": "diffusers", "path": str(folder),
+                                         "prompts": str(PROMPTS), "guidance": args.guidance, "dtype": "float32"}))
     latents = make_noise(1, t2i.latent_shape(pipe), seeds)[0]
+
+    def images(source: str | Path, nfe: int, n: int) -> torch.Tensor:
+        """Decoded images of samples 0..n-1 of a stock peer (its label) or a table file, from the cache when there."""
+        if isinstance(source, str):
+            sched, call = peers[source](nfe)
+
+            def stock(lo: int) -> torch.Tensor:
+                x, calls = t2i.pipeline_images(pipe, sched, prompts[lo:n], latents[lo:n], args.guidance, args.batch,
+                                               **call)
+                if calls != nfe:
+                    raise RuntimeError(f"{source} at NFE {nfe} called the net {calls} times")
+                return x
+
+            slug = "".join(c if c.isalnum() else "-" for c in source)
+            return cached(args.cache, cache_stem, n, f"{slug}-nfe{nfe}", stock)
+        table = SolverTable.load(str(source))
+        return cached(args.cache, cache_stem, n, f"table-{table_hash(table)}",
+                      lambda lo: table_images(model, table, seeds[lo:n], args.batch))
+
     ref = t2i.reference_images(pipe, args.teacher, prompts, latents, args.guidance, args.batch, args.cache)
     rows = [score(f"{type(pipe.scheduler).__name__}, {t2i.REFERENCE_STEPS} steps", "reference", t2i.REFERENCE_STEPS,
                   ref, ref, judge, judge_net, labels)]
     for key in ("rmse", "rmse_se", "psnr", "psnr_se"):  # the reference's distance to itself says nothing
         rows[0].pop(key)
-    peers = t2i.stock_schedulers(pipe)
-    model = load_model(OmegaConf.create({"name": args.teacher, "kind": "diffusers", "path": str(folder),
-                                         "prompts": str(PROMPTS), "guidance": args.guidance, "dtype": "float32"}))
-    tables = [(p, SolverTable.load(str(p))) for p in args.tables]
-    cache_stem = f"{args.teacher}-w{args.guidance:g}"  # the images do not depend on the study they are scored in
-    stem = f"{cache_stem}-{args.study}" if args.study else cache_stem
-    for nfe in args.nfe:
-        for label in args.peers or list(peers):
-            sched, call = peers[label](nfe)
-
-            def stock(lo: int) -> torch.Tensor:
-                x, calls = t2i.pipeline_images(pipe, sched, prompts[lo:], latents[lo:], args.guidance, args.batch, **call)
-                if calls != nfe:
-                    raise RuntimeError(f"{label} at NFE {nfe} called the net {calls} times")
-                return x
-
-            slug = "".join(c if c.isalnum() else "-" for c in label)
-            x = cached(args.cache, cache_stem, args.n, f"{slug}-nfe{nfe}", stock)
-            rows.append(score(label, "peer", nfe, x, ref, judge, judge_net, labels))
-            print(f"{args.teacher} {label} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
-                  flush=True)
-        for path, table in tables:
-            if table.nfe != nfe:
-                continue
-            if table.metadata.get("guidance") is not None and float(table.metadata["guidance"]) != args.guidance:
-                print(f"note: {path.name} was learned at guidance {table.metadata['guidance']}, run at {args.guidance}")
-            name = table_label(path, table, args.guidance)
-            if any(r["method"] == name for r in rows if r["nfe"] == nfe):  # two fits of one recipe: name the later by file
-                name += f" [{path.stem}]"
-            x = cached(args.cache, cache_stem, args.n, f"table-{table_hash(table)}",
-                       lambda lo: table_images(model, table, seeds[lo:], args.batch))
-            kind = "project" if name.split("-")[0].split(" ")[0] in PROJECT else "peer"
-            rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels))
-            meta = table.metadata
-            rows[-1]["fit_seconds"] = meta.get("chain_fit_seconds", meta.get("fit_seconds", meta.get("train_seconds")))
-            rows[-1]["table"] = repo_relative(path)
-            rows[-1]["_shipped"] = path.stem == meta.get("shipped_as")  # the shipped file, not a copy kept beside it
-            print(f"{args.teacher} {name} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, adherence {rows[-1]['adherence']:.3f}",
-                  flush=True)
+    for nfe in sorted(plan):
+        for source in plan[nfe]:
+            x = images(source, nfe, args.n)
+            if isinstance(source, str):
+                rows.append(score(source, "peer", nfe, x, ref, judge, judge_net, labels))
+            else:
+                table = SolverTable.load(str(source))
+                if table.metadata.get("guidance") is not None and float(table.metadata["guidance"]) != args.guidance:
+                    print(f"note: {source.name} was learned at guidance {table.metadata['guidance']}, run at {args.guidance}")
+                name = table_label(source, table, args.guidance)
+                if any(r["method"] == name for r in rows if r["nfe"] == nfe):  # two fits of one recipe: name the later by file
+                    name += f" [{source.stem}]"
+                kind = "project" if name.split("-")[0].split(" ")[0] in PROJECT else "peer"
+                rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels))
+                meta = table.metadata
+                rows[-1]["fit_seconds"] = meta.get("chain_fit_seconds", meta.get("fit_seconds", meta.get("train_seconds")))
+                rows[-1]["table"] = repo_relative(source)
+                rows[-1]["_shipped"] = source.stem == meta.get("shipped_as")  # the shipped file, not a copy beside it
+            print(f"{args.teacher} {rows[-1]['method']} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, "
+                  f"adherence {rows[-1]['adherence']:.3f}", flush=True)
     add_paired(rows)
+    if args.update:
+        was = {r["nfe"]: r["best_peer"] for r in section if r.get("best_peer")}
+        now = {r["nfe"]: r["best_peer"] for r in rows if r.get("best_peer")}
+        changed = [nfe for nfe in now if now[nfe] != was.get(nfe)]
+        if changed:
+            raise SystemExit(f"error: --update: the best peer at NFE {changed[0]} is now {now[changed[0]]}, was "
+                             f"{was.get(changed[0])}: the kept rows' differences are stale; score the whole section")
     if args.mark_checked:
         mark_checked(rows, args.guidance)
+    if args.update:
+        section[0]["_images"] = ref[:GRID_SEEDS]
+        rows = merge_section(section, rows)
+        for r in rows:  # kept rows at a grid's NFE: only their grid seeds are sampled
+            if "_images" not in r and r["nfe"] in GRID_NFE:
+                r["_images"] = images(REPO / r["table"] if r.get("table") else r["method"], r["nfe"], GRID_SEEDS)
     args.out.mkdir(parents=True, exist_ok=True)
     write_grids(rows, stem, args.out)
     for r in rows:
@@ -440,7 +519,8 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 8, 10])
     ap.add_argument("--n", type=int, default=2000, help="samples (evaluation seeds 0..n-1)")
     ap.add_argument("--tables", type=Path, nargs="*", default=[], help="table files to score beside the peers")
-    ap.add_argument("--peers", nargs="*", default=None, help="stock peers to run (default: all for the pipeline)")
+    ap.add_argument("--peers", nargs="*", default=None,
+                    help="stock peers to run (default: all for the pipeline; none when given without names)")
     ap.add_argument("--study", default="", help="a name for a side study: its CSV is methods-<teacher>-w<scale>-<study>.csv "
                     "and its page section is headed by it (the images are cached as without it)")
     ap.add_argument("--batch", type=int, default=250)
@@ -450,6 +530,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT, help="folder of the CSVs and grids")
     ap.add_argument("--page", type=Path, default=PAGE, help="the page rendered from the CSVs in --out")
     ap.add_argument("--render-only", action="store_true", help="only rewrite docs/results-t2i.md from the CSVs")
+    ap.add_argument("--update", action="store_true", help="score again only what the section's figures depend on: "
+                    "the given tables, its project rows and best peers at these NFEs (update_plan), merged back into "
+                    "methods-<teacher>-w<scale>.csv; its other peers keep their rows")
     ap.add_argument("--mark-checked", action="store_true", help="record in each shipped table scored here whether it "
                     "beats the best peer at this guidance (its checked_guidance list)")
     args = ap.parse_args()
@@ -457,8 +540,22 @@ def main() -> None:
         ap.error(f"--study is part of a file name: letters, digits and '-' only, got {args.study!r}")
     if args.mark_checked and (args.study or args.peers is not None):
         ap.error("--mark-checked judges a shipped table against every peer: not with --study or a --peers subset")
+    if args.update and args.peers is not None:
+        ap.error("--update scores the section's own best peers again: not with --peers")
+    for path in args.tables:
+        try:
+            SolverTable.load(str(path))
+        except TableError as err:
+            ap.error(f"--tables: {err}")
+    section = args.out / f"methods-{section_stem(args)}.csv"
+    if args.update and not args.render_only:
+        if not section.is_file():
+            ap.error(f"--update: no section {section} to update; score it first without --update")
+        n = next(csv.DictReader(section.open()), {}).get("n")
+        if n != str(args.n):
+            ap.error(f"--update: {section.name} holds {n} samples, not --n {args.n}")
     if not args.render_only:
-        run(args)
+        run(args, ap.error)
     render(args.out, args.page)
 
 

@@ -1,5 +1,7 @@
 """scripts/results_t2i.py: the paired differences behind the page's verdicts (peer, shipped, teacher, NFE 10)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,8 @@ import torch
 
 from optimize.evaluation.metrics import FDEstimate
 from samplers import baselines
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def row(method, kind, nfe, rmse, hits, fd_b, boot_shift):
@@ -95,3 +99,48 @@ def test_cached_images_serve_a_prefix_and_extend_a_shorter_run(script, tmp_path)
     assert torch.equal(other, images[:4] + 1)
     tail = mod.cached(tmp_path, "t-w7.5", 4, "nfe4", lambda lo: images[lo:4] + 2)  # the end of other keys' names: not its files
     assert torch.equal(tail, images[:4] + 2)
+
+
+def section_row(method, kind, nfe, best="", table="", peer10=""):
+    """A row of a section as read back (``read_section``): strings but the NFE."""
+    return {"method": method, "kind": kind, "nfe": nfe, "best_peer": best, "table": table, "peer10": peer10}
+
+
+def test_update_scores_the_best_peers_and_the_project_rows_again_and_keeps_the_other_peers(script):
+    mod = script("results_t2i")
+    section = [section_row("50 steps", "reference", 50),
+               section_row("Euler", "peer", 4, "oss"), section_row("oss", "peer", 4, "oss", "t/oss-4.safetensors"),
+               section_row("best (x)", "project", 4, "oss", "c/best-4.safetensors"),
+               section_row("ddss (y)", "project", 4, "oss", "t/ddss-4.safetensors"),
+               section_row("Euler", "peer", 5, "UniPC"), section_row("UniPC", "peer", 5, "UniPC"),
+               section_row("best (x)", "project", 5, "UniPC", "c/best-5.safetensors", peer10="DPM"),
+               section_row("DPM", "peer", 10, "DPM"), section_row("oss", "peer", 10, "DPM", "t/oss-10.safetensors")]
+    plan = mod.update_plan(section, [4])
+    assert plan == {4: [mod.REPO / "t/oss-4.safetensors", mod.REPO / "c/best-4.safetensors",
+                        mod.REPO / "t/ddss-4.safetensors"]}  # not Euler: its figures and differences stand
+    plan = mod.update_plan(section, [5])  # an NFE-5 row paired against NFE 10's best peer: that peer too
+    assert plan == {5: ["UniPC", mod.REPO / "c/best-5.safetensors"], 10: ["DPM"]}
+
+    fresh = [section_row("50 steps", "reference", 50) | {"rmse": "new"},
+             section_row("best (z)", "project", 4, "oss", "c/best-4.safetensors") | {"rmse": 0.1},  # same file
+             section_row("oss", "peer", 4, "oss", "t/oss-4.safetensors") | {"rmse": 0.2},
+             section_row("ddss (w)", "project", 4, "oss", "t/new-4.safetensors") | {"rmse": 0.3}]  # a new file
+    merged = mod.merge_section(section, fresh)
+    assert [r["method"] for r in merged[:6]] == ["50 steps", "Euler", "oss", "best (z)", "ddss (y)", "ddss (w)"]
+    assert "rmse" not in merged[0] and merged[2]["rmse"] == 0.2 and merged[3]["rmse"] == 0.1
+    assert merged[6:] == section[5:] and len(merged) == len(section) + 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--update", "--peers"], "error: --update scores the section's own best peers again: not with --peers"),
+    (["--update", "--teacher", "no-such-teacher"], "error: --update: no section"),
+    (["--update", "--teacher", "sd3-tiny", "--guidance", "3"], "error: --update: methods-sd3-tiny-w3.csv holds 500 "
+     "samples, not --n 2000"),
+    (["--tables", "README.md"], "error: --tables: README.md"),
+    (["--study", "a b"], "error: --study is part of a file name"),
+    (["--teacher", "sd-tiny", "--peers", "Nope"], "error: --peers: no stock peer 'Nope' for sd-tiny; choose from DPM++2M"),
+])
+def test_bad_arguments_exit_2_before_any_work(argv, message):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_t2i.py"), *argv], capture_output=True,
+                         text=True, cwd=REPO)
+    assert out.returncode == 2 and message in out.stderr and out.stdout == ""
