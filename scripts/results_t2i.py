@@ -419,10 +419,12 @@ def cost_section(out: Path) -> list[str]:
             continue
         rate = rows[0]["assumed_sd15_evals_per_s"]
         lines += [f"## What the recipe costs ({rows[0]['teacher']})", "",
-                  "`python -m optimize best start=oss iia=false ddss_loss=match select_by=match ...` per NFE "
+                  "`python -m optimize best start=... iia=false ddss_loss=match select_by=match ...` per NFE "
                   f"(`{path.name}`, `scripts/t2i_fit_cost.py`): wall seconds measured on this machine's 2 CPU cores "
                   "(shared with other jobs while they ran), and the guided denoiser evaluations the chain needs, "
-                  "counted from its settings (OSS's search; DDSS's teacher pool, training steps at 3 evaluations each "
+                  "counted from its settings (OSS's search where the chain started from OSS, none from a classic start "
+                  "such as `euler:sigma_min`; a table picked among several starts counts its own chain; DDSS's teacher "
+                  "pool, training steps at 3 evaluations each "
                   "for the rematerialised backward pass, validations; the selection). The last column is an ESTIMATE "
                   f"for Stable Diffusion 1.5 at 512x512 on one GPU: the count over an assumed {float(rate):g} guided "
                   "evaluations per second (fp16, A100-class, batched); no GPU was lent to measure it.", "",
@@ -494,9 +496,10 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
                          f"{_pm(r, 'dadherence_vs_peer', 'dadherence_vs_peer_se')} | {_f(r, 'fit_seconds', 0)} |")
         against = [r for r in rows if r.get("drmse_vs_shipped", "") != ""]
         if against:
-            lines += ["", "Paired against the shipped table of the same NFE (same seeds; negative RMSE and FD b, positive "
-                      "adherence: the variant is better):", ""]
-            lines += [f"- {r['method']}, NFE {r['nfe']}: RMSE {_pm(r, 'drmse_vs_shipped', 'drmse_vs_shipped_se', 4)}, "
+            lines += ["", "Paired against the table shipped at that NFE when the study ran (same seeds; negative RMSE and "
+                      "FD b, positive adherence: the variant is better):", ""]
+            lines += [f"- {r['method']}, NFE {r['nfe']}, against {r['shipped']}: RMSE "
+                      f"{_pm(r, 'drmse_vs_shipped', 'drmse_vs_shipped_se', 4)}, "
                       f"FD b {_pm(r, 'dfd_heldout_b_vs_shipped', 'dfd_heldout_b_vs_shipped_se', 1)}, adherence "
                       f"{_pm(r, 'dadherence_vs_shipped', 'dadherence_vs_shipped_se')}" for r in against]
         lines += moonshot_lines(rows)

@@ -3,8 +3,9 @@
     python scripts/t2i_fit_cost.py [--teacher sd-tiny] [--extra T ...]   # -> docs/results/t2i/fit-cost-<teacher>.csv
 
 For each shipped ``checkpoints/tables/<teacher>-best-nfe<N>.safetensors`` (``python -m optimize best start=oss
-iia=false ddss_loss=match select_by=match ...``): the measured wall seconds of its chain (OSS's search and the DDSS fit,
-from the tables' metadata), and the guided denoiser evaluations (one evaluation = one sample at one noise level, both
+iia=false ddss_loss=match select_by=match ...``, or several starts, ``start=[oss,euler:sigma_min]``): the measured wall
+seconds of its chain (OSS's search when the chain started from OSS, a classic start costing none, and the DDSS fit,
+from the tables' metadata; a table picked among several starts' chains counts its own chain only), and the guided denoiser evaluations (one evaluation = one sample at one noise level, both
 CFG branches) that chain needs, counted from the settings recorded in the tables (``--extra``: more tables of the same
 recipe kept beside the shipped ones, e.g. a cheaper run's, or DDSS alone from a classic start, which has no OSS search
 and no selection step):
@@ -67,10 +68,10 @@ def main() -> None:
         meta = t.metadata
         start = meta.get("chain_start") or {}
         from_classic = meta.get("method") == "ddss" and not str(meta.get("init", TABLE_PREFIX)).startswith(TABLE_PREFIX)
-        if start.get("method") != "oss" and not from_classic:
-            raise SystemExit(f"error: {path.name} neither started from OSS (chain_start {start or 'missing'}) nor is DDSS "
+        if not start.get("method") and not from_classic:
+            raise SystemExit(f"error: {path.name} has no chain start (chain_start {start or 'missing'}) and is not DDSS "
                              "from a classic solver: not this recipe")
-        counts = chain_counts(meta, start.get("oss"), t.nfe)
+        counts = chain_counts(meta, start.get("oss") if start.get("method") == "oss" else None, t.nfe)
         total = sum(counts.values())
         if meta.get("model") != args.teacher:
             ap.error(f"{path.name} was learned for {meta.get('model')!r}, not {args.teacher!r}")
