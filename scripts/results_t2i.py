@@ -323,7 +323,7 @@ def run(args: argparse.Namespace, fail: Any) -> None:
     if args.mark_checked:
         mark_checked(rows, args.guidance)
     if args.update:
-        section[0]["_images"] = ref[:GRID_SEEDS]
+        next(r for r in section if r["kind"] == "reference")["_images"] = ref[:GRID_SEEDS]
         rows = merge_section(section, rows)
         for r in rows:  # kept rows at a grid's NFE: only their grid seeds are sampled
             if "_images" not in r and r["nfe"] in GRID_NFE:
