@@ -170,15 +170,16 @@ def section(results: Path, model: Model) -> str:
             return text + " " + mark(r["_src"])
         return text + (verdict_text(r, base, metric) if base is not None and base["_src"] is model.main else "")
 
+    current = [rows for rows, src in zip(others, model.others) if src.current]
+    older = [rows for rows, src in zip(others, model.others) if not src.current]
     body, verdicts = [], False
     for n in nfes:
         at_main = [r for r in main if r["nfe"] == n]
         base = best_classic(at_main, metric) or best_classic([r for r in classic_page if r["nfe"] == n], metric)
         cells = [str(n), cell(base, None)]
         for fam in fams:
-            current = [rows for rows, src in zip(others, model.others) if src.current]
             pick = None
-            for rows in [*current, at_main, *(rows for rows in others if not any(rows is c for c in current))]:
+            for rows in [*current, at_main, *older]:
                 # a current run first, then the main run, then another run where neither has this family at this NFE
                 pick = pick or best([r for r in rows if r["nfe"] == n and r["_family"] == fam], metric)
             cells.append(cell(pick, base))

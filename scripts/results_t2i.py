@@ -163,10 +163,9 @@ def mark_checked(rows: list[dict[str, Any]], guidance: float) -> None:
     to its ``checked_guidance`` (accepted there by the runtime without --any-guidance) when its RMSE to the 50-step
     solve beats the best peer's beyond two paired standard errors, else the scale is removed from that list."""
     for r in rows:
-        path = r.get("table")
-        if r["kind"] != "project" or not path:
+        if r["kind"] != "project" or not r.get("table"):
             continue
-        file = REPO / path if not Path(path).is_absolute() else Path(path)
+        file = row_source(r)
         table = SolverTable.load(str(file))
         if "shipped_as" not in table.metadata:
             continue
@@ -192,10 +191,14 @@ def write_grids(rows: list[dict[str, Any]], stem: str, out: Path) -> None:
             print(f"grid rows ({out / f'grid-{stem}-nfe{nfe}.png'}): {', '.join(r['method'] for r in ref + at)}")
 
 
+def cache_stem(args: argparse.Namespace) -> str:
+    """``<teacher>-w<guidance>``: the cached images' stem (they do not depend on the study they are scored in)."""
+    return f"{args.teacher}-w{args.guidance:g}"
+
+
 def section_stem(args: argparse.Namespace) -> str:
-    """A section's file stem: ``<teacher>-w<guidance>`` and ``-<study>`` for a side study."""
-    stem = f"{args.teacher}-w{args.guidance:g}"
-    return f"{stem}-{args.study}" if args.study else stem
+    """A section's file stem: ``cache_stem`` and ``-<study>`` for a side study."""
+    return f"{cache_stem(args)}-{args.study}" if args.study else cache_stem(args)
 
 
 def read_section(path: Path) -> list[dict[str, Any]]:
@@ -204,6 +207,12 @@ def read_section(path: Path) -> list[dict[str, Any]]:
     for r in rows:
         r["nfe"] = int(r["nfe"])
     return rows
+
+
+def row_source(r: dict[str, Any]) -> str | Path:
+    """What a section's row was scored from: its table file (``table``, repo-relative or absolute) or, for a stock
+    peer, its label."""
+    return REPO / r["table"] if r.get("table") else r["method"]
 
 
 def update_plan(section: list[dict[str, Any]], nfes: list[int]) -> dict[int, list[str | Path]]:
@@ -215,12 +224,10 @@ def update_plan(section: list[dict[str, Any]], nfes: list[int]) -> dict[int, lis
     for nfe in nfes:
         at = [r for r in section if r["nfe"] == nfe and r["kind"] != "reference"]
         best = {r["method"] for r in at if r.get("best_peer") == r["method"]}
-        plan[nfe] = [REPO / r["table"] if r.get("table") else r["method"]
-                     for r in at if r["method"] in best or r["kind"] == "project"]
+        plan[nfe] = [row_source(r) for r in at if r["method"] in best or r["kind"] == "project"]
     peer10 = {r["peer10"] for r in section if r["nfe"] == 5 and r.get("peer10")}
     if 5 in nfes and peer10:
-        plan.setdefault(10, []).extend(REPO / r["table"] if r.get("table") else r["method"]
-                                       for r in section if r["nfe"] == 10 and r["method"] in peer10)
+        plan.setdefault(10, []).extend(row_source(r) for r in section if r["nfe"] == 10 and r["method"] in peer10)
     return plan
 
 
@@ -256,7 +263,6 @@ def run(args: argparse.Namespace, fail: Any) -> None:
     unknown = [p for p in args.peers or [] if p not in peers]
     if unknown:
         fail(f"--peers: no stock peer {unknown[0]!r} for {args.teacher}; choose from {', '.join(peers)}")
-    cache_stem = f"{args.teacher}-w{args.guidance:g}"  # the images do not depend on the study they are scored in
     stem = section_stem(args)
     section = read_section(args.out / f"methods-{stem}.csv") if args.update else []
     plan: dict[int, list[str | Path]] = (update_plan(section, args.nfe) if args.update else
@@ -282,9 +288,9 @@ def run(args: argparse.Namespace, fail: Any) -> None:
                 return x
 
             slug = "".join(c if c.isalnum() else "-" for c in source)
-            return cached(args.cache, cache_stem, n, f"{slug}-nfe{nfe}", stock)
+            return cached(args.cache, cache_stem(args), n, f"{slug}-nfe{nfe}", stock)
         table = SolverTable.load(str(source))
-        return cached(args.cache, cache_stem, n, f"table-{table_hash(table)}",
+        return cached(args.cache, cache_stem(args), n, f"table-{table_hash(table)}",
                       lambda lo: table_images(model, table, seeds[lo:n], args.batch))
 
     ref = t2i.reference_images(pipe, args.teacher, prompts, latents, args.guidance, args.batch, args.cache)
@@ -327,7 +333,7 @@ def run(args: argparse.Namespace, fail: Any) -> None:
         rows = merge_section(section, rows)
         for r in rows:  # kept rows at a grid's NFE: only their grid seeds are sampled
             if "_images" not in r and r["nfe"] in GRID_NFE:
-                r["_images"] = images(REPO / r["table"] if r.get("table") else r["method"], r["nfe"], GRID_SEEDS)
+                r["_images"] = images(row_source(r), r["nfe"], GRID_SEEDS)
     args.out.mkdir(parents=True, exist_ok=True)
     write_grids(rows, stem, args.out)
     for r in rows:

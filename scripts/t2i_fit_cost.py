@@ -5,8 +5,8 @@
 For each shipped ``checkpoints/tables/<teacher>-best-nfe<N>.safetensors`` (``python -m optimize best start=oss
 iia=false ddss_loss=match select_by=match ...``, or several starts, ``start=[oss,euler:sigma_min]``): the measured wall
 seconds of its chain (OSS's search when the chain started from OSS, a classic start costing none, and the DDSS fit,
-from the tables' metadata; a table picked among several starts' chains counts its own chain only), and the guided denoiser evaluations (one evaluation = one sample at one noise level, both
-CFG branches) that chain needs, counted from the settings recorded in the tables (``--extra``: more tables of the same
+from the tables' metadata; a table picked among several starts' chains counts its own chain only), and the guided
+denoiser evaluations (one evaluation = one sample at one noise level, both CFG branches) that chain needs, counted from the settings recorded in the tables (``--extra``: more tables of the same
 recipe kept beside the shipped ones, e.g. a cheaper run's, or DDSS alone from a classic start, which has no OSS search
 and no selection step):
 
