@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ FEATURES = [str(REPO / "checkpoints" / "features-captioned-a.safetensors"),
 JUDGE = REPO / "checkpoints" / "features-captioned-judge.safetensors"
 GRID_NFE = (4, 8)
 GRID_SEEDS = 8
+GOAL_NFE = (4, 5, 6, 8)  # the issue's goals hold at every NFE 4-8 the tables ship at
 PROJECT = ("best", "iia", "ddss")  # table methods that are the project's own; every other row is a peer
 
 
@@ -128,15 +130,17 @@ def paired_to(r: dict[str, Any], other: dict[str, Any], tag: str, fds: tuple[str
 
 def add_paired(rows: list[dict[str, Any]]) -> None:
     """Per NFE: the best peer (lowest RMSE), and every row's paired difference to it (RMSE, FD on both nets,
-    adherence); ``best_peer`` names it. A side study's other project rows (another loss space, a cheaper recipe) are
-    also paired against the shipped table of that NFE (``shipped`` names it). For the issue's moonshots: every row's
-    adherence paired against the 50-step solve's (``dadherence_vs_teacher``), and the project's NFE-5 rows against
-    the best peer at NFE 10 where that was scored (``d<measure>_vs_peer10``, ``peer10`` names it)."""
+    adherence); ``best_peer`` names it. Every other row (the peers for the goals, a side study's other project rows)
+    is also paired against the shipped table of that NFE (``shipped`` names it, on the shipped row too). Every row's
+    adherence and FD b paired against the 50-step solve's (``d<measure>_vs_teacher``: the moonshot, and the goals'
+    "be where a peer within noise of the teacher is"), and the project's NFE-5 rows against the best peer at NFE 10
+    where that was scored (``d<measure>_vs_peer10``, ``peer10`` names it)."""
     ref = next((r for r in rows if r["kind"] == "reference"), None)
     if ref is not None:
         for r in rows:
             if r is not ref:
                 r["dadherence_vs_teacher"], r["dadherence_vs_teacher_se"] = metrics.paired_mean(r["_hits"], ref["_hits"])
+                r["dfd_heldout_b_vs_teacher"], r["dfd_heldout_b_vs_teacher_se"] = paired(r, ref, "fd_heldout_b")
     peers10 = [r for r in rows if r["nfe"] == 10 and r["kind"] == "peer"]
     if peers10:
         best10 = min(peers10, key=lambda r: r["rmse"])
@@ -153,9 +157,10 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
             r["best_peer"] = best["method"]
             paired_to(r, best, "peer", ("fd_heldout_main", "fd_heldout_b"))
         shipped = next((r for r in at if r.get("_shipped")), None)
-        for r in (r for r in at if r["kind"] == "project" and shipped is not None and r is not shipped):
+        for r in (r for r in at if shipped is not None):
             r["shipped"] = shipped["method"]
-            paired_to(r, shipped, "shipped", ("fd_heldout_b",))
+            if r is not shipped:
+                paired_to(r, shipped, "shipped", ("fd_heldout_b",))
 
 
 def mark_checked(rows: list[dict[str, Any]], guidance: float) -> None:
@@ -215,16 +220,18 @@ def row_source(r: dict[str, Any]) -> str | Path:
     return REPO / r["table"] if r.get("table") else r["method"]
 
 
-def update_plan(section: list[dict[str, Any]], nfes: list[int]) -> dict[int, list[str | Path]]:
+def update_plan(section: list[dict[str, Any]], nfes: list[int], peers: list[str] | None = None) -> dict[int, list[str | Path]]:
     """What ``--update`` scores again of an existing section, per NFE: at each NFE asked for, its best peer (a stock
-    label or a table file) and every project row's table (they may be paired against the shipped one); at NFE 10 the
-    best peer when an NFE-5 row was paired against it (``peer10``). The other peers keep their rows: neither their
-    figures nor their differences to the best peer depend on what is scored again."""
+    label or a table file), the stock ``peers`` named (to pair them with the shipped table and the 50-step solve) and
+    every project row's table (they may be paired against the shipped one); at NFE 10 the best peer when an NFE-5 row
+    was paired against it (``peer10``). The other peers keep their rows: neither their figures nor their differences
+    to the best peer depend on what is scored again."""
     plan: dict[int, list[str | Path]] = {}
     for nfe in nfes:
         at = [r for r in section if r["nfe"] == nfe and r["kind"] != "reference"]
         best = {r["method"] for r in at if r.get("best_peer") == r["method"]}
         plan[nfe] = [row_source(r) for r in at if r["method"] in best or r["kind"] == "project"]
+        plan[nfe] += [p for p in peers or [] if p not in best]
     peer10 = {r["peer10"] for r in section if r["nfe"] == 5 and r.get("peer10")}
     if 5 in nfes and peer10:
         plan.setdefault(10, []).extend(row_source(r) for r in section if r["nfe"] == 10 and r["method"] in peer10)
@@ -265,7 +272,7 @@ def run(args: argparse.Namespace, fail: Any) -> None:
         fail(f"--peers: no stock peer {unknown[0]!r} for {args.teacher}; choose from {', '.join(peers)}")
     stem = section_stem(args)
     section = read_section(args.out / f"methods-{stem}.csv") if args.update else []
-    plan: dict[int, list[str | Path]] = (update_plan(section, args.nfe) if args.update else
+    plan: dict[int, list[str | Path]] = (update_plan(section, args.nfe, args.peers) if args.update else
                                          {nfe: list(peers) if args.peers is None else list(args.peers) for nfe in args.nfe})
     for path in args.tables:  # a table at an NFE not asked for is not scored; one the plan holds is not scored twice
         nfe = SolverTable.load(str(path)).nfe
@@ -469,6 +476,88 @@ def moonshot_lines(rows: list[dict[str, str]]) -> list[str]:
     return out
 
 
+def fd_b_difference(table: dict[str, str], peer: dict[str, str]) -> tuple[float, float, bool]:
+    """Table minus peer on FD b and its standard error: paired where the peer row was paired with the shipped table
+    (``dfd_heldout_b_vs_shipped``, peer minus table), else from the two rows' own standard errors (``False``: not
+    paired; both sets' sampling counted twice, so wider)."""
+    if peer.get("dfd_heldout_b_vs_shipped", "") != "":
+        return -float(peer["dfd_heldout_b_vs_shipped"]), float(peer["dfd_heldout_b_vs_shipped_se"]), True
+    d = float(table["fd_heldout_b"]) - float(peer["fd_heldout_b"])
+    return d, math.hypot(float(table["fd_se_heldout_b"]), float(peer["fd_se_heldout_b"])), False
+
+
+def to_teacher(row: dict[str, str], ref: dict[str, str]) -> tuple[float, float, bool]:
+    """A row's FD b minus the 50-step solve's, paired (``dfd_heldout_b_vs_teacher``) or, in a row scored before that
+    column, from the two rows' standard errors (``False``)."""
+    if row.get("dfd_heldout_b_vs_teacher", "") != "":
+        return float(row["dfd_heldout_b_vs_teacher"]), float(row["dfd_heldout_b_vs_teacher_se"]), True
+    d = float(row["fd_heldout_b"]) - float(ref["fd_heldout_b"])
+    return d, math.hypot(float(row["fd_se_heldout_b"]), float(ref["fd_se_heldout_b"])), False
+
+
+def at_teacher(d: float, se: float, is_paired: bool) -> bool | None:
+    """Whether an FD b difference to the 50-step solve's is within noise or below it; ``None`` where only an unpaired
+    difference says within noise (pairing, which removes the shared sampling, could make it worse)."""
+    judged = verdict(d, se)
+    if judged != "within noise":
+        return judged == "better"
+    return True if is_paired else None
+
+
+def goal_lines(rows: list[dict[str, str]]) -> list[str]:
+    """The issue's goal per NFE in GOAL_NFE, for the table shipped at that NFE (``shipped``): its RMSE beats the best
+    peer's (the lowest) beyond two paired standard errors, and its FD b beats every peer's, except where that peer is
+    within noise of the 50-step solve's FD b or below it and the table is too (the goal's "be there too": FD to data
+    cannot rank samplers beyond the converged teacher's own bias). An unpaired difference (a row scored before its
+    pairing) decides only when beyond noise: its standard error counts the shared sampling twice, so pairing narrows
+    it; within noise, the peer is listed as unresolved."""
+    ref = next((r for r in rows if r["kind"] == "reference"), None)
+    out: list[str] = []
+    for nfe in GOAL_NFE:
+        at = [r for r in rows if r["nfe"] == str(nfe)]
+        table = next((r for r in at if r.get("shipped") and r["shipped"] == r["method"]), None)
+        if table is None or ref is None or table.get("drmse_vs_peer", "") == "":
+            continue
+        d_rmse, se_rmse = float(table["drmse_vs_peer"]), float(table["drmse_vs_peer_se"])
+        d_t, se_t, paired_t = to_teacher(table, ref)
+        table_there = at_teacher(d_t, se_t, paired_t)
+        beaten, there, lost, open_ = [], [], [], []
+        for peer in (r for r in at if r["kind"] == "peer"):
+            d, se, is_paired = fd_b_difference(table, peer)
+            judged = verdict(d, se)
+            if judged == "better":
+                beaten.append(peer["method"])
+                continue
+            dp, sep, paired_p = to_teacher(peer, ref)
+            peer_there = at_teacher(dp, sep, paired_p)
+            words = (f"{peer['method']} ({d:+.1f} ± {se:.1f}{'' if is_paired else ' unpaired'}; its own to the 50-step "
+                     f"solve's {dp:+.1f} ± {sep:.1f}{'' if paired_p else ' unpaired'})")
+            if peer_there and table_there:
+                there.append(words)
+            elif (is_paired or judged == "worse") and (peer_there is False or table_there is False):
+                lost.append(words)
+            else:
+                open_.append(words)
+        fd = "not met" if lost else "unresolved" if open_ else "met"
+        line = (f"- NFE {nfe}, {table['method']}: RMSE {'met' if verdict(d_rmse, se_rmse) == 'better' else 'not met'} "
+                f"({d_rmse:+.4f} ± {se_rmse:.4f} against {table['best_peer']}). FD b {fd}: "
+                f"beats {', '.join(beaten) if beaten else 'no peer'}")
+        if there:
+            line += f"; not {', '.join(there)}, at or below the 50-step solve's FD b, where the table is too"
+        if lost:
+            line += f"; not {', '.join(lost)}"
+        if open_:
+            line += f"; unresolved without pairing: {', '.join(open_)}"
+        out.append(f"{line} (the table's FD b to the 50-step solve's: {d_t:+.1f} ± {se_t:.1f}"
+                   f"{'' if paired_t else ' unpaired'}, {verdict(d_t, se_t)})")
+    if not out:
+        return []
+    return ["", "Goals at NFE 4-8 (the shipped table; RMSE against the best peer; FD b against every peer, or where a "
+            "peer is within noise of the 50-step solve's FD b or below it, the table there too; differences are the "
+            "table's minus the peer's, beyond two standard errors counts, paired on the same seeds unless marked; an "
+            "unpaired one decides only beyond noise):", "", *out]
+
+
 def render(out: Path = OUT, page: Path = PAGE) -> None:
     """docs/results-t2i.md from every docs/results/t2i/methods-*.csv (``out``)."""
     lines = ["# Text-to-image: learned tables against the few-step peers",
@@ -500,7 +589,7 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
                          f"{_pm(r, 'adherence', 'adherence_se')} | {_pm(r, 'drmse_vs_peer', 'drmse_vs_peer_se', 4)} | "
                          f"{_pm(r, 'dfd_heldout_b_vs_peer', 'dfd_heldout_b_vs_peer_se', 1)} | "
                          f"{_pm(r, 'dadherence_vs_peer', 'dadherence_vs_peer_se')} | {_f(r, 'fit_seconds', 0)} |")
-        against = [r for r in rows if r.get("drmse_vs_shipped", "") != ""]
+        against = [r for r in rows if r["kind"] == "project" and r.get("drmse_vs_shipped", "") != ""]
         if against:
             lines += ["", "Paired against the table shipped at that NFE when the study ran (same seeds; negative RMSE and "
                       "FD b, positive adherence: the variant is better):", ""]
@@ -509,6 +598,8 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
                       f"FD b {_pm(r, 'dfd_heldout_b_vs_shipped', 'dfd_heldout_b_vs_shipped_se', 1)}, adherence "
                       f"{_pm(r, 'dadherence_vs_shipped', 'dadherence_vs_shipped_se')}" for r in against]
         lines += moonshot_lines(rows)
+        if not head.get("study"):
+            lines += goal_lines(rows)
         stem = path.stem.removeprefix("methods-")
         grids = [f"![NFE {n}](results/t2i/grid-{stem}-nfe{n}.png)" for n in GRID_NFE
                  if (out / f"grid-{stem}-nfe{n}.png").is_file()]
@@ -529,7 +620,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="samples (evaluation seeds 0..n-1)")
     ap.add_argument("--tables", type=Path, nargs="*", default=[], help="table files to score beside the peers")
     ap.add_argument("--peers", nargs="*", default=None,
-                    help="stock peers to run (default: all for the pipeline; none when given without names)")
+                    help="stock peers to run (default: all for the pipeline; none when given without names); with "
+                    "--update, stock peers to score again beside update_plan's rows")
     ap.add_argument("--study", default="", help="a name for a side study: its CSV is methods-<teacher>-w<scale>-<study>.csv "
                     "and its page section is headed by it (the images are cached as without it)")
     ap.add_argument("--batch", type=int, default=250)
@@ -547,10 +639,8 @@ def main() -> None:
     args = ap.parse_args()
     if not all(c.isalnum() or c == "-" for c in args.study):
         ap.error(f"--study is part of a file name: letters, digits and '-' only, got {args.study!r}")
-    if args.mark_checked and (args.study or args.peers is not None):
+    if args.mark_checked and (args.study or (args.peers is not None and not args.update)):
         ap.error("--mark-checked judges a shipped table against every peer: not with --study or a --peers subset")
-    if args.update and args.peers is not None:
-        ap.error("--update scores the section's own best peers again: not with --peers")
     for path in args.tables:
         try:
             SolverTable.load(str(path))

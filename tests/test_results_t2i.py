@@ -132,7 +132,7 @@ def test_update_scores_the_best_peers_and_the_project_rows_again_and_keeps_the_o
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--update", "--peers"], "error: --update scores the section's own best peers again: not with --peers"),
+    (["--update", "--teacher", "sd3-tiny", "--peers", "Nope"], "error: --peers: no stock peer 'Nope' for sd3-tiny"),
     (["--update", "--teacher", "no-such-teacher"], "error: --update: no section"),
     (["--update", "--teacher", "sd3-tiny", "--guidance", "3"], "error: --update: methods-sd3-tiny-w3.csv holds 500 "
      "samples, not --n 2000"),
@@ -144,3 +144,51 @@ def test_bad_arguments_exit_2_before_any_work(argv, message):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_t2i.py"), *argv], capture_output=True,
                          text=True, cwd=REPO)
     assert out.returncode == 2 and message in out.stderr and out.stdout == ""
+
+
+def csv_row(method, kind, nfe, fd_b, fd_se, **paired):
+    """A row as the page reads it back: strings, the paired columns given by name."""
+    return {"method": method, "kind": kind, "nfe": str(nfe), "fd_heldout_b": str(fd_b), "fd_se_heldout_b": str(fd_se),
+            **{k: str(v) for k, v in paired.items()}}
+
+
+def test_goals_judge_the_shipped_table_against_every_peer_and_the_teacher_where_a_peer_is_there(script):
+    mod = script("results_t2i")
+    ref = csv_row("50 steps", "reference", 50, 100.0, 4.0)
+    table = csv_row("best", "project", 5, 95.0, 4.0, shipped="best", best_peer="oss", drmse_vs_peer=-0.05,
+                    drmse_vs_peer_se=0.002, dfd_heldout_b_vs_teacher=-5.0, dfd_heldout_b_vs_teacher_se=1.0)
+    beaten = csv_row("UniPC", "peer", 5, 120.0, 4.0, shipped="best", dfd_heldout_b_vs_shipped=25.0,
+                     dfd_heldout_b_vs_shipped_se=2.0, dfd_heldout_b_vs_teacher=20.0, dfd_heldout_b_vs_teacher_se=2.0)
+    at_teacher = csv_row("oss", "peer", 5, 99.0, 4.0, shipped="best", dfd_heldout_b_vs_shipped=4.0,
+                         dfd_heldout_b_vs_shipped_se=3.0, dfd_heldout_b_vs_teacher=-1.0, dfd_heldout_b_vs_teacher_se=3.0)
+    unpaired_far = csv_row("PNDM", "peer", 5, 200.0, 5.0)  # no paired columns: the two rows' own errors
+    rows = [ref, table, beaten, at_teacher, unpaired_far]
+    line = mod.goal_lines(rows)[-1]
+    assert line.startswith("- NFE 5, best: RMSE met (-0.0500 ± 0.0020 against oss). FD b met: beats UniPC, PNDM; not oss")
+    assert "(the table's FD b to the 50-step solve's: -5.0 ± 1.0, better)" in line
+
+    # the table worse than the teacher beyond noise: a peer at the teacher it does not beat fails the goal
+    table.update(dfd_heldout_b_vs_teacher="6.0", dfd_heldout_b_vs_teacher_se="1.0")
+    assert "FD b not met: beats UniPC, PNDM; not oss (-4.0 ± 3.0; its own to the 50-step solve's -1.0 ± 3.0)" in \
+        mod.goal_lines(rows)[-1]
+    # a peer worse than the teacher that the table does not beat fails it too, paired or not
+    table.update(dfd_heldout_b_vs_teacher="-5.0")
+    at_teacher.update(dfd_heldout_b_vs_teacher="9.0")
+    assert "FD b not met" in mod.goal_lines(rows)[-1]
+    # unpaired figures decide only beyond noise: a peer within noise of the table and the teacher, unpaired, is open
+    at_teacher.update(dfd_heldout_b_vs_teacher="-1.0")
+    unpaired_far.update(fd_heldout_b="96.0")
+    line = mod.goal_lines(rows)[-1]
+    assert "FD b unresolved: beats UniPC; not oss" in line
+    assert line.endswith("unresolved without pairing: PNDM (-1.0 ± 6.4 unpaired; its own to the 50-step solve's "
+                         "-4.0 ± 6.4 unpaired) (the table's FD b to the 50-step solve's: -5.0 ± 1.0, better)")
+    unpaired_far.update(fd_heldout_b="80.0")  # the table worse beyond noise, the peer below the teacher's FD b beyond it
+    assert "FD b met: beats UniPC; not oss (-4.0 ± 3.0; its own to the 50-step solve's -1.0 ± 3.0), PNDM (+15.0 ± 6.4 " \
+        "unpaired; its own to the 50-step solve's -20.0 ± 6.4 unpaired), at or below" in mod.goal_lines(rows)[-1]
+    del table["dfd_heldout_b_vs_teacher"]  # the table's own distance to the teacher unpaired and within noise: open
+    assert "FD b unresolved" in mod.goal_lines(rows)[-1]
+    table.update(dfd_heldout_b_vs_teacher="-5.0", dfd_heldout_b_vs_teacher_se="1.0")
+    # RMSE: within noise of the best peer is not met; no shipped table at an NFE, no line
+    table.update(drmse_vs_peer="-0.003")
+    assert "RMSE not met (-0.0030 ± 0.0020 against oss)" in mod.goal_lines(rows)[-1]
+    assert mod.goal_lines([ref, beaten]) == []
