@@ -18,11 +18,14 @@ uses) with bootstrap standard errors over both sets; prompt adherence (digit, co
 by the judge); and per row the paired difference to the best peer at the same NFE (the peer with the lowest RMSE;
 ``peer`` rows are every row but the ``project`` ones). Writes ``docs/results/t2i/methods-<teacher>-w<g>.csv`` and
 grids ``docs/results/t2i/grid-<teacher>-w<g>-nfe<N>.png`` (rows: methods, columns: seeds 0..7), then renders
-``docs/results-t2i.md`` from every such CSV. ``--update`` rescores a refitted table in an existing section without
-sampling every stock peer again: only what the section's figures depend on (``update_plan``) is scored, and merged.
+``docs/results-t2i.md`` from every such CSV; each main section (not a side study) ends with the issue's goals per NFE
+(``goal_lines``). ``--update`` rescores a refitted table in an existing section without sampling every stock peer
+again: only what the section's figures depend on (``update_plan``, and the stock peers ``--peers`` names) is scored,
+and merged.
 
     python scripts/results_t2i.py --teacher sd-tiny --tables docs/results/t2i/tables/sd-tiny-*.safetensors
     python scripts/results_t2i.py --teacher sd3-tiny --update --nfe 4 --tables checkpoints/tables/sd3-tiny-best-nfe4.safetensors
+    python scripts/results_t2i.py --teacher sd3-tiny --update --nfe 8 --peers FlowMatchEuler  # pair a kept peer too
     python scripts/results_t2i.py --render-only
 """
 
@@ -222,16 +225,17 @@ def row_source(r: dict[str, Any]) -> str | Path:
 
 def update_plan(section: list[dict[str, Any]], nfes: list[int], peers: list[str] | None = None) -> dict[int, list[str | Path]]:
     """What ``--update`` scores again of an existing section, per NFE: at each NFE asked for, its best peer (a stock
-    label or a table file), the stock ``peers`` named (to pair them with the shipped table and the 50-step solve) and
-    every project row's table (they may be paired against the shipped one); at NFE 10 the best peer when an NFE-5 row
-    was paired against it (``peer10``). The other peers keep their rows: neither their figures nor their differences
-    to the best peer depend on what is scored again."""
+    label or a table file), every row paired against the shipped table (the project's, and peers paired for the
+    goals: the shipped file may have changed), the stock ``peers`` named (to pair them with the shipped table and the
+    50-step solve); at NFE 10 the best peer when an NFE-5 row was paired against it (``peer10``). The other peers keep
+    their rows: neither their figures nor their differences to the best peer depend on what is scored again."""
     plan: dict[int, list[str | Path]] = {}
     for nfe in nfes:
         at = [r for r in section if r["nfe"] == nfe and r["kind"] != "reference"]
         best = {r["method"] for r in at if r.get("best_peer") == r["method"]}
-        plan[nfe] = [row_source(r) for r in at if r["method"] in best or r["kind"] == "project"]
-        plan[nfe] += [p for p in peers or [] if p not in best]
+        plan[nfe] = [row_source(r) for r in at if r["method"] in best or r["kind"] == "project"
+                     or r.get("dfd_heldout_b_vs_shipped", "") != ""]
+        plan[nfe] += [p for p in peers or [] if p not in plan[nfe]]
     peer10 = {r["peer10"] for r in section if r["nfe"] == 5 and r.get("peer10")}
     if 5 in nfes and peer10:
         plan.setdefault(10, []).extend(row_source(r) for r in section if r["nfe"] == 10 and r["method"] in peer10)

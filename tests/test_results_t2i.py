@@ -120,6 +120,11 @@ def test_update_scores_the_best_peers_and_the_project_rows_again_and_keeps_the_o
                         mod.REPO / "t/ddss-4.safetensors"]}  # not Euler: its figures and differences stand
     plan = mod.update_plan(section, [5])  # an NFE-5 row paired against NFE 10's best peer: that peer too
     assert plan == {5: ["UniPC", mod.REPO / "c/best-5.safetensors"], 10: ["DPM"]}
+    assert mod.update_plan(section, [4], ["DDIM"])[4][-1] == "DDIM"  # a named peer the section has not scored yet
+    section[1]["dfd_heldout_b_vs_shipped"] = "1.0"  # Euler paired with the shipped table, which may have changed
+    assert mod.update_plan(section, [4], ["Euler"])[4] == ["Euler", mod.REPO / "t/oss-4.safetensors",
+                                                          mod.REPO / "c/best-4.safetensors", mod.REPO / "t/ddss-4.safetensors"]
+    del section[1]["dfd_heldout_b_vs_shipped"]
 
     fresh = [section_row("50 steps", "reference", 50) | {"rmse": "new"},
              section_row("best (z)", "project", 4, "oss", "c/best-4.safetensors") | {"rmse": 0.1},  # same file
