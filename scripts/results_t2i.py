@@ -160,7 +160,7 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
             r["best_peer"] = best["method"]
             paired_to(r, best, "peer", ("fd_heldout_main", "fd_heldout_b"))
         shipped = next((r for r in at if r.get("_shipped")), None)
-        for r in (r for r in at if shipped is not None):
+        for r in at if shipped is not None else ():
             r["shipped"] = shipped["method"]
             if r is not shipped:
                 paired_to(r, shipped, "shipped", ("fd_heldout_b",))
@@ -480,23 +480,14 @@ def moonshot_lines(rows: list[dict[str, str]]) -> list[str]:
     return out
 
 
-def fd_b_difference(table: dict[str, str], peer: dict[str, str]) -> tuple[float, float, bool]:
-    """Table minus peer on FD b and its standard error: paired where the peer row was paired with the shipped table
-    (``dfd_heldout_b_vs_shipped``, peer minus table), else from the two rows' own standard errors (``False``: not
-    paired; both sets' sampling counted twice, so wider)."""
-    if peer.get("dfd_heldout_b_vs_shipped", "") != "":
-        return -float(peer["dfd_heldout_b_vs_shipped"]), float(peer["dfd_heldout_b_vs_shipped_se"]), True
-    d = float(table["fd_heldout_b"]) - float(peer["fd_heldout_b"])
-    return d, math.hypot(float(table["fd_se_heldout_b"]), float(peer["fd_se_heldout_b"])), False
-
-
-def to_teacher(row: dict[str, str], ref: dict[str, str]) -> tuple[float, float, bool]:
-    """A row's FD b minus the 50-step solve's, paired (``dfd_heldout_b_vs_teacher``) or, in a row scored before that
-    column, from the two rows' standard errors (``False``)."""
-    if row.get("dfd_heldout_b_vs_teacher", "") != "":
-        return float(row["dfd_heldout_b_vs_teacher"]), float(row["dfd_heldout_b_vs_teacher_se"]), True
-    d = float(row["fd_heldout_b"]) - float(ref["fd_heldout_b"])
-    return d, math.hypot(float(row["fd_se_heldout_b"]), float(ref["fd_se_heldout_b"])), False
+def fd_b_minus(row: dict[str, str], other: dict[str, str], column: str) -> tuple[float, float, bool]:
+    """``row``'s FD b minus ``other``'s and its standard error: paired from ``row[column]`` (a ``dfd_heldout_b_vs_*``
+    column pairing it with ``other``) where the row has it, else from the two rows' own standard errors (``False``:
+    not paired; both sets' sampling counted twice, so wider; rows scored before that column)."""
+    if row.get(column, "") != "":
+        return float(row[column]), float(row[f"{column}_se"]), True
+    d = float(row["fd_heldout_b"]) - float(other["fd_heldout_b"])
+    return d, math.hypot(float(row["fd_se_heldout_b"]), float(other["fd_se_heldout_b"])), False
 
 
 def at_teacher(d: float, se: float, is_paired: bool) -> bool | None:
@@ -517,22 +508,23 @@ def goal_lines(rows: list[dict[str, str]]) -> list[str]:
     it; within noise, the peer is listed as unresolved."""
     ref = next((r for r in rows if r["kind"] == "reference"), None)
     out: list[str] = []
-    for nfe in GOAL_NFE:
+    for nfe in GOAL_NFE if ref is not None else ():
         at = [r for r in rows if r["nfe"] == str(nfe)]
         table = next((r for r in at if r.get("shipped") and r["shipped"] == r["method"]), None)
-        if table is None or ref is None or table.get("drmse_vs_peer", "") == "":
+        if table is None or table.get("drmse_vs_peer", "") == "":
             continue
         d_rmse, se_rmse = float(table["drmse_vs_peer"]), float(table["drmse_vs_peer_se"])
-        d_t, se_t, paired_t = to_teacher(table, ref)
+        d_t, se_t, paired_t = fd_b_minus(table, ref, "dfd_heldout_b_vs_teacher")
         table_there = at_teacher(d_t, se_t, paired_t)
         beaten, there, lost, open_ = [], [], [], []
         for peer in (r for r in at if r["kind"] == "peer"):
-            d, se, is_paired = fd_b_difference(table, peer)
+            d, se, is_paired = fd_b_minus(peer, table, "dfd_heldout_b_vs_shipped")
+            d = -d  # the table minus the peer
             judged = verdict(d, se)
             if judged == "better":
                 beaten.append(peer["method"])
                 continue
-            dp, sep, paired_p = to_teacher(peer, ref)
+            dp, sep, paired_p = fd_b_minus(peer, ref, "dfd_heldout_b_vs_teacher")
             peer_there = at_teacher(dp, sep, paired_p)
             words = (f"{peer['method']} ({d:+.1f} ± {se:.1f}{'' if is_paired else ' unpaired'}; its own to the 50-step "
                      f"solve's {dp:+.1f} ± {sep:.1f}{'' if paired_p else ' unpaired'})")
