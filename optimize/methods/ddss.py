@@ -58,7 +58,7 @@ the TRAINING set with the first feature net only; the table with the best ``moni
 held-out set and the second feature net are never seen by training or selection, so the reported held-out FD and
 FD-b are independent of every choice the learner made (training-set FD is not: the loss is KID against it).
 
-Text-to-image models (``loss=match`` only: the KID loss would need a differentiable decode before the features): the
+Text-to-image models (the KID loss scores their samples decoded, differentiably, by the VAE): the
 teacher pool, the training rows drawn from it and the validation set each carry their seed's cond (``Model.cond_of``,
 ``optimize.base.conds``), and validation samples are decoded (``Model.decode``) before the judge. Under DDP
 (``devices=N strategy=ddp``) the teacher pool is sharded: process r solves and trains on the pool seeds i = r mod N
@@ -458,8 +458,11 @@ class DDSSModule(TrainingModule):
                       checkpoint=remat)
 
     def loss_of(self, x: torch.Tensor) -> torch.Tensor:
-        """KID loss (unbiased MMD^2, cubic kernel) of samples ``x`` against the training-set features."""
+        """KID loss (unbiased MMD^2, cubic kernel) of samples ``x`` against the training-set features (a latent
+        text-to-image model's samples decoded first, differentiably, by its VAE)."""
         judge = self._ext["judge"]
+        if self.model.decode is not None:
+            x = self.model.decode(x, grad=True)
         x = x.clamp(-1, 1) if judge.clip else x
         feats = judge.features[self._ext["feature"]](x)
         real = self._ext["real"]
@@ -683,9 +686,6 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"family {cfg.family} starts from DDIM (init=euler); init={cfg.init} needs family=full.")
     if str(cfg.loss) not in LOSSES:
         raise ConfigError(f"unknown ddss loss {cfg.loss!r}; valid: {', '.join(LOSSES)}.")
-    if "kid" in str(cfg.loss) and text_to_image(cfg.model):
-        raise ConfigError(f"ddss loss={cfg.loss} on the text-to-image model at {cfg.model.path}: the KID loss would score "
-                          f"latents against images (no differentiable decode yet); use loss=match.")
     space = str(cfg.get("match_space", "latent"))
     if space not in MATCH_SPACES:
         raise ConfigError(f"match_space must be one of {', '.join(MATCH_SPACES)}, got {space!r}.")
