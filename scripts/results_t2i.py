@@ -63,7 +63,8 @@ FEATURES = [str(REPO / "checkpoints" / "features-captioned-a.safetensors"),
 JUDGE = REPO / "checkpoints" / "features-captioned-judge.safetensors"
 GRID_NFE = (4, 8)
 GRID_SEEDS = 8
-GOAL_NFE = (4, 5, 6, 8)  # the issue's goals hold at every NFE 4-8 the tables ship at
+GOAL_NFE = (4, 5, 6, 8)  # the issue's goals hold at every NFE 4-8 the tables ship at ...
+GOAL_GUIDANCE = 7.5  # ... at the guidance scale they are stated at (a side study at it is judged too)
 PROJECT = ("best", "iia", "ddss")  # table methods that are the project's own; every other row is a peer
 
 
@@ -100,6 +101,9 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
         config = table.metadata.get("config") or {}
         if config.get("match_space", "latent") != "latent":  # DDSS fitted in the VAE's image space
             name += f" ({config['match_space']} match)"
+        if "kid" in str(config.get("loss", "")):  # DDSS with the KID loss against the training images
+            weight = f", match_weight {float(config['match_weight']):g}" if "match" in config["loss"] else ""
+            name += f" ({config['loss']} loss{weight})"
         init = table.metadata.get("init")
         if method == "ddss" and init and not str(init).startswith(TABLE_PREFIX):  # DDSS from a classic, not from a learned table
             grid = config.get("schedule", "karras")  # the classic's grid when not Karras's, e.g. (from unipc, flow)
@@ -112,14 +116,27 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
     return name
 
 
+def teacher_reference(judge: Judge, ref: torch.Tensor) -> metrics.FDReference:
+    """The 50-step solve's images as the reference of an FD on net b (``fd_teacher_b``): row i shares seed i with
+    every scored set, so the bootstrap resamples seeds, both sets together (``FDReference.of(same_seeds=True)``)."""
+    return metrics.FDReference.of(judge.feats("b", ref.clamp(-1, 1)), judge.n_boot, judge.boot_seed, same_seeds=True)
+
+
 def score(name: str, kind: str, nfe: int, x: torch.Tensor, ref: torch.Tensor, judge: Judge, judge_net: Any,
-          labels: torch.Tensor) -> dict[str, Any]:
-    """One CSV row with the per-sample values kept (``_``-prefixed) for paired differences."""
+          labels: torch.Tensor, teacher: metrics.FDReference) -> dict[str, Any]:
+    """One CSV row with the per-sample values kept (``_``-prefixed) for paired differences. Beside the FDs to real
+    images, ``fd_teacher_b``: the FD on net b to the 50-step solve's images of the same seeds (``teacher``), the
+    distance to the converged teacher's distribution, where FD to data cannot rank samplers (the teacher's own FD to
+    data is not the lowest)."""
     hits = t2i.adherence(judge_net, x, labels)
     n = len(hits)
-    return {"method": name, "kind": kind, "nfe": nfe, **metrics.distance(x, ref), **judge.score(x),
-            "adherence": float(hits.mean()), "adherence_se": float(hits.std() / n**0.5), "_hits": hits,
-            "_images": x[:GRID_SEEDS]}
+    row = {"method": name, "kind": kind, "nfe": nfe, **metrics.distance(x, ref), **judge.score(x),
+           "adherence": float(hits.mean()), "adherence_se": float(hits.std() / n**0.5), "_hits": hits,
+           "_images": x[:GRID_SEEDS]}
+    to_teacher = metrics.fd_estimate(judge.feats("b", x.clamp(-1, 1)), teacher, seed=judge.boot_seed)
+    row["fd_teacher_b"], row["fd_se_teacher_b"] = to_teacher.value, to_teacher.se
+    row["_estimates"]["fd_teacher_b"] = to_teacher
+    return row
 
 
 def paired_to(r: dict[str, Any], other: dict[str, Any], tag: str, fds: tuple[str, ...]) -> None:
@@ -158,12 +175,12 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
         best = min(peers, key=lambda r: r["rmse"])
         for r in at:
             r["best_peer"] = best["method"]
-            paired_to(r, best, "peer", ("fd_heldout_main", "fd_heldout_b"))
+            paired_to(r, best, "peer", ("fd_heldout_main", "fd_heldout_b", "fd_teacher_b"))
         shipped = next((r for r in at if r.get("_shipped")), None)
         for r in at if shipped is not None else ():
             r["shipped"] = shipped["method"]
             if r is not shipped:
-                paired_to(r, shipped, "shipped", ("fd_heldout_b",))
+                paired_to(r, shipped, "shipped", ("fd_heldout_b", "fd_teacher_b"))
 
 
 def mark_checked(rows: list[dict[str, Any]], guidance: float) -> None:
@@ -305,15 +322,16 @@ def run(args: argparse.Namespace, fail: Any) -> None:
                       lambda lo: table_images(model, table, seeds[lo:n], args.batch))
 
     ref = t2i.reference_images(pipe, args.teacher, prompts, latents, args.guidance, args.batch, args.cache)
+    teacher = teacher_reference(judge, ref)
     rows = [score(f"{type(pipe.scheduler).__name__}, {t2i.REFERENCE_STEPS} steps", "reference", t2i.REFERENCE_STEPS,
-                  ref, ref, judge, judge_net, labels)]
-    for key in ("rmse", "rmse_se", "psnr", "psnr_se"):  # the reference's distance to itself says nothing
+                  ref, ref, judge, judge_net, labels, teacher)]
+    for key in ("rmse", "rmse_se", "psnr", "psnr_se", "fd_teacher_b", "fd_se_teacher_b"):  # its distance to itself says nothing
         rows[0].pop(key)
     for nfe in sorted(plan):
         for source in plan[nfe]:
             x = images(source, nfe, args.n)
             if isinstance(source, str):
-                rows.append(score(source, "peer", nfe, x, ref, judge, judge_net, labels))
+                rows.append(score(source, "peer", nfe, x, ref, judge, judge_net, labels, teacher))
             else:
                 table = SolverTable.load(str(source))
                 if table.metadata.get("guidance") is not None and float(table.metadata["guidance"]) != args.guidance:
@@ -322,7 +340,7 @@ def run(args: argparse.Namespace, fail: Any) -> None:
                 if any(r["method"] == name for r in rows if r["nfe"] == nfe):  # two fits of one recipe: name the later by file
                     name += f" [{source.stem}]"
                 kind = "project" if name.split("-")[0].split(" ")[0] in PROJECT else "peer"
-                rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels))
+                rows.append(score(name, kind, nfe, x, ref, judge, judge_net, labels, teacher))
                 meta = table.metadata
                 rows[-1]["fit_seconds"] = meta.get("chain_fit_seconds", meta.get("fit_seconds", meta.get("train_seconds")))
                 rows[-1]["table"] = repo_relative(source)
@@ -480,14 +498,16 @@ def moonshot_lines(rows: list[dict[str, str]]) -> list[str]:
     return out
 
 
-def fd_b_minus(row: dict[str, str], other: dict[str, str], column: str) -> tuple[float, float, bool]:
-    """``row``'s FD b minus ``other``'s and its standard error: paired from ``row[column]`` (a ``dfd_heldout_b_vs_*``
-    column pairing it with ``other``) where the row has it, else from the two rows' own standard errors (``False``:
-    not paired; both sets' sampling counted twice, so wider; rows scored before that column)."""
-    if row.get(column, "") != "":
+def fd_minus(row: dict[str, str], other: dict[str, str], column: str | None,
+             key: str = "fd_heldout_b") -> tuple[float, float, bool]:
+    """``row[key]`` minus ``other[key]`` (an FD: ``fd_heldout_b`` or ``fd_teacher_b``) and its standard error: paired
+    from ``row[column]`` (a ``d<key>_vs_*`` column pairing it with ``other``) where the row has it, else from the two
+    rows' own standard errors (``False``: not paired; both sets' sampling counted twice, so wider; rows scored before
+    that column, or paired with another row)."""
+    if column and row.get(column, "") != "":
         return float(row[column]), float(row[f"{column}_se"]), True
-    d = float(row["fd_heldout_b"]) - float(other["fd_heldout_b"])
-    return d, math.hypot(float(row["fd_se_heldout_b"]), float(other["fd_se_heldout_b"])), False
+    se = f"fd_se_{key.removeprefix('fd_')}"
+    return float(row[key]) - float(other[key]), math.hypot(float(row[se]), float(other[se])), False
 
 
 def at_teacher(d: float, se: float, is_paired: bool) -> bool | None:
@@ -499,59 +519,103 @@ def at_teacher(d: float, se: float, is_paired: bool) -> bool | None:
     return True if is_paired else None
 
 
-def goal_lines(rows: list[dict[str, str]]) -> list[str]:
-    """The issue's goal per NFE in GOAL_NFE, for the table shipped at that NFE (``shipped``): its RMSE beats the best
-    peer's (the lowest) beyond two paired standard errors, and its FD b beats every peer's, except where that peer is
-    within noise of the 50-step solve's FD b or below it and the table is too (the goal's "be there too": FD to data
-    cannot rank samplers beyond the converged teacher's own bias). An unpaired difference (a row scored before its
-    pairing) decides only when beyond noise: its standard error counts the shared sampling twice, so pairing narrows
-    it; within noise, the peer is listed as unresolved."""
+def teacher_fd_clause(table: dict[str, str], peers: list[dict[str, str]], shipped: bool = True) -> str:
+    """Beside the goal's FD b to data: ``table``'s FD b to the 50-step solve's images against every peer's, paired where
+    ``table`` is the shipped one (the peers' ``dfd_teacher_b_vs_shipped``), else unpaired, which decides only beyond
+    noise; peers scored before that column are listed as not scored."""
+    if table.get("fd_teacher_b", "") == "":
+        return ""
+    beaten, kept, open_, unscored = [], [], [], []
+    for peer in peers:
+        if peer.get("fd_teacher_b", "") == "":
+            unscored.append(peer["method"])
+            continue
+        d, se, is_paired = fd_minus(peer, table, "dfd_teacher_b_vs_shipped" if shipped else None, "fd_teacher_b")
+        d, judged = -d, verdict(-d, se)  # the table minus the peer
+        if judged == "better":
+            beaten.append(peer["method"])
+        else:
+            (kept if is_paired or judged == "worse" else open_).append(
+                f"{peer['method']} ({d:+.2f} ± {se:.2f}{'' if is_paired else ' unpaired'})")
+    judged = "not met" if kept else "unresolved" if open_ or unscored else "met"
+    words = f" FD b to the 50-step solve's images {judged} (the table's {_pm(table, 'fd_teacher_b', 'fd_se_teacher_b', 2)}): "
+    words += f"beats {'every peer' if judged == 'met' else ', '.join(beaten) or 'no peer'}"
+    if kept:
+        words += f"; not {', '.join(kept)}"
+    if open_:
+        words += f"; unresolved without pairing: {', '.join(open_)}"
+    if unscored:
+        words += f"; not scored on it: {', '.join(unscored)}"
+    return words + "."
+
+
+def goal_line(table: dict[str, str], at: list[dict[str, str]], ref: dict[str, str], shipped: bool = True) -> str:
+    """The goal at one NFE for ``table`` (one of the rows ``at`` that NFE): its RMSE beats the best peer's (the lowest)
+    beyond two paired standard errors, and its FD b beats every peer's, except where that peer is within noise of the
+    50-step solve's FD b or below it and the table is too (the goal's "be there too": FD to data cannot rank samplers
+    beyond the converged teacher's own bias). The peers are paired with ``table`` where it is the ``shipped`` one; an
+    unpaired difference decides only when beyond noise (its standard error counts the shared sampling twice, so
+    pairing narrows it); within noise, the peer is listed as unresolved."""
+    peers = [r for r in at if r["kind"] == "peer"]
+    d_rmse, se_rmse = float(table["drmse_vs_peer"]), float(table["drmse_vs_peer_se"])
+    d_t, se_t, paired_t = fd_minus(table, ref, "dfd_heldout_b_vs_teacher")
+    table_there = at_teacher(d_t, se_t, paired_t)
+    beaten, there, lost, open_ = [], [], [], []
+    for peer in peers:
+        d, se, is_paired = fd_minus(peer, table, "dfd_heldout_b_vs_shipped" if shipped else None)
+        d = -d  # the table minus the peer
+        judged = verdict(d, se)
+        if judged == "better":
+            beaten.append(peer["method"])
+            continue
+        dp, sep, paired_p = fd_minus(peer, ref, "dfd_heldout_b_vs_teacher")
+        peer_there = at_teacher(dp, sep, paired_p)
+        words = (f"{peer['method']} ({d:+.1f} ± {se:.1f}{'' if is_paired else ' unpaired'}; its own to the 50-step "
+                 f"solve's {dp:+.1f} ± {sep:.1f}{'' if paired_p else ' unpaired'})")
+        if peer_there and table_there:
+            there.append(words)
+        elif (is_paired or judged == "worse") and (peer_there is False or table_there is False):
+            lost.append(words)
+        else:
+            open_.append(words)
+    fd = "not met" if lost else "unresolved" if open_ else "met"
+    line = (f"- NFE {table['nfe']}, {table['method']}: RMSE {'met' if verdict(d_rmse, se_rmse) == 'better' else 'not met'} "
+            f"({d_rmse:+.4f} ± {se_rmse:.4f} against {table['best_peer']}). FD b {fd}: "
+            f"beats {', '.join(beaten) if beaten else 'no peer'}")
+    if there:
+        line += f"; not {', '.join(there)}, at or below the 50-step solve's FD b, where the table is too"
+    if lost:
+        line += f"; not {', '.join(lost)}"
+    if open_:
+        line += f"; unresolved without pairing: {', '.join(open_)}"
+    return (f"{line} (the table's FD b to the 50-step solve's: {d_t:+.1f} ± {se_t:.1f}{'' if paired_t else ' unpaired'}, "
+            f"{verdict(d_t, se_t)})." + teacher_fd_clause(table, peers, shipped))
+
+
+def goal_lines(rows: list[dict[str, str]], main: list[dict[str, str]] | None = None) -> list[str]:
+    """The issue's goals (``goal_line``) per NFE in GOAL_NFE: in a main section for the table shipped at that NFE
+    (``shipped``); in a side study (``main``: the rows of its main section) for each of its project rows but the
+    shipped one, at an NFE where the study scored every peer the main section has (the peers unpaired with them)."""
     ref = next((r for r in rows if r["kind"] == "reference"), None)
     out: list[str] = []
     for nfe in GOAL_NFE if ref is not None else ():
         at = [r for r in rows if r["nfe"] == str(nfe)]
-        table = next((r for r in at if r.get("shipped") and r["shipped"] == r["method"]), None)
-        if table is None or table.get("drmse_vs_peer", "") == "":
-            continue
-        d_rmse, se_rmse = float(table["drmse_vs_peer"]), float(table["drmse_vs_peer_se"])
-        d_t, se_t, paired_t = fd_b_minus(table, ref, "dfd_heldout_b_vs_teacher")
-        table_there = at_teacher(d_t, se_t, paired_t)
-        beaten, there, lost, open_ = [], [], [], []
-        for peer in (r for r in at if r["kind"] == "peer"):
-            d, se, is_paired = fd_b_minus(peer, table, "dfd_heldout_b_vs_shipped")
-            d = -d  # the table minus the peer
-            judged = verdict(d, se)
-            if judged == "better":
-                beaten.append(peer["method"])
-                continue
-            dp, sep, paired_p = fd_b_minus(peer, ref, "dfd_heldout_b_vs_teacher")
-            peer_there = at_teacher(dp, sep, paired_p)
-            words = (f"{peer['method']} ({d:+.1f} ± {se:.1f}{'' if is_paired else ' unpaired'}; its own to the 50-step "
-                     f"solve's {dp:+.1f} ± {sep:.1f}{'' if paired_p else ' unpaired'})")
-            if peer_there and table_there:
-                there.append(words)
-            elif (is_paired or judged == "worse") and (peer_there is False or table_there is False):
-                lost.append(words)
-            else:
-                open_.append(words)
-        fd = "not met" if lost else "unresolved" if open_ else "met"
-        line = (f"- NFE {nfe}, {table['method']}: RMSE {'met' if verdict(d_rmse, se_rmse) == 'better' else 'not met'} "
-                f"({d_rmse:+.4f} ± {se_rmse:.4f} against {table['best_peer']}). FD b {fd}: "
-                f"beats {', '.join(beaten) if beaten else 'no peer'}")
-        if there:
-            line += f"; not {', '.join(there)}, at or below the 50-step solve's FD b, where the table is too"
-        if lost:
-            line += f"; not {', '.join(lost)}"
-        if open_:
-            line += f"; unresolved without pairing: {', '.join(open_)}"
-        out.append(f"{line} (the table's FD b to the 50-step solve's: {d_t:+.1f} ± {se_t:.1f}"
-                   f"{'' if paired_t else ' unpaired'}, {verdict(d_t, se_t)})")
+        if main is None:
+            tables = [r for r in at if r.get("shipped") and r["shipped"] == r["method"]]
+        else:  # the shipped file (a study may predate the ``shipped`` column) is judged in the main section
+            wanted = {r["method"] for r in main if r["nfe"] == str(nfe) and r["kind"] == "peer"}
+            have = {r["method"] for r in at if r["kind"] == "peer"}
+            tables = [r for r in at if r["kind"] == "project" and wanted <= have
+                      and Path(r.get("table") or "").stem != f"{r['teacher']}-best-nfe{nfe}"]
+        out += [goal_line(t, at, ref, shipped=main is None) for t in tables if t.get("drmse_vs_peer", "") != ""]
     if not out:
         return []
-    return ["", "Goals at NFE 4-8 (the shipped table; RMSE against the best peer; FD b against every peer, or where a "
+    which = "the shipped table" if main is None else "each table of this study but the shipped one, unpaired with the peers"
+    return ["", f"Goals at NFE 4-8 ({which}; RMSE against the best peer; FD b against every peer, or where a "
             "peer is within noise of the 50-step solve's FD b or below it, the table there too; differences are the "
             "table's minus the peer's, beyond two standard errors counts, paired on the same seeds unless marked; an "
-            "unpaired one decides only beyond noise):", "", *out]
+            "unpaired one decides only beyond noise; beside it, where scored, the table's FD b to the 50-step solve's "
+            "images against every peer's, the distance to the converged teacher's distribution):", "", *out]
 
 
 def render(out: Path = OUT, page: Path = PAGE) -> None:
@@ -561,8 +625,10 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
              "Written by `scripts/results_t2i.py` from `docs/results/t2i/methods-*.csv`; do not edit by hand. Held-out",
              "prompts (combinations never used for learning or selection), paired seeds; RMSE/PSNR to the 50-step solve",
              "of the same seed and prompt (decoded images, peak-to-peak 2); FD of decoded images to real held-out images",
-             "on `main` (a feature net learners may use) and `b` (one no learner uses); adherence: the judge reads the",
-             "digit, the colour and the background all right. `Δ vs best peer`: paired difference to the peer with the",
+             "on `main` (a feature net learners may use) and `b` (one no learner uses); `FD b to 50-step`: FD on `b` to",
+             "the 50-step solve's images of the same seeds (the distance to the converged teacher's distribution, beside",
+             "FD to data, which the teacher itself does not minimise); adherence: the judge reads the digit, the colour",
+             "and the background all right. `Δ vs best peer`: paired difference to the peer with the",
              "lowest RMSE at that NFE (± one standard error; beyond two counts). Stock peers run inside the stock",
              "pipeline, tables through `samplers.sample` (the same images as `TableScheduler` in the pipeline).", ""]
     lines += teacher_section(out) + solver_section(out)
@@ -573,16 +639,16 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
         head = rows[0]
         study = f": {head['study']}" if head.get("study") else ""
         lines += [f"## {head['teacher']}, guidance {head['guidance']} ({head['n']} samples){study}", "",
-                  "| method | NFE | RMSE | PSNR | FD main | FD b | adherence | Δ RMSE vs best peer | Δ FD b vs best peer "
-                  "| Δ adherence vs best peer | fit s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| method | NFE | RMSE | PSNR | FD main | FD b | FD b to 50-step | adherence | Δ RMSE vs best peer "
+                  "| Δ FD b vs best peer | Δ adherence vs best peer | fit s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             name = f"**{r['method']}**" if r["kind"] == "project" else r["method"]
             best = r.get("best_peer", "")
             tag = " (best peer)" if best and best == r["method"] else ""
             lines.append(f"| {name}{tag} | {r['nfe']} | {_pm(r, 'rmse', 'rmse_se', 4)} | {_f(r, 'psnr', 2)} | "
                          f"{_pm(r, 'fd_heldout_main', 'fd_se_heldout_main', 1)} | {_pm(r, 'fd_heldout_b', 'fd_se_heldout_b', 1)} | "
-                         f"{_pm(r, 'adherence', 'adherence_se')} | {_pm(r, 'drmse_vs_peer', 'drmse_vs_peer_se', 4)} | "
+                         f"{_pm(r, 'fd_teacher_b', 'fd_se_teacher_b', 2)} | {_pm(r, 'adherence', 'adherence_se')} | {_pm(r, 'drmse_vs_peer', 'drmse_vs_peer_se', 4)} | "
                          f"{_pm(r, 'dfd_heldout_b_vs_peer', 'dfd_heldout_b_vs_peer_se', 1)} | "
                          f"{_pm(r, 'dadherence_vs_peer', 'dadherence_vs_peer_se')} | {_f(r, 'fit_seconds', 0)} |")
         against = [r for r in rows if r["kind"] == "project" and r.get("drmse_vs_shipped", "") != ""]
@@ -596,6 +662,9 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
         lines += moonshot_lines(rows)
         if not head.get("study"):
             lines += goal_lines(rows)
+        elif float(head["guidance"]) == GOAL_GUIDANCE and (main := path.with_name(
+                f"methods-{head['teacher']}-w{GOAL_GUIDANCE:g}.csv")).is_file():
+            lines += goal_lines(rows, list(csv.DictReader(main.open())))
         stem = path.stem.removeprefix("methods-")
         grids = [f"![NFE {n}](results/t2i/grid-{stem}-nfe{n}.png)" for n in GRID_NFE
                  if (out / f"grid-{stem}-nfe{n}.png").is_file()]

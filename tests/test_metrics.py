@@ -183,6 +183,21 @@ def test_fd_bootstrap_matches_explicit_resamples():
     assert est.se == pytest.approx(np.std(est.boot, ddof=1))
 
 
+def test_fd_to_a_reference_on_the_same_seeds_resamples_seeds():
+    """same_seeds: a replicate draws seed i's row from both sets together (the generated rows' counts), so a set
+    against itself is 0 on every replicate, and a replicate is the FD of the rows repeated as often as their seed."""
+    rng = np.random.default_rng(12)
+    r = rng.normal(size=(60, 3))
+    a = r * 1.1 + 0.2 + 0.3 * rng.normal(size=(60, 3))  # row i of a is a noisy copy of row i of r
+    assert np.abs(metrics.fd_estimate(r, metrics.FDReference.of(r, 5, 3, same_seeds=True), seed=3).boot).max() < 1e-8
+    assert metrics.fd_estimate(r, metrics.FDReference.of(r, 5, 3), seed=3).boot.min() > 1e-4  # independent draws
+    est = metrics.fd_estimate(a, metrics.FDReference.of(r, 5, 3, same_seeds=True), seed=3)
+    counts = metrics.boot_counts(60, 5, 3).numpy().astype(int)
+    for b in range(5):
+        ra, rr = np.repeat(a, counts[b], 0), np.repeat(r, counts[b], 0)
+        assert est.boot[b] == pytest.approx(frechet_distance(ra, rr), rel=1e-8, abs=1e-10)
+
+
 def test_fd_se_tracks_spread_and_paired_difference():
     rng = np.random.default_rng(11)
     values, ses = [], []

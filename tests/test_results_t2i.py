@@ -18,7 +18,7 @@ def row(method, kind, nfe, rmse, hits, fd_b, boot_shift):
     """An in-memory row as ``score`` makes it: per-sample RMSE and hits, an FD b estimate with 4 replicates."""
     rmse, hits = torch.tensor(rmse, dtype=torch.float64), torch.tensor(hits, dtype=torch.float64)
     fd = {key: FDEstimate(fd_b, np.array([fd_b, fd_b + boot_shift, fd_b - boot_shift, fd_b + 2 * boot_shift]))
-          for key in ("fd_heldout_main", "fd_heldout_b")}
+          for key in ("fd_heldout_main", "fd_heldout_b", "fd_teacher_b")}
     return {"method": method, "kind": kind, "nfe": nfe, "rmse": float(rmse.mean()), "_rmse": rmse,
             "adherence": float(hits.mean()), "_hits": hits, "_estimates": fd}
 
@@ -71,6 +71,7 @@ def test_no_moonshot_lines_without_nfe_4_or_a_pairing_at_nfe_10(script):
     ({"schedule": "karras"}, "ddss (from euler)"),
     ({"schedule": "flow", "end": "sigma_min"}, "ddss (from euler, flow, to sigma_min)"),
     ({"schedule": "time_uniform", "end": "zero"}, "ddss (from euler, time_uniform)"),
+    ({"schedule": "karras", "loss": "kid+match", "match_weight": 3e6}, "ddss (kid+match loss, match_weight 3e+06) (from euler)"),
 ])
 def test_a_ddss_row_names_its_classic_start_grid_and_end(script, config, label):
     mod = script("results_t2i")
@@ -186,7 +187,7 @@ def test_goals_judge_the_shipped_table_against_every_peer_and_the_teacher_where_
     line = mod.goal_lines(rows)[-1]
     assert "FD b unresolved: beats UniPC; not oss" in line
     assert line.endswith("unresolved without pairing: PNDM (-1.0 ± 6.4 unpaired; its own to the 50-step solve's "
-                         "-4.0 ± 6.4 unpaired) (the table's FD b to the 50-step solve's: -5.0 ± 1.0, better)")
+                         "-4.0 ± 6.4 unpaired) (the table's FD b to the 50-step solve's: -5.0 ± 1.0, better).")
     unpaired_far.update(fd_heldout_b="80.0")  # the table worse beyond noise, the peer below the teacher's FD b beyond it
     assert "FD b met: beats UniPC; not oss (-4.0 ± 3.0; its own to the 50-step solve's -1.0 ± 3.0), PNDM (+15.0 ± 6.4 " \
         "unpaired; its own to the 50-step solve's -20.0 ± 6.4 unpaired), at or below" in mod.goal_lines(rows)[-1]
@@ -197,3 +198,57 @@ def test_goals_judge_the_shipped_table_against_every_peer_and_the_teacher_where_
     table.update(drmse_vs_peer="-0.003")
     assert "RMSE not met (-0.0030 ± 0.0020 against oss)" in mod.goal_lines(rows)[-1]
     assert mod.goal_lines([ref, beaten]) == []
+
+
+def test_goals_add_the_fd_b_to_the_teachers_images_where_scored(script):
+    """Beside FD b to data: the table's FD b to the 50-step solve's images against each peer's, paired; met only when
+    every peer is beaten beyond noise, unresolved when some peer was not scored on it."""
+    mod = script("results_t2i")
+    ref = csv_row("50 steps", "reference", 50, 100.0, 4.0)
+    table = csv_row("best", "project", 4, 95.0, 4.0, shipped="best", best_peer="oss", drmse_vs_peer=-0.05,
+                    drmse_vs_peer_se=0.002, dfd_heldout_b_vs_teacher=-5.0, dfd_heldout_b_vs_teacher_se=1.0,
+                    fd_teacher_b=10.0, fd_se_teacher_b=1.0)
+    far = csv_row("Euler", "peer", 4, 90.0, 4.0, shipped="best", dfd_heldout_b_vs_shipped=-5.0,
+                  dfd_heldout_b_vs_shipped_se=1.0, dfd_heldout_b_vs_teacher=-10.0, dfd_heldout_b_vs_teacher_se=1.0,
+                  fd_teacher_b=40.0, fd_se_teacher_b=2.0, dfd_teacher_b_vs_shipped=30.0, dfd_teacher_b_vs_shipped_se=2.0)
+    near = csv_row("oss", "peer", 4, 110.0, 4.0, shipped="best", dfd_heldout_b_vs_shipped=15.0,
+                   dfd_heldout_b_vs_shipped_se=2.0, dfd_heldout_b_vs_teacher=10.0, dfd_heldout_b_vs_teacher_se=2.0,
+                   fd_teacher_b=13.0, fd_se_teacher_b=2.0, dfd_teacher_b_vs_shipped=3.0, dfd_teacher_b_vs_shipped_se=2.0)
+    line = mod.goal_lines([ref, table, far, near])[-1]
+    assert line.endswith(" FD b to the 50-step solve's images not met (the table's 10.00 ± 1.00): beats Euler; not oss "
+                         "(-3.00 ± 2.00).")
+    near.update(dfd_teacher_b_vs_shipped="5.0")
+    assert line.replace("not met", "met").split(": beats")[0] in mod.goal_lines([ref, table, far, near])[-1]
+    assert mod.goal_lines([ref, table, far, near])[-1].endswith("beats every peer.")
+    near.update(dfd_teacher_b_vs_shipped="")  # not paired with the table: unpaired, 10 - 13 within noise
+    assert mod.goal_lines([ref, table, far, near])[-1].endswith(
+        "unresolved (the table's 10.00 ± 1.00): beats Euler; unresolved without pairing: oss (-3.00 ± 2.24 unpaired).")
+    del near["fd_teacher_b"]  # scored before the column
+    assert mod.goal_lines([ref, table, far, near])[-1].endswith("unresolved (the table's 10.00 ± 1.00): beats Euler; "
+                                                                "not scored on it: oss.")
+    del table["fd_teacher_b"]  # a section scored before the column: no clause
+    assert mod.goal_lines([ref, table, far, near])[-1].endswith("better).")
+
+
+def test_a_side_study_judges_its_own_tables_against_every_peer_unpaired(script):
+    """In a side study the goals judge each project row but the shipped file, at an NFE where the study holds every
+    peer of the main section; the peers were paired with the shipped table only, so the differences are unpaired."""
+    mod = script("results_t2i")
+    ref = csv_row("50 steps", "reference", 50, 100.0, 4.0)
+    shipped = csv_row("best", "project", 4, 95.0, 4.0, teacher="sd-tiny", table="checkpoints/tables/sd-tiny-best-nfe4.safetensors",
+                      best_peer="oss", drmse_vs_peer=-0.05, drmse_vs_peer_se=0.002)
+    variant = csv_row("ddss (kid)", "project", 4, 80.0, 3.0, teacher="sd-tiny", table="docs/results/t2i/tables/v.safetensors",
+                      best_peer="oss", drmse_vs_peer=-0.01, drmse_vs_peer_se=0.002, dfd_heldout_b_vs_teacher=-20.0,
+                      dfd_heldout_b_vs_teacher_se=2.0)
+    peer = csv_row("Euler", "peer", 4, 92.0, 4.0, shipped="best", dfd_heldout_b_vs_shipped=-3.0,
+                   dfd_heldout_b_vs_shipped_se=0.5, dfd_heldout_b_vs_teacher=-10.0, dfd_heldout_b_vs_teacher_se=1.0)
+    main = [ref, shipped, peer]
+    lines = mod.goal_lines([ref, shipped, variant, peer], main)
+    assert len(lines) == 4 and "each table of this study but the shipped one" in lines[1]
+    # 80 - 92 unpaired: -12 +- 5 is beyond two se (the paired -3 +- 0.5 belongs to the shipped table, not this one)
+    assert lines[3].startswith("- NFE 4, ddss (kid): RMSE met (-0.0100 ± 0.0020 against oss). FD b met: beats Euler (")
+    peer.update(fd_heldout_b="85.0")  # -5 +- 5 unpaired: within noise; both below the teacher's: there too
+    assert "FD b met: beats no peer; not Euler (-5.0 ± 5.0 unpaired; its own to the 50-step solve's -10.0 ± 1.0), at " \
+        "or below" in mod.goal_lines([ref, shipped, variant, peer], main)[3]
+    main.append(csv_row("DDIM", "peer", 4, 91.0, 4.0))  # a peer of the main section the study lacks: no verdict
+    assert mod.goal_lines([ref, shipped, variant, peer], main) == []

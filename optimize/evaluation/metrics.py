@@ -233,10 +233,14 @@ class FDReference:
     boot_sqrt: torch.Tensor
 
     @classmethod
-    def of(cls, feat_r: Any, n_boot: int = N_BOOT, seed: int = 0) -> "FDReference":
+    def of(cls, feat_r: Any, n_boot: int = N_BOOT, seed: int = 0, same_seeds: bool = False) -> "FDReference":
+        """The reference rows resampled with ``boot_counts(n, n_boot, seed + 1)``, independently of the generated rows
+        (``fd_estimate`` draws theirs with ``seed``), or with ``same_seeds``: with the generated rows' own draws, for a
+        reference whose row i comes from the same seed as generated row i (samples of another sampler on the same
+        noises), so each replicate resamples seeds, the unit both sets share."""
         r = _feats(feat_r).detach().cpu()
         mu, cov = _stats(r)
-        boot_mu, boot_cov = _boot_stats(r, boot_counts(r.shape[0], n_boot, seed + 1))
+        boot_mu, boot_cov = _boot_stats(r, boot_counts(r.shape[0], n_boot, seed if same_seeds else seed + 1))
         with _one_thread():
             w, v = torch.linalg.eigh((boot_cov + boot_cov.transpose(1, 2)) / 2)
         boot_sqrt = (v * w.clamp(min=0).sqrt()[:, None, :]) @ v.transpose(1, 2)
