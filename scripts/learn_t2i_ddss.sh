@@ -20,11 +20,19 @@
 #                                           # -> checkpoints/tables/sd-tiny-w3-nfe4.safetensors
 #   bash scripts/learn_t2i_ddss.sh sd3-w3-fast   # the sd3-w3 fits cut to 30 steps and a pool of 128, 2 threads
 #                                           # (minutes each) -> docs/results/t2i/tables/sd3-tiny-ddss-w3-fast-nfe<N>
+#   bash scripts/learn_t2i_ddss.sh sd-kid   # sd-tiny at 7.5, NFE 4 5, WITH the training images: from the shipped table,
+#                                           # DDSS's KID loss (first feature net, decoded samples) plus the teacher match
+#                                           # weighted 3e6 (the two terms of the same order at the start), 100 steps, the
+#                                           # last table (no selection) -> docs/results/t2i/tables/sd-tiny-ddss-kid3e6-nfe<N>
+#                                           # (sd-kid-1e4: NFE 4 at the default weight 1e4, where KID dominates, keeping
+#                                           # the step with the best FD to the training images on the first net; sd-kid-teacher:
+#                                           # NFE 4 from prompts alone, the KID loss against the teacher pool's solves,
+#                                           # kid_against=teacher, weight 2e6 so the terms start equal, the last table)
 # Scored by scripts/results_t2i.py (the learned-at-3 and fast-fit studies; the guidance-3 section lists the shipped ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-what=${1:?usage: learn_t2i_ddss.sh sd3-w3|sd3-w3-fast|sd3-fast|sd3-fast-short|fast|fast-end|sd-w3}
+what=${1:?usage: learn_t2i_ddss.sh sd3-w3|sd3-w3-fast|sd3-fast|sd3-fast-short|fast|fast-end|sd-w3|sd-kid|sd-kid-1e4|sd-kid-teacher}
 common=(family=full loss=match monitor=match evaluate_at_end=false)
 case "$what" in
   sd3-w3)
@@ -71,6 +79,17 @@ case "$what" in
         teacher_solver=euler teacher_nfe=50 teacher_grid=native steps=30 batch_size=16 n_match=128 n_val=100 val_every=15 \
         num_threads=2 progress_bar=false hydra.run.dir="$run"
       cp "$run/ddss-full-match-nfe$n.safetensors" docs/results/t2i/tables/sd3-tiny-ddss-w3-fast-nfe$n.safetensors
+    done ;;
+  sd-kid|sd-kid-1e4|sd-kid-teacher)
+    weight=3000000; tag=kid3e6; nfes="4 5"; select=(val_every=0)
+    [ "$what" = sd-kid-1e4 ] && { weight=10000; tag=kid; nfes=4; select=(monitor=fd_train val_every=25 n_val=500); }
+    [ "$what" = sd-kid-teacher ] && { weight=2000000; tag=kidteacher; nfes=4; select=(kid_against=teacher monitor=match val_every=0); }
+    for n in $nfes; do
+      run=outputs/learn-t2i/sd-tiny-$tag-nfe$n
+      "$py" -m optimize ddss model=sd-tiny nfe=$n family=full init=table:checkpoints/tables/sd-tiny-best-nfe$n.safetensors \
+        loss=kid+match match_weight=$weight "${select[@]}" steps=100 batch_size=32 n_match=512 evaluate_at_end=false \
+        num_threads=1 progress_bar=false hydra.run.dir="$run"
+      cp "$run/ddss-full-kid-match-nfe$n.safetensors" docs/results/t2i/tables/sd-tiny-ddss-$tag-nfe$n.safetensors
     done ;;
   sd-w3)
     run=outputs/learn-t2i/sd-tiny-w3-nfe4

@@ -103,7 +103,8 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
             name += f" ({config['match_space']} match)"
         if "kid" in str(config.get("loss", "")):  # DDSS with the KID loss against the training images
             weight = f", match_weight {float(config['match_weight']):g}" if "match" in config["loss"] else ""
-            name += f" ({config['loss']} loss{weight})"
+            against = " against the teacher" if config.get("kid_against", "data") == "teacher" else ""
+            name += f" ({config['loss']} loss{against}{weight})"
         init = table.metadata.get("init")
         if method == "ddss" and init and not str(init).startswith(TABLE_PREFIX):  # DDSS from a classic, not from a learned table
             grid = config.get("schedule", "karras")  # the classic's grid when not Karras's, e.g. (from unipc, flow)

@@ -72,6 +72,8 @@ def test_no_moonshot_lines_without_nfe_4_or_a_pairing_at_nfe_10(script):
     ({"schedule": "flow", "end": "sigma_min"}, "ddss (from euler, flow, to sigma_min)"),
     ({"schedule": "time_uniform", "end": "zero"}, "ddss (from euler, time_uniform)"),
     ({"schedule": "karras", "loss": "kid+match", "match_weight": 3e6}, "ddss (kid+match loss, match_weight 3e+06) (from euler)"),
+    ({"loss": "kid+match", "kid_against": "teacher", "match_weight": 2e6},
+     "ddss (kid+match loss against the teacher, match_weight 2e+06) (from euler)"),
 ])
 def test_a_ddss_row_names_its_classic_start_grid_and_end(script, config, label):
     mod = script("results_t2i")

@@ -180,6 +180,35 @@ def test_ddss_kid_on_a_text_to_image_model_scores_decoded_samples(sd, model3):
     assert module.sampler.u.grad is not None and module.sampler.u.grad.abs().sum() > 0
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a training step outside a Trainer
+def test_ddss_kid_against_the_teacher_needs_no_data(sd, model3, cli_error, capsys):
+    """kid_against=teacher: the KID reference is the first feature net on the teacher pool's solves, decoded by the
+    VAE (no training images: the judge has no real split); the loss is kid_estimate against them, its gradient
+    reaches the table; without feature nets, one sentence."""
+    from omegaconf import OmegaConf
+
+    den, shape = model3.denoiser, model3.shape
+    m = Model("sd", den, tuple(shape), "fp", torch.float32, model3.cond_of, model3.decode)
+    judge = Judge.for_model(OmegaConf.create({"name": "sd", "data": None, "clip": True,
+                                             "features": ["test_t2i_learners:channel_means"]}), (3, 32, 32), n_boot=0)
+    assert "has no reference data" in capsys.readouterr().err
+    module = ddss.DDSSModule(3, "full", "dpmpp_2m", loss="kid+match", kid_against="teacher", monitor="match",
+                             match_weight=1e-12, n_match=5, batch_size=4, n_val=3, teacher_solver="euler", teacher_nfe=3,
+                             sigma_min=den.sigma_min, sigma_max=den.sigma_max).attach(m, judge)
+    loss = module.training_step(None, 0)
+    e, y, _ = module.match_pool(m)  # the pool again: its solves, decoded, are the reference
+    with torch.no_grad():
+        real = channel_means()(model3.decode(y).clamp(-1, 1)).double()
+    assert torch.allclose(module._ext["real"], real, atol=1e-6)
+    loss.backward()
+    assert torch.isfinite(loss) and module.sampler.u.grad.abs().sum() > 0
+    err = cli_error(["ddss", "model=diffusers", f"model.path={sd}", f"model.prompts=[{PROMPTS[0]}]", "nfe=4",
+                     "loss=kid+match", "kid_against=teacher", "monitor=match", "model.features=[]"])
+    assert "kid_against=teacher scores the teacher's solves with a feature net" in err
+    assert "kid_against must be one of data, teacher" in cli_error(
+        ["ddss", "model=gmm", "kid_against=students"])
+
+
 # --- the cond follows the noise --------------------------------------------------------------------
 def test_teacher_targets_are_solved_with_the_prompt_of_each_seed(sd, model):
     """LD3's targets (and teacher_targets in batches of 3) for seed s equal a solve of that noise alone with prompt

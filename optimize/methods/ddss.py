@@ -98,8 +98,9 @@ from optimize.base.seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range
 
 def needs_data(cfg: Any) -> bool:
     """Reference data and feature nets are needed unless the loss and the monitor are both the teacher match (a
-    text-to-image model learns from prompts alone: loss=match monitor=match)."""
-    return "kid" in str(cfg.loss) or str(cfg.monitor) != "match"
+    text-to-image model learns from prompts alone: loss=match monitor=match), or the KID loss is against the teacher's
+    own samples (``kid_against=teacher``: feature nets only)."""
+    return ("kid" in str(cfg.loss) and str(cfg.get("kid_against", "data")) == "data") or str(cfg.monitor) != "match"
 
 
 KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
@@ -108,6 +109,7 @@ KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declar
 FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
 LOSSES = ("kid", "match", "kid+match")
+KID_AGAINST = ("data", "teacher")  # the KID loss's reference: the training set, or the teacher pool's solves (no data)
 MATCH_SPACES = ("latent", "decoded")  # where the match loss and monitor compare: the model's space, or the VAE's images
 MONITORS = ("fd_train", "kid_train", "match")  # selection sees only the training set (held-out data and FD-b stay
 # independent) or, with match, the mean squared distance to the teacher's solve on the validation seeds
@@ -368,13 +370,15 @@ class DDSSModule(TrainingModule):
                  warmup_steps: int = 20, min_lr_ratio: float = 0.05, steps: int = 500, remat: bool = True,
                  val_every: int = 100, n_val: int = 500, monitor: str = "fd_train", seed: int = 0, end: str = "zero",
                  loss: str = "kid", match_weight: float = 1e4, teacher_solver: str = "unipc", teacher_nfe: int = 20,
-                 n_match: int = 1024, match_space: str = "latent", teacher_grid: str = "karras"):
+                 n_match: int = 1024, match_space: str = "latent", teacher_grid: str = "karras", kid_against: str = "data"):
         super().__init__()
         self.save_hyperparameters()
         if loss not in LOSSES:
             raise ValueError(f"unknown ddss loss {loss!r}; valid: {', '.join(LOSSES)}.")
         if match_space not in MATCH_SPACES:
             raise ValueError(f"unknown match_space {match_space!r}; valid: {', '.join(MATCH_SPACES)}.")
+        if kid_against not in KID_AGAINST:
+            raise ValueError(f"unknown kid_against {kid_against!r}; valid: {', '.join(KID_AGAINST)}.")
         self.sampler = GGDMTable(nfe, family, init, learn_sigmas=learn_sigmas, learn_noise=learn_noise, sigma_min=sigma_min,
                                  sigma_max=sigma_max, schedule=schedule, rho=rho, sigma_data=sigma_data, end=end)
         self.register_buffer("best_coef", self.sampler.coef0.clone())
@@ -395,7 +399,10 @@ class DDSSModule(TrainingModule):
         if isinstance(den, nn.Module):
             den.requires_grad_(False).eval()
         self._ext = {"model": model, "native": native if self.hparams.get("teacher_grid") == "native" else None}
-        if "kid" in str(self.hparams.loss) or str(self.hparams.monitor) != "match":
+        if self.against_teacher:  # the first feature net only; its reference comes with the teacher pool
+            name = next(iter(judge.features))
+            self._ext.update(judge=judge.restricted(splits=[], features=[name], n_boot=0), feature=name)
+        elif "kid" in str(self.hparams.loss) or str(self.hparams.monitor) != "match":
             name = next(iter(judge.features))
             real = judge.real_feats("train", name)
             # training and selection see the training set and the first feature net only (no held-out data, no FD-b)
@@ -439,6 +446,21 @@ class DDSSModule(TrainingModule):
         return e, self.in_match_space(y), cond
 
     @property
+    def against_teacher(self) -> bool:
+        """The KID loss against the teacher pool's solves (``kid_against=teacher``) rather than the training set."""
+        return "kid" in str(self.hparams.loss) and self.hparams.get("kid_against", "data") == "teacher"
+
+    def teacher_reference(self, pool_y: torch.Tensor) -> None:
+        """The KID loss's reference with ``kid_against=teacher``: the first feature net on the teacher pool's solves
+        (``pool_y``, in match space; decoded first for a latent text-to-image model), and its constant term."""
+        judge, m = self._ext["judge"], self.model
+        with torch.no_grad():
+            y = decoded(m.decode, pool_y) if m.decode is not None and self.hparams.match_space == "latent" else pool_y
+            y = y.clamp(-1, 1) if judge.clip else y
+            real = torch.cat([judge.feats(self._ext["feature"], b.to(self.device)) for b in y.split(256)])
+        self._ext.update(real=real, real_term=real_term(real))
+
+    @property
     def model(self) -> Any:
         if "model" not in self._ext:
             raise RuntimeError("DDSSModule needs attach(model, judge) before training.")
@@ -475,13 +497,15 @@ class DDSSModule(TrainingModule):
         hp, step, rank = self.hparams, int(self.global_step), int(self.global_rank)
         noise = self.noise(int(hp.batch_size), step, rank)
         target = cond = None
+        if "pool" not in self._ext and ("match" in str(hp.loss) or self.against_teacher):  # solved on first use, when
+            world = int(self.trainer.world_size) if self._trainer is not None else 1  # the process's rank is known
+            self._ext["pool"] = self.match_pool(self.model, rank, world)
+            if "match" in str(hp.loss) and self._ext["pool"][0].shape[0] < int(hp.batch_size):
+                raise ConfigError(f"batch_size ({hp.batch_size}) exceeds this process's share of the teacher pool "
+                                  f"(n_match={hp.n_match} over {world} processes); raise n_match or lower batch_size.")
+            if self.against_teacher:
+                self.teacher_reference(self._ext["pool"][1])
         if "match" in str(hp.loss):  # e_0 from the teacher pool (fresh e_1.. stay fresh), target = the teacher's sample
-            if "pool" not in self._ext:  # solved on first use, when the process's rank is known
-                world = int(self.trainer.world_size) if self._trainer is not None else 1
-                self._ext["pool"] = self.match_pool(self.model, rank, world)
-                if self._ext["pool"][0].shape[0] < int(hp.batch_size):
-                    raise ConfigError(f"batch_size ({hp.batch_size}) exceeds this process's share of the teacher pool "
-                                      f"(n_match={hp.n_match} over {world} processes); raise n_match or lower batch_size.")
             pool_e, pool_y, pool_c = self._ext["pool"]
             gen = torch.Generator().manual_seed((int(hp.seed) * 1_000_003 + rank) * 1_000_000_009 + step)
             idx = torch.randperm(pool_e.shape[0], generator=gen)[: int(hp.batch_size)]
@@ -686,6 +710,12 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"family {cfg.family} starts from DDIM (init=euler); init={cfg.init} needs family=full.")
     if str(cfg.loss) not in LOSSES:
         raise ConfigError(f"unknown ddss loss {cfg.loss!r}; valid: {', '.join(LOSSES)}.")
+    against = str(cfg.get("kid_against", "data"))
+    if against not in KID_AGAINST:
+        raise ConfigError(f"kid_against must be one of {', '.join(KID_AGAINST)}, got {against!r}.")
+    if against == "teacher" and "kid" in str(cfg.loss) and not as_list(cfg.model.get("features")):
+        raise ConfigError(f"kid_against=teacher scores the teacher's solves with a feature net: model {cfg.model.name} "
+                          f"needs features=[a feature-net .safetensors file or package.module:function].")
     space = str(cfg.get("match_space", "latent"))
     if space not in MATCH_SPACES:
         raise ConfigError(f"match_space must be one of {', '.join(MATCH_SPACES)}, got {space!r}.")
@@ -730,7 +760,7 @@ def validate(cfg: Any) -> None:
         baselines.build(str(cfg.ref_solver), int(cfg.ref_nfe), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.model.features != "raw" and needs_data(cfg):
+    if cfg.model.features != "raw" and (needs_data(cfg) or "kid" in str(cfg.loss)):
         check_features(cfg.model.features)  # classifier files or package.module:function entries
     path = resume_path(cfg.get("resume"))  # resume=true is looked up once the run folder exists
     if path is not None and not os.path.isfile(path):
@@ -758,7 +788,8 @@ def build_module(cfg: Any) -> DDSSModule:
         val_every=int(cfg.val_every), n_val=int(cfg.n_val), monitor=str(cfg.monitor), seed=int(cfg.seed),
         end=str(cfg.get("end", "zero")), loss=str(cfg.loss), match_weight=float(cfg.match_weight),
         teacher_solver=str(cfg.teacher_solver), teacher_nfe=int(cfg.teacher_nfe), n_match=int(cfg.n_match),
-        match_space=str(cfg.get("match_space", "latent")), teacher_grid=str(cfg.teacher_grid))
+        match_space=str(cfg.get("match_space", "latent")), teacher_grid=str(cfg.teacher_grid),
+        kid_against=str(cfg.get("kid_against", "data")))
 
 
 def _check_resume_matches(resume: Any, out_dir: str, module: DDSSModule) -> str | None:
@@ -788,7 +819,8 @@ def run(cfg: Any) -> dict[str, Any]:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
-    module = build_module(cfg).attach(model, judge if needs_data(cfg) else None, teacher_native(cfg))
+    module = build_module(cfg).attach(model, judge if needs_data(cfg) or "kid" in str(cfg.loss) else None,
+                                      teacher_native(cfg))
     loss_tag = "" if str(cfg.loss) == "kid" else "-" + str(cfg.loss).replace("+", "-")
     module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}{loss_tag}-nfe{int(cfg.nfe)}.safetensors")
     module.export_metadata = {**model.table_metadata(), "run_config": OmegaConf.to_container(cfg, resolve=True)}
