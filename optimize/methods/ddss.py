@@ -48,7 +48,9 @@ Both differences are exactly zero at theta = theta0, u = 0, so step 0 reproduces
 
 Loss: unbiased MMD^2 with the cubic polynomial kernel (the KID estimator, ``optimize.evaluation.metrics``) between the
 features of a fresh batch of samples and of the whole training set (the real-real term is a constant computed
-once): the first feature net of the model (``model.features[0]``) for images, raw coordinates for gmm/toy2d.
+once): the first feature net of the model (``model.features[0]``) for images, raw coordinates for gmm/toy2d. With
+``kid_against=teacher`` the reference is the teacher pool's solves instead (the match loss's targets), so a model
+without data learns a distribution loss from its prompts alone.
 
 Optimiser: Adam (betas 0.9, 0.99), learning rate ``lr`` for u and ``sigma_lr`` for theta, linear warm-up over
 ``warmup_steps`` then cosine decay to ``min_lr_ratio`` x lr at ``steps``; gradient-norm clipping at
