@@ -101,7 +101,7 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
         config = table.metadata.get("config") or {}
         if config.get("match_space", "latent") != "latent":  # DDSS fitted in the VAE's image space
             name += f" ({config['match_space']} match)"
-        if "kid" in str(config.get("loss", "")):  # DDSS with the KID loss against the training images
+        if "kid" in str(config.get("loss", "")):  # DDSS with a KID loss (the training images, or the teacher's solves)
             weight = f", match_weight {float(config['match_weight']):g}" if "match" in config["loss"] else ""
             against = " against the teacher" if config.get("kid_against", "data") == "teacher" else ""
             name += f" ({config['loss']} loss{against}{weight})"
@@ -520,6 +520,11 @@ def at_teacher(d: float, se: float, is_paired: bool) -> bool | None:
     return True if is_paired else None
 
 
+def listed(*parts: tuple[str, list[str], str]) -> str:
+    """``; <head><items, comma-joined><tail>`` for each (head, items, tail) with items, as the goal lines list peers."""
+    return "".join(f"; {head}{', '.join(items)}{tail}" for head, items, tail in parts if items)
+
+
 def teacher_fd_clause(table: dict[str, str], peers: list[dict[str, str]], shipped: bool = True) -> str:
     """Beside the goal's FD b to data: ``table``'s FD b to the 50-step solve's images against every peer's, paired where
     ``table`` is the shipped one (the peers' ``dfd_teacher_b_vs_shipped``), else unpaired, which decides only beyond
@@ -541,13 +546,8 @@ def teacher_fd_clause(table: dict[str, str], peers: list[dict[str, str]], shippe
     judged = "not met" if kept else "unresolved" if open_ or unscored else "met"
     words = f" FD b to the 50-step solve's images {judged} (the table's {_pm(table, 'fd_teacher_b', 'fd_se_teacher_b', 2)}): "
     words += f"beats {'every peer' if judged == 'met' else ', '.join(beaten) or 'no peer'}"
-    if kept:
-        words += f"; not {', '.join(kept)}"
-    if open_:
-        words += f"; unresolved without pairing: {', '.join(open_)}"
-    if unscored:
-        words += f"; not scored on it: {', '.join(unscored)}"
-    return words + "."
+    return words + listed(("not ", kept, ""), ("unresolved without pairing: ", open_, ""),
+                          ("not scored on it: ", unscored, "")) + "."
 
 
 def goal_line(table: dict[str, str], at: list[dict[str, str]], ref: dict[str, str], shipped: bool = True) -> str:
@@ -583,12 +583,8 @@ def goal_line(table: dict[str, str], at: list[dict[str, str]], ref: dict[str, st
     line = (f"- NFE {table['nfe']}, {table['method']}: RMSE {'met' if verdict(d_rmse, se_rmse) == 'better' else 'not met'} "
             f"({d_rmse:+.4f} ± {se_rmse:.4f} against {table['best_peer']}). FD b {fd}: "
             f"beats {', '.join(beaten) if beaten else 'no peer'}")
-    if there:
-        line += f"; not {', '.join(there)}, at or below the 50-step solve's FD b, where the table is too"
-    if lost:
-        line += f"; not {', '.join(lost)}"
-    if open_:
-        line += f"; unresolved without pairing: {', '.join(open_)}"
+    line += listed(("not ", there, ", at or below the 50-step solve's FD b, where the table is too"), ("not ", lost, ""),
+                   ("unresolved without pairing: ", open_, ""))
     return (f"{line} (the table's FD b to the 50-step solve's: {d_t:+.1f} ± {se_t:.1f}{'' if paired_t else ' unpaired'}, "
             f"{verdict(d_t, se_t)})." + teacher_fd_clause(table, peers, shipped))
 

@@ -105,6 +105,11 @@ def needs_data(cfg: Any) -> bool:
     return ("kid" in str(cfg.loss) and str(cfg.get("kid_against", "data")) == "data") or str(cfg.monitor) != "match"
 
 
+def needs_features(cfg: Any) -> bool:
+    """Feature nets are needed wherever data are, and by any KID loss (``kid_against=teacher`` included)."""
+    return needs_data(cfg) or "kid" in str(cfg.loss)
+
+
 KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "val_every": count(low=0), "n_val": count(10**8), "n_match": count(10**8), "match_weight": Key("num", 0),
     "sigma_lr": rate()}
@@ -424,13 +429,11 @@ class DDSSModule(TrainingModule):
                             seeds=list(seeds), native=self._ext.get("native"))
         return self.in_match_space(y)
 
-    def in_match_space(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        """``x`` where the match loss compares: as is (``match_space=latent``) or decoded by the model's VAE
-        (``decoded``; ``grad``: differentiable, for the training loss)."""
+    def in_match_space(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` where the match monitor and targets compare: as is (``match_space=latent``) or decoded by the model's
+        VAE (``decoded``; the training step decodes its samples differentiably itself)."""
         if self.hparams.match_space == "latent":
             return x
-        if grad:
-            return self.model.decode(x, grad=True)
         return decoded(self.model.decode, x).to(x.device)
 
     def match_pool(self, model: Any, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -481,12 +484,12 @@ class DDSSModule(TrainingModule):
         return sample(self.sampler.table(), self.model.denoiser, noise, cond, support=self.sampler.support,
                       checkpoint=remat)
 
-    def loss_of(self, x: torch.Tensor) -> torch.Tensor:
+    def loss_of(self, x: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         """KID loss (unbiased MMD^2, cubic kernel) of samples ``x`` against the training-set features (a latent
-        text-to-image model's samples decoded first, differentiably, by its VAE)."""
+        text-to-image model's samples decoded first, differentiably, by its VAE, unless given as ``images``)."""
         judge = self._ext["judge"]
         if self.model.decode is not None:
-            x = self.model.decode(x, grad=True)
+            x = self.model.decode(x, grad=True) if images is None else images
         x = x.clamp(-1, 1) if judge.clip else x
         feats = judge.features[self._ext["feature"]](x)
         real = self._ext["real"]
@@ -515,9 +518,13 @@ class DDSSModule(TrainingModule):
             target = pool_y[idx].to(noise)
             cond = cond_rows(pool_c, idx)  # the prompts of the pool rows drawn
         x = self.generate(noise, cond=cond)
-        loss = self.loss_of(x) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
+        # a latent model's samples decoded once, for the KID features and a decoded-space match alike
+        images = self.model.decode(x, grad=True) if self.model.decode is not None and (
+            "kid" in str(hp.loss) or hp.match_space == "decoded") else None
+        loss = self.loss_of(x, images) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
         if target is not None:
-            loss = loss + float(hp.match_weight) * (self.in_match_space(x, grad=True) - target).pow(2).flatten(1).mean(1).mean()
+            matched = images if hp.match_space == "decoded" else x
+            loss = loss + float(hp.match_weight) * (matched - target).pow(2).flatten(1).mean(1).mean()
         self.check_loss(loss, hint="try a smaller lr or sigma_lr")
         self.history["loss"].append(float(loss.detach()))
         self.log("loss", loss.detach().float(), prog_bar=True, on_step=True)
@@ -762,7 +769,7 @@ def validate(cfg: Any) -> None:
         baselines.build(str(cfg.ref_solver), int(cfg.ref_nfe), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.model.features != "raw" and (needs_data(cfg) or "kid" in str(cfg.loss)):
+    if cfg.model.features != "raw" and needs_features(cfg):
         check_features(cfg.model.features)  # classifier files or package.module:function entries
     path = resume_path(cfg.get("resume"))  # resume=true is looked up once the run folder exists
     if path is not None and not os.path.isfile(path):
@@ -821,8 +828,7 @@ def run(cfg: Any) -> dict[str, Any]:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     judge = Judge.for_model(cfg.model, model.shape, device, n_boot=int(cfg.n_boot))
-    module = build_module(cfg).attach(model, judge if needs_data(cfg) or "kid" in str(cfg.loss) else None,
-                                      teacher_native(cfg))
+    module = build_module(cfg).attach(model, judge if needs_features(cfg) else None, teacher_native(cfg))
     loss_tag = "" if str(cfg.loss) == "kid" else "-" + str(cfg.loss).replace("+", "-")
     module.export_path = os.path.join(out_dir, f"ddss-{cfg.family}{loss_tag}-nfe{int(cfg.nfe)}.safetensors")
     module.export_metadata = {**model.table_metadata(), "run_config": OmegaConf.to_container(cfg, resolve=True)}
