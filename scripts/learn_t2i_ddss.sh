@@ -28,11 +28,20 @@
 #                                           # the step with the best FD to the training images on the first net; sd-kid-teacher:
 #                                           # NFE 4 from prompts alone, the KID loss against the teacher pool's solves,
 #                                           # kid_against=teacher, weight 2e6 so the terms start equal, the last table)
+#   bash scripts/learn_t2i_ddss.sh sd-feat  # sd-tiny at 7.5, NFE 4 5, from prompts alone: from the shipped table, the
+#                                           # teacher match plus the feature match (feature_weight 200: the two terms
+#                                           # of the same order at the start, the first feature net on the decoded
+#                                           # sample and the teacher's solve from the same noise), 100 steps, the last
+#                                           # table -> docs/results/t2i/tables/sd-tiny-ddss-feat200-nfe<N>
+#                                           # (sd-feat-2e3: feature_weight 2000, the feature term ten times the match;
+#                                           # sd-feat-decoded: the match on the VAE's images, match_space=decoded,
+#                                           # feature_weight 22 making the terms equal there; NFES="4" bash ... picks
+#                                           # the NFE)
 # Scored by scripts/results_t2i.py (the learned-at-3 and fast-fit studies; the guidance-3 section lists the shipped ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-what=${1:?usage: learn_t2i_ddss.sh sd3-w3|sd3-w3-fast|sd3-fast|sd3-fast-short|fast|fast-end|sd-w3|sd-kid|sd-kid-1e4|sd-kid-teacher}
+what=${1:?usage: learn_t2i_ddss.sh sd3-w3|sd3-w3-fast|sd3-fast|sd3-fast-short|fast|fast-end|sd-w3|sd-kid|sd-kid-1e4|sd-kid-teacher|sd-feat|sd-feat-2e3|sd-feat-decoded}
 common=(family=full loss=match monitor=match evaluate_at_end=false)
 case "$what" in
   sd3-w3)
@@ -91,6 +100,17 @@ case "$what" in
         num_threads=1 progress_bar=false hydra.run.dir="$run"
       cp "$run/ddss-full-kid-match-nfe$n.safetensors" docs/results/t2i/tables/sd-tiny-ddss-$tag-nfe$n.safetensors
     done ;;
+  sd-feat|sd-feat-2e3|sd-feat-decoded)
+    weight=200; tag=feat200; space=latent
+    [ "$what" = sd-feat-2e3 ] && { weight=2000; tag=feat2000; }
+    [ "$what" = sd-feat-decoded ] && { weight=22; tag=feat22-decoded; space=decoded; }
+    for n in ${NFES:-4 5}; do
+      run=outputs/learn-t2i/sd-tiny-$tag-nfe$n
+      "$py" -m optimize ddss model=sd-tiny nfe=$n family=full init=table:checkpoints/tables/sd-tiny-best-nfe$n.safetensors \
+        loss=match monitor=match feature_weight=$weight match_space=$space val_every=0 steps=100 batch_size=32 n_match=512 \
+        evaluate_at_end=false num_threads=1 progress_bar=false hydra.run.dir="$run"
+      cp "$run/ddss-full-match-nfe$n.safetensors" docs/results/t2i/tables/sd-tiny-ddss-$tag-nfe$n.safetensors
+    done ;;
   sd-w3)
     run=outputs/learn-t2i/sd-tiny-w3-nfe4
     "$py" -m optimize ddss model=sd-tiny model.guidance=3 model.any_guidance=true nfe=4 "${common[@]}" \
@@ -98,5 +118,5 @@ case "$what" in
       num_threads=1 progress_bar=false hydra.run.dir="$run"
     cp "$run/ddss-full-match-nfe4.safetensors" checkpoints/tables/sd-tiny-w3-nfe4.safetensors
     cp "$run/ddss-full-match-nfe4.safetensors" docs/results/t2i/tables/sd-tiny-ddss-w3-nfe4.safetensors ;;
-  *) echo "error: learn_t2i_ddss.sh takes sd3-w3, sd3-w3-fast, sd3-fast, sd3-fast-short, fast, fast-end or sd-w3, got '$what'" >&2; exit 2 ;;
+  *) echo "error: learn_t2i_ddss.sh takes sd3-w3, sd3-w3-fast, sd3-fast, sd3-fast-short, fast, fast-end, sd-w3, sd-kid, sd-kid-1e4, sd-kid-teacher, sd-feat, sd-feat-2e3 or sd-feat-decoded, got '$what'" >&2; exit 2 ;;
 esac

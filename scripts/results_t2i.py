@@ -105,6 +105,8 @@ def table_label(path: Path, table: SolverTable, guidance: float | None = None) -
             weight = f", match_weight {float(config['match_weight']):g}" if "match" in config["loss"] else ""
             against = " against the teacher" if config.get("kid_against", "data") == "teacher" else ""
             name += f" ({config['loss']} loss{against}{weight})"
+        if float(config.get("feature_weight", 0) or 0) > 0:  # DDSS's match with the first feature net's term beside it
+            name += f" (feature match, feature_weight {float(config['feature_weight']):g})"
         init = table.metadata.get("init")
         if method == "ddss" and init and not str(init).startswith(TABLE_PREFIX):  # DDSS from a classic, not from a learned table
             grid = config.get("schedule", "karras")  # the classic's grid when not Karras's, e.g. (from unipc, flow)

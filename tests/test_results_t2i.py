@@ -74,6 +74,7 @@ def test_no_moonshot_lines_without_nfe_4_or_a_pairing_at_nfe_10(script):
     ({"schedule": "karras", "loss": "kid+match", "match_weight": 3e6}, "ddss (kid+match loss, match_weight 3e+06) (from euler)"),
     ({"loss": "kid+match", "kid_against": "teacher", "match_weight": 2e6},
      "ddss (kid+match loss against the teacher, match_weight 2e+06) (from euler)"),
+    ({"loss": "match", "feature_weight": 200.0}, "ddss (feature match, feature_weight 200) (from euler)"),
 ])
 def test_a_ddss_row_names_its_classic_start_grid_and_end(script, config, label):
     mod = script("results_t2i")

@@ -24,6 +24,7 @@ from samplers.models import load  # noqa: E402
 from samplers.t2i import sigma_range  # noqa: E402
 
 from optimize.cli import main as optimize_main  # noqa: E402
+from optimize.base.conds import cond_rows  # noqa: E402
 from optimize.base.seeds import FIT_SEED_OFFSET, VAL_SEED_OFFSET, seed_range  # noqa: E402
 from optimize.data.models import Model  # noqa: E402
 from optimize.evaluation import metrics  # noqa: E402
@@ -207,6 +208,45 @@ def test_ddss_kid_against_the_teacher_needs_no_data(sd, model3, cli_error, capsy
     assert "kid_against=teacher scores the teacher's solves with a feature net" in err
     assert "kid_against must be one of data, teacher" in cli_error(
         ["ddss", "model=gmm", "kid_against=students"])
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a training step outside a Trainer
+def test_ddss_feature_match_compares_features_of_the_same_noise(sd, model3, cli_error, capsys):
+    """feature_weight > 0: the loss adds feature_weight x the mean squared distance between the first feature net on
+    each decoded sample and on the decoded teacher solve from the same pool noise (recomputed here from the pool, the
+    step's draw and the VAE), needs no data, and its gradient reaches the table; bad settings get one sentence."""
+    from omegaconf import OmegaConf
+
+    den, shape = model3.denoiser, model3.shape
+    m = Model("sd", den, tuple(shape), "fp", torch.float32, model3.cond_of, model3.decode)
+    judge = Judge.for_model(OmegaConf.create({"name": "sd", "data": None, "clip": True,
+                                             "features": ["test_t2i_learners:channel_means"]}), (3, 32, 32), n_boot=0)
+    capsys.readouterr()
+    module = ddss.DDSSModule(3, "full", "dpmpp_2m", loss="match", monitor="match", match_weight=1e-12, feature_weight=2.0,
+                             n_match=6, batch_size=4, n_val=3, teacher_solver="euler", teacher_nfe=3,
+                             sigma_min=den.sigma_min, sigma_max=den.sigma_max).attach(m, judge)
+    loss = module.training_step(None, 0)
+    e, y, c = module.match_pool(m)
+    idx = torch.randperm(6, generator=torch.Generator().manual_seed(0))[:4]  # the draw of step 0 at seed 0, rank 0
+    noise = module.noise(4, 0)
+    noise[0] = e[idx]
+    with torch.no_grad():
+        x = module.generate(noise, remat=False, cond=cond_rows(c, idx))
+        fx = channel_means()(model3.decode(x).clamp(-1, 1)).double()
+        fy = channel_means()(model3.decode(y[idx]).clamp(-1, 1)).double()
+    expected = 2.0 * (fx - fy).pow(2).mean(1).mean()
+    other = 2.0 * (fx - fy.roll(1, 0)).pow(2).mean(1).mean()  # the same features paired with another seed's solve
+    assert float(expected) > 0 and abs(float(other) / float(expected) - 1) > 0.05
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-3)  # float32 decodes in other batches
+    loss.backward()
+    assert module.sampler.u.grad.abs().sum() > 0
+    common = ["ddss", "model=diffusers", f"model.path={sd}", f"model.prompts=[{PROMPTS[0]}]", "nfe=4", "monitor=match"]
+    assert "feature_weight adds a feature term to the teacher match: it needs loss=match or kid+match" in cli_error(
+        [*common, "loss=kid", "kid_against=teacher", "feature_weight=1",
+         "model.features=[checkpoints/features-captioned-a.safetensors]"])
+    assert "feature_weight compares the first feature net's features" in cli_error(
+        [*common, "loss=match", "feature_weight=1", "model.features=[]"])
+    assert "feature_weight must be" in cli_error([*common, "loss=match", "feature_weight=-1"])
 
 
 # --- the cond follows the noise --------------------------------------------------------------------

@@ -52,6 +52,13 @@ once): the first feature net of the model (``model.features[0]``) for images, ra
 ``kid_against=teacher`` the reference is the teacher pool's solves instead (the match loss's targets), so a model
 without data learns a distribution loss from its prompts alone.
 
+Feature match (``feature_weight`` > 0, with a match loss): a perceptual term beside the same-noise L2,
+``feature_weight * mean_i ||phi(D(x_i)) - phi(D(y_i))||^2 / dim``, with ``phi`` the first feature net, ``D`` the VAE's
+decoder (the identity for pixel models), ``x_i`` the table's sample and ``y_i`` the teacher's solve from the same noise.
+Under that coupling ``dim`` times the mean bounds the squared 2-Wasserstein distance between the two feature
+distributions, which bounds their FD (the Gaussian fits' W2^2, Gelbrich): a per-sample bound on the distance to the
+teacher's distribution on that net, from prompts alone (feature nets, no data).
+
 Optimiser: Adam (betas 0.9, 0.99), learning rate ``lr`` for u and ``sigma_lr`` for theta, linear warm-up over
 ``warmup_steps`` then cosine decay to ``min_lr_ratio`` x lr at ``steps``; gradient-norm clipping at
 ``grad_clip``. Validation every ``val_every`` steps (and before the first) samples ``n_val`` fixed seeds of the
@@ -107,12 +114,17 @@ def needs_data(cfg: Any) -> bool:
 
 def needs_features(cfg: Any) -> bool:
     """Feature nets are needed wherever data are, and by any KID loss (``kid_against=teacher`` included)."""
-    return needs_data(cfg) or "kid" in str(cfg.loss)
+    return needs_data(cfg) or "kid" in str(cfg.loss) or feature_match(cfg)
+
+
+def feature_match(cfg: Any) -> bool:
+    """Whether the match loss carries the first feature net's term (``feature_weight`` > 0 with a match loss)."""
+    return "match" in str(cfg.loss) and float(cfg.get("feature_weight", 0.0)) > 0
 
 
 KEYS = {  # this method's typed keys (optimize.base.keys; shared ones are declared there)
     "val_every": count(low=0), "n_val": count(10**8), "n_match": count(10**8), "match_weight": Key("num", 0),
-    "sigma_lr": rate()}
+    "feature_weight": Key("num", 0), "sigma_lr": rate()}
 FAMILIES = ("ggdm", "ggdm_mc", "full")
 INITS = ("euler", "dpmpp_2m", "dpmpp_3m", "ipndm", "unipc")  # one evaluation per step, strictly decreasing sigmas
 LOSSES = ("kid", "match", "kid+match")
@@ -377,7 +389,8 @@ class DDSSModule(TrainingModule):
                  warmup_steps: int = 20, min_lr_ratio: float = 0.05, steps: int = 500, remat: bool = True,
                  val_every: int = 100, n_val: int = 500, monitor: str = "fd_train", seed: int = 0, end: str = "zero",
                  loss: str = "kid", match_weight: float = 1e4, teacher_solver: str = "unipc", teacher_nfe: int = 20,
-                 n_match: int = 1024, match_space: str = "latent", teacher_grid: str = "karras", kid_against: str = "data"):
+                 n_match: int = 1024, match_space: str = "latent", teacher_grid: str = "karras", kid_against: str = "data",
+                 feature_weight: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         if loss not in LOSSES:
@@ -406,15 +419,15 @@ class DDSSModule(TrainingModule):
         if isinstance(den, nn.Module):
             den.requires_grad_(False).eval()
         self._ext = {"model": model, "native": native if self.hparams.get("teacher_grid") == "native" else None}
-        if self.against_teacher:  # the first feature net only; its reference comes with the teacher pool
-            name = next(iter(judge.features))
-            self._ext.update(judge=judge.restricted(splits=[], features=[name], n_boot=0), feature=name)
-        elif "kid" in str(self.hparams.loss) or str(self.hparams.monitor) != "match":
+        if ("kid" in str(self.hparams.loss) and not self.against_teacher) or str(self.hparams.monitor) != "match":
             name = next(iter(judge.features))
             real = judge.real_feats("train", name)
             # training and selection see the training set and the first feature net only (no held-out data, no FD-b)
             val_judge = judge.restricted(splits=["train"], features=[name], n_boot=0)
             self._ext.update(judge=val_judge, feature=name, real=real, real_term=real_term(real))
+        elif self.against_teacher or feature_match(self.hparams):  # the first feature net only; the KID reference
+            name = next(iter(judge.features))  # (and the feature match's targets) come with the teacher pool
+            self._ext.update(judge=judge.restricted(splits=[], features=[name], n_boot=0), feature=name)
         if str(self.hparams.monitor) == "match":
             self._ext["val_targets"] = self.match_targets(model, self.val_seeds())
         return self
@@ -455,15 +468,18 @@ class DDSSModule(TrainingModule):
         """The KID loss against the teacher pool's solves (``kid_against=teacher``) rather than the training set."""
         return "kid" in str(self.hparams.loss) and self.hparams.get("kid_against", "data") == "teacher"
 
-    def teacher_reference(self, pool_y: torch.Tensor) -> None:
-        """The KID loss's reference with ``kid_against=teacher``: the first feature net on the teacher pool's solves
-        (``pool_y``, in match space; decoded first for a latent text-to-image model), and its constant term."""
+    def pool_features(self, pool_y: torch.Tensor) -> None:
+        """The first feature net on the teacher pool's solves (``pool_y``, in match space; decoded first for a latent
+        text-to-image model): the KID loss's reference with ``kid_against=teacher`` (and its constant term), and the
+        targets of the feature match (row i: the solve from pool noise i)."""
         judge, m = self._ext["judge"], self.model
         with torch.no_grad():
             y = decoded(m.decode, pool_y) if m.decode is not None and self.hparams.match_space == "latent" else pool_y
             y = y.clamp(-1, 1) if judge.clip else y
-            real = torch.cat([judge.feats(self._ext["feature"], b.to(self.device)) for b in y.split(256)])
-        self._ext.update(real=real, real_term=real_term(real))
+            feats = torch.cat([judge.feats(self._ext["feature"], b.to(self.device)) for b in y.split(256)])
+        if self.against_teacher:
+            self._ext.update(real=feats, real_term=real_term(feats))
+        self._ext["pool_feats"] = feats
 
     @property
     def model(self) -> Any:
@@ -484,14 +500,19 @@ class DDSSModule(TrainingModule):
         return sample(self.sampler.table(), self.model.denoiser, noise, cond, support=self.sampler.support,
                       checkpoint=remat)
 
-    def loss_of(self, x: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
-        """KID loss (unbiased MMD^2, cubic kernel) of samples ``x`` against the training-set features (a latent
-        text-to-image model's samples decoded first, differentiably, by its VAE, unless given as ``images``)."""
+    def features_of(self, x: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The first feature net on samples ``x``, differentiably (a latent text-to-image model's samples decoded
+        first by its VAE, unless given as ``images``)."""
         judge = self._ext["judge"]
         if self.model.decode is not None:
             x = self.model.decode(x, grad=True) if images is None else images
         x = x.clamp(-1, 1) if judge.clip else x
-        feats = judge.features[self._ext["feature"]](x)
+        return judge.features[self._ext["feature"]](x)
+
+    def loss_of(self, x: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """KID loss (unbiased MMD^2, cubic kernel) of samples ``x`` against the training-set features (a latent
+        text-to-image model's samples decoded first, differentiably, by its VAE, unless given as ``images``)."""
+        feats = self.features_of(x, images)
         real = self._ext["real"]
         if real.device != feats.device:  # cached once per device
             real = self._ext["real"] = real.to(feats.device)
@@ -508,8 +529,8 @@ class DDSSModule(TrainingModule):
             if "match" in str(hp.loss) and self._ext["pool"][0].shape[0] < int(hp.batch_size):
                 raise ConfigError(f"batch_size ({hp.batch_size}) exceeds this process's share of the teacher pool "
                                   f"(n_match={hp.n_match} over {world} processes); raise n_match or lower batch_size.")
-            if self.against_teacher:
-                self.teacher_reference(self._ext["pool"][1])
+            if self.against_teacher or feature_match(hp):
+                self.pool_features(self._ext["pool"][1])
         if "match" in str(hp.loss):  # e_0 from the teacher pool (fresh e_1.. stay fresh), target = the teacher's sample
             pool_e, pool_y, pool_c = self._ext["pool"]
             gen = torch.Generator().manual_seed((int(hp.seed) * 1_000_003 + rank) * 1_000_000_009 + step)
@@ -520,11 +541,14 @@ class DDSSModule(TrainingModule):
         x = self.generate(noise, cond=cond)
         # a latent model's samples decoded once, for the KID features and a decoded-space match alike
         images = self.model.decode(x, grad=True) if self.model.decode is not None and (
-            "kid" in str(hp.loss) or hp.match_space == "decoded") else None
+            "kid" in str(hp.loss) or hp.match_space == "decoded" or feature_match(hp)) else None
         loss = self.loss_of(x, images) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
         if target is not None:
             matched = images if hp.match_space == "decoded" else x
             loss = loss + float(hp.match_weight) * (matched - target).pow(2).flatten(1).mean(1).mean()
+        if feature_match(hp):  # the perceptual term: features of the sample against those of the teacher's solve
+            feats = self.features_of(x, images)
+            loss = loss + float(hp.feature_weight) * (feats - self._ext["pool_feats"][idx].to(feats)).pow(2).mean(1).mean()
         self.check_loss(loss, hint="try a smaller lr or sigma_lr")
         self.history["loss"].append(float(loss.detach()))
         self.log("loss", loss.detach().float(), prog_bar=True, on_step=True)
@@ -725,6 +749,13 @@ def validate(cfg: Any) -> None:
     if against == "teacher" and "kid" in str(cfg.loss) and not as_list(cfg.model.get("features")):
         raise ConfigError(f"kid_against=teacher scores the teacher's solves with a feature net: model {cfg.model.name} "
                           f"needs features=[a feature-net .safetensors file or package.module:function].")
+    if float(cfg.get("feature_weight", 0.0)) > 0:
+        if "match" not in str(cfg.loss):
+            raise ConfigError(f"feature_weight adds a feature term to the teacher match: it needs loss=match or kid+match, "
+                              f"got loss={cfg.loss}.")
+        if not as_list(cfg.model.get("features")) or cfg.model.features == "raw":
+            raise ConfigError(f"feature_weight compares the first feature net's features: model {cfg.model.name} needs "
+                              f"features=[a feature-net .safetensors file or package.module:function].")
     space = str(cfg.get("match_space", "latent"))
     if space not in MATCH_SPACES:
         raise ConfigError(f"match_space must be one of {', '.join(MATCH_SPACES)}, got {space!r}.")
@@ -798,7 +829,7 @@ def build_module(cfg: Any) -> DDSSModule:
         end=str(cfg.get("end", "zero")), loss=str(cfg.loss), match_weight=float(cfg.match_weight),
         teacher_solver=str(cfg.teacher_solver), teacher_nfe=int(cfg.teacher_nfe), n_match=int(cfg.n_match),
         match_space=str(cfg.get("match_space", "latent")), teacher_grid=str(cfg.teacher_grid),
-        kid_against=str(cfg.get("kid_against", "data")))
+        kid_against=str(cfg.get("kid_against", "data")), feature_weight=float(cfg.get("feature_weight", 0.0)))
 
 
 def _check_resume_matches(resume: Any, out_dir: str, module: DDSSModule) -> str | None:
