@@ -8,6 +8,7 @@ got prompt 0."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,28 @@ def test_ddss_feature_match_compares_features_of_the_same_noise(sd, model3, cli_
     assert "feature_weight compares the first feature net's features" in cli_error(
         [*common, "loss=match", "feature_weight=1", "model.features=[]"])
     assert "feature_weight must be" in cli_error([*common, "loss=match", "feature_weight=-1"])
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a training step outside a Trainer
+def test_ddss_kid_against_the_teacher_still_selects_on_the_training_set(sd, model3):
+    """kid_against=teacher with monitor=fd_train (data given): the KID reference is the teacher pool's features, while
+    validation scores FD against the training images on the first net (its split is kept)."""
+    from omegaconf import OmegaConf
+
+    den, shape = model3.denoiser, model3.shape
+    m = Model("sd", den, tuple(shape), "fp", torch.float32, model3.cond_of, model3.decode)
+    judge = Judge.for_model(OmegaConf.create({"name": "captioned", "data": "captioned-digits", "clip": True,
+                                             "features": ["test_t2i_learners:channel_means"]}), (3, 32, 32), n_boot=0)
+    module = ddss.DDSSModule(3, "full", "dpmpp_2m", loss="kid+match", kid_against="teacher", monitor="fd_train",
+                             n_match=5, batch_size=4, n_val=3, teacher_solver="euler", teacher_nfe=3,
+                             sigma_min=den.sigma_min, sigma_max=den.sigma_max).attach(m, judge)
+    module.training_step(None, 0)
+    _, y, _ = module.match_pool(m)
+    with torch.no_grad():
+        teacher = channel_means()(model3.decode(y).clamp(-1, 1)).double()
+    assert torch.allclose(module._ext["real"].double(), teacher, atol=1e-6)
+    scores = module.validate_now(log=False)  # (before: the teacher-only judge had no training split, a KeyError)
+    assert math.isfinite(scores[f"fd_train_{module._ext['feature']}"]) and int(module.best_step) == 0
 
 
 # --- the cond follows the noise --------------------------------------------------------------------
