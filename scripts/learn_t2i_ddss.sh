@@ -35,13 +35,13 @@
 #                                           # table -> docs/results/t2i/tables/sd-tiny-ddss-feat200-nfe<N>
 #                                           # (sd-feat-2e3: feature_weight 2000, the feature term ten times the match;
 #                                           # sd-feat-decoded: the match on the VAE's images, match_space=decoded,
-#                                           # feature_weight 22 making the terms equal there; NFES="4" bash ... picks
-#                                           # the NFE)
+#                                           # feature_weight 22 making the terms equal there; sd-decoded: its control,
+#                                           # the decoded match alone, feature_weight 0; NFES="4" bash ... picks the NFE)
 # Scored by scripts/results_t2i.py (the learned-at-3 and fast-fit studies; the guidance-3 section lists the shipped ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-what=${1:?usage: learn_t2i_ddss.sh sd3-w3|sd3-w3-fast|sd3-fast|sd3-fast-short|fast|fast-end|sd-w3|sd-kid|sd-kid-1e4|sd-kid-teacher|sd-feat|sd-feat-2e3|sd-feat-decoded}
+what=${1:?usage: learn_t2i_ddss.sh sd3-w3|sd3-w3-fast|sd3-fast|sd3-fast-short|fast|fast-end|sd-w3|sd-kid|sd-kid-1e4|sd-kid-teacher|sd-feat|sd-feat-2e3|sd-feat-decoded|sd-decoded}
 common=(family=full loss=match monitor=match evaluate_at_end=false)
 case "$what" in
   sd3-w3)
@@ -100,10 +100,11 @@ case "$what" in
         num_threads=1 progress_bar=false hydra.run.dir="$run"
       cp "$run/ddss-full-kid-match-nfe$n.safetensors" docs/results/t2i/tables/sd-tiny-ddss-$tag-nfe$n.safetensors
     done ;;
-  sd-feat|sd-feat-2e3|sd-feat-decoded)
+  sd-feat|sd-feat-2e3|sd-feat-decoded|sd-decoded)
     weight=200; tag=feat200; space=latent
     [ "$what" = sd-feat-2e3 ] && { weight=2000; tag=feat2000; }
     [ "$what" = sd-feat-decoded ] && { weight=22; tag=feat22-decoded; space=decoded; }
+    [ "$what" = sd-decoded ] && { weight=0; tag=decoded-cont; space=decoded; }
     for n in ${NFES:-4 5}; do
       run=outputs/learn-t2i/sd-tiny-$tag-nfe$n
       "$py" -m optimize ddss model=sd-tiny nfe=$n family=full init=table:checkpoints/tables/sd-tiny-best-nfe$n.safetensors \
@@ -118,5 +119,5 @@ case "$what" in
       num_threads=1 progress_bar=false hydra.run.dir="$run"
     cp "$run/ddss-full-match-nfe4.safetensors" checkpoints/tables/sd-tiny-w3-nfe4.safetensors
     cp "$run/ddss-full-match-nfe4.safetensors" docs/results/t2i/tables/sd-tiny-ddss-w3-nfe4.safetensors ;;
-  *) echo "error: learn_t2i_ddss.sh takes sd3-w3, sd3-w3-fast, sd3-fast, sd3-fast-short, fast, fast-end, sd-w3, sd-kid, sd-kid-1e4, sd-kid-teacher, sd-feat, sd-feat-2e3 or sd-feat-decoded, got '$what'" >&2; exit 2 ;;
+  *) echo "error: learn_t2i_ddss.sh takes sd3-w3, sd3-w3-fast, sd3-fast, sd3-fast-short, fast, fast-end, sd-w3, sd-kid, sd-kid-1e4, sd-kid-teacher, sd-feat, sd-feat-2e3, sd-feat-decoded or sd-decoded, got '$what'" >&2; exit 2 ;;
 esac
