@@ -512,7 +512,10 @@ class DDSSModule(TrainingModule):
     def loss_of(self, x: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         """KID loss (unbiased MMD^2, cubic kernel) of samples ``x`` against the training-set features (a latent
         text-to-image model's samples decoded first, differentiably, by its VAE, unless given as ``images``)."""
-        feats = self.features_of(x, images)
+        return self.kid_of(self.features_of(x, images))
+
+    def kid_of(self, feats: torch.Tensor) -> torch.Tensor:
+        """The KID loss of sample features ``feats`` (``features_of``) against the reference's."""
         real = self._ext["real"]
         if real.device != feats.device:  # cached once per device
             real = self._ext["real"] = real.to(feats.device)
@@ -542,12 +545,13 @@ class DDSSModule(TrainingModule):
         # a latent model's samples decoded once, for the KID features and a decoded-space match alike
         images = self.model.decode(x, grad=True) if self.model.decode is not None and (
             "kid" in str(hp.loss) or hp.match_space == "decoded" or feature_match(hp)) else None
-        loss = self.loss_of(x, images) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
+        # ... and their features computed once, for the KID loss and the feature match alike
+        feats = self.features_of(x, images) if "kid" in str(hp.loss) or feature_match(hp) else None
+        loss = self.kid_of(feats) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
         if target is not None:
             matched = images if hp.match_space == "decoded" else x
             loss = loss + float(hp.match_weight) * (matched - target).pow(2).flatten(1).mean(1).mean()
         if feature_match(hp):  # the perceptual term: features of the sample against those of the teacher's solve
-            feats = self.features_of(x, images)
             loss = loss + float(hp.feature_weight) * (feats - self._ext["pool_feats"][idx].to(feats)).pow(2).mean(1).mean()
         self.check_loss(loss, hint="try a smaller lr or sigma_lr")
         self.history["loss"].append(float(loss.detach()))
