@@ -61,6 +61,7 @@ PROMPTS = REPO / "conf" / "prompts" / "captioned-heldout.txt"
 FEATURES = [str(REPO / "checkpoints" / "features-captioned-a.safetensors"),
             str(REPO / "checkpoints" / "features-captioned-b.safetensors")]
 JUDGE = REPO / "checkpoints" / "features-captioned-judge.safetensors"
+SHIPPED = REPO / "checkpoints" / "tables"  # the tables the project ships (``shipped_rank``)
 GRID_NFE = (4, 8)
 GRID_SEEDS = 8
 GOAL_NFE = (4, 5, 6, 8)  # the issue's goals hold at every NFE 4-8 the tables ship at ...
@@ -151,10 +152,22 @@ def paired_to(r: dict[str, Any], other: dict[str, Any], tag: str, fds: tuple[str
     r[f"dadherence_vs_{tag}"], r[f"dadherence_vs_{tag}_se"] = metrics.paired_mean(r["_hits"], other["_hits"])
 
 
+def shipped_rank(path: Path, meta: dict[str, Any], guidance: float) -> int:
+    """How a table file stands as the one shipped for ``guidance`` (``add_paired`` pairs every row with the highest):
+    2 for a file in checkpoints/tables learned at that scale (``sd-tiny-w3-nfe4`` at 3, ``sd-tiny-best-nfe4`` at 7.5),
+    1 for the shipped best file of another scale (``shipped_as``; at 10, where no table was learned), 0 else (a copy
+    beside it, a peer, a study's table)."""
+    shipped_file = path.resolve().parent == SHIPPED.resolve()
+    if shipped_file and meta.get("guidance") is not None and float(meta["guidance"]) == guidance:
+        return 2
+    return int(shipped_file and path.stem == meta.get("shipped_as"))
+
+
 def add_paired(rows: list[dict[str, Any]]) -> None:
     """Per NFE: the best peer (lowest RMSE), and every row's paired difference to it (RMSE, FD on both nets,
     adherence); ``best_peer`` names it. Every other row (the peers for the goals, a side study's other project rows)
-    is also paired against the shipped table of that NFE (``shipped`` names it, on the shipped row too). Every row's
+    is also paired against the table shipped for this scale at that NFE (the highest ``_shipped``: ``shipped_rank``;
+    ``shipped`` names it, on the shipped row too). Every row's
     adherence and FD b paired against the 50-step solve's (``d<measure>_vs_teacher``: the moonshot, and the goals'
     "be where a peer within noise of the teacher is"), and the project's NFE-5 rows against the best peer at NFE 10
     where that was scored (``d<measure>_vs_peer10``, ``peer10`` names it)."""
@@ -179,7 +192,7 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
         for r in at:
             r["best_peer"] = best["method"]
             paired_to(r, best, "peer", ("fd_heldout_main", "fd_heldout_b", "fd_teacher_b"))
-        shipped = next((r for r in at if r.get("_shipped")), None)
+        shipped = max((r for r in at if r.get("_shipped")), key=lambda r: r["_shipped"], default=None)
         for r in at if shipped is not None else ():
             r["shipped"] = shipped["method"]
             if r is not shipped:
@@ -347,7 +360,7 @@ def run(args: argparse.Namespace, fail: Any) -> None:
                 meta = table.metadata
                 rows[-1]["fit_seconds"] = meta.get("chain_fit_seconds", meta.get("fit_seconds", meta.get("train_seconds")))
                 rows[-1]["table"] = repo_relative(source)
-                rows[-1]["_shipped"] = source.stem == meta.get("shipped_as")  # the shipped file, not a copy beside it
+                rows[-1]["_shipped"] = shipped_rank(source, meta, args.guidance)
             print(f"{args.teacher} {rows[-1]['method']} NFE {nfe}: RMSE {rows[-1]['rmse']:.4f}, "
                   f"adherence {rows[-1]['adherence']:.3f}", flush=True)
     add_paired(rows)

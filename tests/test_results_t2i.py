@@ -84,6 +84,27 @@ def test_a_ddss_row_names_its_classic_start_grid_and_end(script, config, label):
     assert mod.table_label(Path("t.safetensors"), table, 3.0) == label + " (learned at w7.5)"
 
 
+def test_a_section_pairs_with_the_table_shipped_for_its_scale(script, tmp_path):
+    mod = script("results_t2i")
+    shipped = mod.SHIPPED / "sd-tiny-best-nfe4.safetensors"
+    at_3, best = {"guidance": 3}, {"guidance": 7.5, "shipped_as": "sd-tiny-best-nfe4"}
+    assert mod.shipped_rank(mod.SHIPPED / "sd-tiny-w3-nfe4.safetensors", at_3, 3.0) == 2
+    assert mod.shipped_rank(shipped, best, 3.0) == 1  # shipped at 7.5, run at 3
+    assert mod.shipped_rank(shipped, best, 7.5) == 2
+    assert mod.shipped_rank(tmp_path / "sd-tiny-best-nfe4.safetensors", best, 7.5) == 0  # a copy elsewhere
+    assert mod.shipped_rank(mod.SHIPPED / "sd-tiny-best-fast-nfe4.safetensors", best, 10.0) == 0  # kept beside it
+    assert mod.shipped_rank(mod.SHIPPED / "sd-tiny-w3-nfe4.safetensors", at_3, 7.5) == 0
+
+    peer = row("AYS", "peer", 4, [0.3, 0.3, 0.3, 0.3], [1, 0, 1, 1], 20.0, 1.0)
+    learned_at_7 = row("best", "project", 4, [0.4, 0.4, 0.4, 0.4], [1, 1, 1, 0], 25.0, 1.0)
+    learned_at_3 = row("ddss", "project", 4, [0.1, 0.2, 0.1, 0.2], [1, 1, 1, 1], 15.0, 1.0)
+    learned_at_7["_shipped"], learned_at_3["_shipped"] = 1, 2
+    mod.add_paired([peer, learned_at_7, learned_at_3])
+    assert {r["shipped"] for r in (peer, learned_at_7, learned_at_3)} == {"ddss"}
+    assert learned_at_7["drmse_vs_shipped"] == pytest.approx(0.25) and "drmse_vs_shipped" not in learned_at_3
+    assert peer["dfd_heldout_b_vs_shipped"] == pytest.approx(5.0)
+
+
 def test_cached_images_serve_a_prefix_and_extend_a_shorter_run(script, tmp_path):
     mod = script("results_t2i")
     images = torch.rand(6, 3, 4, 4)
