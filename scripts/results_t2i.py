@@ -167,10 +167,10 @@ def add_paired(rows: list[dict[str, Any]]) -> None:
     """Per NFE: the best peer (lowest RMSE), and every row's paired difference to it (RMSE, FD on both nets,
     adherence); ``best_peer`` names it. Every other row (the peers for the goals, a side study's other project rows)
     is also paired against the table shipped for this scale at that NFE (the highest ``_shipped``: ``shipped_rank``;
-    ``shipped`` names it, on the shipped row too). Every row's
-    adherence and FD b paired against the 50-step solve's (``d<measure>_vs_teacher``: the moonshot, and the goals'
-    "be where a peer within noise of the teacher is"), and the project's NFE-5 rows against the best peer at NFE 10
-    where that was scored (``d<measure>_vs_peer10``, ``peer10`` names it)."""
+    ``shipped`` names it, on the shipped row too). Every row's adherence and FD b paired against the 50-step solve's
+    (``d<measure>_vs_teacher``: the moonshot, and the goals' "be where a peer within noise of the teacher is"), and the
+    project's NFE-5 rows against the best peer at NFE 10 where that was scored (``d<measure>_vs_peer10``, ``peer10``
+    names it)."""
     ref = next((r for r in rows if r["kind"] == "reference"), None)
     if ref is not None:
         for r in rows:
