@@ -425,7 +425,7 @@ class DDSSModule(TrainingModule):
             # training and selection see the training set and the first feature net only (no held-out data, no FD-b)
             val_judge = judge.restricted(splits=["train"], features=[name], n_boot=0)
             self._ext.update(judge=val_judge, feature=name, real=real, real_term=real_term(real))
-        elif self.against_teacher or feature_match(self.hparams):  # the first feature net only; the KID reference
+        elif self.on_pool_features:  # the first feature net only; the KID reference
             name = next(iter(judge.features))  # (and the feature match's targets) come with the teacher pool
             self._ext.update(judge=judge.restricted(splits=[], features=[name], n_boot=0), feature=name)
         if str(self.hparams.monitor) == "match":
@@ -467,6 +467,12 @@ class DDSSModule(TrainingModule):
     def against_teacher(self) -> bool:
         """The KID loss against the teacher pool's solves (``kid_against=teacher``) rather than the training set."""
         return "kid" in str(self.hparams.loss) and self.hparams.get("kid_against", "data") == "teacher"
+
+    @property
+    def on_pool_features(self) -> bool:
+        """Whether a loss term compares with the first feature net on the teacher pool's solves (``pool_features``):
+        the KID loss against the teacher, or the feature match."""
+        return self.against_teacher or feature_match(self.hparams)
 
     def pool_features(self, pool_y: torch.Tensor) -> None:
         """The first feature net on the teacher pool's solves (``pool_y``, in match space; decoded first for a latent
@@ -532,7 +538,7 @@ class DDSSModule(TrainingModule):
             if "match" in str(hp.loss) and self._ext["pool"][0].shape[0] < int(hp.batch_size):
                 raise ConfigError(f"batch_size ({hp.batch_size}) exceeds this process's share of the teacher pool "
                                   f"(n_match={hp.n_match} over {world} processes); raise n_match or lower batch_size.")
-            if self.against_teacher or feature_match(hp):
+            if self.on_pool_features:
                 self.pool_features(self._ext["pool"][1])
         if "match" in str(hp.loss):  # e_0 from the teacher pool (fresh e_1.. stay fresh), target = the teacher's sample
             pool_e, pool_y, pool_c = self._ext["pool"]
@@ -542,11 +548,12 @@ class DDSSModule(TrainingModule):
             target = pool_y[idx].to(noise)
             cond = cond_rows(pool_c, idx)  # the prompts of the pool rows drawn
         x = self.generate(noise, cond=cond)
-        # a latent model's samples decoded once, for the KID features and a decoded-space match alike
+        featured = "kid" in str(hp.loss) or feature_match(hp)  # the sample's features enter the loss
+        # a latent model's samples decoded once, for the features and a decoded-space match alike
         images = self.model.decode(x, grad=True) if self.model.decode is not None and (
-            "kid" in str(hp.loss) or hp.match_space == "decoded" or feature_match(hp)) else None
+            featured or hp.match_space == "decoded") else None
         # ... and their features computed once, for the KID loss and the feature match alike
-        feats = self.features_of(x, images) if "kid" in str(hp.loss) or feature_match(hp) else None
+        feats = self.features_of(x, images) if featured else None
         loss = self.kid_of(feats) if "kid" in str(hp.loss) else x.new_zeros((), dtype=torch.float64)
         if target is not None:
             matched = images if hp.match_space == "decoded" else x
