@@ -639,10 +639,12 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
              "of the same seed and prompt (decoded images, peak-to-peak 2); FD of decoded images to real held-out images",
              "on `main` (a feature net learners may use) and `b` (one no learner uses); `FD b to 50-step`: FD on `b` to",
              "the 50-step solve's images of the same seeds (the distance to the converged teacher's distribution, beside",
-             "FD to data, which the teacher itself does not minimise); adherence: the judge reads the digit, the colour",
-             "and the background all right. `Δ vs best peer`: paired difference to the peer with the",
-             "lowest RMSE at that NFE (± one standard error; beyond two counts). Stock peers run inside the stock",
-             "pipeline, tables through `samplers.sample` (the same images as `TableScheduler` in the pipeline).", ""]
+             "FD to data, which the teacher itself does not minimise); `Δ FD b vs 50-step`: the row's FD b minus the",
+             "50-step solve's, paired on the same seeds (the goals ask a table to be within noise of it or below where a",
+             "peer is); adherence: the judge reads the digit, the colour and the background all right. `Δ vs best",
+             "peer`: paired difference to the peer with the lowest RMSE at that NFE (± one standard error; beyond two",
+             "counts). Stock peers run inside the stock pipeline, tables through `samplers.sample` (the same images as",
+             "`TableScheduler` in the pipeline).", ""]
     lines += teacher_section(out) + solver_section(out)
     for path in sorted(out.glob("methods-*.csv")):
         rows = list(csv.DictReader(path.open()))
@@ -651,16 +653,18 @@ def render(out: Path = OUT, page: Path = PAGE) -> None:
         head = rows[0]
         study = f": {head['study']}" if head.get("study") else ""
         lines += [f"## {head['teacher']}, guidance {head['guidance']} ({head['n']} samples){study}", "",
-                  "| method | NFE | RMSE | PSNR | FD main | FD b | FD b to 50-step | adherence | Δ RMSE vs best peer "
-                  "| Δ FD b vs best peer | Δ adherence vs best peer | fit s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| method | NFE | RMSE | PSNR | FD main | FD b | FD b to 50-step | Δ FD b vs 50-step | adherence "
+                  "| Δ RMSE vs best peer | Δ FD b vs best peer | Δ adherence vs best peer | fit s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             name = f"**{r['method']}**" if r["kind"] == "project" else r["method"]
             best = r.get("best_peer", "")
             tag = " (best peer)" if best and best == r["method"] else ""
             lines.append(f"| {name}{tag} | {r['nfe']} | {_pm(r, 'rmse', 'rmse_se', 4)} | {_f(r, 'psnr', 2)} | "
                          f"{_pm(r, 'fd_heldout_main', 'fd_se_heldout_main', 1)} | {_pm(r, 'fd_heldout_b', 'fd_se_heldout_b', 1)} | "
-                         f"{_pm(r, 'fd_teacher_b', 'fd_se_teacher_b', 2)} | {_pm(r, 'adherence', 'adherence_se')} | {_pm(r, 'drmse_vs_peer', 'drmse_vs_peer_se', 4)} | "
+                         f"{_pm(r, 'fd_teacher_b', 'fd_se_teacher_b', 2)} | "
+                         f"{_pm(r, 'dfd_heldout_b_vs_teacher', 'dfd_heldout_b_vs_teacher_se', 1)} | "
+                         f"{_pm(r, 'adherence', 'adherence_se')} | {_pm(r, 'drmse_vs_peer', 'drmse_vs_peer_se', 4)} | "
                          f"{_pm(r, 'dfd_heldout_b_vs_peer', 'dfd_heldout_b_vs_peer_se', 1)} | "
                          f"{_pm(r, 'dadherence_vs_peer', 'dadherence_vs_peer_se')} | {_f(r, 'fit_seconds', 0)} |")
         against = [r for r in rows if r["kind"] == "project" and r.get("drmse_vs_shipped", "") != ""]

@@ -1,5 +1,6 @@
 """scripts/results_t2i.py: the paired differences behind the page's verdicts (peer, shipped, teacher, NFE 10)."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -164,8 +165,8 @@ def test_update_scores_the_best_peers_and_the_project_rows_again_and_keeps_the_o
 @pytest.mark.parametrize("argv, message", [
     (["--update", "--teacher", "sd3-tiny", "--peers", "Nope"], "error: --peers: no stock peer 'Nope' for sd3-tiny"),
     (["--update", "--teacher", "no-such-teacher"], "error: --update: no section"),
-    (["--update", "--teacher", "sd3-tiny", "--guidance", "3"], "error: --update: methods-sd3-tiny-w3.csv holds 500 "
-     "samples, not --n 2000"),
+    (["--update", "--teacher", "sd-tiny", "--n", "7"], "error: --update: methods-sd-tiny-w7.5.csv holds 2000 samples, "
+     "not --n 7"),
     (["--tables", "README.md"], "error: --tables: README.md"),
     (["--study", "a b"], "error: --study is part of a file name"),
     (["--teacher", "sd-tiny", "--peers", "Nope"], "error: --peers: no stock peer 'Nope' for sd-tiny; choose from DPM++2M"),
@@ -276,3 +277,24 @@ def test_a_side_study_judges_its_own_tables_against_every_peer_unpaired(script):
         "or below" in mod.goal_lines([ref, shipped, variant, peer], main)[3]
     main.append(csv_row("DDIM", "peer", 4, 91.0, 4.0))  # a peer of the main section the study lacks: no verdict
     assert mod.goal_lines([ref, shipped, variant, peer], main) == []
+
+
+def test_the_page_shows_each_rows_paired_fd_b_to_the_50_step_solve(script, tmp_path):
+    """A section's row gives its FD b minus the 50-step solve's (paired), the figure the goals' "be there too" reads;
+    a row scored before that column (an old study) leaves the cell empty."""
+    mod = script("results_t2i")
+    head = dict(teacher="sd-tiny", guidance="3.0", n="2000", study="teacher-solve")
+    rows = [csv_row("50 steps", "reference", 50, 49.49, 3.16, **head),
+            csv_row("fit teacher unipc@20 (karras)", "peer", 20, 49.87, 3.13, dfd_heldout_b_vs_teacher=0.3756,
+                    dfd_heldout_b_vs_teacher_se=0.131, **head),
+            csv_row("old", "peer", 20, 50.0, 3.0, **head)]
+    with open(tmp_path / "methods-sd-tiny-w3-teacher-solve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[1]), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    mod.render(tmp_path, tmp_path / "page.md")
+    page = (tmp_path / "page.md").read_text()
+    assert "| FD b to 50-step | Δ FD b vs 50-step | adherence |" in page
+    cells = {line.split(" | ")[0]: line.split(" | ") for line in page.splitlines() if line.startswith(("| fit", "| old"))}
+    assert cells["| fit teacher unipc@20 (karras)"][6:8] == ["", "0.4 ± 0.1"]  # FD b to 50-step not scored; the paired Δ
+    assert cells["| old"][7] == ""
