@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -34,30 +35,36 @@ TEACHERS = {"sd-tiny": [("unipc", 20, "karras"), ("unipc", 20, "native")],
             "sd3-tiny": [("unipc", 20, "karras"), ("unipc", 20, "native"), ("euler", 50, "native")]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=8, help="selection noises (seeds 3000000..)")
-    ap.add_argument("--write-tables", type=Path, default=None, metavar="DIR",
-                    help="write the teacher solves as table files in DIR and measure nothing")
-    args = ap.parse_args()
+def model_config(name: str) -> Any:
+    """``conf/model/<name>.yaml`` with the selection prompts."""
+    mcfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+    mcfg.prompts = str(REPO / "conf" / "prompts" / "captioned-selection.txt")
+    return mcfg
+
+
+def write_tables(folder: Path) -> None:
+    """Each candidate teacher solve as a table file in ``folder``, on the fits' sigma range (the model's own, as its
+    config fills it: ``diffusers_range``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, solves in TEACHERS.items():
+        mcfg = model_config(name)
+        native, (low, high) = native_sigmas(mcfg), diffusers_range(mcfg)
+        for solver, nfe, grid in solves:
+            table = teacher_table(solver, nfe, low, high, native if grid == "native" else None)
+            table.metadata.update(method=f"fit teacher {solver}@{nfe} ({grid})", model=name)
+            path = folder / f"{name}-teacher-{solver}{nfe}-{grid}.safetensors"
+            table.save(str(path))
+            print(f"wrote {path}")
+
+
+def measure(n: int) -> None:
+    """Each candidate teacher solve's gap to its 3x finer solve on ``n`` selection noises: ``OUT``."""
     rows = []
     for name, solves in TEACHERS.items():
-        mcfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
-        mcfg.prompts = str(REPO / "conf" / "prompts" / "captioned-selection.txt")
-        native = native_sigmas(mcfg)
+        mcfg = model_config(name)
+        model, native = load_model(mcfg), native_sigmas(mcfg)
         lo, hi = float(native[0]), float(native[-1])
-        if args.write_tables is not None:
-            args.write_tables.mkdir(parents=True, exist_ok=True)
-            low, high = diffusers_range(mcfg)  # the fits' range: the model's own, as its config fills it
-            for solver, nfe, grid in solves:
-                table = teacher_table(solver, nfe, low, high, native if grid == "native" else None)
-                table.metadata.update(method=f"fit teacher {solver}@{nfe} ({grid})", model=name)
-                path = args.write_tables / f"{name}-teacher-{solver}{nfe}-{grid}.safetensors"
-                table.save(str(path))
-                print(f"wrote {path}")
-            continue
-        model = load_model(mcfg)
-        seeds = seed_range(VAL_SEED_OFFSET, 0, args.n)
+        seeds = seed_range(VAL_SEED_OFFSET, 0, n)
         e, cond = make_noise(1, model.shape, seeds, dtype=model.dtype)[0], model.cond_of(seeds)
         for solver, nfe, grid in solves:
             gaps = [teacher_gap(model.denoiser, e[i:i + 1], solver, nfe, lo, hi, cond[i:i + 1],
@@ -67,9 +74,20 @@ def main() -> None:
             rows.append({"teacher": name, "solver": solver, "nfe": nfe, "grid": grid, "finer_nfe": 3 * nfe,
                          "gap": mean, "gap_se": se, "n": len(gaps)})
             print(f"{name} {solver}@{nfe} {grid}: {mean:.3f} ± {se:.3f}", flush=True)
-    if rows:
-        write_csv(rows, str(OUT))
-        print(f"wrote {OUT}")
+    write_csv(rows, str(OUT))
+    print(f"wrote {OUT}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=8, help="selection noises (seeds 3000000..)")
+    ap.add_argument("--write-tables", type=Path, default=None, metavar="DIR",
+                    help="write the teacher solves as table files in DIR and measure nothing")
+    args = ap.parse_args()
+    if args.write_tables is not None:
+        write_tables(args.write_tables)
+    else:
+        measure(args.n)
 
 
 if __name__ == "__main__":

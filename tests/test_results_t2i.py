@@ -1,6 +1,5 @@
 """scripts/results_t2i.py: the paired differences behind the page's verdicts (peer, shipped, teacher, NFE 10)."""
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from optimize.evaluation.metrics import FDEstimate
+from optimize.evaluation.results import write_csv
 from samplers import baselines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,10 +288,7 @@ def test_the_page_shows_each_rows_paired_fd_b_to_the_50_step_solve(script, tmp_p
             csv_row("fit teacher unipc@20 (karras)", "peer", 20, 49.87, 3.13, dfd_heldout_b_vs_teacher=0.3756,
                     dfd_heldout_b_vs_teacher_se=0.131, **head),
             csv_row("old", "peer", 20, 50.0, 3.0, **head)]
-    with open(tmp_path / "methods-sd-tiny-w3-teacher-solve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[1]), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, str(tmp_path / "methods-sd-tiny-w3-teacher-solve.csv"))
     mod.render(tmp_path, tmp_path / "page.md")
     page = (tmp_path / "page.md").read_text()
     assert "| FD b to 50-step | Δ FD b vs 50-step | adherence |" in page
